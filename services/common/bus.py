@@ -237,3 +237,48 @@ class CheckpointFollower:
             return
         if event.role == self.role:
             self.on_event(event)
+
+
+def promote_checkpoint(settings: Settings, version: str, reason: str, producer=None) -> events_pb2.CheckpointEvent:
+    """Record `version` as the promoted checkpoint of its role and announce it.
+
+    The pointer file lets a restarted service find it even if the broker lost
+    its data; the PROMOTED event makes running services swap to it.
+    """
+    from services.common.checkpoints import CheckpointStore
+
+    store = CheckpointStore(settings.checkpoint_dir)
+    manifest = store.verify(version)
+    store.set_promoted(manifest.role, version, reason=reason)
+    event = events_pb2.CheckpointEvent(
+        type=events_pb2.CheckpointEvent.TYPE_PROMOTED,
+        version=version,
+        kind=manifest.kind,
+        role=manifest.role,
+        path=str(store.path(version)),
+        manifest_sha256=store.manifest_sha256(version),
+        parents=manifest.parents,
+        dataset_snapshot=manifest.dataset_snapshot,
+        reason=reason,
+    )
+    announce_checkpoint(settings, event, producer)
+    return event
+
+
+def checkpoint_event(settings: Settings, version: str, type_: int, reason: str = "") -> events_pb2.CheckpointEvent:
+    """Build a CREATED/REJECTED event describing a stored checkpoint."""
+    from services.common.checkpoints import CheckpointStore
+
+    store = CheckpointStore(settings.checkpoint_dir)
+    manifest = store.manifest(version)
+    return events_pb2.CheckpointEvent(
+        type=type_,
+        version=version,
+        kind=manifest.kind,
+        role=manifest.role,
+        path=str(store.path(version)),
+        manifest_sha256=store.manifest_sha256(version),
+        parents=manifest.parents,
+        dataset_snapshot=manifest.dataset_snapshot,
+        reason=reason,
+    )
