@@ -110,7 +110,6 @@ def make_producer(settings: Settings, **overrides):
         max_in_flight_requests_per_connection=5,
         request_timeout_ms=int(settings.kafka_timeout_s * 1000),
         max_block_ms=int(settings.kafka_timeout_s * 1000),
-        key_serializer=lambda k: k.encode() if isinstance(k, str) else k,
     )
     options.update(overrides)
     return KafkaProducer(**options)
@@ -136,7 +135,8 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides):
 
 def publish(producer, topics: Topics, key: str, record_key: str, message: Message, timeout: float):
     """Send one event and wait for the broker's acknowledgement; return RecordMetadata."""
-    future = producer.send(topics.name(key), key=record_key, value=message.SerializeToString(), headers=headers_for(message))
+    raw_key = record_key.encode() if isinstance(record_key, str) else record_key
+    future = producer.send(topics.name(key), key=raw_key, value=message.SerializeToString(), headers=headers_for(message))
     return future.get(timeout=timeout)
 
 

@@ -81,6 +81,18 @@ def _bool(name: str, raw: str) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean (use true/false)")
 
 
+def _json_object(name: str, raw: str) -> dict:
+    import json
+
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{name}: not valid JSON ({err.msg} at position {err.pos})") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{name} must be a JSON object")
+    return value
+
+
 def _port(name: str, raw: str) -> int:
     return _int(0, 65535)(name, raw)
 
@@ -149,6 +161,20 @@ class Settings:
     tgi_url: str = _setting("RLHF_TGI_URL", "", _str, "When set, the policy generates through this TGI server instead of local transformers.")
     serve_version: str = _setting("RLHF_SERVE_VERSION", "", _str, "Pin serving to this checkpoint version at start (empty = latest promoted).")
     reward_batch: int = _setting("RLHF_REWARD_BATCH", "16", _int(1, 4096), "Responses scored in one forward pass.")
+
+    # --- trainer controller ----------------------------------------------------
+    controller_port: int = _setting("RLHF_CONTROLLER_PORT", "50054", _port, "Trainer controller gRPC port (health only).")
+    executor: str = _setting("RLHF_EXECUTOR", "local", _choice("local", "kubernetes"), "Where trainer jobs run: local subprocesses or Kubernetes Jobs.")
+    trainer_preset: str = _setting("RLHF_TRAINER_PRESET", "cpu", _choice("tiny", "cpu", "gpu"), "Hyperparameter preset passed to every trainer job.")
+    trainer_overrides: str = _setting("RLHF_TRAINER_OVERRIDES", "{}", _json_object, 'Per-trainer `--set` overrides as JSON, e.g. {"ppo": {"steps": 4}}.')
+    controller_interval_s: float = _setting("RLHF_CONTROLLER_INTERVAL_S", "60", _float(1, 86400), "How often the controller checks how the datasets grew.")
+    controller_schedule_s: float = _setting("RLHF_CONTROLLER_SCHEDULE_S", "0", _float(0, 604800), "Also start a round on this schedule when any new data arrived (0 = growth triggers only).")
+    min_new_demonstrations: int = _setting("RLHF_MIN_NEW_DEMONSTRATIONS", "50", _int(1, 10**9), "New demonstrations that trigger an SFT round.")
+    min_new_comparisons: int = _setting("RLHF_MIN_NEW_COMPARISONS", "50", _int(1, 10**9), "New comparisons that trigger an RM + PPO round.")
+    job_retries: int = _setting("RLHF_JOB_RETRIES", "2", _int(0, 100), "Times a failed trainer job is retried (it resumes from its run folder).")
+    job_timeout_s: float = _setting("RLHF_JOB_TIMEOUT_S", "7200", _float(1, 604800), "A trainer job running longer than this is stopped and counted as failed.")
+    gate_min_reward_gain: float = _setting("RLHF_GATE_MIN_REWARD_GAIN", "0.0", _float(-1e9, 1e9), "Promote a PPO policy only if its held-out RM score beats the serving policy's by more than this.")
+    gate_max_kl: float = _setting("RLHF_GATE_MAX_KL", "20.0", _float(0, 1e9), "...and only if its KL to SFT (nats per response) stays within this budget.")
 
     # --- logging -------------------------------------------------------------
     log_level: str = _setting("RLHF_LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level.")

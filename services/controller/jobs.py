@@ -34,10 +34,16 @@ class JobSpec:
     nodes: int = 1                 # >1: multi-node torchrun (Indexed Job + headless Service)
     procs_per_node: int = 1        # torchrun --nproc-per-node
     result_file: str = ""          # where the trainer writes {"version": ..., "metrics": ...}
+    module: str = ""               # defaults to trainers.<trainer>
 
-    @property
-    def module(self) -> str:
-        return f"trainers.{self.trainer}"
+    def __post_init__(self) -> None:
+        self.module = self.module or f"trainers.{self.trainer}"
+
+    def argv(self, python: str = "python") -> list[str]:
+        """The command one node runs (torchrun when several processes per node)."""
+        if self.procs_per_node > 1 or self.nodes > 1:
+            return ["torchrun", f"--nproc-per-node={self.procs_per_node}", "-m", self.module, *self.args]
+        return [python, "-m", self.module, *self.args]
 
 
 @dataclass

@@ -1,0 +1,89 @@
+"""Runs trainer jobs as local subprocesses: the embedded default.
+
+Each job gets its own session (so cancel stops it and its children) and a
+log file in the executor's folder. Multi-process jobs run under torchrun
+with the venv's interpreter.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from services.common.logs import get_logger, log_fields
+from services.controller.jobs import Executor, JobSpec, JobState, JobStatus
+
+log = get_logger(__name__)
+
+
+class LocalExecutor(Executor):
+    def __init__(self, log_dir: Path, base_env: dict[str, str] | None = None):
+        self.log_dir = Path(log_dir)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+
+    def launch(self, spec: JobSpec) -> str:
+        argv = spec.argv(sys.executable)
+        if argv[0] == "torchrun":  # the venv's torchrun, not whatever is on PATH
+            argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
+        env = {**self.base_env, **spec.env, "PYTHONUNBUFFERED": "1"}
+        logfile = open(self.log_dir / f"{spec.name}.log", "ab")
+        proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        logfile.close()
+        with self._lock:
+            if spec.name in self._procs and self._procs[spec.name].poll() is None:
+                proc.kill()
+                raise RuntimeError(f"job {spec.name} is already running")
+            self._procs[spec.name] = proc
+        log_fields(log, 20, "job launched", job=spec.name, pid=proc.pid, argv=argv)
+        return spec.name
+
+    def pid(self, handle: str) -> int:
+        return self._procs[handle].pid
+
+    def log_path(self, handle: str) -> Path:
+        return self.log_dir / f"{handle}.log"
+
+    def status(self, handle: str) -> JobStatus:
+        proc = self._procs.get(handle)
+        if proc is None:
+            return JobStatus(JobState.FAILED, f"unknown job {handle}")
+        code = proc.poll()
+        if code is None:
+            return JobStatus(JobState.RUNNING)
+        if code == 0:
+            return JobStatus(JobState.SUCCEEDED, exit_code=0)
+        reason = "cancelled" if handle in self._cancelled else (
+            f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        )
+        return JobStatus(JobState.FAILED, f"{reason}; log: {self.log_path(handle)}", exit_code=code)
+
+    def wait(self, handle: str, timeout: float | None = None) -> JobStatus:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            status = self.status(handle)
+            if status.state.finished or (deadline is not None and time.monotonic() >= deadline):
+                return status
+            time.sleep(0.2)
+
+    def cancel(self, handle: str) -> None:
+        proc = self._procs.get(handle)
+        if proc is None or proc.poll() is not None:
+            return
+        self._cancelled.add(handle)
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        except ProcessLookupError:
+            pass
