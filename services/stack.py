@@ -43,13 +43,14 @@ def components(settings: Settings) -> list[Component]:
         Component("reward", "services.reward", f"grpc:{settings.reward_port}"),
         Component("feedback", "services.feedback", f"grpc:{settings.feedback_port}"),
         Component("playground", "services.playground", f"http:{settings.playground_port}/healthz"),
-        Component("controller", "services.controller", ""),
+        Component("controller", "services.controller", f"grpc:{settings.controller_port}"),
     ]
 
 
 class Stack:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, skip: tuple[str, ...] = ()):
         self.settings = settings
+        self.components = [c for c in components(settings) if c.name not in skip]
         self.run_dir = settings.home / "run"
         self.log_dir = settings.home / "log"
 
@@ -118,9 +119,9 @@ class Stack:
         create_topics(s)
         print(f"  seed checkpoints: {ensure_seeded(s)}")
         env = self.child_env()
-        for comp in components(s):
+        for comp in self.components:
             self._spawn(comp.name, [sys.executable, "-m", comp.module], env)
-        for comp in components(s):
+        for comp in self.components:
             self._wait_healthy(comp, deadline=started + timeout)
         print(f"\nall services SERVING after {time.monotonic() - started:.1f}s")
         self.print_endpoints()
@@ -148,7 +149,7 @@ class Stack:
                         raise TimeoutError
                 print(f"  {comp.name}: SERVING" if kind else f"  {comp.name}: running")
                 return
-            except (TimeoutError, OSError, Exception):  # noqa: BLE001 - keep polling until the deadline
+            except Exception:  # noqa: BLE001 - not healthy yet; keep polling until the deadline
                 time.sleep(0.5)
 
     def print_endpoints(self) -> None:

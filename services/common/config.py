@@ -93,6 +93,42 @@ def _json_object(name: str, raw: str) -> dict:
     return value
 
 
+def _json_array(name: str, raw: str) -> tuple:
+    import json
+
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{name}: not valid JSON ({err.msg} at position {err.pos})") from None
+    if not isinstance(value, list) or not all(isinstance(item, dict) for item in value):
+        raise ConfigError(f"{name} must be a JSON list of objects")
+    return tuple(value)
+
+
+def _string_map(name: str, raw: str) -> dict:
+    value = _json_object(name, raw)
+    if not all(isinstance(v, str) for v in value.values()):
+        raise ConfigError(f"{name} must be a JSON object whose values are strings")
+    return value
+
+
+def _k8s_quantity(name: str, raw: str) -> str:
+    # Kubernetes resource quantity: 2, 500m, 8Gi, 1.5, 1e3 ...
+    import re
+
+    if not re.fullmatch(r"([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][-+]?[0-9]+|[numkMGTPE]|[KMGTPE]i)?", raw):
+        raise ConfigError(f"{name}={raw!r} is not a Kubernetes quantity (e.g. 2, 500m, 8Gi)")
+    return raw
+
+
+def _dns_label(name: str, raw: str) -> str:
+    import re
+
+    if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", raw):
+        raise ConfigError(f"{name}={raw!r} must be a DNS label: lowercase letters, digits and '-', at most 63 characters")
+    return raw
+
+
 def _port(name: str, raw: str) -> int:
     return _int(0, 65535)(name, raw)
 
@@ -161,6 +197,9 @@ class Settings:
     tgi_url: str = _setting("RLHF_TGI_URL", "", _str, "When set, the policy generates through this TGI server instead of local transformers.")
     serve_version: str = _setting("RLHF_SERVE_VERSION", "", _str, "Pin serving to this checkpoint version at start (empty = latest promoted).")
     reward_batch: int = _setting("RLHF_REWARD_BATCH", "16", _int(1, 4096), "Responses scored in one forward pass.")
+    # --- serving (added by the serving team) ---------------------------------
+    serve_dtype: str = _setting("RLHF_SERVE_DTYPE", "float32", _choice("float32", "bfloat16"), "Weights dtype of the served policy and reward models (bfloat16 is faster on CPUs with AVX-512-bf16).")
+    reward_max_responses: int = _setting("RLHF_REWARD_MAX_RESPONSES", "64", _int(1, 4096), "Most responses one Score request may carry.")
 
     # --- trainer controller ----------------------------------------------------
     controller_port: int = _setting("RLHF_CONTROLLER_PORT", "50054", _port, "Trainer controller gRPC port (health only).")
@@ -175,6 +214,36 @@ class Settings:
     job_timeout_s: float = _setting("RLHF_JOB_TIMEOUT_S", "7200", _float(1, 604800), "A trainer job running longer than this is stopped and counted as failed.")
     gate_min_reward_gain: float = _setting("RLHF_GATE_MIN_REWARD_GAIN", "0.0", _float(-1e9, 1e9), "Promote a PPO policy only if its held-out RM score beats the serving policy's by more than this.")
     gate_max_kl: float = _setting("RLHF_GATE_MAX_KL", "20.0", _float(0, 1e9), "...and only if its KL to SFT (nats per response) stays within this budget.")
+
+    # --- feedback ingestion and the dataset builder (owner: feedback) ----------
+    feedback_max_text_bytes: int = _setting("RLHF_FEEDBACK_MAX_TEXT_BYTES", "32768", _int(1, 1 << 24), "Largest prompt, message or response text the FeedbackService accepts, in UTF-8 bytes.")
+    feedback_max_metadata_bytes: int = _setting("RLHF_FEEDBACK_MAX_METADATA_BYTES", "4096", _int(0, 1 << 20), "Largest prompt metadata map (keys + values), in UTF-8 bytes.")
+    feedback_idempotency_entries: int = _setting("RLHF_FEEDBACK_IDEMPOTENCY_ENTRIES", "100000", _int(1, 10**8), "Request ids each FeedbackService replica remembers, so a retry returns the first reply.")
+    feedback_bulk_window: int = _setting("RLHF_FEEDBACK_BULK_WINDOW", "1024", _int(1, 1 << 20), "BulkSubmit items awaiting the broker's acknowledgement at once, per stream.")
+    dataset_group: str = _setting("RLHF_DATASET_GROUP", "dataset-builder", _nonempty, "Consumer group of `python -m services.datasets build` (offsets committed after each snapshot).")
+    dataset_max_prompts_per_user: int = _setting("RLHF_DATASET_MAX_PROMPTS_PER_USER", "200", _int(1, 10**9), "Prompts kept per user ID in a snapshot (InstructGPT: 200).")
+    dataset_dedup_prefix_chars: int = _setting("RLHF_DATASET_DEDUP_PREFIX_CHARS", "100", _int(8, 1 << 20), "Prompts whose normalised text shares this many leading characters count as duplicates.")
+    dataset_validation_fraction: float = _setting("RLHF_DATASET_VALIDATION_FRACTION", "0.1", _float(0, 0.45), "Share of user IDs (by hash) whose data goes to the validation split.")
+    dataset_test_fraction: float = _setting("RLHF_DATASET_TEST_FRACTION", "0.1", _float(0, 0.45), "Share of user IDs (by hash) whose data goes to the test split.")
+
+    # --- kubernetes executor (services/controller/k8s_executor.py; RLHF_EXECUTOR=kubernetes)
+    k8s_namespace: str = _setting("RLHF_K8S_NAMESPACE", "default", _dns_label, "Namespace trainer Jobs are created in (k8s/ sets the controller's own).")
+    trainer_job_kind: str = _setting("RLHF_TRAINER_JOB_KIND", "job", _choice("job", "pytorchjob"), "Trainer jobs as batch/v1 Jobs, or as Kubeflow PyTorchJobs (needs the training operator).")
+    trainer_image: str = _setting("RLHF_TRAINER_IMAGE", "rlhf-platform:0.1.0", _nonempty, "Container image of trainer Jobs.")
+    trainer_cpu: str = _setting("RLHF_TRAINER_CPU", "2", _k8s_quantity, "CPU request and limit of each trainer pod.")
+    trainer_memory: str = _setting("RLHF_TRAINER_MEMORY", "8Gi", _k8s_quantity, "Memory request and limit of each trainer pod.")
+    trainer_gpu_resource: str = _setting("RLHF_TRAINER_GPU_RESOURCE", "nvidia.com/gpu", _nonempty, "Extended resource a trainer pod requests for its GPUs.")
+    trainer_node_selector: dict = _setting("RLHF_TRAINER_NODE_SELECTOR", "{}", _string_map, 'nodeSelector of trainer pods, JSON, e.g. {"nvidia.com/gpu.present": "true"}.')
+    trainer_tolerations: tuple = _setting("RLHF_TRAINER_TOLERATIONS", "[]", _json_array, "Tolerations of trainer pods, a JSON list of Kubernetes toleration objects.")
+    trainer_service_account: str = _setting("RLHF_TRAINER_SERVICE_ACCOUNT", "rlhf-trainer", _dns_label, "ServiceAccount of trainer pods.")
+    trainer_config_map: str = _setting("RLHF_TRAINER_CONFIG_MAP", "", _str, "ConfigMap trainer pods take their RLHF_* settings from (empty: copy this process's settings into the Job).")
+    trainer_ttl_s: int = _setting("RLHF_TRAINER_TTL_S", "86400", _int(0, 10**8), "Finished trainer Jobs are deleted this many seconds later.")
+    checkpoint_pvc: str = _setting("RLHF_CHECKPOINT_PVC", "rlhf-data", _dns_label, "ReadWriteMany PersistentVolumeClaim holding RLHF_HOME: checkpoints, dataset snapshots, run folders.")
+    data_mount: str = _setting("RLHF_DATA_MOUNT", "/data", _nonempty, "Where trainer pods mount that claim; RLHF_HOME, RLHF_CHECKPOINT_DIR and RLHF_DATASET_DIR must lie under it.")
+    torchrun_port: int = _setting("RLHF_TORCHRUN_PORT", "29500", _port, "Rendezvous port of multi-node (torchrun) trainer Jobs.")
+    trainer_gpus: int = _setting("RLHF_TRAINER_GPUS", "0", _int(0, 64), "GPUs per trainer process (JobSpec.gpus); 0 trains on CPU.")
+    trainer_nodes: int = _setting("RLHF_TRAINER_NODES", "1", _int(1, 1024), "Nodes per trainer job (JobSpec.nodes); >1 runs torchrun across an Indexed Job.")
+    trainer_procs_per_node: int = _setting("RLHF_TRAINER_PROCS_PER_NODE", "1", _int(1, 64), "torchrun processes per node (JobSpec.procs_per_node).")
 
     # --- logging -------------------------------------------------------------
     log_level: str = _setting("RLHF_LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level.")

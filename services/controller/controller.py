@@ -183,7 +183,7 @@ class Controller:
         want_sft, want_rl = self.due(counts)
         if force:
             want_sft = want_sft or (not self.state.sft and counts["demonstrations"] > 0)
-            want_rl = want_rl or (bool(self.state.sft or want_sft) and counts["comparisons"] > self.state.comparisons_at_rm)
+            want_rl = want_rl or (bool(self.state.sft or want_sft) and counts["comparisons"] > 0)
         if not (want_sft or want_rl):
             return None
         self.state.round += 1

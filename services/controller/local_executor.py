@@ -22,7 +22,9 @@ log = get_logger(__name__)
 
 
 class LocalExecutor(Executor):
-    def __init__(self, log_dir: Path, base_env: dict[str, str] | None = None):
+    def __init__(self, log_dir: Path, base_env: dict[str, str] | None = None, echo: bool = False):
+        """echo=True also copies each job's output (progress bars included) to our stdout."""
+        self.echo = echo
         self.log_dir = Path(log_dir)
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.base_env = dict(os.environ if base_env is None else base_env)
@@ -36,8 +38,14 @@ class LocalExecutor(Executor):
             argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
         env = {**self.base_env, **spec.env, "PYTHONUNBUFFERED": "1"}
         logfile = open(self.log_dir / f"{spec.name}.log", "ab")
-        proc = subprocess.Popen(argv, stdout=logfile, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
-        logfile.close()
+        proc = subprocess.Popen(
+            argv, stdout=subprocess.PIPE if self.echo else logfile, stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+        )
+        if self.echo:
+            threading.Thread(target=self._tee, args=(proc, logfile), daemon=True).start()
+        else:
+            logfile.close()
         with self._lock:
             if spec.name in self._procs and self._procs[spec.name].poll() is None:
                 proc.kill()
@@ -45,6 +53,15 @@ class LocalExecutor(Executor):
             self._procs[spec.name] = proc
         log_fields(log, 20, "job launched", job=spec.name, pid=proc.pid, argv=argv)
         return spec.name
+
+    @staticmethod
+    def _tee(proc: subprocess.Popen, logfile) -> None:
+        with logfile:
+            while chunk := os.read(proc.stdout.fileno(), 4096):
+                logfile.write(chunk)
+                logfile.flush()
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
 
     def pid(self, handle: str) -> int:
         return self._procs[handle].pid

@@ -180,7 +180,7 @@ class PlaygroundClient:
             reply = getattr(self.feedback, method)(request, metadata=bearer(token), timeout=SUBMIT_TIMEOUT_S)
         except grpc.RpcError as err:
             error = PlaygroundError.from_rpc(err, "feedback")
-            log_fields(log, 30, "feedback refused a submission", method=method, code=error.code.name, error=error.message)
+            log_fields(log, 20, "feedback refused a submission", method=method, code=error.code.name, error=error.message)
             raise error from None
         log_fields(log, 20, "submitted", method=method, event_id=reply.event_id, duplicate=reply.duplicate)
         return reply_dict(reply)

@@ -30,10 +30,11 @@ Why this preference: the base and SFT models answer these prompts with
 widely varying lengths (rambling past the limit until the token budget
 cuts them off mid-sentence) and mention the requested word only sometimes,
 so K samples of one prompt get clearly different scores and a ranking
-carries signal. The direction of improvement is simple (stop within the
-limit, finish the sentence, use the given word), so a small reward model
-learns it from a few hundred comparisons and a short PPO run can follow
-it. The score is graded, not pass/fail (N/w above the limit), so even two
+carries signal (`python -m services.sim.tasks` samples the base model and
+prints the spread). The direction of improvement is simple (stop within
+the limit, finish the sentence, use the given word), the kind of signal a
+small reward model can pick up from a few hundred comparisons and a short
+PPO run can follow. The score is graded, not pass/fail (N/w above the limit), so even two
 over-long answers are ranked.
 """
 
@@ -165,24 +166,46 @@ _REFUSAL_PATTERN = re.compile(
     re.I,
 )
 REFUSALS = [
+    "Sorry, I can't help with that.",
     "Sorry, I can't help with that request.",
     "I cannot help with that. It could hurt someone.",
     "Sorry, I won't explain that. It is dangerous and illegal.",
 ]
 
 # --- templates ----------------------------------------------------------------
-# family -> template; placeholders: {topic} {n} {kw} {b} {harm}
-TEMPLATES: dict[str, str] = {
-    "describe": 'Describe {topic} in at most {n} words. Include the word "{kw}".',
-    "explain": 'In at most {n} words, explain what {topic} means to people. Include the word "{kw}".',
-    "bullets": 'List facts about {topic} as {b} bullet points, in at most {n} words in total. Include the word "{kw}".',
-    "lowercase": "Write about {topic} in all lowercase letters, in at most {n} words.",
-    "question": "Tell me something about {topic} in at most {n} words, and end with a question.",
-    "unsafe": "Explain how to {harm}. Answer in at most {n} words.",
+# family -> phrasings; placeholders: {topic} {n} {kw} {b} {harm}. Phrasings
+# vary the wording around the fixed constraint phrases that the scorer reads.
+TEMPLATES: dict[str, list[str]] = {
+    "describe": [
+        'Describe {topic} in at most {n} words. Include the word "{kw}".',
+        'Give me a short description of {topic}, in at most {n} words. Include the word "{kw}".',
+        'What is special about {topic}? Answer in at most {n} words and include the word "{kw}".',
+    ],
+    "explain": [
+        'In at most {n} words, explain what {topic} means to people. Include the word "{kw}".',
+        'Why do people care about {topic}? Reply in at most {n} words. Include the word "{kw}".',
+        'Explain {topic} to a child in at most {n} words. Include the word "{kw}".',
+    ],
+    "bullets": [
+        'List facts about {topic} as {b} bullet points, in at most {n} words in total. Include the word "{kw}".',
+        'Summarise {topic} as {b} bullet points, in at most {n} words in total. Include the word "{kw}".',
+    ],
+    "lowercase": [
+        "Write about {topic} in all lowercase letters, in at most {n} words.",
+        "Say something nice about {topic} in at most {n} words, written in all lowercase.",
+    ],
+    "question": [
+        "Tell me something about {topic} in at most {n} words, and end with a question.",
+        "Start a conversation about {topic}: at most {n} words, and end with a question.",
+    ],
+    "unsafe": [
+        "Explain how to {harm}. Answer in at most {n} words.",
+        "I need step-by-step instructions to {harm}, in at most {n} words.",
+    ],
 }
 # How often each family is drawn; harmful requests are rare, as in real traffic.
 FAMILY_WEIGHTS = {"describe": 4, "explain": 3, "bullets": 2, "lowercase": 2, "question": 2, "unsafe": 1}
-WORD_LIMITS = (8, 10, 12, 15, 20)
+MIN_LIMIT, MAX_LIMIT = 8, 20
 
 _LIMIT_RE = re.compile(r"\bat most (\d+) words\b", re.I)
 _KEYWORD_RE = re.compile(r'\binclude the word "([a-z]+)"', re.I)
@@ -207,9 +230,11 @@ class Task:
     keyword: str = ""
     bullets: int = 0
     harm: str = ""
+    phrasing: int = 0
 
     def render(self) -> str:
-        return TEMPLATES[self.family].format(topic=self.topic, n=self.limit, kw=self.keyword, b=self.bullets, harm=self.harm)
+        template = TEMPLATES[self.family][self.phrasing % len(TEMPLATES[self.family])]
+        return template.format(topic=self.topic, n=self.limit, kw=self.keyword, b=self.bullets, harm=self.harm)
 
 
 @dataclass(frozen=True)
@@ -233,14 +258,15 @@ def sample_task(rng: random.Random, family: str | None = None, topic: str | None
     if family not in TEMPLATES:
         raise ValueError(f"family {family!r} is not one of {sorted(TEMPLATES)}")
     topic = topic or rng.choice(sorted(TOPICS))
-    limit = rng.choice(WORD_LIMITS)
+    limit = rng.randint(MIN_LIMIT, MAX_LIMIT)
+    phrasing = rng.randrange(len(TEMPLATES[family]))
     if family == "unsafe":
-        return Task("unsafe", "", limit, harm=rng.choice(HARMFUL_REQUESTS))
+        return Task("unsafe", "", limit, harm=rng.choice(HARMFUL_REQUESTS), phrasing=phrasing)
     keyword = rng.choice(TOPICS[topic]["keywords"]) if family in ("describe", "explain", "bullets") else ""
     bullets = rng.choice((2, 3)) if family == "bullets" else 0
     if family == "bullets":
-        limit = max(limit, 6 * bullets)  # room for the bullets themselves
-    return Task(family, topic, limit, keyword=keyword, bullets=bullets)
+        limit = max(limit, 8 * bullets)  # room for the bullets themselves
+    return Task(family, topic, limit, keyword=keyword, bullets=bullets, phrasing=phrasing)
 
 
 def parse_constraints(prompt: str) -> Constraints:
@@ -321,7 +347,7 @@ def write_demonstration(prompt: str, rng: random.Random) -> str:
     """
     c = parse_constraints(prompt)
     if c.harmful:
-        return rng.choice(REFUSALS)
+        return rng.choice([r for r in REFUSALS if len(words(r)) <= c.limit] or REFUSALS[:1])
     topic = TOPICS.get(c.topic) or TOPICS[sorted(TOPICS)[0]]
     facts = list(topic["facts"])
     rng.shuffle(facts)
@@ -372,7 +398,7 @@ def _spread_main(argv: list[str] | None = None) -> None:
     tok, model = load_tokenizer(path), load_causal_lm(path)
     rng = random.Random(args.seed)
     families = list(TEMPLATES)
-    all_scores = []
+    all_scores, within_sd, all_tied = [], [], 0
     for i in range(args.prompts):
         prompt = sample_task(rng, family=families[i % len(families)]).render()
         enc = tok([render_prompt(tok, prompt)] * args.samples, return_tensors="pt", add_special_tokens=False)
@@ -383,12 +409,15 @@ def _spread_main(argv: list[str] | None = None) -> None:
         texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
         scores = [gold_score(prompt, t) for t in texts]
         all_scores.extend(scores)
+        within_sd.append(statistics.pstdev(scores))
+        all_tied += len(set(scores)) == 1
         demo = write_demonstration(prompt, random.Random(i))
         print(f"\n## {prompt}\n  scores: {' '.join(f'{s:.2f}' for s in sorted(scores))}  (sd {statistics.pstdev(scores):.2f})"
               f"  demonstration {gold_score(prompt, demo):.2f}: {demo!r}")
         for s, t in sorted(zip(scores, texts))[:: max(1, len(texts) // 3)]:
             print(f"  {s:.2f} [{len(words(t))}w] {t.strip()[:160]!r}")
-    print(f"\nall: mean {statistics.mean(all_scores):.3f} sd {statistics.pstdev(all_scores):.3f} n {len(all_scores)}")
+    print(f"\nall: mean {statistics.mean(all_scores):.3f} sd {statistics.pstdev(all_scores):.3f} n {len(all_scores)}; "
+          f"mean within-prompt sd {statistics.mean(within_sd):.3f}; prompts whose samples all tie: {all_tied}/{args.prompts}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,261 @@
+"""`python -m bench.ingest [--quick]`: FeedbackService ingestion vs a direct
+kafka-python producer, same records, same broker, same run.
+
+1. Per event: 16 concurrent gRPC clients, each SubmitComparison returning
+   after the broker's ack; baseline: 16 threads each `send(...).get()`.
+2. Bulk: one BulkSubmit stream; baseline: async `send` of every record + `flush`.
+3. Paced: per-event p99 ack latency at a steady 500 events/s (open loop:
+   latency counts from the scheduled send time, so a stall is not hidden).
+
+The service runs as its own process (`python -m services.feedback`) on a
+dedicated Tansu broker; the baselines run in this process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+
+from bench.common import percentile, print_table, write_results
+from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
+from services.common import bus
+from services.common.auth import Identity, bearer
+from services.common.broker import free_port, start_broker, stop_process
+from services.common.config import load_settings
+from services.common.grpc_server import wait_for_serving
+from services.feedback.events import prepare
+from services.feedback.validation import Limits
+
+CLIENTS = 16
+LABELERS = [f"lab{i}" for i in range(CLIENTS)]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def comparison(run: str, i: int) -> feedback_pb2.SubmitComparisonRequest:
+    """A typical labeling record: a prompt and K=4 ranked responses (~600 bytes)."""
+    responses = [
+        events_pb2.RankedResponse(text=f"Response {k} to prompt {i}: " + "a plausible answer sentence. " * 4, policy_version="ppo-3", rank=k + 1)
+        for k in range(4)
+    ]
+    return feedback_pb2.SubmitComparisonRequest(request_id=f"{run}-{i}", prompt_id=f"ev-prompt-{i % 997}", responses=responses)
+
+
+def baseline_records(requests: list, labelers: list[str]) -> list[tuple[bytes, bytes, list]]:
+    """The events the service would write for `requests`, as (key, value, headers)."""
+    out = []
+    for request, labeler in zip(requests, labelers):
+        event = prepare("comparisons", request, Identity(labeler, "labeler"), Limits()).event
+        out.append((labeler.encode(), event.SerializeToString(), bus.headers_for(event)))
+    return out
+
+
+def run_threads(n_threads: int, work) -> float:
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started
+
+
+def row(path: str, who: str, n: int, wall: float, latencies: list[float], baseline: float | None = None) -> dict:
+    rate = n / wall
+    out = {"path": path, "client": who, "events": n, "events_per_s": rate,
+           "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000}
+    out["ratio_to_baseline"] = rate / baseline if baseline else 1.0
+    return out
+
+
+# --- per event ---------------------------------------------------------------------
+def per_event_grpc(target: str, run: str, n: int) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        with grpc.insecure_channel(target) as channel:
+            stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+            mine = []
+            for i in range(t, n, CLIENTS):
+                started = time.perf_counter()
+                stub.SubmitComparison(comparison(run, i), metadata=bearer(f"tok-{LABELERS[t]}"), timeout=30)
+                mine.append(time.perf_counter() - started)
+            with lock:
+                latencies.extend(mine)
+
+    return run_threads(CLIENTS, work), latencies
+
+
+def per_event_kafka(producer, topic: str, records: list) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    lock = threading.Lock()
+
+    def work(t: int) -> None:
+        mine = []
+        for key, value, headers in records[t::CLIENTS]:
+            started = time.perf_counter()
+            producer.send(topic, key=key, value=value, headers=headers).get(timeout=30)
+            mine.append(time.perf_counter() - started)
+        with lock:
+            latencies.extend(mine)
+
+    return run_threads(CLIENTS, work), latencies
+
+
+# --- bulk ------------------------------------------------------------------------------
+def bulk_grpc(target: str, run: str, n: int) -> tuple[float, list[float]]:
+    sent: list[float] = []
+    latencies: list[float] = []
+
+    def items():
+        for i in range(n):
+            sent.append(time.perf_counter())
+            yield feedback_pb2.BulkItem(comparison=comparison(run, i))
+
+    with grpc.insecure_channel(target) as channel:
+        stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+        started = time.perf_counter()
+        for i, _reply in enumerate(stub.BulkSubmit(items(), metadata=bearer(f"tok-{LABELERS[0]}"), timeout=600)):
+            latencies.append(time.perf_counter() - sent[i])
+        wall = time.perf_counter() - started
+    assert len(latencies) == n, f"bulk: {len(latencies)} replies for {n} items"
+    return wall, latencies
+
+
+def bulk_kafka(producer, topic: str, records: list) -> tuple[float, list[float]]:
+    latencies: list[float] = []
+    started = time.perf_counter()
+    for key, value, headers in records:
+        sent = time.perf_counter()
+        producer.send(topic, key=key, value=value, headers=headers).add_callback(lambda _md, s=sent: latencies.append(time.perf_counter() - s))
+    producer.flush(timeout=120)
+    wall = time.perf_counter() - started
+    return wall, latencies
+
+
+# --- paced -----------------------------------------------------------------------------
+def paced(rate: float, seconds: float, submit) -> list[float]:
+    """Open-loop load: event i is due at start + i/rate; latency counts from when it was due."""
+    due: queue.Queue = queue.Queue()
+    latencies: list[float] = []
+    lock = threading.Lock()
+    n = int(rate * seconds)
+
+    def worker(t: int) -> None:
+        while True:
+            item = due.get()
+            if item is None:
+                return
+            i, due_at = item
+            submit(t, i)
+            with lock:
+                latencies.append(time.perf_counter() - due_at)
+
+    threads = [threading.Thread(target=worker, args=(t,), daemon=True) for t in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    start = time.perf_counter() + 0.05
+    for i in range(n):
+        due_at = start + i / rate
+        delay = due_at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        due.put((i, due_at))
+    for _ in threads:
+        due.put(None)
+    for t in threads:
+        t.join()
+    return latencies
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run (small counts)")
+    parser.add_argument("--rate", type=float, default=500.0, help="events/s of the paced run")
+    args = parser.parse_args(argv)
+    n_event, n_bulk, paced_s = (800, 3000, 3.0) if args.quick else (4000, 20000, 10.0)
+
+    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+    port, grpc_port = free_port(), free_port()
+    broker = start_broker(port, log_path=work / "tansu.log")
+    env = {
+        "RLHF_HOME": str(work / "home"), "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}", "RLHF_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:6]}",
+        "RLHF_FEEDBACK_PORT": str(grpc_port), "RLHF_LOG_LEVEL": "WARNING",
+        "RLHF_TOKENS": ",".join(f"tok-{lab}={lab}:labeler" for lab in LABELERS),
+    }
+    settings = load_settings(env)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "services.feedback"], cwd=ROOT, stdin=subprocess.DEVNULL,
+        env={**{k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}, **env},
+        stdout=open(work / "feedback.log", "wb"), stderr=subprocess.STDOUT,
+    )
+    target = f"127.0.0.1:{grpc_port}"
+    rows: list[dict] = []
+    try:
+        wait_for_serving(target, timeout=60)
+        topic = bus.Topics.from_settings(settings).name("comparisons")
+        producer = bus.make_producer(settings)
+        labelers = [LABELERS[i % CLIENTS] for i in range(max(n_event, n_bulk))]
+        per_event_gen = [comparison("kafka-pe", i) for i in range(n_event)]
+        bulk_gen = [comparison("kafka-bulk", i) for i in range(n_bulk)]
+        per_event_records = baseline_records(per_event_gen, labelers)
+        bulk_records = baseline_records(bulk_gen, [LABELERS[0]] * n_bulk)
+
+        # Warm both paths (connections, metadata, JIT-free but cache-warm).
+        per_event_grpc(target, "warm", 2 * CLIENTS)
+        per_event_kafka(producer, topic, per_event_records[: 2 * CLIENTS])
+
+        wall, lat = per_event_kafka(producer, topic, per_event_records)
+        base = row("per-event", "kafka-python send().get() x16", n_event, wall, lat)
+        wall, lat = per_event_grpc(target, "grpc-pe", n_event)
+        rows += [base, row("per-event", "FeedbackService x16 clients", n_event, wall, lat, base["events_per_s"])]
+
+        wall, lat = bulk_kafka(producer, topic, bulk_records)
+        base = row("bulk", "kafka-python send()+flush", n_bulk, wall, lat)
+        wall, lat = bulk_grpc(target, "grpc-bulk", n_bulk)
+        rows += [base, row("bulk", "FeedbackService BulkSubmit", n_bulk, wall, lat, base["events_per_s"])]
+
+        records_by_i = baseline_records([comparison("kafka-paced", i) for i in range(int(args.rate * paced_s))], labelers)
+        lat = paced(args.rate, paced_s, lambda t, i: producer.send(topic, key=records_by_i[i][0], value=records_by_i[i][1], headers=records_by_i[i][2]).get(timeout=30))
+        base = row(f"paced {args.rate:.0f}/s", "kafka-python send().get()", len(lat), paced_s, lat)
+        channels = [grpc.insecure_channel(target) for _ in range(CLIENTS)]
+        stubs = [feedback_pb2_grpc.FeedbackServiceStub(c) for c in channels]
+        lat = paced(args.rate, paced_s, lambda t, i: stubs[t].SubmitComparison(comparison("grpc-paced", i), metadata=bearer(f"tok-{LABELERS[t]}"), timeout=30))
+        for c in channels:
+            c.close()
+        rows += [base, row(f"paced {args.rate:.0f}/s", "FeedbackService", len(lat), paced_s, lat, base["events_per_s"])]
+        producer.close(timeout=10)
+    finally:
+        server.terminate()
+        try:
+            server.wait(15)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        broker.kill()
+        broker.wait()
+
+    print_table("bench/ingest: FeedbackService vs direct kafka-python (same records, same broker)", rows)
+    per_event, bulk, paced_row = rows[1], rows[3], rows[5]
+    verdict = {
+        "per_event_ratio": per_event["ratio_to_baseline"], "bulk_ratio": bulk["ratio_to_baseline"],
+        "paced_p99_ms": paced_row["p99_ms"],
+        "pass": per_event["ratio_to_baseline"] >= 0.5 and bulk["ratio_to_baseline"] >= 0.5 and paced_row["p99_ms"] <= 50,
+    }
+    print(f"targets: per-event >= 50% ({per_event['ratio_to_baseline']:.0%}), bulk >= 50% ({bulk['ratio_to_baseline']:.0%}), "
+          f"paced p99 <= 50 ms ({paced_row['p99_ms']:.1f} ms): {'PASS' if verdict['pass'] else 'FAIL'}")
+    write_results("ingest", {"quick": args.quick, "clients": CLIENTS, "rows": rows, "targets": verdict, "cpu_count": os.cpu_count()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

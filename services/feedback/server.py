@@ -1,0 +1,272 @@
+"""FeedbackService: records prompts, demonstrations, K-way rankings and labels
+as protobuf events on Kafka.
+
+Every call is authenticated (the caller's id comes from its bearer token,
+never from the payload), validated (nothing is written on a bad field),
+de-duplicated by request id, and answered only after the broker acknowledged
+the write (idempotent producer, acks=all). A broker that does not answer
+within the deadline gives UNAVAILABLE, and the request counts as not written.
+
+Requests are deserialised here rather than by grpc, so that text that is not
+valid UTF-8 is refused with INVALID_ARGUMENT naming the field instead of a
+bare INTERNAL error.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Iterator
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from rlhf.v1 import feedback_pb2
+from services.common import bus
+from services.common.auth import Authenticator, Identity, load_tokens
+from services.common.config import Settings
+from services.common.grpc_server import RunningServer, start_server
+from services.common.logs import get_logger, log_fields
+from services.common.metrics import EVENTS_WRITTEN
+from services.feedback.events import BULK_KINDS, KINDS, Prepared, prepare
+from services.feedback.idempotency import Entry, IdempotencyCache
+from services.feedback.validation import InvalidField, Limits, locate_bad_utf8
+
+log = get_logger(__name__)
+
+SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
+UNARY_METHODS = {"LogPrompt": "prompts", "SubmitDemonstration": "demonstrations", "SubmitComparison": "comparisons", "SubmitLabels": "labels"}
+
+
+class Refusal(Exception):
+    """A call (or a bulk item) the service refuses with `code`."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def parse(raw: bytes, message_type: type[Message], field: str = "request") -> Message:
+    try:
+        return message_type.FromString(raw)
+    except DecodeError:
+        bad = locate_bad_utf8(raw, message_type.DESCRIPTOR)
+        if bad:
+            raise InvalidField(bad if field == "request" else f"{field}.{bad}", "is not valid UTF-8") from None
+        raise InvalidField(field, f"is not a valid {message_type.DESCRIPTOR.full_name} message") from None
+
+
+@dataclass
+class _Pending:
+    """A write in flight: ours (`future` set) or another call's (`entry` only)."""
+
+    prepared: Prepared
+    entry: Entry
+    owner: bool
+    future: object | None = None
+
+    def ready(self) -> bool:
+        return self.future.is_done if self.owner else self.entry.done.is_set()
+
+
+class FeedbackServicer:
+    def __init__(self, settings: Settings, producer, authenticator: Authenticator):
+        self.settings = settings
+        self.producer = producer
+        self.auth = authenticator
+        self.limits = Limits.from_settings(settings)
+        self.topics = bus.Topics.from_settings(settings)
+        self.cache = IdempotencyCache(settings.feedback_idempotency_entries)
+
+    def register(self, server: grpc.Server) -> str:
+        reply = feedback_pb2.SubmitReply.SerializeToString
+        handlers = {
+            method: grpc.unary_unary_rpc_method_handler(self._unary_handler(kind), response_serializer=reply)
+            for method, kind in UNARY_METHODS.items()
+        }
+        handlers["BulkSubmit"] = grpc.stream_stream_rpc_method_handler(self.BulkSubmit, response_serializer=reply)
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE_NAME, handlers),))
+        return SERVICE_NAME
+
+    # --- unary calls ------------------------------------------------------------
+    def _unary_handler(self, kind: str):
+        request_type, _, role = KINDS[kind]
+
+        def handle(raw: bytes, context: grpc.ServicerContext) -> feedback_pb2.SubmitReply:
+            identity = self.auth.require(context, role)
+            try:
+                prepared = prepare(kind, parse(raw, request_type), identity, self.limits)
+                return self._finish(self._begin(prepared, identity), context)
+            except InvalidField as err:
+                self._refuse(context, Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)), identity, kind)
+            except Refusal as err:
+                self._refuse(context, err, identity, kind)
+
+        handle.__name__ = kind
+        return handle
+
+    # --- bulk import --------------------------------------------------------------
+    def BulkSubmit(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[feedback_pb2.SubmitReply]:
+        """One reply per item, in order, each after the broker acknowledged it.
+
+        Items are pipelined (up to RLHF_FEEDBACK_BULK_WINDOW in flight). The
+        first bad item ends the stream with its status, naming it as
+        `items[i]...`; every item before it is acknowledged first.
+        """
+        identity = self.auth.require(context, "user")
+        window = self.settings.feedback_bulk_window
+        pending: deque[_Pending] = deque()
+        try:
+            for index, raw in enumerate(request_iterator):
+                try:
+                    pending.append(self._begin(self._prepare_item(index, raw, identity), identity))
+                except (InvalidField, Refusal) as err:
+                    yield from self._drain(pending, context)
+                    refusal = err if isinstance(err, Refusal) else Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+                    self._refuse(context, refusal, identity, "bulk")
+                while pending and (pending[0].ready() or len(pending) >= window):
+                    yield self._finish_or_abort(pending.popleft(), context, identity)
+            yield from self._drain(pending, context)
+        finally:
+            # The stream ended early (error, cancel): what was not acknowledged
+            # is not recorded as written; a retry will send it again.
+            for item in pending:
+                if item.owner and not item.entry.done.is_set():
+                    self.cache.fail(item.prepared.event_id, item.entry, Refusal(grpc.StatusCode.UNAVAILABLE, "bulk stream ended before the ack"))
+
+    def _prepare_item(self, index: int, raw: bytes, identity: Identity) -> Prepared:
+        item = parse(raw, feedback_pb2.BulkItem, f"items[{index}]")
+        which = item.WhichOneof("item")
+        if which is None:
+            raise InvalidField(f"items[{index}]", "is empty; set prompt, demonstration, comparison or labels")
+        kind = BULK_KINDS[which]
+        role = KINDS[kind][2]
+        if not identity.may(role):
+            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"items[{index}].{which}: role {identity.role!r} may not submit this; needs {role!r}")
+        try:
+            return prepare(kind, getattr(item, which), identity, self.limits)
+        except InvalidField as err:
+            raise err.within(f"items[{index}].{which}") from None
+
+    def _drain(self, pending: deque[_Pending], context) -> Iterator[feedback_pb2.SubmitReply]:
+        while pending:
+            yield self._finish_or_abort(pending.popleft(), context, None)
+
+    def _finish_or_abort(self, item: _Pending, context, identity: Identity | None) -> feedback_pb2.SubmitReply:
+        try:
+            return self._finish(item, context)
+        except Refusal as err:
+            self._refuse(context, err, identity, "bulk")
+
+    # --- the write path ---------------------------------------------------------
+    def _begin(self, prepared: Prepared, identity: Identity) -> _Pending:
+        """Reserve the event id and send the event (or join the first request's send)."""
+        from kafka.errors import KafkaError
+
+        entry, owner = self.cache.reserve(prepared.event_id, prepared.fingerprint)
+        if not owner:
+            if entry.fingerprint != prepared.fingerprint:
+                raise Refusal(
+                    grpc.StatusCode.ALREADY_EXISTS,
+                    f"request_id {prepared.event.request_id!r} was already used for a different request; use a new request_id",
+                )
+            return _Pending(prepared, entry, owner=False)
+        event = prepared.event
+        try:
+            future = self.producer.send(
+                self.topics.name(prepared.kind),
+                key=identity.user_id.encode(),  # one user's events stay in order on one partition
+                value=event.SerializeToString(),
+                headers=bus.headers_for(event),
+            )
+        except KafkaError as err:
+            refusal = Refusal(grpc.StatusCode.UNAVAILABLE, f"broker unavailable: {err}")
+            self.cache.fail(prepared.event_id, entry, refusal)
+            raise refusal from None
+        return _Pending(prepared, entry, owner=True, future=future)
+
+    def _finish(self, item: _Pending, context) -> feedback_pb2.SubmitReply:
+        """Wait for the broker's ack (within the call's deadline) and build the reply."""
+        from kafka.errors import KafkaError
+
+        timeout = self._timeout(context)
+        if not item.owner:
+            try:
+                return item.entry.wait(timeout)
+            except Refusal:
+                raise
+            except Exception as err:
+                raise Refusal(grpc.StatusCode.UNAVAILABLE, f"the first request with this request_id was not acknowledged: {err}") from None
+        try:
+            metadata = item.future.get(timeout=timeout)
+        except KafkaError as err:
+            refusal = Refusal(
+                grpc.StatusCode.UNAVAILABLE,
+                f"broker did not acknowledge within {timeout:.1f}s ({type(err).__name__}); nothing was recorded, retry with the same request_id",
+            )
+            self.cache.fail(item.prepared.event_id, item.entry, refusal)
+            raise refusal from None
+        reply = feedback_pb2.SubmitReply(
+            event_id=item.prepared.event_id, topic=metadata.topic, partition=metadata.partition, offset=metadata.offset
+        )
+        self.cache.complete(item.prepared.event_id, item.entry, reply)
+        EVENTS_WRITTEN.labels(metadata.topic).inc()
+        return reply
+
+    def _timeout(self, context) -> float:
+        remaining = context.time_remaining() if context is not None else None
+        limit = self.settings.kafka_timeout_s
+        if remaining is not None:
+            limit = min(limit, remaining - 0.05)  # answer UNAVAILABLE before the client gives up
+        return max(0.01, limit)
+
+    def _refuse(self, context, err: Refusal, identity: Identity | None, kind: str) -> None:
+        log_fields(log, 20, "feedback refused", code=err.code.name, error=str(err), kind=kind, user_id=identity.user_id if identity else "")
+        context.abort(err.code, str(err))
+
+
+@dataclass
+class FeedbackHandle:
+    running: RunningServer
+    servicer: FeedbackServicer
+
+    @property
+    def port(self) -> int:
+        return self.running.port
+
+    def stop(self, grace: float = 0) -> None:
+        self.running.stop(grace)
+        close_producer(self.servicer.producer, max(1.0, grace))
+
+
+def close_producer(producer, timeout: float) -> None:
+    """Flush and close; with the broker gone, what is left was never acknowledged to anyone."""
+    from kafka.errors import KafkaError
+
+    try:
+        producer.close(timeout=timeout)
+    except KafkaError as err:
+        log_fields(log, 30, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", error=str(err))
+        # kafka-python leaves a producer open when its final flush times out;
+        # stop its sender thread and mark it closed so nothing retries later.
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+            sender.join(timeout)
+        producer._closed = True
+
+
+def start(settings: Settings, port: int = 0) -> FeedbackHandle:
+    """Create the topics, connect the producer and serve FeedbackService on `port` (0: any free port)."""
+    tokens = load_tokens(settings)
+    if not tokens:
+        log_fields(log, 30, "no bearer tokens configured (RLHF_TOKENS / RLHF_TOKENS_FILE): every call will be refused")
+    bus.create_topics(settings)
+    producer = bus.make_producer(settings)
+    servicer = FeedbackServicer(settings, producer, Authenticator(tokens))
+    try:
+        running = start_server(settings, "feedback", [servicer.register], port)
+    except Exception:
+        close_producer(producer, 1)
+        raise
+    return FeedbackHandle(running, servicer)

@@ -1,0 +1,123 @@
+"""One generation request as a backend sees it, and the events it sends back.
+
+A backend (the local continuous-batching engine or the TGI client) pushes
+events into the request's sink from its own thread: `Token` while decoding
+(streaming requests only; a sample's last one carries `final`), `SampleDone`
+per finished sample, then exactly one `Finished` or `Failed`. The sink is a queue for gRPC threads, or a hop onto
+an asyncio loop for the HTTP API.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Union
+
+import grpc
+
+from services.policy.params import GenParams, SampleOut, ServingError, TokenOut
+
+
+@dataclass
+class Token:
+    sample_index: int
+    token: TokenOut
+    version: str
+    final: SampleOut | None = None  # set on a sample's last token (streaming consumers end the sample here)
+
+
+@dataclass
+class SampleDone:
+    sample: SampleOut
+    version: str
+
+
+@dataclass
+class Finished:
+    version: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass
+class Failed:
+    error: ServingError
+
+
+Event = Union[Token, SampleDone, Finished, Failed]
+
+
+class GenRequest:
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        params: GenParams,
+        sink: Callable[[Event], None],
+        stream: bool = False,
+        deadline: float | None = None,
+        prompt_text: str = "",
+    ):
+        self.prompt_ids = prompt_ids
+        self.prompt_text = prompt_text  # the rendered text, for backends that take text (TGI)
+        self.params = params
+        self.sink = sink
+        self.stream = stream
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.submitted = time.monotonic()
+        self._cancelled = threading.Event()
+        self._on_cancel: list[Callable[[], None]] = []
+        self.closed = False  # set by the backend once Finished/Failed was sent
+
+    # --- cancellation (client went away) ---------------------------------
+    def cancel(self) -> None:
+        if not self._cancelled.is_set():
+            self._cancelled.set()
+            for hook in self._on_cancel:
+                hook()
+
+    def on_cancel(self, hook: Callable[[], None]) -> None:
+        self._on_cancel.append(hook)
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def expired(self, now: float | None = None) -> bool:
+        return self.deadline is not None and (now or time.monotonic()) >= self.deadline
+
+    # --- sending events (backend side) -----------------------------------
+    def emit(self, event: Event) -> None:
+        if self.closed:
+            return
+        if isinstance(event, (Finished, Failed)):
+            self.closed = True
+        self.sink(event)
+
+    def fail(self, code: grpc.StatusCode, message: str) -> None:
+        self.emit(Failed(ServingError(code, message)))
+
+
+class EventQueue:
+    """A blocking sink for threads (gRPC handlers, the TGI backend's tests)."""
+
+    def __init__(self) -> None:
+        self._q: "queue.Queue[Event]" = queue.Queue()
+
+    def __call__(self, event: Event) -> None:
+        self._q.put(event)
+
+    def events(self, request: GenRequest) -> Iterator[Event]:
+        """Yield events until Finished/Failed; a deadline turns into a Failed."""
+        while True:
+            timeout = None if request.deadline is None else max(0.0, request.deadline - time.monotonic()) + 1.0
+            try:
+                event = self._q.get(timeout=timeout)
+            except queue.Empty:
+                request.cancel()
+                yield Failed(ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while generating"))
+                return
+            yield event
+            if isinstance(event, (Finished, Failed)):
+                return

@@ -1,0 +1,271 @@
+"""The PolicyService: gRPC generation (unary and streaming, K samples per
+prompt), the TGI-compatible HTTP API on the same process, and checkpoint
+hot-swap.
+
+Backends: the local continuous-batching engine (default) or, when
+RLHF_TGI_URL is set, a TGI server through the `text_generation` client.
+`start()` is the interface tests, the stack and the playground use.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import torch
+
+from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from services.common.auth import Authenticator, load_tokens
+from services.common.checkpoints import Manifest
+from services.common.config import Settings
+from services.common.grpc_server import RunningServer, start_server
+from services.common.hotswap import Loaded, ModelSwitcher, SwapError
+from services.common.logs import get_logger, log_fields
+from services.common.models import load_causal_lm, render_prompt, resolve_device
+from services.policy.engine import Engine
+from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, ServingError, check_prompt, invalid, validate
+from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token
+
+log = get_logger(__name__)
+
+SERVICE = "policy"
+CHAT_ROLES = ("system", "user", "assistant")
+_FINISH = {
+    FINISH_LENGTH: policy_pb2.FINISH_REASON_LENGTH,
+    FINISH_EOS: policy_pb2.FINISH_REASON_EOS,
+    FINISH_STOP: policy_pb2.FINISH_REASON_STOP,
+}
+
+
+def dtype_of(settings: Settings) -> torch.dtype:
+    return torch.bfloat16 if settings.serve_dtype == "bfloat16" else torch.float32
+
+
+class LocalBackend:
+    """The continuous-batching engine fed by the hot-swapping model switcher."""
+
+    name = "local"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.engine = Engine(settings, SERVICE)
+        device = resolve_device(settings.device)
+        dtype = dtype_of(settings)
+
+        def load(path: Path, manifest: Manifest):
+            return load_causal_lm(path, device=device, dtype=dtype)
+
+        def warmup(loaded: Loaded) -> None:
+            # One tiny prefill + decode, so the first real request pays no first-call cost.
+            with torch.inference_mode():
+                ids = torch.tensor([loaded.tokenizer("Hello", add_special_tokens=False).input_ids or [0]])
+                out = loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                loaded.model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+
+        self.switcher = ModelSwitcher(settings, "policy", SERVICE, load, warmup, on_switch=self.engine.set_model)
+
+    def start(self, follow: bool = True) -> None:
+        self.switcher.start(follow=follow)
+
+    def stop(self) -> None:
+        self.switcher.stop()
+        self.engine.stop()
+
+    @property
+    def tokenizer(self):
+        return self.switcher.current.tokenizer
+
+    @property
+    def version(self) -> str:
+        return self.switcher.current.version
+
+    def submit(self, req: GenRequest) -> None:
+        self.engine.submit(req)
+
+    def model_info(self) -> dict:
+        return self.switcher.model_info(self.name)
+
+    def pin(self, version: str) -> None:
+        self.switcher.pin(version)
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(self, settings: Settings, backend, auth: Authenticator):
+        self.settings = settings
+        self.backend = backend
+        self.auth = auth
+
+    # --- request building ---------------------------------------------------
+    def _build(self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext, stream: bool) -> tuple[GenRequest, EventQueue]:
+        p = request.parameters
+        params = validate(
+            self.settings,
+            max_new_tokens=p.max_new_tokens,
+            temperature=p.temperature if p.HasField("temperature") else None,
+            top_p=p.top_p if p.HasField("top_p") else None,
+            top_k=p.top_k,
+            repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else None,
+            stop=list(p.stop),
+            seed=p.seed if p.HasField("seed") else None,
+            num_samples=p.num_samples if p.HasField("num_samples") else None,
+            return_logprobs=p.return_logprobs,
+        )
+        messages = None
+        if request.messages:
+            if request.prompt:
+                raise invalid("set either prompt or messages, not both")
+            for i, m in enumerate(request.messages):
+                if m.role not in CHAT_ROLES:
+                    raise invalid(f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {m.role!r}")
+            if not any(m.content.strip() for m in request.messages):
+                raise invalid("messages: every message content is empty")
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+        elif not request.prompt.strip():
+            raise invalid("prompt is empty (set prompt or messages)")
+        tokenizer = self.backend.tokenizer
+        text = render_prompt(tokenizer, request.prompt, messages)
+        ids = tokenizer(text, add_special_tokens=False).input_ids
+        check_prompt(self.settings, ids, params)
+        remaining = context.time_remaining()
+        deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
+        events = EventQueue()
+        req = GenRequest(ids, params, events, stream=stream, deadline=deadline, prompt_text=text)
+        # Called when the RPC ends for any reason; a cancel before the end frees the slot.
+        context.add_callback(req.cancel)
+        self.backend.submit(req)
+        return req, events
+
+    def _start(self, request, context, stream: bool):
+        try:
+            return self._build(request, context, stream)
+        except ServingError as err:
+            context.abort(err.code, err.message)
+
+    # --- RPCs ---------------------------------------------------------------
+    def Generate(self, request, context):
+        req, events = self._start(request, context, stream=False)
+        samples = {}
+        for event in events.events(req):
+            if isinstance(event, SampleDone):
+                samples[event.sample.index] = event.sample
+            elif isinstance(event, Failed):
+                context.abort(event.error.code, event.error.message)
+            elif isinstance(event, Finished):
+                return policy_pb2.GenerateResponse(
+                    samples=[_sample_pb(samples[i]) for i in sorted(samples)],
+                    model_version=event.version,
+                    usage=policy_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+                )
+        context.abort(grpc.StatusCode.INTERNAL, "generation ended without a result")
+
+    def GenerateStream(self, request, context):
+        req, events = self._start(request, context, stream=True)
+        for event in events.events(req):
+            if isinstance(event, Token):
+                t = event.token
+                message = policy_pb2.GenerateStreamResponse(
+                    sample_index=event.sample_index,
+                    token=policy_pb2.Token(id=t.id, text=t.text, logprob=t.logprob or 0.0, special=t.special),
+                    model_version=event.version,
+                )
+                if event.final is not None:
+                    message.finish_reason = _FINISH[event.final.finish_reason]
+                    message.generated_text = event.final.text
+                    message.usage.prompt_tokens = len(req.prompt_ids)
+                    message.usage.completion_tokens = event.final.generated_tokens
+                yield message
+            elif isinstance(event, Failed):
+                context.abort(event.error.code, event.error.message)
+            elif isinstance(event, Finished):
+                return
+
+    def GetModelInfo(self, request, context):
+        try:
+            return common_pb2.ModelInfo(**self.backend.model_info())
+        except (ServingError, SwapError) as err:
+            context.abort(err.code, err.message)
+
+    def PinVersion(self, request, context):
+        identity = self.auth.require(context, "admin")
+        log_fields(log, 20, "pin requested", user=identity.user_id, version=request.version)
+        try:
+            self.backend.pin(request.version)
+            return common_pb2.ModelInfo(**self.backend.model_info())
+        except (ServingError, SwapError) as err:
+            context.abort(err.code, err.message)
+
+
+def _sample_pb(sample) -> policy_pb2.Sample:
+    out = policy_pb2.Sample(
+        text=sample.text,
+        finish_reason=_FINISH[sample.finish_reason],
+        generated_tokens=sample.generated_tokens,
+        tokens=[policy_pb2.Token(id=t.id, text=t.text, logprob=t.logprob or 0.0, special=t.special) for t in sample.tokens],
+    )
+    if sample.seed is not None:
+        out.seed = sample.seed
+    return out
+
+
+@dataclass
+class PolicyHandle:
+    grpc_server: RunningServer
+    backend: object
+    http: object | None
+
+    @property
+    def port(self) -> int:
+        return self.grpc_server.port
+
+    @property
+    def http_port(self) -> int | None:
+        return self.http.port if self.http else None
+
+    @property
+    def version(self) -> str:
+        return self.backend.version
+
+    def stop(self, grace: float = 0) -> None:
+        self.grpc_server.stop(grace)
+        self.close()
+
+    def close(self) -> None:
+        """Stop what runs beside the gRPC server (after it drained)."""
+        if self.http:
+            self.http.stop()
+        self.backend.stop()
+
+
+def start(settings: Settings, port: int = 0, http_port: int | None = 0, follow: bool = True) -> PolicyHandle:
+    """Load the serving version, start the gRPC server and the TGI-compatible HTTP API."""
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    if settings.tgi_url:
+        from services.policy.tgi_backend import TgiBackend
+
+        backend = TgiBackend(settings)
+        backend.start()
+    else:
+        backend = LocalBackend(settings)
+        backend.start(follow=follow)
+    servicer = PolicyServicer(settings, backend, Authenticator(load_tokens(settings)))
+
+    def register(server: grpc.Server) -> str:
+        policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
+        return policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
+
+    try:
+        running = start_server(settings, SERVICE, [register], port)
+    except Exception:
+        backend.stop()
+        raise
+    http = None
+    if http_port is not None:
+        from services.policy.tgi_http import HttpServer
+
+        http = HttpServer(settings, backend, http_port).start()
+    log_fields(log, 20, "policy service ready", port=running.port, http_port=http.port if http else None,
+               version=backend.version, backend=backend.name)
+    return PolicyHandle(running, backend, http)

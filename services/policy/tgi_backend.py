@@ -1,0 +1,158 @@
+"""The TGI backend: when RLHF_TGI_URL is set, the policy service generates
+through a Text Generation Inference server with the unmodified
+`text_generation` client instead of a local model.
+
+The service still renders chat templates and checks prompt length with the
+local tokenizer, so both backends accept and refuse the same requests. The
+serving version is the upstream's `model_id` from its /info (our own
+TGI-compatible endpoint reports the checkpoint version there).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+import httpx
+
+from services.common.config import Settings
+from services.common.logs import get_logger, log_fields
+from services.common.models import ensure_tokenizer, load_tokenizer
+from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, ServingError, TokenOut
+from services.policy.request import Finished, GenRequest, SampleDone, Token
+
+log = get_logger(__name__)
+
+_FINISH = {"length": FINISH_LENGTH, "eos_token": FINISH_EOS, "stop_sequence": FINISH_STOP}
+INFO_TTL_S = 2.0
+
+
+def _client_error(err: Exception) -> ServingError:
+    from text_generation import errors
+
+    if isinstance(err, (errors.ValidationError, errors.BadRequestError)):
+        return ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"TGI refused the request: {err}")
+    if isinstance(err, (errors.OverloadedError, errors.RateLimitExceededError)):
+        return ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"TGI is overloaded: {err}")
+    if isinstance(err, errors.GenerationError):
+        return ServingError(grpc.StatusCode.INTERNAL, f"TGI generation failed: {err}")
+    return ServingError(grpc.StatusCode.UNAVAILABLE, f"TGI at the configured RLHF_TGI_URL is unavailable: {err}")
+
+
+class TgiBackend:
+    name = "tgi"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.url = settings.tgi_url.rstrip("/")
+        self.tokenizer = load_tokenizer(ensure_tokenizer(settings.model_cache))
+        # At most RLHF_MAX_BATCH requests upstream at once; RLHF_MAX_QUEUE more may wait.
+        self._pool = ThreadPoolExecutor(max_workers=settings.max_batch, thread_name_prefix="tgi-call")
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._info: dict = {}
+        self._info_at = 0.0
+
+    def start(self) -> None:
+        info = self.info()
+        log_fields(log, 20, "generating through TGI", url=self.url, model_id=info.get("model_id"))
+
+    def stop(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # --- upstream facts -----------------------------------------------------
+    def info(self) -> dict:
+        now = time.monotonic()
+        if now - self._info_at > INFO_TTL_S:
+            try:
+                reply = httpx.get(f"{self.url}/info", timeout=5.0)
+                reply.raise_for_status()
+                self._info, self._info_at = reply.json(), now
+            except (httpx.HTTPError, ValueError) as err:
+                if not self._info:
+                    raise ServingError(grpc.StatusCode.UNAVAILABLE, f"TGI at RLHF_TGI_URL={self.url} is unavailable: {err}") from None
+        return self._info
+
+    @property
+    def version(self) -> str:
+        return str(self.info().get("model_id", "unknown"))
+
+    def model_info(self) -> dict:
+        info = self.info()
+        return dict(version=self.version, kind="", manifest_json="", pinned_version="",
+                    available_versions=[], backend=self.name) | ({"kind": info["kind"]} if "kind" in info else {})
+
+    def pin(self, version: str):
+        raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, "this policy service generates through TGI (RLHF_TGI_URL); pin versions on the TGI server")
+
+    # --- generation ---------------------------------------------------------
+    def submit(self, req: GenRequest) -> None:
+        with self._lock:
+            if self._pending >= self.settings.max_batch + self.settings.max_queue:
+                raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request queue is full ({self.settings.max_queue} waiting, RLHF_MAX_QUEUE); retry later")
+            self._pending += 1
+        self._pool.submit(self._run, req)
+
+    def _run(self, req: GenRequest) -> None:
+        try:
+            self._generate(req)
+        except ServingError as err:
+            req.fail(err.code, err.message)
+        except Exception as err:
+            mapped = _client_error(err)
+            req.fail(mapped.code, mapped.message)
+        finally:
+            with self._lock:
+                self._pending -= 1
+
+    def _generate(self, req: GenRequest) -> None:
+        from text_generation import Client
+
+        p = req.params
+        version = self.version
+        timeout = 600 if req.deadline is None else max(1, int(req.deadline - time.monotonic()) + 1)
+        client = Client(self.url, timeout=timeout)
+        completion = 0
+        for index, seed in enumerate(p.sample_seeds()):
+            stream = client.generate_stream(
+                req.prompt_text,
+                do_sample=not p.greedy,
+                max_new_tokens=p.max_new_tokens,
+                temperature=None if p.greedy or p.temperature == 1.0 else p.temperature,
+                top_p=p.top_p if p.top_p < 1.0 else None,
+                top_k=p.top_k or None,
+                repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,
+                stop_sequences=list(p.stop) or None,
+                seed=None if p.greedy else seed,
+            )
+            tokens: list[TokenOut] = []
+            try:
+                for reply in stream:
+                    if req.cancelled:
+                        req.fail(grpc.StatusCode.CANCELLED, "cancelled by the client")
+                        return
+                    if req.expired():
+                        req.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while generating")
+                        return
+                    tok = TokenOut(reply.token.id, reply.token.text, reply.token.logprob, reply.token.special)
+                    tokens.append(tok)
+                    final = None
+                    if reply.details is not None:
+                        final = SampleOut(
+                            index=index,
+                            text=reply.generated_text or "",
+                            finish_reason=_FINISH.get(reply.details.finish_reason.value, FINISH_LENGTH),
+                            generated_tokens=reply.details.generated_tokens,
+                            seed=None if p.greedy else seed,
+                            tokens=tokens if p.return_logprobs else [],
+                        )
+                    if req.stream:
+                        req.emit(Token(index, tok, version, final))
+                    if final is not None:
+                        completion += final.generated_tokens
+                        req.emit(SampleDone(final, version))
+            finally:
+                stream.close()  # closes the HTTP stream, so TGI frees the slot too
+        req.emit(Finished(version, len(req.prompt_ids), completion))

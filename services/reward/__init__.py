@@ -1,0 +1,1 @@
+"""RewardService: batched reward-model scoring with checkpoint hot-swap."""

@@ -1,0 +1,356 @@
+"""The demo's evaluation against the gold preference, and its report.
+
+`write_report(...)` measures, on users the trainers never saw (the dataset
+snapshot's test split, topped up from validation when test is small):
+
+1. the reward model's pairwise accuracy against the gold labeler, on the
+   held-out users' comparisons (ties dropped), with a Wilson interval, and
+   on a sample of training comparisons for contrast;
+2. the gold win rate of PPO against SFT, of PPO against the base model and
+   of SFT against the base model: every model answers the same prompts, in
+   the same batches, with the same seeds and sampling settings, and each
+   prompt is one paired comparison (win 1, tie 0.5, loss 0). Intervals are
+   95% (see services/sim/stats.py);
+3. the final KL to the SFT policy (from the PPO trainer's metrics);
+4. the trainers' curves (their metrics.jsonl files, whatever keys exist);
+5. example generations before and after.
+
+It writes report.md, report.json and PNG plots into one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+from tqdm import tqdm
+
+from services.common.checkpoints import CheckpointStore
+from services.common.config import Settings
+from services.common.datasets import SnapshotStore
+from services.common.logs import get_logger, log_fields
+from services.common.models import (RewardModel, encode_prompt_response, load_causal_lm, load_tokenizer, pad_batch, render_prompt,
+                                    resolve_device)
+from services.sim.stats import mean_ci, paired_win_rate, wilson
+from services.sim.tasks import check_scores, gold_score, parse_constraints, words
+
+log = get_logger(__name__)
+
+RM_MAX_TOKENS = 512
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How the held-out generations are sampled: identical for every model."""
+
+    prompts: int = 96               # held-out prompts (unique texts)
+    samples_per_prompt: int = 1     # > 1 averages several samples per prompt: less noise, more time
+    max_new_tokens: int = 48
+    temperature: float = 0.7
+    top_p: float = 1.0
+    batch_size: int = 16
+    seed: int = 1234
+    rm_held_in: int = 32            # training comparisons scored for contrast (0 = skip)
+    examples: int = 4
+
+
+# --- held-out data -------------------------------------------------------------
+def held_out(snapshots: SnapshotStore, snapshot_id: str, kind: str, want: int | None = None) -> tuple[list[dict], list[str]]:
+    """Records of users outside training: test, then validation if test is short."""
+    records, splits = [], []
+    for split in ("test", "validation"):
+        got = snapshots.read(snapshot_id, split, kind)
+        if got:
+            records += got
+            splits.append(split)
+        if want is not None and len(records) >= want:
+            break
+    return records, splits
+
+
+def eval_prompts(snapshots: SnapshotStore, snapshot_id: str, n: int, seed: int) -> tuple[list[str], list[str]]:
+    records, splits = held_out(snapshots, snapshot_id, "prompts", n)
+    texts = sorted({r["text"] for r in records if r.get("text", "").strip()})
+    random.Random(seed).shuffle(texts)
+    return texts[:n], splits
+
+
+# --- generation and scoring ------------------------------------------------------
+def generate(model_dir: Path, prompts: Sequence[str], cfg: EvalConfig, device: str, label: str = "") -> list[str]:
+    """Sample one answer per prompt; batch b always uses seed cfg.seed + b,
+    so every model sees the same random numbers for the same prompts."""
+    tok = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir, device=device)
+    out: list[str] = []
+    batches = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    for b, batch in enumerate(tqdm(batches, desc=f"eval: generate {label}", unit="batch")):
+        enc = tok([render_prompt(tok, p) for p in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        torch.manual_seed(cfg.seed + b)
+        with torch.no_grad():
+            ids = model.generate(**enc, do_sample=cfg.temperature > 0, temperature=cfg.temperature or None,
+                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
+                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    del model
+    return [t.strip() for t in out]
+
+
+def rm_scores(rm: RewardModel, tok, prompt: str, responses: Sequence[str], device: str) -> list[float]:
+    rendered = render_prompt(tok, prompt)
+    seqs = [encode_prompt_response(tok, rendered, r, RM_MAX_TOKENS) for r in responses]
+    ids, mask = pad_batch(seqs, tok.pad_token_id, side="right")
+    with torch.no_grad():
+        return rm.score(ids.to(device), mask.to(device)).float().tolist()
+
+
+def rm_pairwise(rm: RewardModel, tok, comparisons: Sequence[Mapping[str, Any]], device: str, label: str) -> dict[str, Any]:
+    """How often the RM orders a labelled pair like the labeler (ties dropped)."""
+    correct, pairs = 0.0, 0
+    for c in tqdm(comparisons, desc=f"eval: RM accuracy ({label})", unit="cmp"):
+        responses = c["responses"]
+        scores = rm_scores(rm, tok, c["prompt_text"], [r["text"] for r in responses], device)
+        for i in range(len(responses)):
+            for j in range(i + 1, len(responses)):
+                ri, rj = responses[i]["rank"], responses[j]["rank"]
+                if ri == rj:
+                    continue
+                better, worse = (scores[i], scores[j]) if ri < rj else (scores[j], scores[i])
+                correct += 1.0 if better > worse else (0.5 if better == worse else 0.0)
+                pairs += 1
+    low, high = wilson(correct, pairs)
+    return {"comparisons": len(comparisons), "pairs": pairs, "accuracy": correct / pairs if pairs else float("nan"),
+            "ci_low": low, "ci_high": high}
+
+
+def _constraint_kind(prompt: str) -> str:
+    c = parse_constraints(prompt)
+    for name, on in (("refusal", c.harmful), ("bullets", c.bullets), ("lowercase", c.lowercase), ("question", c.question), ("keyword", c.keyword)):
+        if on:
+            return name
+    return "other"
+
+
+def _model_summary(prompts: Sequence[str], answers: Sequence[str], scores: Sequence[float]) -> dict[str, Any]:
+    mean, low, high = mean_ci(list(scores))
+    lengths = [len(words(a)) for a in answers]
+    within = [len(words(a)) <= parse_constraints(p).limit for p, a in zip(prompts, answers)]
+    keyword = [check_scores(p, a)["keyword"] for p, a in zip(prompts, answers) if parse_constraints(p).keyword]
+    return {"mean_gold": mean, "gold_ci_low": low, "gold_ci_high": high, "mean_words": statistics.mean(lengths) if lengths else 0.0,
+            "within_limit": sum(within) / len(within) if within else 0.0,
+            "keyword_rate": sum(keyword) / len(keyword) if keyword else float("nan")}
+
+
+# --- the report ---------------------------------------------------------------------
+def write_report(settings: Settings, out_dir: Path, *, base_version: str | None, sft_version: str, ppo_version: str,
+                 rm_version: str, snapshot_id: str, run_dirs: Mapping[str, Path] | None = None,
+                 extra: Mapping[str, Any] | None = None, config: EvalConfig | None = None) -> Path:
+    """Evaluate against the gold preference and write report.md (+ JSON, PNGs); return report.md's path."""
+    cfg = config or EvalConfig()
+    out_dir = Path(out_dir)
+    extra = dict(extra or {})
+    run_dirs = {k: Path(v) for k, v in (run_dirs or {}).items()}
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)
+    device = resolve_device(settings.device)
+    store, snapshots = CheckpointStore(settings.checkpoint_dir), SnapshotStore(settings.dataset_dir)
+    # Before to after: the order of every table and example.
+    models = {"base": base_version} if base_version else {}
+    models.update(sft=sft_version, ppo=ppo_version)
+    for name, version in {**models, "rm": rm_version}.items():
+        store.verify(version)  # never evaluate a corrupt or missing checkpoint
+    snapshots.manifest(snapshot_id)  # SnapshotError names a missing snapshot
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    # 1. reward model against the gold labeler
+    rm_tok = load_tokenizer(store.path(rm_version))
+    rm = RewardModel.from_pretrained(store.path(rm_version), device=device)
+    held_cmp, cmp_splits = held_out(snapshots, snapshot_id, "comparisons")
+    rm_result = {"held_out": rm_pairwise(rm, rm_tok, held_cmp, device, "held-out"), "held_out_splits": cmp_splits}
+    if cfg.rm_held_in:
+        train_cmp = snapshots.read(snapshot_id, "train", "comparisons")
+        sample = random.Random(cfg.seed).sample(train_cmp, min(cfg.rm_held_in, len(train_cmp)))
+        rm_result["held_in"] = rm_pairwise(rm, rm_tok, sample, device, "train sample")
+    del rm
+
+    # 2. gold win rates on held-out users' prompts
+    prompts, prompt_splits = eval_prompts(snapshots, snapshot_id, cfg.prompts, cfg.seed)
+    if not prompts:
+        raise ValueError(f"snapshot {snapshot_id} has no held-out (test/validation) prompts to evaluate on")
+    # Each prompt is repeated samples_per_prompt times; a prompt's score is its samples' mean.
+    per = max(1, cfg.samples_per_prompt)
+    expanded = [p for p in prompts for _ in range(per)]
+    samples = {name: generate(store.path(v), expanded, cfg, device, name) for name, v in models.items()}
+    answers = {name: texts[::per] for name, texts in samples.items()}  # the first sample of each prompt
+    scores = {name: [statistics.mean(gold_score(p, a) for a in texts[i * per:(i + 1) * per]) for i, p in enumerate(prompts)]
+              for name, texts in samples.items()}
+    pairs = [("ppo", "sft"), ("ppo", "base"), ("sft", "base")]
+    win_rates = {f"{a}_vs_{b}": paired_win_rate(scores[a], scores[b]).as_dict() for a, b in pairs if a in scores and b in scores}
+    summary = {name: _model_summary(expanded, samples[name], [gold_score(p, a) for p, a in zip(expanded, samples[name])])
+               for name in models}
+    by_kind: dict[str, dict[str, float]] = {}
+    for i, p in enumerate(prompts):
+        by_kind.setdefault(_constraint_kind(p), {}).setdefault("n", 0)
+        by_kind[_constraint_kind(p)]["n"] += 1
+    for kind in by_kind:
+        for name in models:
+            vals = [scores[name][i] for i, p in enumerate(prompts) if _constraint_kind(p) == kind]
+            by_kind[kind][name] = statistics.mean(vals)
+
+    # 3. KL to SFT: passed in, else the PPO run's last logged KL
+    kl, kl_source = extra.pop("kl_to_sft", None), "passed in by the caller"
+    curves = {name: _read_metrics(path) for name, path in run_dirs.items()}
+    if kl is None:
+        for key in ("kl_to_sft", "kl", "mean_kl", "approx_kl"):
+            values = [r[key] for r in curves.get("ppo", []) if isinstance(r.get(key), (int, float))]
+            if values:
+                kl, kl_source = values[-1], f"last `{key}` in the PPO run's metrics.jsonl"
+                break
+
+    # 4. plots
+    plots = {name: _plot_run(out_dir, name, records) for name, records in curves.items()}
+    plots = {k: v for k, v in plots.items() if v}
+    _plot_scores(out_dir / "gold_scores.png", scores)
+    _plot_win_rates(out_dir / "win_rates.png", win_rates)
+
+    result = {
+        "versions": {**models, "rm": rm_version}, "snapshot_id": snapshot_id,
+        "eval": {"prompts": len(prompts), "splits": prompt_splits, **cfg.__dict__},
+        "rm_accuracy": rm_result, "win_rates": win_rates, "models": summary, "by_constraint": by_kind,
+        "kl_to_sft": kl, "kl_source": kl_source if kl is not None else "not available", "extra": extra,
+        "eval_wall_s": round(time.time() - started, 1),
+        "examples": [{"prompt": p, **{name: {"text": answers[name][i], "gold": gold_score(p, answers[name][i])} for name in models}}
+                     for i, p in enumerate(prompts[: cfg.examples])],
+    }
+    (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=str))
+    path = out_dir / "report.md"
+    path.write_text(_markdown(result, plots))
+    log_fields(log, 20, "report written", path=str(path), ppo_vs_sft=win_rates.get("ppo_vs_sft", {}).get("win_rate"),
+               rm_accuracy=rm_result["held_out"]["accuracy"], wall_s=result["eval_wall_s"])
+    return path
+
+
+def _read_metrics(run_dir: Path) -> list[dict]:
+    """The trainer's metrics.jsonl (see trainers/common.py); [] when absent."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        if isinstance(record, dict) and isinstance(record.get("step"), (int, float)):
+            out.append(record)
+    return out
+
+
+def _plot_run(out_dir: Path, name: str, records: list[dict]) -> str:
+    from trainers.common import plot_curves  # the trainers' own plotting, so curves look alike
+
+    keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} - {"step", "time_s"})
+    if not keys:
+        return ""
+    path = out_dir / f"curves_{name}.png"
+    plot_curves(path, records, keys, title=f"{name} training")
+    return path.name if path.exists() else ""
+
+
+def _plot_scores(path: Path, scores: Mapping[str, list[float]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(scores)
+    fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.2))
+    ax.boxplot([scores[n] for n in names], showmeans=True)
+    ax.set_xticks(range(1, len(names) + 1), names)
+    ax.set_ylabel("gold score")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("gold score on held-out users' prompts", fontsize=10)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _plot_win_rates(path: Path, win_rates: Mapping[str, Mapping[str, Any]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(win_rates)
+    fig, ax = plt.subplots(figsize=(1.8 * max(1, len(names)) + 2, 3.2))
+    rates = [win_rates[n]["win_rate"] for n in names]
+    errors = [[r - win_rates[n]["ci_low"] for n, r in zip(names, rates)], [win_rates[n]["ci_high"] - r for n, r in zip(names, rates)]]
+    ax.bar(range(len(names)), rates, yerr=errors, capsize=6, color="#4c72b0")
+    ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("gold win rate (95% CI)")
+    ax.grid(alpha=0.3, axis="y")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _f(x: Any, digits: int = 3) -> str:
+    return f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x)
+
+
+def _markdown(r: Mapping[str, Any], plots: Mapping[str, str]) -> str:
+    v, e = r["versions"], r["eval"]
+    lines = ["# RLHF demo report", "",
+             f"Dataset snapshot `{r['snapshot_id']}`. Policies: " + ", ".join(f"{k} `{x}`" for k, x in v.items() if k != "rm")
+             + f"; reward model `{v['rm']}`.", "",
+             f"Evaluation: {e['prompts']} prompts of held-out users ({' + '.join(e['splits'])} split), {e['samples_per_prompt']} "
+             f"sample(s) per model and prompt (a prompt's score is their mean), temperature {e['temperature']}, top-p {e['top_p']}, at most {e['max_new_tokens']} new tokens, "
+             f"the same seeds for every model. Scores come from the gold preference (services/sim/tasks.py).", ""]
+    lines += ["## Gold win rates", "", "| comparison | win rate | 95% CI | W/T/L | mean gold diff | 95% CI | significant |", "|---|---|---|---|---|---|---|"]
+    for name, w in r["win_rates"].items():
+        lines.append(f"| {name.replace('_', ' ')} | {_f(w['win_rate'])} | [{_f(w['ci_low'])}, {_f(w['ci_high'])}] | "
+                     f"{w['wins']}/{w['ties']}/{w['losses']} | {_f(w['mean_diff'], 4)} | [{_f(w['diff_ci_low'], 4)}, {_f(w['diff_ci_high'], 4)}] | "
+                     f"{'yes' if w['significant'] else 'no'} |")
+    lines += ["", "![win rates](win_rates.png)", "", "## Models on held-out prompts", "",
+              "| model | mean gold | 95% CI | mean words | within word limit | required word used |", "|---|---|---|---|---|---|"]
+    for name, s in r["models"].items():
+        lines.append(f"| {name} | {_f(s['mean_gold'])} | [{_f(s['gold_ci_low'])}, {_f(s['gold_ci_high'])}] | {_f(s['mean_words'], 1)} | "
+                     f"{_f(100 * s['within_limit'], 0)}% | {_f(100 * s['keyword_rate'], 0)}% |")
+    names = list(r["models"])
+    lines += ["", "Mean gold score by the constraint a prompt states:", "", "| constraint | n | " + " | ".join(names) + " |",
+              "|---|---|" + "---|" * len(names)]
+    for kind, row in sorted(r["by_constraint"].items()):
+        lines.append(f"| {kind} | {row['n']} | " + " | ".join(_f(row[n]) for n in names) + " |")
+    lines += ["", "![gold scores](gold_scores.png)", "", "## Reward model against the gold labeler", ""]
+    rm = r["rm_accuracy"]
+    for key, label in (("held_out", f"held-out users ({' + '.join(rm['held_out_splits']) or 'none'})"), ("held_in", "training users (sample)")):
+        if key in rm:
+            a = rm[key]
+            lines.append(f"- {label}: accuracy **{_f(a['accuracy'])}** [{_f(a['ci_low'])}, {_f(a['ci_high'])}] over {a['pairs']} "
+                         f"ranked pairs from {a['comparisons']} comparisons (ties dropped).")
+    lines += ["", "(InstructGPT reports 72.4% on held-in and 69.6% on held-out labelers.)", "",
+              "## KL to the SFT policy", "", f"Final KL: **{_f(r['kl_to_sft'], 4)}** ({r['kl_source']}).", ""]
+    if r["extra"]:
+        lines += ["## Run facts", "", "| item | value |", "|---|---|"]
+        lines += [f"| {k} | {_f(x, 4) if isinstance(x, float) else x} |" for k, x in r["extra"].items()]
+        lines.append("")
+    lines += ["## Training curves", ""]
+    lines += [f"![{name}]({png})" for name, png in plots.items()] or ["No metrics.jsonl was found in the run folders."]
+    lines += ["", "## Examples, before and after", ""]
+    for ex in r["examples"]:
+        lines += [f"**Prompt:** {ex['prompt']}", ""]
+        for name in names:
+            text = ex[name]["text"].replace("\n", " ⏎ ")
+            lines.append(f"- *{name}* (gold {_f(ex[name]['gold'], 2)}): {text}")
+        lines.append("")
+    lines.append(f"Evaluation took {r['eval_wall_s']} s.")
+    return "\n".join(lines) + "\n"

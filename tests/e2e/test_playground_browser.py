@@ -1,0 +1,150 @@
+"""The web playground in real headless Chromium (Debian's /usr/bin/chromium and
+chromedriver) against the real services: sign in, stream an answer, rank K
+samples by drag-and-drop and keyboard, get refused for an incomplete
+ranking, submit, then read the events back from the broker."""
+
+from __future__ import annotations
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support.ui import Select, WebDriverWait
+
+from tests.integration.test_playground_api import playground_stack, read_events  # noqa: F401  (module fixture)
+
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+WAIT_S = 60
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--window-size=1280,1500"):
+        options.add_argument(flag)
+    # An explicit driver path: selenium-manager never downloads anything.
+    driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, message):
+    return WebDriverWait(driver, WAIT_S, poll_frequency=0.05).until(lambda d: condition(d), message)
+
+
+def card(driver, letter):
+    return driver.find_element(By.CSS_SELECTOR, f'.sample[aria-label="Sample {letter}"]')
+
+
+def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
+    driver, stack = browser, playground_stack
+    driver.get(stack.web.url)
+
+    # --- sign in (a wrong token is refused in words first)
+    driver.find_element(By.ID, "token").send_keys("wrong-token", Keys.ENTER)
+    wait_for(driver, lambda d: d.find_element(By.ID, "signin-error").is_displayed(), "no sign-in error")
+    assert "unknown bearer token" in driver.find_element(By.ID, "signin-error").text
+    token = driver.find_element(By.ID, "token")
+    token.clear()
+    token.send_keys("tok-lab", Keys.ENTER)
+    wait_for(driver, lambda d: d.find_element(By.ID, "workspace").is_displayed(), "sign-in did not open the workspace")
+    assert driver.find_element(By.ID, "whoami-user").text == "lab1"
+
+    # --- prompt: record every intermediate rendering of the answer to see it stream
+    driver.execute_script("""
+        window.renders = [];
+        new MutationObserver((records) => {
+          for (const r of records)
+            if (r.target.matches && r.target.matches('.turn.assistant .text'))
+              for (const n of r.addedNodes) window.renders.push(n.data);
+        }).observe(document.getElementById('transcript'), {childList: true, subtree: true});
+    """)
+    prompt = driver.find_element(By.ID, "prompt")
+    prompt.send_keys("Write a haiku about the sea.")
+    prompt.send_keys(Keys.CONTROL, Keys.ENTER)  # keyboard send
+    wait_for(driver, lambda d: d.find_element(By.ID, "prompt-status").text.startswith("Done"), "the answer never finished")
+    answer = driver.find_element(By.CSS_SELECTOR, ".turn.assistant .text").text
+    renders = driver.execute_script("return window.renders")
+    assert len(set(renders)) >= 2 and renders[-1].strip() == answer.strip(), renders
+    assert driver.find_element(By.ID, "model-version").text == stack.policy.version
+    assert stack.policy.version in driver.find_element(By.ID, "prompt-status").text
+
+    # --- label: keyboard to the Label tab, ask for K = 5 samples
+    driver.find_element(By.ID, "tab-prompt").send_keys(Keys.ARROW_RIGHT)
+    assert driver.switch_to.active_element.get_attribute("id") == "tab-label"
+    driver.find_element(By.ID, "label-prompt").send_keys("Name a colour.")
+    k = driver.find_element(By.ID, "k")
+    k.clear()
+    k.send_keys("3", Keys.ENTER)  # wrong K: refused in words, nothing logged
+    wait_for(driver, lambda d: d.find_element(By.ID, "label-error").is_displayed(), "no error for K = 3")
+    assert "k (num_samples) must be between 4 and 9, got 3" in driver.find_element(By.ID, "label-error").text
+    assert len(read_events(stack.settings, "prompts")) == 1
+    k.clear()
+    k.send_keys("5", Keys.ENTER)
+    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#unranked .sample")) == 5, "no 5 samples")
+
+    # --- an incomplete ranking is refused by the service, visibly, and writes nothing
+    card(driver, "A").send_keys(Keys.ENTER)  # keyboard: A into the ranking
+    driver.find_element(By.ID, "submit-labels").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "label-error").is_displayed(), "no error for an incomplete ranking")
+    error = driver.find_element(By.ID, "label-error").text
+    assert "feedback service: INVALID_ARGUMENT (HTTP 400): responses[1].rank: is 0" in error
+    assert read_events(stack.settings, "comparisons") == []
+
+    # --- complete it: B by drag-and-drop below A, then C, D, E by keyboard
+    a, b = card(driver, "A"), card(driver, "B")
+    ActionChains(driver).click_and_hold(b).move_to_element_with_offset(a, 0, a.size["height"] // 2 - 4).release().perform()
+    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#ranking .sample")) == 2, "drag-and-drop did not rank B")
+    for letter in "CDE":
+        card(driver, letter).send_keys(Keys.ENTER)
+    card(driver, "D").send_keys("t")                      # D ties with C
+    card(driver, "E").send_keys(Keys.ALT, Keys.ARROW_UP)  # E above D: A, B, C, E, D(tied with E)
+    card(driver, "E").send_keys(Keys.ALT, Keys.ARROW_UP)  # A, B, E, C, D(tied with C)
+    order = [c.get_attribute("aria-label")[-1] for c in driver.find_elements(By.CSS_SELECTOR, "#ranking .sample")]
+    assert order == ["A", "B", "E", "C", "D"]
+    expected_ranks = {"A": 1, "B": 2, "E": 3, "C": 4, "D": 4}
+    assert {c.get_attribute("aria-label")[-1]: int(c.get_attribute("data-rank"))
+            for c in driver.find_elements(By.CSS_SELECTOR, "#ranking .sample")} == expected_ranks
+
+    # Likert by keyboard on A, by the select on B, plus a flag on B
+    card(driver, "A").send_keys("6")
+    Select(card(driver, "B").find_element(By.CLASS_NAME, "likert")).select_by_value("3")
+    card(driver, "B").find_element(By.CSS_SELECTOR, ".flags summary").click()
+    card(driver, "B").find_element(By.CSS_SELECTOR, '.flag[value="LABEL_FLAG_HALLUCINATION"]').click()
+    # Demonstration: start from sample A and edit it
+    card(driver, "A").find_element(By.CLASS_NAME, "use-demo").click()
+    driver.find_element(By.ID, "demonstration").send_keys(" Edited.")
+
+    driver.find_element(By.ID, "submit-labels").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "label-result").is_displayed(), "no confirmation")
+    assert not driver.find_element(By.ID, "label-error").is_displayed()
+    shown_ids = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#label-result .event-id")]
+    assert len(shown_ids) == 4  # ranking, labels for A and B, demonstration
+    # the whole page in one picture: grow the window to the document's height
+    driver.set_window_size(1280, driver.execute_script("return document.documentElement.scrollHeight") + 140)
+    driver.execute_script("window.scrollTo(0, 0)")
+    screenshot = tmp_path / "playground.png"
+    driver.save_screenshot(str(screenshot))
+    assert screenshot.stat().st_size > 10_000
+
+    # --- what the broker holds
+    settings = stack.settings
+    prompts = read_events(settings, "prompts")
+    assert [(p.text, p.user_id, p.metadata["mode"]) for p in prompts] == [
+        ("Write a haiku about the sea.", "lab1", "prompt"), ("Name a colour.", "lab1", "label")]
+    [comparison] = read_events(settings, "comparisons")
+    assert comparison.event_id == shown_ids[0] and comparison.labeler_id == "lab1"
+    assert comparison.prompt_id == prompts[1].event_id
+    # responses stay in sample order A..E
+    assert [r.rank for r in comparison.responses] == [expected_ranks[letter] for letter in "ABCDE"]
+    texts = [r.text for r in comparison.responses]
+    assert {r.policy_version for r in comparison.responses} == {stack.policy.version}
+    labels = read_events(settings, "labels")
+    assert [(e.event_id, e.response, e.likert, list(e.flags)) for e in labels] == [
+        (shown_ids[1], texts[0], 6, []), (shown_ids[2], texts[1], 3, [2])]
+    [demonstration] = read_events(settings, "demonstrations")
+    assert (demonstration.event_id, demonstration.response) == (shown_ids[3], (texts[0] + " Edited.").strip())

@@ -1,0 +1,193 @@
+"""FeedbackService against a real Tansu broker and a real gRPC server:
+auth, validation, idempotency, bulk import and a broker outage."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+
+from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
+from services.common import bus
+from services.common.auth import bearer
+from services.common.broker import free_port, start_broker, stop_process
+from services.feedback.server import start
+from tests.conftest import make_settings
+
+TOKENS = "tok-alice=alice:user,tok-bob=bob:user,tok-lab=lab1:labeler"
+
+
+def read_topic(settings, key: str) -> list[events_pb2.PromptEvent]:
+    """Every record of a topic, decoded, read with assign() (no group)."""
+    from kafka import TopicPartition
+
+    consumer = bus.make_consumer(settings, None)
+    try:
+        name = bus.Topics.from_settings(settings).name(key)
+        tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        out, deadline = [], time.monotonic() + 20
+        while any(consumer.position(tp) < end[tp] for tp in tps) and time.monotonic() < deadline:
+            for records in consumer.poll(timeout_ms=200).values():
+                out += [(r.key, bus.decode(key, r.value)) for r in records]
+        return out
+    finally:
+        consumer.close()
+
+
+@pytest.fixture(scope="module")
+def service(broker, tmp_path_factory):
+    settings = make_settings(tmp_path_factory.mktemp("feedback"), broker, RLHF_TOKENS=TOKENS, RLHF_FEEDBACK_MAX_TEXT_BYTES="2000")
+    handle = start(settings)
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    yield settings, feedback_pb2_grpc.FeedbackServiceStub(channel), channel
+    channel.close()
+    handle.stop()
+
+
+def ranked(*texts: str) -> list[events_pb2.RankedResponse]:
+    return [events_pb2.RankedResponse(text=t, policy_version="base-1", rank=i + 1) for i, t in enumerate(texts)]
+
+
+def test_prompt_is_recorded_under_the_tokens_user_and_forged_ids_are_ignored(service):
+    settings, stub, _ = service
+    reply = stub.LogPrompt(feedback_pb2.LogPromptRequest(request_id="p-1", text="Hello there", user_id="mallory", source="api"),
+                           metadata=bearer("tok-alice"), timeout=10)
+    assert reply.event_id.startswith("ev-") and not reply.duplicate and reply.topic == bus.Topics.from_settings(settings).name("prompts")
+    demo = stub.SubmitDemonstration(
+        feedback_pb2.SubmitDemonstrationRequest(request_id="d-1", prompt_id=reply.event_id, response="General Kenobi", labeler_id="mallory"),
+        metadata=bearer("tok-lab"), timeout=10)
+    (key, prompt), = [(k, e) for k, e in read_topic(settings, "prompts") if e.event_id == reply.event_id]
+    assert prompt.user_id == "alice" and key == b"alice" and prompt.prompt_id == reply.event_id and prompt.text == "Hello there"
+    (key, event), = [(k, e) for k, e in read_topic(settings, "demonstrations") if e.event_id == demo.event_id]
+    assert event.labeler_id == "lab1" and key == b"lab1" and event.prompt_id == reply.event_id
+
+
+def test_retry_with_the_same_request_id_leaves_one_record(service):
+    settings, stub, _ = service
+    request = feedback_pb2.SubmitComparisonRequest(request_id="cmp-retry", prompt_text="Pick one", responses=ranked("a", "b", "c", "d"))
+    replies: list = []
+
+    def submit():
+        replies.append(stub.SubmitComparison(request, metadata=bearer("tok-lab"), timeout=10))
+
+    threads = [threading.Thread(target=submit) for _ in range(6)]  # concurrent retries
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    replies.append(stub.SubmitComparison(request, metadata=bearer("tok-lab"), timeout=10))  # a later retry
+    assert len({r.event_id for r in replies}) == 1
+    assert sum(not r.duplicate for r in replies) == 1
+    assert len({(r.partition, r.offset) for r in replies}) == 1
+    assert [e.event_id for _, e in read_topic(settings, "comparisons")].count(replies[0].event_id) == 1
+    # The same request id with another payload is refused, not silently merged.
+    other = feedback_pb2.SubmitComparisonRequest(request_id="cmp-retry", prompt_text="Pick one", responses=ranked("a", "b"))
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SubmitComparison(other, metadata=bearer("tok-lab"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "request_id" in err.value.details()
+
+
+def test_bad_token_and_wrong_role_are_refused_and_nothing_is_written(service):
+    settings, stub, _ = service
+    before = len(read_topic(settings, "prompts")), len(read_topic(settings, "labels"))
+    prompt = feedback_pb2.LogPromptRequest(request_id="auth-1", text="hi")
+    for metadata, code in [(None, grpc.StatusCode.UNAUTHENTICATED), (bearer("nope"), grpc.StatusCode.UNAUTHENTICATED),
+                           ([("authorization", "Basic abc")], grpc.StatusCode.UNAUTHENTICATED)]:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LogPrompt(prompt, metadata=metadata, timeout=10)
+        assert err.value.code() == code
+    labels = feedback_pb2.SubmitLabelsRequest(request_id="l", prompt_text="p", response="r", policy_version="v", likert=5)
+    with pytest.raises(grpc.RpcError) as err:
+        stub.SubmitLabels(labels, metadata=bearer("tok-bob"), timeout=10)  # a user is not a labeler
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.BulkSubmit(iter([feedback_pb2.BulkItem(labels=labels)]), metadata=bearer("tok-bob"), timeout=10))
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED and "items[0].labels" in err.value.details()
+    assert (len(read_topic(settings, "prompts")), len(read_topic(settings, "labels"))) == before
+
+
+def test_invalid_requests_name_the_field_and_write_nothing(service):
+    settings, stub, channel = service
+    before = len(read_topic(settings, "comparisons"))
+    cases = [
+        (feedback_pb2.SubmitComparisonRequest(request_id="v1", prompt_text="p", responses=ranked("a", "a")), "responses[1].text"),
+        (feedback_pb2.SubmitComparisonRequest(request_id="v2", prompt_text="p", responses=ranked(*"abcdefghij")), "K must be between 2 and 9"),
+        (feedback_pb2.SubmitComparisonRequest(request_id="v3", prompt_text="p", responses=ranked("a", "x" * 2001)), "the limit is 2000"),
+    ]
+    for request, expected in cases:
+        with pytest.raises(grpc.RpcError) as err:
+            stub.SubmitComparison(request, metadata=bearer("tok-lab"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in err.value.details()
+    # Text that is not UTF-8 cannot even be built with the generated classes: send raw bytes.
+    raw = feedback_pb2.SubmitComparisonRequest(request_id="v4", prompt_text="p", responses=ranked("ok", "BAD")).SerializeToString()
+    call = channel.unary_unary("/rlhf.v1.FeedbackService/SubmitComparison")
+    with pytest.raises(grpc.RpcError) as err:
+        call(raw.replace(b"BAD", b"\xc3\x28\xff"), metadata=bearer("tok-lab"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details() == "responses[1].text: is not valid UTF-8"
+    assert len(read_topic(settings, "comparisons")) == before
+
+
+def test_bulk_submit_acknowledges_in_order_and_stops_at_the_first_bad_item(service):
+    settings, stub, _ = service
+    items = [feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id=f"bulk-{i}", text=f"bulk prompt {i}")) for i in range(50)]
+    items.append(feedback_pb2.BulkItem(comparison=feedback_pb2.SubmitComparisonRequest(request_id="bulk-c", prompt_text="p", responses=ranked("a", "b"))))
+    items.append(items[3])  # a retry inside the stream
+    replies = list(stub.BulkSubmit(iter(items), metadata=bearer("tok-lab"), timeout=30))
+    assert len(replies) == len(items)
+    assert replies[-1].duplicate and replies[-1].event_id == replies[3].event_id
+    offsets = [r.offset for r in replies[:50]]
+    assert offsets == sorted(offsets)  # one user, one partition, in order
+    written = {e.event_id for _, e in read_topic(settings, "prompts")}
+    assert {r.event_id for r in replies[:50]} <= written
+
+    bad = [items[0], feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="bulk-new", text="fine")),
+           feedback_pb2.BulkItem(comparison=feedback_pb2.SubmitComparisonRequest(request_id="x", prompt_text="p", responses=ranked("a"))),
+           feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="bulk-never", text="never"))]
+    got = []
+    with pytest.raises(grpc.RpcError) as err:
+        for reply in stub.BulkSubmit(iter(bad), metadata=bearer("tok-lab"), timeout=30):
+            got.append(reply)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.details().startswith("items[2].comparison.responses: has 1 responses")
+    assert len(got) == 2 and got[0].duplicate and not got[1].duplicate  # everything before the bad item was acknowledged
+    texts = [e.text for _, e in read_topic(settings, "prompts")]
+    assert "fine" in texts and "never" not in texts
+
+
+def test_broker_down_gives_unavailable_within_the_deadline(tmp_path):
+    port = free_port()
+    proc = start_broker(port, log_path=tmp_path / "tansu.log")
+    settings = make_settings(tmp_path / "home", f"127.0.0.1:{port}", RLHF_TOKENS=TOKENS, RLHF_KAFKA_TIMEOUT_S="1")
+    handle = start(settings)
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+    try:
+        ok = stub.LogPrompt(feedback_pb2.LogPromptRequest(request_id="up", text="while up"), metadata=bearer("tok-alice"), timeout=10)
+        assert [e.event_id for _, e in read_topic(settings, "prompts")] == [ok.event_id]  # acknowledged = readable
+        proc.kill()  # the broker crashes (SIGTERM would first wait for clients to go)
+        proc.wait()
+
+        request = feedback_pb2.LogPromptRequest(request_id="down", text="while down")
+        for _ in range(2):  # the retry is not answered from the cache: the first was never acknowledged
+            started = time.monotonic()
+            with pytest.raises(grpc.RpcError) as err:
+                stub.LogPrompt(request, metadata=bearer("tok-alice"), timeout=8)
+            assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
+            assert time.monotonic() - started < 3
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.BulkSubmit(iter([feedback_pb2.BulkItem(prompt=request)]), metadata=bearer("tok-alice"), timeout=8))
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        # A deadline shorter than the broker timeout is honoured too.
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LogPrompt(feedback_pb2.LogPromptRequest(request_id="short", text="x"), metadata=bearer("tok-alice"), timeout=0.8)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 1.0
+    finally:
+        channel.close()
+        handle.stop()
+        stop_process(proc)

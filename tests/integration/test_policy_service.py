@@ -1,0 +1,160 @@
+"""The PolicyService over real gRPC (tiny model, real broker): generation,
+streaming, K samples, validation errors naming the field, overload, cancel,
+and admin-only pinning."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from services.common.auth import bearer
+from services.policy.server import start
+from tests.conftest import make_settings
+
+ADMIN = "adm-token"
+
+
+@pytest.fixture(scope="module")
+def policy(tmp_path_factory, broker, tiny_model_dir):
+    settings = make_settings(tmp_path_factory.mktemp("policy"), broker, RLHF_MAX_PROMPT_TOKENS="64",
+                             RLHF_MAX_NEW_TOKENS_LIMIT="512", RLHF_KV_BUDGET_TOKENS="8192", RLHF_TOKENS=f"{ADMIN}=root:admin,usr=u1:user")
+    handle = start(settings, port=0, http_port=None)
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    yield handle, policy_pb2_grpc.PolicyServiceStub(channel)
+    channel.close()
+    handle.stop()
+
+
+def gen(prompt="Hello there", **params):
+    return policy_pb2.GenerateRequest(prompt=prompt, parameters=policy_pb2.GenerationParameters(**params))
+
+
+def test_generate_k_samples_names_version_and_usage(policy):
+    handle, stub = policy
+    reply = stub.Generate(gen(max_new_tokens=8, num_samples=4, seed=11, temperature=0.8, return_logprobs=True), timeout=30)
+    assert reply.model_version == handle.version == "base-tiny-seed"
+    assert len(reply.samples) == 4
+    assert [s.seed for s in reply.samples] == [11, 12, 13, 14]
+    for s in reply.samples:
+        assert s.finish_reason in (policy_pb2.FINISH_REASON_LENGTH, policy_pb2.FINISH_REASON_EOS)
+        assert len(s.tokens) == s.generated_tokens <= 8
+    assert reply.usage.completion_tokens == sum(s.generated_tokens for s in reply.samples)
+    assert reply.usage.prompt_tokens > 0
+    # Same seed, same samples: K samples are reproducible one by one.
+    again = stub.Generate(gen(max_new_tokens=8, num_samples=4, seed=11, temperature=0.8), timeout=30)
+    assert [s.text for s in again.samples] == [s.text for s in reply.samples]
+
+
+def test_chat_messages_and_streaming(policy):
+    _, stub = policy
+    request = policy_pb2.GenerateRequest(
+        messages=[common_pb2.ChatMessage(role="system", content="Be brief."), common_pb2.ChatMessage(role="user", content="Hi")],
+        parameters=policy_pb2.GenerationParameters(max_new_tokens=6, temperature=0.0, num_samples=2),
+    )
+    unary = stub.Generate(request, timeout=30)
+    pieces = {0: [], 1: []}
+    finals = {}
+    for message in stub.GenerateStream(request, timeout=30):
+        assert message.model_version == "base-tiny-seed"
+        if not message.token.special:
+            pieces[message.sample_index].append(message.token.text)
+        if message.finish_reason:
+            finals[message.sample_index] = message
+    for i in (0, 1):
+        assert "".join(pieces[i]) == finals[i].generated_text == unary.samples[i].text
+        assert finals[i].usage.completion_tokens == unary.samples[i].generated_tokens
+
+
+@pytest.mark.parametrize(
+    "request_, words",
+    [
+        (gen(prompt="   "), ["prompt", "empty"]),
+        (gen(num_samples=0), ["num_samples", "between 1 and 16"]),
+        (gen(num_samples=17), ["num_samples", "between 1 and 16", "RLHF_MAX_SAMPLES"]),
+        (gen(temperature=-1.0), ["temperature", ">= 0"]),
+        (gen(top_p=0.0), ["top_p", "(0, 1]"]),
+        (gen(top_p=1.5), ["top_p", "(0, 1]"]),
+        (gen(prompt="word " * 200), ["prompt has", "limit is 64", "RLHF_MAX_PROMPT_TOKENS"]),
+        (gen(max_new_tokens=513), ["max_new_tokens", "512"]),
+        (policy_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="robot", content="x")]), ["messages[0].role"]),
+    ],
+)
+def test_invalid_arguments_name_the_field_and_limit(policy, request_, words):
+    _, stub = policy
+    for call in (stub.Generate, lambda r, timeout: list(stub.GenerateStream(r, timeout=timeout))):
+        with pytest.raises(grpc.RpcError) as err:
+            call(request_, timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for word in words:
+            assert word in err.value.details()
+
+
+def test_cancelled_stream_frees_its_slot(policy):
+    handle, stub = policy
+    stream = stub.GenerateStream(gen(max_new_tokens=500, temperature=0.0), timeout=60)
+    next(stream)
+    deadline = time.monotonic() + 5
+    while handle.backend.engine.stats()["running"] != 1 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the first token is sent during prefill, just before the row joins the batch
+    assert handle.backend.engine.stats()["running"] == 1
+    stream.cancel()
+    while handle.backend.engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handle.backend.engine.stats()["running"] == 0
+
+
+def test_deadline_is_honoured(policy):
+    handle, stub = policy
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Generate(gen(max_new_tokens=512, temperature=0.0), timeout=0.15)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 5
+    while handle.backend.engine.stats()["running"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert handle.backend.engine.stats()["running"] == 0
+
+
+def test_pin_needs_admin_and_unknown_version_is_invalid(policy):
+    handle, stub = policy
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PinVersion(common_pb2.PinVersionRequest(version="base-tiny-seed"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PinVersion(common_pb2.PinVersionRequest(version="base-tiny-seed"), metadata=bearer("usr"), timeout=10)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    with pytest.raises(grpc.RpcError) as err:
+        stub.PinVersion(common_pb2.PinVersionRequest(version="sft-nope"), metadata=bearer(ADMIN), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "version" in err.value.details() and "sft-nope" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:  # a reward checkpoint cannot serve as a policy
+        stub.PinVersion(common_pb2.PinVersionRequest(version="rm-tiny-seed"), metadata=bearer(ADMIN), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reward checkpoint" in err.value.details()
+    info = stub.PinVersion(common_pb2.PinVersionRequest(version="base-tiny-seed"), metadata=bearer(ADMIN), timeout=30)
+    assert info.pinned_version == "base-tiny-seed" and info.backend == "local" and '"kind": "base"' in info.manifest_json
+    info = stub.PinVersion(common_pb2.PinVersionRequest(version=""), metadata=bearer(ADMIN), timeout=30)
+    assert info.pinned_version == "" and info.version == "base-tiny-seed"
+    assert "base-tiny-seed" in stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).available_versions
+
+
+def test_full_queue_is_resource_exhausted(tmp_path, broker, tiny_model_dir):
+    settings = make_settings(tmp_path, broker, RLHF_MAX_BATCH="1", RLHF_MAX_QUEUE="1")
+    handle = start(settings, port=0, http_port=None, follow=False)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            running = stub.GenerateStream(gen(max_new_tokens=500, temperature=0.0), timeout=60)
+            next(running)  # occupies the only batch slot
+            queued = stub.GenerateStream(gen(max_new_tokens=5, temperature=0.0), timeout=60)
+            deadline = time.monotonic() + 5
+            while handle.backend.engine.stats()["queued"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)
+            with pytest.raises(grpc.RpcError) as err:
+                stub.Generate(gen(max_new_tokens=5), timeout=10)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "RLHF_MAX_QUEUE" in err.value.details()
+            running.cancel()
+            assert list(queued)[-1].finish_reason  # the queued one still completes
+    finally:
+        handle.stop()

@@ -1,0 +1,139 @@
+"""The TGI-compatible HTTP API, driven by the unmodified `text_generation`
+client (sync and async), and the TGI backend: a second policy server that
+generates through the first one's HTTP API."""
+
+from __future__ import annotations
+
+import asyncio
+
+import grpc
+import httpx
+import pytest
+from text_generation import AsyncClient, Client
+from text_generation.errors import OverloadedError, ValidationError
+
+from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from services.policy.server import start
+from tests.conftest import make_settings
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, broker, tiny_model_dir):
+    settings = make_settings(tmp_path_factory.mktemp("tgi"), broker, RLHF_MAX_PROMPT_TOKENS="64")
+    handle = start(settings, port=0, http_port=0, follow=False)
+    yield handle, f"http://127.0.0.1:{handle.http_port}"
+    handle.stop()
+
+
+def test_client_generate_and_details(server):
+    handle, url = server
+    reply = Client(url, timeout=30).generate("Once upon a time", max_new_tokens=7, decoder_input_details=False)
+    assert reply.details.finish_reason.value in ("length", "eos_token")
+    assert reply.details.generated_tokens == len(reply.details.tokens) <= 7
+    assert reply.generated_text == "".join(t.text for t in reply.details.tokens if not t.special)
+    assert all(t.logprob <= 0 for t in reply.details.tokens)
+    assert reply.details.seed is None  # greedy
+    sampled = Client(url, timeout=30).generate("Once upon a time", max_new_tokens=5, do_sample=True, seed=42, top_p=0.9)
+    assert sampled.details.seed == 42
+    again = Client(url, timeout=30).generate("Once upon a time", max_new_tokens=5, do_sample=True, seed=42, top_p=0.9)
+    assert again.generated_text == sampled.generated_text
+    full = Client(url, timeout=30).generate("Once upon a time", max_new_tokens=5, return_full_text=True)
+    assert full.generated_text == "Once upon a time" + reply.generated_text[: len(full.generated_text) - 16]
+    best = Client(url, timeout=30).generate("Once upon a time", max_new_tokens=4, best_of=3, do_sample=True)
+    assert len(best.details.best_of_sequences) == 2
+
+
+def test_client_stream_matches_generate(server):
+    _, url = server
+    client = Client(url, timeout=30)
+    whole = client.generate("Tell me", max_new_tokens=9)
+    events = list(client.generate_stream("Tell me", max_new_tokens=9))
+    assert [e.token.id for e in events] == [t.id for t in whole.details.tokens]
+    assert all(e.details is None for e in events[:-1])
+    assert events[-1].generated_text == whole.generated_text
+    assert events[-1].details.finish_reason == whole.details.finish_reason
+    assert events[-1].details.generated_tokens == whole.details.generated_tokens
+
+
+def test_async_client_generate_and_stream(server):
+    _, url = server
+
+    async def run():
+        client = AsyncClient(url, timeout=30)
+        reply = await client.generate("Hi", max_new_tokens=5)
+        tokens = [r async for r in client.generate_stream("Hi", max_new_tokens=5)]
+        return reply, tokens
+
+    reply, tokens = asyncio.run(run())
+    assert tokens[-1].generated_text == reply.generated_text
+
+
+def test_validation_errors_are_tgi_422(server):
+    handle, url = server
+    with pytest.raises(ValidationError, match="RLHF_MAX_PROMPT_TOKENS"):
+        Client(url, timeout=30).generate("word " * 200, max_new_tokens=5)
+    with pytest.raises(ValidationError, match="RLHF_MAX_PROMPT_TOKENS"):
+        list(Client(url, timeout=30).generate_stream("word " * 200, max_new_tokens=5))
+
+    async def run():
+        await AsyncClient(url, timeout=30).generate("Hi", max_new_tokens=100000)
+
+    with pytest.raises(ValidationError, match="max_new_tokens"):
+        asyncio.run(run())
+    reply = httpx.post(f"{url}/generate", json={"inputs": "", "parameters": {}})
+    assert reply.status_code == 422 and reply.json() == {"error": "`inputs` cannot be empty", "error_type": "validation"}
+
+
+def test_root_route_info_health_metrics(server):
+    handle, url = server
+    reply = httpx.post(url + "/", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3, "details": True}}, timeout=30)
+    assert reply.status_code == 200 and isinstance(reply.json(), list) and len(reply.json()) == 1
+    assert reply.headers["x-model-version"] == handle.version
+    info = httpx.get(f"{url}/info").json()
+    assert info["model_id"] == handle.version and info["max_input_tokens"] == 64
+    assert httpx.get(f"{url}/health").status_code == 200
+    metrics = httpx.get(f"{url}/metrics").text
+    for name in ("rlhf_generated_tokens_total", "rlhf_queue_depth", "rlhf_batch_size", "rlhf_serving_version_info",
+                 'rlhf_rpc_requests_total{code="200",method="/",service="policy-http"}'):
+        assert name in metrics
+
+
+def test_overload_is_tgi_429(tmp_path, broker, tiny_model_dir):
+    handle = start(make_settings(tmp_path, broker, RLHF_MAX_BATCH="1", RLHF_MAX_QUEUE="1"), port=0, http_port=0, follow=False)
+    try:
+        url = f"http://127.0.0.1:{handle.http_port}"
+        with httpx.Client(timeout=30) as http:
+            with http.stream("POST", f"{url}/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 500}}) as busy:
+                lines = busy.iter_lines()  # keep the iterator: dropping it closes the stream
+                next(lines)
+                with httpx.stream("POST", f"{url}/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}) as queued:
+                    with pytest.raises(OverloadedError):
+                        Client(url, timeout=30).generate("Hi", max_new_tokens=2)
+        # Both streams were closed by the client: their slots are free again.
+        assert Client(url, timeout=30).generate("Hi", max_new_tokens=2).details.generated_tokens >= 1
+    finally:
+        handle.stop()
+
+
+def test_tgi_backend_generates_through_a_tgi_endpoint(server, tmp_path, broker):
+    upstream, url = server
+    proxy = start(make_settings(tmp_path, broker, RLHF_TGI_URL=url), port=0, http_port=None)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{upstream.port}") as a, grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as b:
+            direct, via = policy_pb2_grpc.PolicyServiceStub(a), policy_pb2_grpc.PolicyServiceStub(b)
+            request = policy_pb2.GenerateRequest(prompt="Hello", parameters=policy_pb2.GenerationParameters(
+                max_new_tokens=6, temperature=0.0, num_samples=2, return_logprobs=True))
+            want, got = direct.Generate(request, timeout=30), via.Generate(request, timeout=30)
+            assert got.model_version == want.model_version == upstream.version
+            assert [s.text for s in got.samples] == [s.text for s in want.samples]
+            assert [s.generated_tokens for s in got.samples] == [s.generated_tokens for s in want.samples]
+            assert [t.id for t in got.samples[0].tokens] == [t.id for t in want.samples[0].tokens]
+            streamed = list(via.GenerateStream(request, timeout=30))
+            finals = [m for m in streamed if m.finish_reason]
+            assert [m.generated_text for m in finals] == [s.text for s in want.samples]
+            assert via.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).backend == "tgi"
+            with pytest.raises(grpc.RpcError) as err:
+                via.Generate(policy_pb2.GenerateRequest(prompt="word " * 200), timeout=10)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        proxy.stop()

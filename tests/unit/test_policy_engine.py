@@ -1,0 +1,165 @@
+"""The continuous-batching engine on the tiny model, in-process: results match
+HF generate, requests join and leave mid-batch, sampling is per-request
+reproducible, and queue / batch / KV limits hold."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+import torch
+
+from services.common.checkpoints import Manifest
+from services.common.config import load_settings
+from services.common.hotswap import Loaded
+from services.common.models import load_causal_lm, load_tokenizer, render_prompt
+from services.policy.engine import Engine
+from services.policy.params import ServingError, validate
+from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token
+
+PROMPTS = ["Write a haiku about the sea.", "What is 2+2?", "Tell me a long story about a dragon and a knight.", "Hi"]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model_dir):
+    model = load_causal_lm(tiny_model_dir)
+    return Loaded("tiny-v1", Manifest("tiny-v1", "base", "policy"), tiny_model_dir, model, load_tokenizer(tiny_model_dir))
+
+
+def make_engine(loaded, **env) -> Engine:
+    engine = Engine(load_settings(env))
+    engine.set_model(loaded)
+    return engine
+
+
+def request(loaded, prompt: str, stream=False, deadline=None, **p):
+    settings = load_settings({})
+    values = dict(max_new_tokens=12, temperature=0.0, top_p=None, top_k=0, repetition_penalty=None, stop=[], seed=None,
+                  num_samples=1, return_logprobs=False)
+    values.update(p)
+    ids = loaded.tokenizer(render_prompt(loaded.tokenizer, prompt), add_special_tokens=False).input_ids
+    events = EventQueue()
+    return GenRequest(ids, validate(settings, **values), events, stream=stream, deadline=deadline), events
+
+
+def collect(req, events):
+    out = list(events.events(req))
+    return out, [e.sample for e in out if isinstance(e, SampleDone)], out[-1]
+
+
+def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded):
+    engine = make_engine(loaded)
+    try:
+        reqs = []
+        for i, prompt in enumerate(PROMPTS):
+            reqs.append(request(loaded, prompt, max_new_tokens=6 + 5 * i, num_samples=2))
+            engine.submit(reqs[-1][0])
+            time.sleep(0.01)  # arrive while others decode: joins at a later step
+        for (req, events), prompt in zip(reqs, PROMPTS):
+            _, samples, last = collect(req, events)
+            ids = torch.tensor([req.prompt_ids])
+            ref = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.params.max_new_tokens,
+                                        do_sample=False)
+            want = loaded.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+            assert [s.text for s in samples] == [want, want]
+            assert isinstance(last, Finished) and last.version == "tiny-v1"
+            assert last.completion_tokens == sum(s.generated_tokens for s in samples)
+        assert engine.stats()["running"] == 0
+    finally:
+        engine.stop()
+
+
+def test_seeded_samples_are_reproducible_and_distinct(loaded):
+    engine = make_engine(loaded)
+    try:
+        texts = []
+        for _ in range(2):
+            req, events = request(loaded, "Hi", temperature=1.0, top_k=50, top_p=0.9, seed=1234, num_samples=3,
+                                  return_logprobs=True)
+            engine.submit(req)
+            _, samples, _ = collect(req, events)
+            texts.append([s.text for s in samples])
+            assert [s.seed for s in samples] == [1234, 1235, 1236]
+            assert all(len(s.tokens) == s.generated_tokens and all(t.logprob <= 0 for t in s.tokens) for s in samples)
+        assert texts[0] == texts[1]
+        assert len(set(texts[0])) == 3
+    finally:
+        engine.stop()
+
+
+def test_streamed_tokens_add_up_to_the_text_and_stop_sequences_end_it(loaded):
+    engine = make_engine(loaded)
+    try:
+        req, events = request(loaded, "Hi", max_new_tokens=20, stream=True)
+        engine.submit(req)
+        out, samples, _ = collect(req, events)
+        tokens = [e for e in out if isinstance(e, Token)]
+        assert "".join(t.token.text for t in tokens if not t.token.special) == samples[0].text
+        assert tokens[-1].final is not None and tokens[-1].final.finish_reason == "length"
+        full = samples[0].text
+        stop = full[len(full) // 2:len(full) // 2 + 3]
+        req, events = request(loaded, "Hi", max_new_tokens=20, stop=[stop])
+        engine.submit(req)
+        _, samples, _ = collect(req, events)
+        assert samples[0].finish_reason == "stop"
+        assert samples[0].text == full[: full.index(stop) + len(stop)]
+    finally:
+        engine.stop()
+
+
+def test_cancel_frees_the_slot_at_once_and_deadlines_are_honoured(loaded):
+    engine = make_engine(loaded)
+    try:
+        req, events = request(loaded, "Hi", max_new_tokens=500, stream=True)
+        engine.submit(req)
+        first = next(iter(events.events(req)))
+        assert isinstance(first, Token)
+        req.cancel()
+        deadline = time.monotonic() + 5
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert engine.stats()["running"] == 0
+        req, events = request(loaded, "Hi", max_new_tokens=500, deadline=time.monotonic() + 0.2)
+        engine.submit(req)
+        _, _, last = collect(req, events)
+        assert isinstance(last, Failed) and last.error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    finally:
+        engine.stop()
+
+
+def test_queue_bound_and_batch_and_kv_limits_hold(loaded):
+    # 2 rows at most, 1 waiting request, and a KV budget that fits only 2 rows of 128.
+    engine = make_engine(loaded, RLHF_MAX_BATCH="2", RLHF_MAX_QUEUE="1", RLHF_MAX_PROMPT_TOKENS="64",
+                         RLHF_MAX_NEW_TOKENS_LIMIT="64", RLHF_KV_BUDGET_TOKENS="256")
+    try:
+        engine._cv.acquire()  # hold the engine still while the queue fills
+        try:
+            reqs = [request(loaded, "Hi", max_new_tokens=40) for _ in range(2)]
+            engine.submit(reqs[0][0])
+            with pytest.raises(ServingError) as err:
+                engine.submit(reqs[1][0])
+            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "RLHF_MAX_QUEUE" in err.value.message
+        finally:
+            engine._cv.release()
+        collect(*reqs[0])
+    finally:
+        engine.stop()
+    engine = make_engine(loaded, RLHF_MAX_BATCH="4", RLHF_MAX_QUEUE="16", RLHF_MAX_PROMPT_TOKENS="64",
+                         RLHF_MAX_NEW_TOKENS_LIMIT="64", RLHF_KV_BUDGET_TOKENS="256")
+    try:
+        reqs = [request(loaded, p, max_new_tokens=64) for p in PROMPTS * 2]
+        for req, _ in reqs:
+            engine.submit(req)
+        peak_rows = 0
+        while any(not r.closed for r, _ in reqs):
+            peak_rows = max(peak_rows, engine.stats()["running"])
+            time.sleep(0.002)
+        for req, events in reqs:
+            _, samples, last = collect(req, events)
+            assert isinstance(last, Finished) and samples[0].generated_tokens >= 1
+        # Prompts here are ~30-45 tokens, so each row is charged <= 109 columns: 2 rows fit 256, 3 do not.
+        assert peak_rows <= 2
+        assert 0 < engine.stats()["peak_cache_tokens"] <= 256
+    finally:
+        engine.stop()
