@@ -8,6 +8,11 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
+PRESET ?= cpu
+# `make up MODEL=tiny` is shorthand for RLHF_MODEL=tiny.
+ifdef MODEL
+export RLHF_MODEL := $(MODEL)
+endif
 
 .PHONY: help setup protos protos-check test test-unit test-integration test-e2e k8s-validate \
         up down logs status demo bench clean
@@ -59,8 +64,8 @@ logs: ## show the local stack's logs
 status: ## health of the local stack
 	$(PY) -m services.stack status
 
-demo: setup ## run one full RLHF loop on this machine and write the report
-	$(PY) -m services.demo
+demo: setup ## run one full RLHF loop on this machine and write the report (PRESET=cpu|gpu|tiny)
+	$(PY) -m services.demo --preset $(PRESET)
 
 bench: setup ## run every benchmark (figures in bench/results/*.json)
 	$(PY) -m bench

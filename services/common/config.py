@@ -291,6 +291,17 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     return dataclasses.replace(settings, **overrides) if overrides else settings
 
 
+def to_env(settings: Settings) -> dict[str, str]:
+    """The RLHF_* variables that reproduce `settings` in a child process or Job."""
+    import json
+
+    out = {}
+    for f in FIELDS:
+        value = getattr(settings, f.name)
+        out[f.metadata["env"]] = json.dumps(value) if isinstance(value, (dict, list, tuple)) else str(value)
+    return out
+
+
 def exit_on_config_error(fn: Callable[[], Any]) -> Any:
     """Run `fn`; on ConfigError print one clear line to stderr and exit with status 2."""
     try:

@@ -29,7 +29,7 @@ from typing import Callable
 from rlhf.v1 import events_pb2
 from services.common import bus
 from services.common.checkpoints import CheckpointStore
-from services.common.config import Settings
+from services.common.config import Settings, to_env
 from services.common.logs import get_logger, log_fields
 from services.controller.gate import Evaluation, GateDecision, decide
 from services.controller.jobs import Executor, JobSpec, JobState
@@ -126,6 +126,7 @@ class Controller:
             trainer=trainer,
             args=[*args, "--run-dir", str(run_dir), "--result-file", str(result_file), "--preset", self.settings.trainer_preset, *self._overrides(trainer)],
             result_file=str(result_file),
+            env=to_env(self.settings),  # a job sees exactly the controller's configuration
         )
         attempts = self.settings.job_retries + 1
         for attempt in range(1, attempts + 1):

@@ -63,6 +63,10 @@ class LocalExecutor(Executor):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.flush()
 
+    def running(self) -> dict[str, int]:
+        """{job name: pid} of the jobs still running."""
+        return {name: p.pid for name, p in self._procs.items() if p.poll() is None}
+
     def pid(self, handle: str) -> int:
         return self._procs[handle].pid
 

@@ -5,6 +5,7 @@ generates through the first one's HTTP API."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 import grpc
 import httpx
@@ -109,7 +110,10 @@ def test_overload_is_tgi_429(tmp_path, broker, tiny_model_dir):
                 with httpx.stream("POST", f"{url}/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}) as queued:
                     with pytest.raises(OverloadedError):
                         Client(url, timeout=30).generate("Hi", max_new_tokens=2)
-        # Both streams were closed by the client: their slots are free again.
+        # Both streams were closed by the client: their slots are freed without waiting for 500 tokens.
+        deadline = time.monotonic() + 5
+        while sum(handle.backend.engine.stats()[k] for k in ("running", "queued")) and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert Client(url, timeout=30).generate("Hi", max_new_tokens=2).details.generated_tokens >= 1
     finally:
         handle.stop()

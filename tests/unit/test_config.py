@@ -46,3 +46,10 @@ def test_markdown_table_lists_every_variable():
     table = markdown_table()
     for name in ("RLHF_KAFKA_BOOTSTRAP", "RLHF_MAX_QUEUE", "RLHF_TGI_URL"):
         assert f"`{name}`" in table
+
+
+def test_to_env_round_trips():
+    from services.common.config import to_env
+
+    s = load_settings({"RLHF_MODEL": "tiny", "RLHF_TRAINER_OVERRIDES": '{"ppo": {"steps": 2}}', "RLHF_POLICY_PORT": "123"})
+    assert load_settings(to_env(s)) == s

@@ -15,12 +15,12 @@ def test_kl_reward_and_score_placement_with_right_and_left_padding():
     ref = torch.tensor([[-1.5, -1.0, -1.0, -3.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
     rewards, kl = kl_penalized_rewards(torch.tensor([score]), logp, ref, mask, beta)
-    assert kl.tolist() == pytest.approx([[0.5, -1.0, 0.0, 0.0]])
-    assert rewards.tolist() == pytest.approx([[-0.05, 0.1, 0.0 + score, 0.0]])  # score on the last REAL token
+    assert kl[0].tolist() == pytest.approx([0.5, -1.0, 0.0, 0.0])
+    assert rewards[0].tolist() == pytest.approx([-0.05, 0.1, 0.0 + score, 0.0])  # score on the last REAL token
     # left padding: the same tokens shifted right by one
     rewards_l, kl_l = kl_penalized_rewards(torch.tensor([score]), logp.roll(1, 1), ref.roll(1, 1), mask.roll(1, 1), beta)
-    assert rewards_l.tolist() == pytest.approx([[0.0, -0.05, 0.1, score]])
-    assert kl_l.tolist() == pytest.approx([[0.0, 0.5, -1.0, 0.0]])
+    assert rewards_l[0].tolist() == pytest.approx([0.0, -0.05, 0.1, score])
+    assert kl_l[0].tolist() == pytest.approx([0.0, 0.5, -1.0, 0.0])
 
 
 def test_kl_reward_rows_of_different_lengths_in_one_batch():
@@ -35,8 +35,8 @@ def test_gae_undiscounted_is_returns_minus_values():
     values = torch.tensor([[0.5, 0.4, 0.3]])
     mask = torch.ones(1, 3)
     adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
-    assert ret.tolist() == pytest.approx([[0.9, 0.8, 1.0]])   # sums of future rewards
-    assert adv.tolist() == pytest.approx([[0.4, 0.4, 0.7]])
+    assert ret[0].tolist() == pytest.approx([0.9, 0.8, 1.0])   # sums of future rewards
+    assert adv[0].tolist() == pytest.approx([0.4, 0.4, 0.7])
 
 
 def test_gae_with_lambda_and_padding_ends_the_episode_at_the_last_real_token():
@@ -46,8 +46,8 @@ def test_gae_with_lambda_and_padding_ends_the_episode_at_the_last_real_token():
     values = torch.tensor([[0.5, 0.4, 0.3, 7.0]])
     mask = torch.tensor([[1, 1, 1, 0]])
     adv, ret = gae(rewards, values, mask, gamma=1.0, lam=0.5)
-    assert adv.tolist() == pytest.approx([[0.025, 0.05, 0.7, 0.0]])
-    assert ret.tolist() == pytest.approx([[0.525, 0.45, 1.0, 0.0]])
+    assert adv[0].tolist() == pytest.approx([0.025, 0.05, 0.7, 0.0])
+    assert ret[0].tolist() == pytest.approx([0.525, 0.45, 1.0, 0.0])
 
 
 def test_clipped_policy_loss_four_cases():
@@ -80,7 +80,7 @@ def test_clipped_value_loss():
 def test_whiten_over_real_tokens_only():
     x = torch.tensor([[1.0, 2.0, 3.0, 100.0]])
     out = whiten(x, torch.tensor([[1, 1, 1, 0]]))
-    assert out.tolist() == pytest.approx([[-1.0, 0.0, 1.0, 0.0]], abs=1e-4)  # sample std of 1,2,3 is 1
+    assert out[0].tolist() == pytest.approx([-1.0, 0.0, 1.0, 0.0], abs=1e-4)  # sample std of 1,2,3 is 1
 
 
 def test_adaptive_kl_controller():

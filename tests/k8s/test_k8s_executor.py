@@ -1,0 +1,214 @@
+"""services/controller/k8s_executor.py: the manifests it builds and how it reads Job status."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from kubernetes import client
+
+from services.common.config import ConfigError, load_settings
+from services.controller.jobs import JobSpec, JobState
+from services.controller.k8s_executor import JOB_LABEL, build_job_manifests, job_status, settings_env
+from tests.k8s.render import K8S_VERSIONS
+from tests.k8s.schema import validate
+
+pytestmark = pytest.mark.unit
+
+BASE_ENV = {"RLHF_HOME": "/data", "RLHF_TRAINER_IMAGE": "reg.example/rlhf-platform:1.2", "RLHF_CHECKPOINT_PVC": "shared-data",
+            "RLHF_TRAINER_CONFIG_MAP": "rlhf-config-abc", "RLHF_K8S_NAMESPACE": "team-a"}
+GPU_ENV = {**BASE_ENV, "RLHF_TRAINER_GPU_RESOURCE": "amd.com/gpu", "RLHF_TRAINER_NODE_SELECTOR": '{"pool": "gpu"}',
+           "RLHF_TRAINER_TOLERATIONS": '[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]'}
+
+
+def spec(**kw) -> JobSpec:
+    base = dict(name="ppo-r3-0a1b2c", trainer="ppo", args=["--snapshot", "s7", "--run-dir", "/data/runs/ppo-r3-0a1b2c"],
+                result_file="/data/runs/ppo-r3-0a1b2c/result.json")
+    return JobSpec(**{**base, **kw})
+
+
+def only_container(job: dict) -> dict:
+    (container,) = job["spec"]["template"]["spec"]["containers"]
+    return container
+
+
+def test_single_process_job_runs_the_trainer_module():
+    settings = load_settings(BASE_ENV)
+    manifests = build_job_manifests(spec(env={"EXTRA": "1"}), settings)
+    assert [m["kind"] for m in manifests] == ["Job"]
+    job = manifests[0]
+    assert job["metadata"] == {"name": "ppo-r3-0a1b2c", "namespace": "team-a", "labels": job["metadata"]["labels"]}
+    c = only_container(job)
+    assert c["command"] == ["python", "-m", "trainers.ppo", "--snapshot", "s7", "--run-dir", "/data/runs/ppo-r3-0a1b2c"]
+    assert c["image"] == "reg.example/rlhf-platform:1.2"
+    assert c["envFrom"] == [{"configMapRef": {"name": "rlhf-config-abc"}}]
+    assert {"name": "EXTRA", "value": "1"} in c["env"]
+    pod = job["spec"]["template"]["spec"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "shared-data"}} in pod["volumes"]
+    assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
+    assert "nvidia.com/gpu" not in c["resources"]["limits"] and "nodeSelector" not in pod
+    assert job["spec"]["backoffLimit"] == 0 and "completionMode" not in job["spec"]
+    for version in K8S_VERSIONS:
+        validate(job, version)
+
+
+def test_gpu_job_requests_gpus_on_gpu_nodes():
+    settings = load_settings(GPU_ENV)
+    job, = build_job_manifests(spec(gpus=2, procs_per_node=4), settings)
+    c = only_container(job)
+    assert c["resources"]["limits"]["amd.com/gpu"] == "8" == c["resources"]["requests"]["amd.com/gpu"]
+    assert c["command"][:6] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", "4"]
+    assert c["command"][6:8] == ["-m", "trainers.ppo"]
+    assert {"name": "RLHF_DEVICE", "value": "cuda"} in c["env"]
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pool": "gpu"}
+    assert pod["tolerations"] == [{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    for version in K8S_VERSIONS:
+        validate(job, version)
+
+
+def test_multi_node_job_is_an_indexed_job_with_a_rendezvous_service():
+    settings = load_settings(GPU_ENV)
+    job, service = build_job_manifests(spec(nodes=4, gpus=1, procs_per_node=8), settings)
+    assert job["spec"]["completionMode"] == "Indexed"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 4
+    pod = job["spec"]["template"]["spec"]
+    c = only_container(job)
+    cmd = c["command"]
+    flags = dict(zip(cmd[1:11:2], cmd[2:11:2]))
+    assert cmd[0] == "torchrun" and flags == {
+        "--nnodes": "4", "--nproc-per-node": "8", "--node-rank": "$(JOB_COMPLETION_INDEX)",
+        "--master-addr": "ppo-r3-0a1b2c-0.ppo-r3-0a1b2c", "--master-port": str(settings.torchrun_port),
+    }
+    assert cmd[11:13] == ["-m", "trainers.ppo"]
+    # The node rank: defined in the container's env, so the kubelet can expand it.
+    assert any(e["name"] == "JOB_COMPLETION_INDEX" and "job-completion-index" in e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"])
+    assert c["resources"]["limits"]["amd.com/gpu"] == "8"
+    # Pod DNS: <job>-<index>.<subdomain> needs subdomain == headless Service name.
+    assert pod["subdomain"] == service["metadata"]["name"] == "ppo-r3-0a1b2c"
+    assert service["spec"]["clusterIP"] == "None" and service["spec"]["publishNotReadyAddresses"] is True
+    assert service["spec"]["selector"] == {JOB_LABEL: "ppo-r3-0a1b2c"}
+    assert job["spec"]["template"]["metadata"]["labels"][JOB_LABEL] == "ppo-r3-0a1b2c"
+    for version in K8S_VERSIONS:
+        validate(job, version)
+        validate(service, version)
+
+
+def test_pytorchjob_kind():
+    settings = load_settings({**GPU_ENV, "RLHF_TRAINER_JOB_KIND": "pytorchjob"})
+    (pj,) = build_job_manifests(spec(nodes=3, gpus=1, procs_per_node=2), settings)
+    assert pj["apiVersion"] == "kubeflow.org/v1" and pj["kind"] == "PyTorchJob"
+    replicas = pj["spec"]["pytorchReplicaSpecs"]
+    assert replicas["Master"]["replicas"] == 1 and replicas["Worker"]["replicas"] == 2
+    assert pj["spec"]["nprocPerNode"] == "2"
+    c = replicas["Worker"]["template"]["spec"]["containers"][0]
+    assert c["name"] == "pytorch" and c["command"][:3] == ["torchrun", "-m", "trainers.ppo"]
+    assert c["resources"]["limits"]["amd.com/gpu"] == "2"
+    validate(pj, K8S_VERSIONS[-1])
+    (single,) = build_job_manifests(spec(), settings)
+    assert "Worker" not in single["spec"]["pytorchReplicaSpecs"]
+    validate(single, K8S_VERSIONS[-1])
+
+
+def test_without_a_configmap_the_job_carries_the_settings():
+    env = {k: v for k, v in GPU_ENV.items() if k != "RLHF_TRAINER_CONFIG_MAP"}
+    settings = load_settings({**env, "RLHF_TOKENS": "secret=alice:admin"})
+    job, = build_job_manifests(spec(), settings)
+    c = only_container(job)
+    assert "envFrom" not in c
+    values = {e["name"]: e["value"] for e in c["env"] if e["name"].startswith("RLHF_")}
+    assert "RLHF_TOKENS" not in values and "RLHF_TOKENS_FILE" not in values
+    # The trainer pod loads exactly the controller's settings back.
+    assert load_settings(values) == settings.with_overrides(tokens="")
+    assert json.loads(values["RLHF_TRAINER_TOLERATIONS"]) == list(settings.trainer_tolerations)
+    assert len(settings_env(settings)) == len(values)
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"name": "PPO_run"}, "DNS label"),
+        ({"name": "9ppo"}, "DNS label"),
+        ({"name": "p" * 62, "nodes": 2}, "too long"),
+        ({"nodes": 0}, "nodes=0"),
+        ({"procs_per_node": 0}, "procs_per_node=0"),
+        ({"gpus": -1}, "gpus=-1"),
+        ({"result_file": "/tmp/result.json"}, "result_file=/tmp/result.json is not under RLHF_DATA_MOUNT=/data"),
+    ],
+)
+def test_bad_specs_are_refused_naming_the_field(changes, message):
+    with pytest.raises(ValueError, match=message):
+        build_job_manifests(spec(**changes), load_settings(BASE_ENV))
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RLHF_HOME": "/var/lib/rlhf"}, "RLHF_HOME=/var/lib/rlhf is not under RLHF_DATA_MOUNT=/data"),
+        ({"RLHF_CHECKPOINT_DIR": "/ckpt"}, "RLHF_CHECKPOINT_DIR=/ckpt is not under"),
+        ({"RLHF_DATA_MOUNT": "data"}, "RLHF_DATA_MOUNT='data' must be an absolute path"),
+    ],
+)
+def test_state_off_the_data_claim_is_a_config_error(env, message):
+    with pytest.raises(ConfigError, match=message):
+        build_job_manifests(spec(), load_settings({**BASE_ENV, **env}))
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({"RLHF_TRAINER_CPU": "two"}, "RLHF_TRAINER_CPU='two' is not a Kubernetes quantity"),
+        ({"RLHF_TRAINER_MEMORY": "8 GB"}, "RLHF_TRAINER_MEMORY="),
+        ({"RLHF_TRAINER_NODE_SELECTOR": "[1]"}, "RLHF_TRAINER_NODE_SELECTOR must be a JSON object"),
+        ({"RLHF_TRAINER_NODE_SELECTOR": '{"gpu": true}'}, "values are strings"),
+        ({"RLHF_TRAINER_TOLERATIONS": '{"key": "x"}'}, "RLHF_TRAINER_TOLERATIONS must be a JSON list of objects"),
+        ({"RLHF_TRAINER_TOLERATIONS": "[oops"}, "RLHF_TRAINER_TOLERATIONS: not valid JSON"),
+        ({"RLHF_K8S_NAMESPACE": "Team_A"}, "RLHF_K8S_NAMESPACE='Team_A' must be a DNS label"),
+        ({"RLHF_TRAINER_JOB_KIND": "mpijob"}, "RLHF_TRAINER_JOB_KIND='mpijob' is not one of job, pytorchjob"),
+        ({"RLHF_TRAINER_GPUS": "-1"}, "RLHF_TRAINER_GPUS=-1 is below the minimum 0"),
+    ],
+)
+def test_executor_settings_are_checked_naming_the_variable(env, message):
+    with pytest.raises(ConfigError, match=message):
+        load_settings({**BASE_ENV, **env})
+
+
+# --- status, from the API's own objects ---------------------------------------------------
+
+def as_json(job: client.V1Job) -> dict:
+    return client.ApiClient().sanitize_for_serialization(job)
+
+
+def condition(kind: str, reason: str = "", message: str = "") -> client.V1JobCondition:
+    return client.V1JobCondition(type=kind, status="True", reason=reason or None, message=message or None)
+
+
+@pytest.mark.parametrize(
+    "status, state",
+    [
+        (None, JobState.PENDING),
+        (client.V1JobStatus(), JobState.PENDING),
+        (client.V1JobStatus(active=2, ready=1), JobState.RUNNING),
+        (client.V1JobStatus(succeeded=1, conditions=[condition("SuccessCriteriaMet"), condition("Complete")]), JobState.SUCCEEDED),
+        (client.V1JobStatus(failed=1, conditions=[condition("FailureTarget", "BackoffLimitExceeded")]), JobState.FAILED),
+        (client.V1JobStatus(failed=1, conditions=[condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")]), JobState.FAILED),
+        (client.V1JobStatus(active=1, conditions=[client.V1JobCondition(type="Failed", status="False")]), JobState.RUNNING),
+    ],
+)
+def test_job_status_maps_the_jobs_conditions(status, state):
+    job = client.V1Job(metadata=client.V1ObjectMeta(name="x"), status=status)
+    assert job_status(as_json(job)).state == state
+
+
+def test_failed_status_names_the_reason():
+    job = client.V1Job(status=client.V1JobStatus(conditions=[condition("Failed", "DeadlineExceeded", "too slow")]))
+    assert job_status(as_json(job)).message == "DeadlineExceeded: too slow"
+
+
+def test_pytorchjob_status():
+    running = {"status": {"conditions": [{"type": "Created", "status": "True"}, {"type": "Running", "status": "True"}]}}
+    done = {"status": {"conditions": [{"type": "Running", "status": "False"}, {"type": "Succeeded", "status": "True"}]}}
+    failed = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "PyTorchJobFailed", "message": "worker 1 exited 3"}]}}
+    assert job_status(running).state == JobState.RUNNING
+    assert job_status(done).state == JobState.SUCCEEDED
+    assert job_status(failed).state == JobState.FAILED and "worker 1 exited 3" in job_status(failed).message

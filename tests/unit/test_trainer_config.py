@@ -1,0 +1,64 @@
+"""Trainer config resolution (preset < --config < --set) and the data schedule."""
+
+import json
+import re
+
+import pytest
+
+from trainers.common import JobError, build_config, epoch_order, global_batch, lr_at
+from trainers.ppo import PPOConfig
+from trainers.ppo import PRESETS as PPO_PRESETS
+from trainers.rm import PRESETS as RM_PRESETS
+from trainers.rm import RMConfig
+from trainers.sft import PRESETS as SFT_PRESETS
+from trainers.sft import SFTConfig
+
+
+def test_layers_apply_in_order(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"lr": 0.5, "epochs": 3}))
+    cfg = build_config(SFTConfig, SFT_PRESETS, "tiny", str(path), ["epochs=7", "bf16=true", "lora_targets=q_proj"])
+    assert (cfg.lr, cfg.epochs, cfg.bf16, cfg.lora_targets) == (0.5, 7, True, "q_proj")
+    assert cfg.max_tokens == SFT_PRESETS["tiny"]["max_tokens"]
+    inline = build_config(RMConfig, RM_PRESETS, "cpu", '{"batch_size": 2}', ['lr="0.01"'])  # JSON-encoded, as the controller sends
+    assert (inline.batch_size, inline.lr, inline.lora_rank) == (2, 0.01, 8)
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["learning_rate=1"], "unknown config key 'learning_rate' for PPOConfig; known keys:"),
+    (["total_steps=many"], "config key 'total_steps' must be an integer"),
+    (["adaptive_kl=maybe"], "config key 'adaptive_kl' must be a boolean"),
+    (["kl_beta=x"], "config key 'kl_beta' must be a number"),
+    (["mini_batch_size=64"], "mini_batch_size=64 exceeds rollout_batch_size=4"),
+    (["nokey"], "expected key=value"),
+])
+def test_bad_values_name_the_key(sets, message):
+    with pytest.raises(JobError, match=re.escape(message)):
+        build_config(PPOConfig, PPO_PRESETS, "tiny", None, sets)
+
+
+def test_unknown_preset_and_bad_json():
+    with pytest.raises(JobError, match="unknown preset 'huge'"):
+        build_config(SFTConfig, SFT_PRESETS, "huge")
+    with pytest.raises(JobError, match="--config is not valid JSON"):
+        build_config(SFTConfig, SFT_PRESETS, "tiny", "{nope")
+
+
+def test_every_preset_is_valid():
+    for cls, presets in ((SFTConfig, SFT_PRESETS), (RMConfig, RM_PRESETS), (PPOConfig, PPO_PRESETS)):
+        for name in presets:
+            build_config(cls, presets, name)
+
+
+def test_batches_cover_each_epoch_once_and_are_reproducible():
+    order = lambda e: epoch_order(10, seed=3, epoch=e)  # noqa: E731
+    epoch0 = [i for step in range(3) for i in global_batch(order, 10, 4, step)]
+    assert sorted(epoch0) == list(range(10))          # 4 + 4 + 2
+    assert global_batch(order, 10, 4, 3) == epoch_order(10, 3, 1)[:4]  # step 3 starts epoch 1
+    assert global_batch(order, 10, 4, 5) == global_batch(order, 10, 4, 5)
+
+
+def test_lr_schedule():
+    assert lr_at(0, 10, 1.0, warmup=2) == pytest.approx(0.5)
+    assert lr_at(2, 10, 1.0, warmup=2) == pytest.approx(1.0)
+    assert lr_at(10, 10, 1.0, warmup=2, min_ratio=0.1) == pytest.approx(0.1)
