@@ -219,6 +219,7 @@ class Settings:
     feedback_max_text_bytes: int = _setting("RLHF_FEEDBACK_MAX_TEXT_BYTES", "32768", _int(1, 1 << 24), "Largest prompt, message or response text the FeedbackService accepts, in UTF-8 bytes.")
     feedback_max_metadata_bytes: int = _setting("RLHF_FEEDBACK_MAX_METADATA_BYTES", "4096", _int(0, 1 << 20), "Largest prompt metadata map (keys + values), in UTF-8 bytes.")
     feedback_idempotency_entries: int = _setting("RLHF_FEEDBACK_IDEMPOTENCY_ENTRIES", "100000", _int(1, 10**8), "Request ids each FeedbackService replica remembers, so a retry returns the first reply.")
+    feedback_producer: str = _setting("RLHF_FEEDBACK_PRODUCER", "librdkafka", _choice("librdkafka", "kafka-python"), "Kafka client of the FeedbackService's write path: `librdkafka` (confluent-kafka, fast) or `kafka-python`.")
     feedback_bulk_window: int = _setting("RLHF_FEEDBACK_BULK_WINDOW", "1024", _int(1, 1 << 20), "BulkSubmit items awaiting the broker's acknowledgement at once, per stream.")
     dataset_group: str = _setting("RLHF_DATASET_GROUP", "dataset-builder", _nonempty, "Consumer group of `python -m services.datasets build` (offsets committed after each snapshot).")
     dataset_max_prompts_per_user: int = _setting("RLHF_DATASET_MAX_PROMPTS_PER_USER", "200", _int(1, 10**9), "Prompts kept per user ID in a snapshot (InstructGPT: 200).")

@@ -17,7 +17,7 @@ def main() -> int:
     configure_logging("feedback", settings.log_level)
     from kafka.errors import KafkaError
 
-    from services.feedback.server import close_producer, start
+    from services.feedback.server import start
 
     try:
         handle = start(settings, settings.feedback_port)
@@ -27,7 +27,7 @@ def main() -> int:
         log_fields(log, 40, "broker unavailable at start", bootstrap=settings.kafka_bootstrap, error=str(err))
         return 1
     start_metrics_server(settings.metrics_port)
-    serve_until_signal(handle.running, settings.grpc_grace_s, on_stop=lambda: close_producer(handle.servicer.producer, 5))
+    serve_until_signal(handle.running, settings.grpc_grace_s, on_stop=lambda: handle.servicer.producer.close(5))
     return 0
 
 

@@ -15,6 +15,8 @@ bare INTERNAL error.
 from __future__ import annotations
 
 from collections import deque
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -30,6 +32,7 @@ from services.common.logs import get_logger, log_fields
 from services.common.metrics import EVENTS_WRITTEN
 from services.feedback.events import BULK_KINDS, KINDS, Prepared, prepare
 from services.feedback.idempotency import Entry, IdempotencyCache
+from services.feedback.producer import PublishError, make_event_producer
 from services.feedback.validation import InvalidField, Limits, locate_bad_utf8
 
 log = get_logger(__name__)
@@ -63,10 +66,10 @@ class _Pending:
     prepared: Prepared
     entry: Entry
     owner: bool
-    future: object | None = None
+    future: Future | None = None
 
     def ready(self) -> bool:
-        return self.future.is_done if self.owner else self.entry.done.is_set()
+        return self.future.done() if self.owner else self.entry.done.is_set()
 
 
 class FeedbackServicer:
@@ -161,8 +164,6 @@ class FeedbackServicer:
     # --- the write path ---------------------------------------------------------
     def _begin(self, prepared: Prepared, identity: Identity) -> _Pending:
         """Reserve the event id and send the event (or join the first request's send)."""
-        from kafka.errors import KafkaError
-
         entry, owner = self.cache.reserve(prepared.event_id, prepared.fingerprint)
         if not owner:
             if entry.fingerprint != prepared.fingerprint:
@@ -179,7 +180,7 @@ class FeedbackServicer:
                 value=event.SerializeToString(),
                 headers=bus.headers_for(event),
             )
-        except KafkaError as err:
+        except PublishError as err:
             refusal = Refusal(grpc.StatusCode.UNAVAILABLE, f"broker unavailable: {err}")
             self.cache.fail(prepared.event_id, entry, refusal)
             raise refusal from None
@@ -187,8 +188,6 @@ class FeedbackServicer:
 
     def _finish(self, item: _Pending, context) -> feedback_pb2.SubmitReply:
         """Wait for the broker's ack (within the call's deadline) and build the reply."""
-        from kafka.errors import KafkaError
-
         timeout = self._timeout(context)
         if not item.owner:
             try:
@@ -198,19 +197,19 @@ class FeedbackServicer:
             except Exception as err:
                 raise Refusal(grpc.StatusCode.UNAVAILABLE, f"the first request with this request_id was not acknowledged: {err}") from None
         try:
-            metadata = item.future.get(timeout=timeout)
-        except KafkaError as err:
+            written = item.future.result(timeout=timeout)
+        except (PublishError, FutureTimeout) as err:
             refusal = Refusal(
                 grpc.StatusCode.UNAVAILABLE,
-                f"broker did not acknowledge within {timeout:.1f}s ({type(err).__name__}); nothing was recorded, retry with the same request_id",
+                f"broker did not acknowledge within {timeout:.1f}s ({err or type(err).__name__}); not recorded, retry with the same request_id",
             )
             self.cache.fail(item.prepared.event_id, item.entry, refusal)
             raise refusal from None
         reply = feedback_pb2.SubmitReply(
-            event_id=item.prepared.event_id, topic=metadata.topic, partition=metadata.partition, offset=metadata.offset
+            event_id=item.prepared.event_id, topic=written.topic, partition=written.partition, offset=written.offset
         )
         self.cache.complete(item.prepared.event_id, item.entry, reply)
-        EVENTS_WRITTEN.labels(metadata.topic).inc()
+        EVENTS_WRITTEN.labels(written.topic).inc()
         return reply
 
     def _timeout(self, context) -> float:
@@ -236,24 +235,7 @@ class FeedbackHandle:
 
     def stop(self, grace: float = 0) -> None:
         self.running.stop(grace)
-        close_producer(self.servicer.producer, max(1.0, grace))
-
-
-def close_producer(producer, timeout: float) -> None:
-    """Flush and close; with the broker gone, what is left was never acknowledged to anyone."""
-    from kafka.errors import KafkaError
-
-    try:
-        producer.close(timeout=timeout)
-    except KafkaError as err:
-        log_fields(log, 30, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", error=str(err))
-        # kafka-python leaves a producer open when its final flush times out;
-        # stop its sender thread and mark it closed so nothing retries later.
-        sender = getattr(producer, "_sender", None)
-        if sender is not None:
-            sender.force_close()
-            sender.join(timeout)
-        producer._closed = True
+        self.servicer.producer.close(max(1.0, grace))
 
 
 def start(settings: Settings, port: int = 0) -> FeedbackHandle:
@@ -262,11 +244,11 @@ def start(settings: Settings, port: int = 0) -> FeedbackHandle:
     if not tokens:
         log_fields(log, 30, "no bearer tokens configured (RLHF_TOKENS / RLHF_TOKENS_FILE): every call will be refused")
     bus.create_topics(settings)
-    producer = bus.make_producer(settings)
+    producer = make_event_producer(settings)
     servicer = FeedbackServicer(settings, producer, Authenticator(tokens))
     try:
         running = start_server(settings, "feedback", [servicer.register], port)
     except Exception:
-        close_producer(producer, 1)
+        producer.close(1)
         raise
     return FeedbackHandle(running, servicer)

@@ -8,6 +8,7 @@ dead-letter topic). Every failure names the field and the limit.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
@@ -23,6 +24,8 @@ MIN_LIKERT, MAX_LIKERT = 1, 7
 MAX_ID_CHARS = 128          # request ids, prompt ids, policy versions, sources
 MAX_MESSAGES = 64           # chat turns in one logged prompt
 CHAT_ROLES = ("system", "user", "assistant")
+# ids: no whitespace, no control characters (C0, DEL, C1)
+_PRINTABLE_TOKEN = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]*")
 KNOWN_FLAGS = frozenset(v.number for v in events_pb2.LabelFlag.DESCRIPTOR.values if v.number != 0)
 
 
@@ -64,7 +67,7 @@ def check_id(value: str, field: str, required: bool = False) -> None:
         raise InvalidField(field, "is required")
     if len(value) > MAX_ID_CHARS:
         raise InvalidField(field, f"is {len(value)} characters; the limit is {MAX_ID_CHARS}")
-    if value != value.strip() or any(ch.isspace() or not ch.isprintable() for ch in value):
+    if not _PRINTABLE_TOKEN.fullmatch(value):
         raise InvalidField(field, "must be printable and contain no whitespace")
 
 

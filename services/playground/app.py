@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,9 +140,17 @@ def sse(event: str, data: dict) -> bytes:
 
 
 def create_app(settings: Settings, client: PlaygroundClient | None = None) -> FastAPI:
+    own_client = client is None
     client = client or PlaygroundClient(settings)
     auth = Authenticator(load_tokens(settings))
-    app = FastAPI(title="RLHF playground", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        yield
+        if own_client:  # close the gRPC channels so shutdown does not wait on them
+            client.close()
+
+    app = FastAPI(title="RLHF playground", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
     app.state.client = client
 
     def identify(request: Request, need: str = "user") -> str:

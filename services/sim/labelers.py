@@ -99,25 +99,22 @@ def read_prompt_events(settings: Settings, timeout: float = 30.0) -> list[Queued
 
 
 def labelling_queue(prompts: Sequence[QueuedPrompt], seed: int = 0) -> list[QueuedPrompt]:
-    """Round-robin over users (each user's prompts shuffled), exact repeats once."""
+    """Round-robin over users (each user's prompts shuffled). A text sent
+    more than once is queued once, as its first arrival (the copy the
+    dataset builder keeps)."""
     rng = random.Random(seed)
-    by_user: dict[str, list[QueuedPrompt]] = {}
+    first: dict[str, QueuedPrompt] = {}
     for p in prompts:
+        first.setdefault(p.text, p)
+    by_user: dict[str, list[QueuedPrompt]] = {}
+    for p in first.values():
         by_user.setdefault(p.user_id, []).append(p)
-    for user in sorted(by_user):
-        rng.shuffle(by_user[user])
-    seen: set[str] = set()
-    queue: list[QueuedPrompt] = []
     users = sorted(by_user)
-    depth = 0
-    while any(depth < len(by_user[u]) for u in users):
-        for user in users:
-            if depth < len(by_user[user]):
-                p = by_user[user][depth]
-                if p.text not in seen:
-                    seen.add(p.text)
-                    queue.append(p)
-        depth += 1
+    for user in users:
+        rng.shuffle(by_user[user])
+    queue: list[QueuedPrompt] = []
+    for depth in range(max((len(v) for v in by_user.values()), default=0)):
+        queue += [by_user[u][depth] for u in users if depth < len(by_user[u])]
     return queue
 
 

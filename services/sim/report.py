@@ -150,7 +150,17 @@ def _model_summary(prompts: Sequence[str], answers: Sequence[str], scores: Seque
 def write_report(settings: Settings, out_dir: Path, *, base_version: str | None, sft_version: str, ppo_version: str,
                  rm_version: str, snapshot_id: str, run_dirs: Mapping[str, Path] | None = None,
                  extra: Mapping[str, Any] | None = None, config: EvalConfig | None = None) -> Path:
-    """Evaluate against the gold preference and write report.md (+ JSON, PNGs); return report.md's path."""
+    """Evaluate against the gold preference and write report.md; return its path.
+
+    Beside it: report.json (every number), win_rates.png, gold_scores.png and
+    curves_<run>.png for each run folder holding a trainer's metrics.jsonl.
+    `run_dirs` maps a run's name ("sft", "rm", "ppo") to its --run-dir.
+    `extra` holds run facts shown in a table; its key `kl_to_sft`, when
+    given, is the final KL (else the PPO run's last logged KL is used).
+    `base_version=None` skips the base model (saves a third of the time).
+    Raises CheckpointError / SnapshotError for a missing or corrupt input,
+    before anything is written.
+    """
     cfg = config or EvalConfig()
     out_dir = Path(out_dir)
     extra = dict(extra or {})

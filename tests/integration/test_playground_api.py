@@ -105,6 +105,21 @@ def test_prompt_streams_tokens_and_is_logged(playground_stack, api):
         "u1", "Write a haiku about the sea.", "playground", {"mode": "prompt"})
 
 
+def test_chat_sends_the_history_and_logs_it(playground_stack, api):
+    turns = [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello!"},
+             {"role": "user", "content": "Name a planet."}]
+    with api.stream("POST", "/api/generate", json={"messages": turns, "max_new_tokens": 4}, headers=USER) as response:
+        assert response.status_code == 200
+        events = sse_events(response)
+    assert events[-1][0] == "done" and events[-1][1]["completion_tokens"] <= 4
+    [logged] = [p for p in read_events(playground_stack.settings, "prompts") if p.event_id == events[0][1]["event_id"]]
+    assert [(m.role, m.content) for m in logged.messages] == [(t["role"], t["content"]) for t in turns]
+    assert logged.metadata["mode"] == "chat"
+
+    empty = api.post("/api/generate", json={"prompt": "  "}, headers=USER)
+    assert empty.status_code == 400 and empty.json()["error"]["message"].startswith("prompt:")
+
+
 def test_k_samples_ranked_labeled_and_demonstrated(playground_stack, api):
     reply = api.post("/api/samples", json={"prompt": "Name a colour.", "k": 5, "temperature": 1.0}, headers=LAB)
     assert reply.status_code == 200, reply.text

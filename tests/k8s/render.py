@@ -59,10 +59,8 @@ def kustomize(folder: Path) -> list[dict]:
     return [doc for doc in yaml.safe_load_all(proc.stdout) if doc]
 
 
-def render(name: str) -> list[dict]:
-    folder, components = VARIANTS[name]
-    if not components:
-        return kustomize(K8S / folder)
+def compose(folder: str, components: tuple[str, ...] = (), **extra) -> list[dict]:
+    """Render k8s/<folder> plus components and any other kustomization fields, as a user's overlay would."""
     with tempfile.TemporaryDirectory(prefix="k8s-variant-") as tmp:
         # kustomize accepts only relative paths to other kustomizations.
         rel = lambda p: os.path.relpath(p, tmp)  # noqa: E731
@@ -71,9 +69,15 @@ def render(name: str) -> list[dict]:
             "kind": "Kustomization",
             "resources": [rel(K8S / folder)],
             "components": [rel(K8S / "components" / c) for c in components],
+            **extra,
         }
         Path(tmp, "kustomization.yaml").write_text(yaml.safe_dump(doc))
         return kustomize(Path(tmp))
+
+
+def render(name: str) -> list[dict]:
+    folder, components = VARIANTS[name]
+    return compose(folder, components) if components else kustomize(K8S / folder)
 
 
 def render_all() -> dict[str, list[dict]]:

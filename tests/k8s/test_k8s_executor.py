@@ -9,7 +9,8 @@ from kubernetes import client
 
 from services.common.config import ConfigError, load_settings
 from services.controller.jobs import JobSpec, JobState
-from services.controller.k8s_executor import JOB_LABEL, build_job_manifests, job_status, settings_env
+from services.controller.k8s_executor import JOB_LABEL, KubernetesExecutor, build_job_manifests, job_status, settings_env
+from tests.k8s.jobs_api import JobsApi
 from tests.k8s.render import K8S_VERSIONS
 from tests.k8s.schema import validate
 
@@ -212,3 +213,93 @@ def test_pytorchjob_status():
     assert job_status(running).state == JobState.RUNNING
     assert job_status(done).state == JobState.SUCCEEDED
     assert job_status(failed).state == JobState.FAILED and "worker 1 exited 3" in job_status(failed).message
+
+
+# --- KubernetesExecutor through the real client, against a stand-in Jobs API ------------------
+
+@pytest.fixture
+def api():
+    with JobsApi() as stand_in:
+        yield stand_in
+
+
+@pytest.fixture
+def executor(api):
+    configuration = client.Configuration(host=api.url)
+    return KubernetesExecutor(load_settings(BASE_ENV), api_client=client.ApiClient(configuration))
+
+
+def test_launch_creates_exactly_the_built_job(api, executor):
+    job_spec = spec()
+    assert executor.launch(job_spec) == job_spec.name
+    stored = api.jobs[job_spec.name]
+    expected = build_job_manifests(job_spec, executor.settings)[0]
+    assert {k: stored[k] for k in expected} | {"metadata": expected["metadata"]} == expected
+    assert ("POST", "/apis/batch/v1/namespaces/team-a/jobs", {}) in api.requests
+    assert executor.status(job_spec.name).state == JobState.PENDING
+
+
+def test_multi_node_launch_creates_a_service_owned_by_the_job(api, executor):
+    executor.launch(spec(nodes=2))
+    service = api.services["ppo-r3-0a1b2c"]
+    (owner,) = service["metadata"]["ownerReferences"]
+    assert owner["kind"] == "Job" and owner["uid"] == api.jobs["ppo-r3-0a1b2c"]["metadata"]["uid"]
+
+
+def test_wait_follows_the_job_with_a_watch(api, executor):
+    name = executor.launch(spec())
+    # The job finishes only once the executor is watching it.
+    api.on_watch = lambda watched: api.set_status(watched, {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+    status = executor.wait(name, timeout=30)
+    assert status.state == JobState.SUCCEEDED
+    watches = [q for method, path, q in api.requests if method == "GET" and q.get("watch")]
+    assert watches and watches[0]["fieldSelector"] == f"metadata.name={name}"
+
+
+def test_wait_returns_the_current_state_at_its_timeout(api, executor):
+    name = executor.launch(spec())
+    api.set_status(name, {"active": 1})
+    assert executor.wait(name, timeout=1).state == JobState.RUNNING
+
+
+def test_a_failed_job_reports_exit_code_and_log_tail(api, executor):
+    name = executor.launch(spec())
+    api.pods.append({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": f"{name}-x7k2p", "labels": {JOB_LABEL: name}},
+        "status": {"containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": False, "restartCount": 0,
+                                          "state": {"terminated": {"exitCode": 3, "reason": "Error"}}}]},
+    })
+    api.logs[f"{name}-x7k2p"] = "Traceback ...\nValueError: snapshot s7 not found\n"
+    api.set_status(name, {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]})
+    status = executor.wait(name, timeout=10)
+    assert status.state == JobState.FAILED and status.exit_code == 3
+    assert "BackoffLimitExceeded" in status.message and "snapshot s7 not found" in status.message
+    assert ("GET", f"/api/v1/namespaces/team-a/pods/{name}-x7k2p/log", {"tailLines": "20"}) in api.requests
+
+
+def test_a_retry_replaces_the_finished_attempt(api, executor):
+    name = executor.launch(spec())
+    first = api.jobs[name]["metadata"]["uid"]
+    api.set_status(name, {"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]})
+    assert executor.launch(spec()) == name
+    assert api.jobs[name]["metadata"]["uid"] != first
+    deletes = [q for method, path, q in api.requests if method == "DELETE"]
+    assert deletes == [{"propagationPolicy": "Foreground"}]
+
+
+def test_launch_follows_a_job_that_is_still_running(api, executor):
+    name = executor.launch(spec())
+    uid = api.jobs[name]["metadata"]["uid"]
+    api.set_status(name, {"active": 1})
+    assert executor.launch(spec()) == name  # e.g. after a controller restart
+    assert api.jobs[name]["metadata"]["uid"] == uid
+
+
+def test_cancel_deletes_in_the_background_and_tolerates_a_missing_job(api, executor):
+    name = executor.launch(spec())
+    executor.cancel(name)
+    assert name not in api.jobs
+    assert [q for method, path, q in api.requests if method == "DELETE"] == [{"propagationPolicy": "Background"}]
+    executor.cancel(name)  # already gone: no error
+    assert executor.status(name).state == JobState.FAILED

@@ -19,6 +19,7 @@ from tests.k8s.render import (
     OVERLAYS,
     PLATFORM_IMAGES,
     VARIANTS,
+    compose,
     container_env,
     find,
     one,
@@ -220,6 +221,15 @@ def test_trainer_jobs_match_the_deployments(renders, variant):
         assert template["metadata"]["labels"]["app.kubernetes.io/name"] == "trainer"
         for obj in manifests:
             validate(obj, K8S_VERSIONS[-1])
+
+
+def test_retargeting_the_images_retargets_the_trainer_jobs():
+    images = [{"name": "rlhf-platform", "newName": "reg.example/ml/rlhf-platform", "newTag": "2.0"},
+              {"name": "rlhf-platform-cuda", "newName": "reg.example/ml/rlhf-platform-cuda", "newTag": "2.0"}]
+    for folder, image in (("base", "reg.example/ml/rlhf-platform:2.0"), ("overlays/gpu", "reg.example/ml/rlhf-platform-cuda:2.0")):
+        objects = compose(folder, images=images)
+        assert pod_spec(one(objects, "Deployment", "policy"))["containers"][0]["image"] == image
+        assert controller_job(objects)[0]["spec"]["template"]["spec"]["containers"][0]["image"] == image
 
 
 def test_gpu_overlay_puts_policy_and_trainers_on_gpus(renders):

@@ -74,3 +74,22 @@ def test_labelling_queue_round_robins_users_and_skips_repeats():
     assert {queue[0].user_id, queue[1].user_id} == {"heavy", "light"}
     texts = [p.text for p in queue]
     assert len(texts) == len(set(texts)) == 11
+    assert next(p for p in queue if p.text == "text 3").prompt_id == "h3"  # the first arrival of a repeated text
+    assert labelling_queue(prompts, seed=0) == queue and labelling_queue(prompts, seed=1) != queue
+
+
+def test_labeler_pool_refuses_bad_k_and_a_missing_policy():
+    import grpc
+
+    from services.sim.labelers import LabelerPool
+
+    pop = make_population(seed=0, n_users=5, n_prompts=20, heavy_users=0)
+    channel = grpc.insecure_channel("127.0.0.1:9")  # lazy: never dialled, every call is refused before it
+    prompts = [QueuedPrompt("p1", "user-000", "Describe rain in at most 8 words.")]
+    with pytest.raises(ValueError, match="PolicyService"):
+        LabelerPool(pop, channel, prompts=prompts).compare(1)
+    with pytest.raises(ValueError, match=r"k=10 must be in \[2, 9\]"):
+        LabelerPool(pop, channel, channel, prompts=prompts).compare(1, k=10)
+    with pytest.raises(ValueError, match="no labelers"):
+        LabelerPool(make_population(seed=0, n_users=5, n_prompts=20, heavy_users=0, n_labelers=0), channel)
+    channel.close()

@@ -1,0 +1,337 @@
+"""Serving benchmark: the PolicyService on the real base model (SmolLM2-135M).
+
+1. Baseline, in this process: HF `model.generate`, fp32, one request at a time.
+2. Closed loop: 1, 4, 16, 32 concurrent gRPC clients streaming 64 new tokens
+   each from a fixed prompt set, against `python -m services.policy` run as a
+   subprocess whose RSS is sampled with psutil.
+3. Hot swap: while 8 streams run, a new checkpoint is published and promoted
+   (services.common.bus.promote_checkpoint); reports the time from the
+   announcement to the first response naming the new version, and failures.
+4. llama.cpp on the same GGUF, single stream, only if `llama_cpp` is importable.
+
+    python -m bench.serving [--quick] [--dtype float32|bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+import psutil
+import torch
+from tqdm import tqdm
+
+from bench.common import percentile, print_table, write_results
+from rlhf.v1 import policy_pb2, policy_pb2_grpc
+from services.common.bootstrap import ensure_seeded
+from services.common.broker import free_port, start_broker, stop_process
+from services.common.bus import create_topics, promote_checkpoint
+from services.common.checkpoints import CheckpointStore
+from services.common.config import load_settings
+from services.common.grpc_server import wait_for_serving
+from services.common.models import GGUF_FILE, ensure_preset, gguf_dir, load_causal_lm, load_tokenizer, render_prompt
+
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain in detail how a bicycle works, part by part.",
+    "Describe your ideal weekend in a small mountain village.",
+    "Write a letter to a friend about learning to cook.",
+    "Explain why the sky is blue to a ten-year-old, with examples.",
+    "Tell me about the history of the printing press.",
+    "Write a poem about autumn leaves and the first frost.",
+    "Give me advice on starting a vegetable garden on a balcony.",
+]
+CONCURRENCY = (1, 4, 16, 32)
+GB = 1024 ** 3
+
+
+class RssSampler:
+    """Samples a process's resident set size every 50 ms; keeps the peak per phase."""
+
+    def __init__(self, pid: int):
+        self.proc = psutil.Process(pid)
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak = max(self.peak, self.proc.memory_info().rss)
+            except psutil.Error:
+                return
+            self._stop.wait(0.05)
+
+    def take_peak(self) -> int:
+        """The peak since the last call (and reset it)."""
+        peak, self.peak = self.peak, self.proc.memory_info().rss
+        return max(peak, self.peak)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class _FirstToken:
+    """A generate() streamer that notes when the first new token arrives."""
+
+    def __init__(self):
+        self.calls = 0
+        self.first_at = None
+
+    def put(self, value):
+        self.calls += 1
+        if self.calls == 2 and self.first_at is None:  # call 1 is the prompt
+            self.first_at = time.perf_counter()
+
+    def end(self):
+        pass
+
+
+def baseline(preset_dir: Path, prompts: list[str], new_tokens: int) -> dict:
+    """HF generate, fp32, one request at a time: what serving must beat."""
+    model = load_causal_lm(preset_dir)
+    tok = load_tokenizer(preset_dir)
+    encoded = [torch.tensor([tok(render_prompt(tok, p), add_special_tokens=False).input_ids]) for p in prompts]
+    with torch.inference_mode():
+        model.generate(encoded[0], attention_mask=torch.ones_like(encoded[0]), max_new_tokens=4, do_sample=False)  # warm up
+        tokens, ttfts = 0, []
+        started = time.perf_counter()
+        for ids in tqdm(encoded, desc="baseline HF generate", leave=False):
+            streamer = _FirstToken()
+            t0 = time.perf_counter()
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
+                                 streamer=streamer, pad_token_id=tok.pad_token_id)
+            ttfts.append((streamer.first_at or time.perf_counter()) - t0)
+            tokens += out.shape[1] - ids.shape[1]
+        wall = time.perf_counter() - started
+    del model
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50),
+            "ttft_p99_ms": 1000 * percentile(ttfts, 99)}
+
+
+def stream_once(stub, prompt: str, new_tokens: int, timeout: float = 300) -> tuple[int, float, set[str], float]:
+    """One streaming request: (tokens, ttft seconds, versions seen, when the first message came)."""
+    request = policy_pb2.GenerateRequest(prompt=prompt, parameters=policy_pb2.GenerationParameters(
+        max_new_tokens=new_tokens, temperature=0.0))
+    t0 = time.perf_counter()
+    first, first_wall, count, versions = None, 0.0, 0, set()
+    for message in stub.GenerateStream(request, timeout=timeout):
+        if first is None:
+            first, first_wall = time.perf_counter() - t0, time.time()
+        count += 1
+        versions.add(message.model_version)
+    return count, first or 0.0, versions, first_wall
+
+
+def closed_loop(target: str, clients: int, rounds: int, new_tokens: int) -> dict:
+    """`clients` threads, each sending `rounds` requests back to back."""
+    tokens, ttfts, failures = [0] * clients, [], []
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        with grpc.insecure_channel(target) as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            for r in range(rounds):
+                try:
+                    n, ttft, _, _ = stream_once(stub, PROMPTS[(i + r) % len(PROMPTS)], new_tokens)
+                except grpc.RpcError as err:
+                    with lock:
+                        failures.append(f"{err.code().name}: {err.details()}")
+                    continue
+                with lock:
+                    tokens[i] += n
+                    ttfts.append(ttft)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - started
+    return {"clients": clients, "requests": clients * rounds, "tokens": sum(tokens), "wall_s": wall,
+            "tok_s": sum(tokens) / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99),
+            "failed": len(failures)}
+
+
+def swap_under_load(settings, target: str, store: CheckpointStore, source: Path, streams: int, new_tokens: int) -> dict:
+    """Promote a new checkpoint while `streams` clients stream; measure swap latency and failures."""
+    with store.stage("sft", parents=[store.promoted("policy") or ""]) as (folder, manifest):
+        for path in source.iterdir():
+            if path.is_file() and path.name != "manifest.json":
+                shutil.copy2(path, folder / path.name)
+    new = manifest.version
+    stop = threading.Event()
+    seen_new: list[float] = []
+    failures: list[str] = []
+    counts = {"requests": 0}
+    lock = threading.Lock()
+
+    def client(i: int) -> None:
+        with grpc.insecure_channel(target) as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            r = 0
+            while not stop.is_set():
+                try:
+                    _, _, versions, first_wall = stream_once(stub, PROMPTS[(i + r) % len(PROMPTS)], new_tokens)
+                except grpc.RpcError as err:
+                    with lock:
+                        failures.append(f"{err.code().name}: {err.details()}")
+                    continue
+                finally:
+                    r += 1
+                with lock:
+                    counts["requests"] += 1
+                    if new in versions:
+                        seen_new.append(first_wall)
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(streams)]
+    for t in threads:
+        t.start()
+    time.sleep(3.0)  # let the load settle before announcing
+    event = promote_checkpoint(settings, new, reason="bench.serving swap")
+    announced = event.created_unix_ms / 1000.0
+    deadline = time.monotonic() + 60
+    while not seen_new and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(2.0)  # keep the load on a little after the swap
+    stop.set()
+    for t in threads:
+        t.join(timeout=300)
+    latency = (min(seen_new) - announced) if seen_new else float("nan")
+    return {"streams": streams, "new_version": new, "swap_latency_s": latency, "requests": counts["requests"],
+            "failed": len(failures), "failures": failures[:5]}
+
+
+def llama_cpp_reference(prompts: list[str], new_tokens: int) -> dict | None:
+    if importlib.util.find_spec("llama_cpp") is None:
+        return None
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(gguf_dir() / GGUF_FILE), n_ctx=1024, verbose=False)
+    tokens = 0
+    started = time.perf_counter()
+    for prompt in prompts:
+        out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=new_tokens, temperature=0.0)
+        tokens += out["usage"]["completion_tokens"]
+    wall = time.perf_counter() - started
+    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="short run: fewer tokens and rounds")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights dtype of the served model")
+    args = parser.parse_args(argv)
+    new_tokens = 16 if args.quick else 64
+    rounds = 1 if args.quick else 2
+    baseline_prompts = PROMPTS[:2] if args.quick else PROMPTS
+    levels = (1, 4, 16) if args.quick else CONCURRENCY
+
+    base_settings = load_settings()
+    preset_dir = ensure_preset("base", base_settings.model_cache)
+    home = Path(tempfile.mkdtemp(prefix="bench-serving-"))
+    broker_port, grpc_port, http_port = free_port(), free_port(), free_port()
+    env_values = {
+        "RLHF_HOME": str(home),
+        "RLHF_MODEL": "base",
+        "RLHF_MODEL_CACHE": str(base_settings.model_cache),
+        "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{broker_port}",
+        "RLHF_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:8]}",
+        "RLHF_TOPIC_PARTITIONS": "1",
+        "RLHF_POLICY_PORT": str(grpc_port),
+        "RLHF_HTTP_PORT": str(http_port),
+        "RLHF_MAX_BATCH": "32",
+        "RLHF_MAX_QUEUE": "64",
+        "RLHF_SERVE_DTYPE": args.dtype,
+        "RLHF_LOG_LEVEL": "WARNING",
+    }
+    settings = load_settings(env_values)
+    broker = start_broker(broker_port, log_path=home / "tansu.log")
+    server = None
+    sampler = None
+    try:
+        create_topics(settings, ["checkpoints"])
+        store = CheckpointStore(settings.checkpoint_dir)
+        ensure_seeded(settings, store)  # here, so the server's RSS holds only what serving needs
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")} | env_values
+        log = open(home / "policy.log", "wb")
+        server = subprocess.Popen([sys.executable, "-m", "services.policy"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        sampler = RssSampler(server.pid)
+        target = f"127.0.0.1:{grpc_port}"
+        wait_for_serving(target, timeout=300)
+        print(f"policy service up (pid {server.pid}, dtype {args.dtype}); RSS {sampler.take_peak() / GB:.2f} GB", flush=True)
+
+        base = baseline(preset_dir, baseline_prompts, new_tokens)
+        with grpc.insecure_channel(target) as channel:  # warm the server's code paths
+            stream_once(policy_pb2_grpc.PolicyServiceStub(channel), PROMPTS[0], 4)
+        sampler.take_peak()
+
+        rows = [{"setup": "HF generate fp32, 1 at a time (baseline)", "clients": 1, "requests": len(baseline_prompts),
+                 "tokens": base["tokens"], "tok_s": base["tok_s"], "x_baseline": 1.0,
+                 "ttft_p50_ms": base["ttft_p50_ms"], "ttft_p99_ms": base["ttft_p99_ms"], "failed": 0, "peak_rss_gb": ""}]
+        results = []
+        for clients in tqdm(levels, desc="concurrency levels", leave=False):
+            r = closed_loop(target, clients, rounds, new_tokens)
+            r["peak_rss_gb"] = sampler.take_peak() / GB
+            results.append(r)
+            rows.append({"setup": f"PolicyService gRPC ({args.dtype})", "clients": clients, "requests": r["requests"],
+                         "tokens": r["tokens"], "tok_s": r["tok_s"], "x_baseline": r["tok_s"] / base["tok_s"],
+                         "ttft_p50_ms": r["ttft_p50_ms"], "ttft_p99_ms": r["ttft_p99_ms"], "failed": r["failed"],
+                         "peak_rss_gb": r["peak_rss_gb"]})
+        llama = llama_cpp_reference(baseline_prompts, new_tokens)
+        if llama:
+            rows.append({"setup": "llama.cpp (same GGUF), 1 at a time", "clients": 1, "tokens": llama["tokens"],
+                         "tok_s": llama["tok_s"], "x_baseline": llama["tok_s"] / base["tok_s"]})
+        print_table(f"Serving throughput, {new_tokens} new tokens per request (aggregate generated tokens/s)", rows)
+        if not llama:
+            print("llama.cpp reference: skipped (llama_cpp is not installed)")
+
+        swap = swap_under_load(settings, target, store, preset_dir, streams=8, new_tokens=new_tokens)
+        swap_rss = sampler.take_peak() / GB
+        print_table("Hot swap under load (8 streams)", [{
+            "swap_latency_s": swap["swap_latency_s"], "requests": swap["requests"], "failed": swap["failed"],
+            "new_version": swap["new_version"], "peak_rss_gb": swap_rss}])
+        if swap["failures"]:
+            print("failures:", swap["failures"])
+
+        by_clients = {r["clients"]: r for r in results}
+        checks = {
+            "16 clients >= 3x baseline": 16 in by_clients and by_clients[16]["tok_s"] >= 3 * base["tok_s"],
+            "peak RSS at 32 streams <= 2.5 GB": 32 in by_clients and by_clients[32]["peak_rss_gb"] <= 2.5,
+            "swap: no failed requests": swap["failed"] == 0,
+            "swap: new version within 15 s": swap["swap_latency_s"] <= 15,
+        }
+        for name, ok in checks.items():
+            print(f"  [{'PASS' if ok else 'FAIL'}] {name}")
+        write_results("serving", {
+            "quick": args.quick, "dtype": args.dtype, "new_tokens": new_tokens, "baseline": base, "levels": results,
+            "llama_cpp": llama, "swap": {**swap, "peak_rss_gb": swap_rss}, "checks": checks,
+        })
+        return 0
+    finally:
+        if sampler:
+            sampler.stop()
+        if server is not None:
+            server.terminate()
+            try:
+                server.wait(60)
+            except subprocess.TimeoutExpired:
+                server.kill()
+        stop_process(broker)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
