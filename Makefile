@@ -70,5 +70,7 @@ demo: setup ## run one full RLHF loop on this machine and write the report (PRES
 bench: setup ## run every benchmark (figures in bench/results/*.json)
 	$(PY) -m bench
 
+include deploy/images.mk
+
 clean: down
 	rm -rf var bench/results

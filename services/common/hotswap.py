@@ -33,6 +33,9 @@ from typing import Any, Callable
 
 import grpc
 
+from rlhf.v1 import events_pb2
+from services.common.bootstrap import ensure_seeded
+from services.common.bus import CheckpointFollower
 from services.common.checkpoints import CheckpointError, CheckpointStore, Manifest
 from services.common.config import Settings
 from services.common.logs import get_logger, log_fields
@@ -126,7 +129,7 @@ class ModelSwitcher:
         return [m.version for m in self.store.list(role=self.role)]
 
     # --- lifecycle --------------------------------------------------------------
-    def start(self, follow: bool = True, follow_wait: float = 15.0) -> Loaded:
+    def start(self, follow: bool = True, follow_wait: float | None = None) -> Loaded:
         """Load the first version (RLHF_SERVE_VERSION, else promoted, else the seed)
         synchronously, then follow announcements in the background."""
         if self.settings.serve_version:
@@ -135,17 +138,15 @@ class ModelSwitcher:
         else:
             version = self.store.promoted(self.role)
             if not version or not self.store.exists(version):
-                from services.common.bootstrap import ensure_seeded
-
                 version = ensure_seeded(self.settings, self.store)[self.role]
         self._switch(self._prepare(version))
         self._worker = threading.Thread(target=self._work, name=f"{self.service}-hotswap", daemon=True)
         self._worker.start()
         if follow:
-            from services.common.bus import CheckpointFollower
-
             self._follower = CheckpointFollower(self.settings, self.role, self._on_event)
-            self._follower.start(wait=follow_wait)
+            # Wait for the follower so no announcement is missed, but not forever when the
+            # broker is down: the promoted-pointer poll covers that gap.
+            self._follower.start(wait=follow_wait if follow_wait is not None else min(15.0, 2 * self.settings.kafka_timeout_s))
             log_fields(log, 20, "following checkpoint announcements", service=self.service, role=self.role, ready=self.following)
         return self.current
 
@@ -159,9 +160,7 @@ class ModelSwitcher:
             self._worker.join(timeout=10)
 
     # --- following promotions ----------------------------------------------------
-    def _on_event(self, event) -> None:
-        from rlhf.v1 import events_pb2
-
+    def _on_event(self, event: events_pb2.CheckpointEvent) -> None:
         if event.type != events_pb2.CheckpointEvent.TYPE_PROMOTED:
             return
         log_fields(log, 20, "promotion announced", service=self.service, version=event.version, pinned=self.pinned)

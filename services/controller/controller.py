@@ -127,6 +127,10 @@ class Controller:
             args=[*args, "--run-dir", str(run_dir), "--result-file", str(result_file), "--preset", self.settings.trainer_preset, *self._overrides(trainer)],
             result_file=str(result_file),
             env=to_env(self.settings),  # a job sees exactly the controller's configuration
+            gpus=self.settings.trainer_gpus,
+            # Gate evaluation is a single process; training jobs may spread over torchrun.
+            nodes=1 if trainer == "evaluate" else self.settings.trainer_nodes,
+            procs_per_node=1 if trainer == "evaluate" else self.settings.trainer_procs_per_node,
         )
         attempts = self.settings.job_retries + 1
         for attempt in range(1, attempts + 1):

@@ -292,7 +292,10 @@ def _api_client():
     try:
         config.load_incluster_config()
     except config.ConfigException:
-        config.load_kube_config()  # outside a cluster: $KUBECONFIG or ~/.kube/config
+        try:
+            config.load_kube_config()  # outside a cluster: $KUBECONFIG or ~/.kube/config
+        except (config.ConfigException, OSError) as err:
+            raise ConfigError(f"RLHF_EXECUTOR=kubernetes, but there is no in-cluster service account and no usable kubeconfig ({err})") from None
     return client.ApiClient()
 
 

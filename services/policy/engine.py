@@ -61,12 +61,12 @@ class _Row:
 
     __slots__ = ("group", "req", "index", "seed", "generator", "ids", "text", "tokens", "horizon")
 
-    def __init__(self, group: _Group, index: int, seed: int):
+    def __init__(self, group: _Group, index: int, seed: int, device: torch.device):
         self.group = group
         self.req = group.req
         self.index = index
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator(device=device).manual_seed(seed)
         self.ids: list[int] = []
         self.text = ""
         self.tokens: list[TokenOut] = []
@@ -87,6 +87,7 @@ class Cohort:
         self.last: torch.Tensor | None = None  # [rows] the token to feed next
         self.eos_id = self.tokenizer.eos_token_id
         self.special_ids = set(self.tokenizer.all_special_ids)
+        self.device = next(self.model.parameters()).device
 
     @property
     def version(self) -> str:
@@ -127,7 +128,7 @@ class Cohort:
             return
         if len(keep) == len(self.rows):
             return
-        idx = torch.tensor(keep, dtype=torch.long)
+        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
         mask = self.mask[idx]
         first = int(torch.nonzero(mask.sum(0))[0])
         kv = [(k[idx, :, first:], v[idx, :, first:]) for k, v in self.cache.to_legacy_cache()]
@@ -284,6 +285,7 @@ class Engine:
         cache row is repeated for its K samples."""
         pad_id = cohort.tokenizer.pad_token_id
         ids, mask = pad_batch([r.prompt_ids for r in reqs], pad_id, side="left")
+        ids, mask = ids.to(cohort.device), mask.to(cohort.device)
         out = cohort.model(
             input_ids=ids,
             attention_mask=mask,
@@ -291,7 +293,7 @@ class Engine:
             use_cache=True,
             logits_to_keep=1,  # never materialise [batch, prompt, vocab] logits
         )
-        reps = torch.tensor([r.params.num_samples for r in reqs])
+        reps = torch.tensor([r.params.num_samples for r in reqs], device=cohort.device)
         logits = out.logits[:, -1].float().repeat_interleave(reps, 0)
         kv = [(k.repeat_interleave(reps, 0), v.repeat_interleave(reps, 0)) for k, v in out.past_key_values.to_legacy_cache()]
         mask = mask.repeat_interleave(reps, 0)
@@ -299,7 +301,7 @@ class Engine:
         for req in reqs:
             group = _Group(req, cohort.version)
             for i, seed in enumerate(req.params.sample_seeds()):
-                rows.append(_Row(group, i, seed))
+                rows.append(_Row(group, i, seed, cohort.device))
         next_ids, done = self._sample_and_advance(cohort, rows, logits)
         cohort.merge(kv, mask, rows, next_ids)
         if any(done):  # finished on their first token (EOS, stop, or max_new_tokens=1)
@@ -312,7 +314,7 @@ class Engine:
             return
         n = len(cohort.rows)
         positions = cohort.mask.sum(-1, keepdim=True)  # real tokens before the fed one
-        mask = torch.cat([cohort.mask, torch.ones((n, 1), dtype=cohort.mask.dtype)], dim=1)
+        mask = torch.cat([cohort.mask, torch.ones((n, 1), dtype=cohort.mask.dtype, device=cohort.device)], dim=1)
         out = cohort.model(
             input_ids=cohort.last[:, None],
             attention_mask=mask,
@@ -414,29 +416,29 @@ def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.
     under the model's unmodified distribution (what RLHF needs), before
     temperature, top-k, top-p and repetition penalty.
     """
-    n = logits.shape[0]
+    n, device = logits.shape[0], logits.device
     logprobs = torch.log_softmax(logits, dim=-1) if any(r.req.params.return_logprobs for r in rows) else None
     for i, row in enumerate(rows):
         penalty = row.req.params.repetition_penalty
         if penalty != 1.0:
-            seen = torch.tensor(row.req.prompt_ids + row.ids, dtype=torch.long).unique()
+            seen = torch.tensor(row.req.prompt_ids + row.ids, dtype=torch.long, device=device).unique()
             values = logits[i, seen]
             logits[i, seen] = torch.where(values < 0, values * penalty, values / penalty)
-    out = torch.empty(n, dtype=torch.long)
+    out = torch.empty(n, dtype=torch.long, device=device)
     greedy = [i for i, r in enumerate(rows) if r.req.params.greedy]
     if greedy:
         out[greedy] = logits[greedy].argmax(-1)
     sampled = [i for i, r in enumerate(rows) if not r.req.params.greedy]
     if not sampled:
         return out, logprobs
-    x = logits[sampled] / torch.tensor([rows[i].req.params.temperature for i in sampled])[:, None]
-    ks = torch.tensor([rows[i].req.params.top_k for i in sampled])
+    x = logits[sampled] / torch.tensor([rows[i].req.params.temperature for i in sampled], device=device)[:, None]
+    ks = torch.tensor([rows[i].req.params.top_k for i in sampled], device=device)
     if bool((ks > 0).any()):
         kmax = min(int(ks.max()), x.shape[-1])
         top = x.topk(kmax, dim=-1).values
         kth = top.gather(1, (ks.clamp(1, kmax) - 1)[:, None])
         x = torch.where((ks > 0)[:, None] & (x < kth), float("-inf"), x)
-    ps = torch.tensor([rows[i].req.params.top_p for i in sampled])
+    ps = torch.tensor([rows[i].req.params.top_p for i in sampled], device=device)
     if bool((ps < 1.0).any()):
         ordered, order = x.sort(dim=-1, descending=True)
         probs = ordered.softmax(-1)

@@ -38,7 +38,7 @@ class JobsApi:
         self._version = 0
         self._changed = threading.Condition()
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:
@@ -69,6 +69,8 @@ class JobsApi:
         api = self
 
         class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # the watch streams in chunks, as the API server does
+
             def log_message(self, *args):  # keep test output clean
                 pass
 
@@ -126,10 +128,12 @@ class JobsApi:
                 timeout = float(query.get("timeoutSeconds", 5))
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
-                self.end_headers()  # no length: the stream ends when the connection closes
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
 
                 def emit(kind: str, obj: dict) -> None:
-                    self.wfile.write((json.dumps({"type": kind, "object": obj}) + "\n").encode())
+                    line = (json.dumps({"type": kind, "object": obj}) + "\n").encode()
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
                     self.wfile.flush()
 
                 with api._changed:
@@ -148,6 +152,7 @@ class JobsApi:
                             seen = current
                         if not api._changed.wait(timeout):
                             break
+                self.wfile.write(b"0\r\n\r\n")
                 self.close_connection = True
 
             def do_DELETE(self):

@@ -303,3 +303,10 @@ def test_cancel_deletes_in_the_background_and_tolerates_a_missing_job(api, execu
     assert [q for method, path, q in api.requests if method == "DELETE"] == [{"propagationPolicy": "Background"}]
     executor.cancel(name)  # already gone: no error
     assert executor.status(name).state == JobState.FAILED
+
+
+def test_no_cluster_credentials_is_a_clear_config_error(tmp_path, monkeypatch):
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
+    with pytest.raises(ConfigError, match="RLHF_EXECUTOR=kubernetes, but there is no in-cluster service account"):
+        KubernetesExecutor(load_settings(BASE_ENV))

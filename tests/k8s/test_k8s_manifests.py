@@ -114,6 +114,8 @@ def test_every_pod_is_locked_down(renders, variant):
         assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
         volumes = {v["name"] for v in spec.get("volumes", [])} | {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
         for c in containers(spec):
+            name, _, tag = c["image"].rpartition(":")
+            assert name and tag and tag != "latest" and "/" not in tag, f"{where} {c['name']}: pin the image tag"
             sc = c["securityContext"]
             assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, f"{where} {c['name']}"
             assert sc["capabilities"]["drop"] == ["ALL"], f"{where} {c['name']}"

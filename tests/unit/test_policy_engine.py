@@ -163,3 +163,17 @@ def test_queue_bound_and_batch_and_kv_limits_hold(loaded):
         assert 0 < engine.stats()["peak_cache_tokens"] <= 256
     finally:
         engine.stop()
+
+
+def test_bfloat16_weights_serve_too(tiny_model_dir):
+    model = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16)
+    bf16 = Loaded("tiny-bf16", Manifest("tiny-bf16", "base", "policy"), tiny_model_dir, model, load_tokenizer(tiny_model_dir))
+    engine = make_engine(bf16, RLHF_SERVE_DTYPE="bfloat16")
+    try:
+        req, events = request(bf16, "Hi", max_new_tokens=7, num_samples=2, temperature=0.7, seed=3, return_logprobs=True)
+        engine.submit(req)
+        _, samples, last = collect(req, events)
+        assert isinstance(last, Finished) and [s.generated_tokens for s in samples] == [7, 7]
+        assert all(t.logprob is not None and t.logprob <= 0 for t in samples[0].tokens)
+    finally:
+        engine.stop()

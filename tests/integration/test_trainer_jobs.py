@@ -1,0 +1,210 @@
+"""The trainer jobs end to end, as the controller runs them: real processes,
+the tiny model, a real broker for the CREATED announcements.
+
+- SFT -> RM -> PPO(-ptx) -> evaluate publish verified checkpoints that load;
+- a job killed with SIGKILL and re-run on its run dir resumes and ends with
+  exactly the weights and metrics of the uninterrupted run;
+- PPO under torchrun with 2 CPU processes (DDP over gloo);
+- bad input exits 2 and publishes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf.v1 import events_pb2
+from services.common import bus
+from services.common.checkpoints import CheckpointStore
+from services.common.config import load_settings
+from services.common.models import RewardModel, encode_prompt_response, load_causal_lm, load_tokenizer, pad_batch, render_prompt
+from services.common.datasets import SnapshotStore
+from tests.conftest import MODEL_CACHE
+from trainers.synthetic import write_snapshot
+
+pytestmark = pytest.mark.integration
+
+# Long enough that a SIGKILL lands mid-run; short enough for seconds on 2 cores.
+SETS = {
+    "sft": ["--set", "epochs=6"],
+    "rm": ["--set", "batch_size=2", "--set", "epochs=3", "--set", "micro_batch_size=2"],
+    "ppo": ["--set", "total_steps=6", "--set", "ptx_coef=0.5"],
+}
+
+
+class World:
+    def __init__(self, root: Path, broker: str):
+        self.root = root
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
+        self.env.update({"RLHF_HOME": str(root / "home"), "RLHF_MODEL": "tiny", "RLHF_MODEL_CACHE": MODEL_CACHE,
+                         "RLHF_KAFKA_BOOTSTRAP": broker, "RLHF_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}",
+                         "RLHF_TOPIC_PARTITIONS": "1", "PYTHONUNBUFFERED": "1"})
+        self.settings = load_settings({k: v for k, v in self.env.items() if k.startswith("RLHF_")})
+        self.store = CheckpointStore(self.settings.checkpoint_dir)
+        self.snapshot = write_snapshot(self.settings.dataset_dir, 40)
+
+    def command(self, trainer: str, args: list[str], name: str, torchrun: int = 0) -> list[str]:
+        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] if torchrun else [sys.executable]
+        run_dir = [] if trainer == "evaluate" else ["--run-dir", str(self.root / name)]
+        return [*launcher, "-m", f"trainers.{trainer}", *args, *run_dir, "--result-file", str(self.root / f"{name}.json"), "--preset", "tiny"]
+
+    def run(self, trainer: str, args: list[str], name: str, torchrun: int = 0, env: dict | None = None) -> dict:
+        proc = subprocess.run(self.command(trainer, args, name, torchrun), env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=180)
+        (self.root / f"{name}.stderr").write_text(proc.stderr)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads((self.root / f"{name}.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, broker, tiny_model_dir):
+    w = World(tmp_path_factory.mktemp("trainers"), broker)
+    bus.create_topics(w.settings, ["checkpoints"])
+    return w
+
+
+@pytest.fixture(scope="module")
+def trained(world):
+    """One uninterrupted SFT -> RM -> PPO chain (also the reference for the resume tests)."""
+    sft = world.run("sft", ["--snapshot", world.snapshot, *SETS["sft"]], "sft")
+    rm = world.run("rm", ["--snapshot", world.snapshot, "--sft", sft["version"], *SETS["rm"]], "rm")
+    ppo = world.run("ppo", ["--snapshot", world.snapshot, "--sft", sft["version"], "--reward", rm["version"], *SETS["ppo"]], "ppo")
+    return {"sft": sft, "rm": rm, "ppo": ppo}
+
+
+def trainer_args(world, trained, trainer: str) -> list[str]:
+    args = ["--snapshot", world.snapshot]
+    if trainer in ("rm", "ppo"):
+        args += ["--sft", trained["sft"]["version"]]
+    if trainer == "ppo":
+        args += ["--reward", trained["rm"]["version"]]
+    return args + SETS[trainer]
+
+
+def weights(store: CheckpointStore, version: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted(store.path(version).glob("*.safetensors")):
+        out.update({f"{path.name}:{k}": v for k, v in load_file(str(path)).items()})
+    return out
+
+
+def test_chain_publishes_verified_checkpoints_that_load(world, trained):
+    sft, rm, ppo = trained["sft"], trained["rm"], trained["ppo"]
+    snapshot_train = SnapshotStore(world.settings.dataset_dir).read(world.snapshot, "train", "demonstrations")
+
+    # SFT: a policy folder the serving code loads as is (LoRA, if any, merged)
+    manifest = world.store.verify(sft["version"])
+    assert (manifest.kind, manifest.dataset_snapshot, manifest.parents) == ("sft", world.snapshot, [])
+    assert manifest.hyperparameters["epochs"] == 6 and manifest.hyperparameters["preset"] == "tiny"
+    assert manifest.metrics["best_val_loss"] < 10.5 and sft["announced"] is True
+    load_causal_lm(world.store.path(sft["version"]))
+    run_dir = Path(sft["run_dir"])
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == sft["metrics"]["steps"] == 48
+    assert (run_dir / "curves.png").stat().st_size > 1000 and "| best_val_loss |" in (run_dir / "report.md").read_text()
+
+    # RM: learns the synthetic preference; held-out users; demonstrations centred at 0
+    manifest = world.store.verify(rm["version"])
+    assert (manifest.kind, manifest.parents) == ("rm", [sft["version"]])
+    metrics = rm["metrics"]
+    assert metrics["val_pair_accuracy"] >= 0.75 and metrics["val_prompt_accuracy"] >= 0.75, metrics
+    assert metrics["val_users_overlapping_train"] == 0 and metrics["val_prompts"] == 8
+    model = RewardModel.from_pretrained(world.store.path(rm["version"]))
+    tok = load_tokenizer(world.store.path(rm["version"]))
+    demos = [encode_prompt_response(tok, render_prompt(tok, d["prompt_text"]), d["response"], 64) for d in snapshot_train[:16]]
+    with torch.no_grad():
+        assert abs(float(model.score(*pad_batch(demos, tok.pad_token_id)).mean())) < 1e-4
+
+    # PPO-ptx: a policy with both parents and the per-step metrics
+    manifest = world.store.verify(ppo["version"])
+    assert (manifest.kind, manifest.role, manifest.parents) == ("ppo", "policy", [sft["version"], rm["version"]])
+    load_causal_lm(world.store.path(ppo["version"]))
+    rows = [json.loads(line) for line in (Path(ppo["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+    for key in ("reward_score", "kl", "entropy", "clip_fraction", "value_loss", "response_length", "ptx_loss"):
+        assert all(key in row for row in rows), key
+
+    # every publish was announced as CREATED, after the checkpoint was in the store
+    consumer = bus.make_consumer(world.settings, None)
+    from kafka import TopicPartition
+
+    partition = TopicPartition(bus.Topics.from_settings(world.settings).name("checkpoints"), 0)
+    consumer.assign([partition])
+    consumer.seek_to_beginning(partition)
+    seen, deadline = {}, time.time() + 30
+    while len(seen) < 3 and time.time() < deadline:
+        for records in consumer.poll(timeout_ms=500).values():
+            for record in records:
+                event = events_pb2.CheckpointEvent.FromString(record.value)
+                seen[event.version] = event
+    consumer.close()
+    for result in (sft, rm, ppo):
+        event = seen[result["version"]]
+        assert event.type == events_pb2.CheckpointEvent.TYPE_CREATED
+        assert event.manifest_sha256 == world.store.manifest_sha256(result["version"])
+
+
+def test_gate_evaluation(world, trained):
+    sft, rm, ppo = (trained[k]["version"] for k in ("sft", "rm", "ppo"))
+    same = world.run("evaluate", ["--policy", sft, "--reference", sft, "--reward", rm, "--snapshot", world.snapshot], "eval-sft")
+    assert same["kl_to_reference"] == 0.0 and same["n"] == 8  # a policy against itself
+    moved = world.run("evaluate", ["--policy", ppo, "--reference", sft, "--reward", rm, "--snapshot", world.snapshot], "eval-ppo")
+    assert moved["n"] == 8 and moved["kl_to_reference"] != 0.0 and isinstance(moved["mean_reward"], float)
+    assert 0 < moved["mean_response_length"] <= 12
+
+
+@pytest.mark.parametrize("trainer", ["sft", "rm", "ppo"])
+def test_killed_job_resumes_to_the_same_result(world, trained, trainer):
+    name = f"{trainer}-killed"
+    run_dir = world.root / name
+    log = open(world.root / f"{name}.log", "w")
+    proc = subprocess.Popen(world.command(trainer, trainer_args(world, trained, trainer), name), env=world.env, stdout=log, stderr=log)
+    metrics, state = run_dir / "metrics.jsonl", run_dir / "state" / "latest.pt"
+    deadline = time.time() + 120
+    while proc.poll() is None and time.time() < deadline:  # kill once a resume point exists, mid-run
+        if state.exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
+            os.kill(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    assert proc.wait(timeout=30) == -signal.SIGKILL, "the job finished before it could be killed"
+    version = json.loads((run_dir / "run.json").read_text())["version"]
+    assert not world.store.exists(version)  # nothing half-published
+
+    resumed = world.run(trainer, trainer_args(world, trained, trainer), name)
+    reference = trained[trainer]
+    assert resumed["version"] == version
+    expected, actual = weights(world.store, reference["version"]), weights(world.store, version)
+    assert expected.keys() == actual.keys()
+    for key in expected:
+        assert torch.equal(expected[key], actual[key]), key
+    strip = lambda row: {k: v for k, v in row.items() if k != "time_s"}  # noqa: E731
+    rows = lambda result: [strip(json.loads(x)) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert rows(resumed) == rows(reference)
+    assert '"msg": "resuming from run dir"' in (world.root / f"{name}.stderr").read_text()
+
+
+def test_ppo_under_torchrun_with_two_cpu_processes(world, trained):
+    args = ["--snapshot", world.snapshot, "--sft", trained["sft"]["version"], "--reward", trained["rm"]["version"],
+            "--set", "total_steps=2", "--set", "ptx_coef=0.5"]
+    result = world.run("ppo", args, "ppo-ddp", torchrun=2, env={"OMP_NUM_THREADS": "1", "RLHF_TORCH_THREADS": "1"})
+    world.store.verify(result["version"])
+    load_causal_lm(world.store.path(result["version"]))
+    rows = (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # rank 0 alone writes
+
+
+def test_bad_input_exits_2_and_publishes_nothing(world, trained):
+    before = {m.version for m in world.store.list()}
+    for args, message in ((["--snapshot", "ds-missing"], "snapshot 'ds-missing' not found"),
+                          (["--snapshot", world.snapshot, "--set", "lr=fast"], "config key 'lr' must be a number")):
+        proc = subprocess.run(world.command("sft", args, "sft-bad"), env=world.env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    assert {m.version for m in world.store.list()} == before
