@@ -181,7 +181,7 @@ def run(preset_name: str, home: Path, keep_up: bool = False) -> Path:
                     "preset": asdict(preset) | {"name": preset_name},
                     "gate": second.decision,
                     "gate_evaluations": second.evaluations,
-                    "final_kl_to_sft": second.evaluations.get("candidate", {}).get("kl_to_reference"),
+                    "kl_to_sft": second.evaluations.get("candidate", {}).get("kl_to_reference"),
                     "ppo_promoted": promoted,
                     "timings_s": step.timings,
                     "decisions": decisions,

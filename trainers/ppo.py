@@ -115,7 +115,7 @@ class PPOConfig:
 
 PRESETS = {
     "tiny": dict(total_steps=4, rollout_batch_size=4, generation_batch_size=4, mini_batch_size=2, max_prompt_tokens=48, max_new_tokens=12,
-                 lr=1e-4, value_lr=1e-4, ptx_batch_size=2, ptx_max_tokens=48, save_every=1),
+                 lr=1e-3, value_lr=1e-3, lora_rank=4, ptx_batch_size=2, ptx_max_tokens=48, save_every=1),
     # All four 135M models on 2 cores in a few minutes: LoRA, bf16, short responses.
     "cpu": dict(total_steps=6, rollout_batch_size=8, generation_batch_size=8, mini_batch_size=4, max_prompt_tokens=96, max_new_tokens=32,
                 lr=5e-5, value_lr=1e-4, lora_rank=8, bf16=True, save_every=2),

@@ -69,8 +69,9 @@ class SFTConfig:
 
 
 PRESETS = {
-    # Seconds on the tiny random model, for tests.
-    "tiny": dict(epochs=2, batch_size=4, micro_batch_size=2, lr=1e-3, max_tokens=64, eval_every=4, save_every=2, max_val_examples=8),
+    # Seconds on the tiny random model, for tests; LoRA so the tests cover the adapter and merge path.
+    "tiny": dict(epochs=2, batch_size=4, micro_batch_size=2, lr=1e-3, max_tokens=64, lora_rank=4, eval_every=4, save_every=2,
+                 max_val_examples=8),
     # The 135M base on 2 CPU cores in a few minutes: LoRA, bf16, short sequences, few steps.
     "cpu": dict(epochs=1, max_steps=24, batch_size=8, micro_batch_size=4, lr=2e-4, warmup_steps=2, max_tokens=160, lora_rank=8,
                 lora_alpha=16.0, bf16=True, eval_every=8, save_every=4, max_val_examples=16),

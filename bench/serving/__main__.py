@@ -1,6 +1,8 @@
 """Serving benchmark: the PolicyService on the real base model (SmolLM2-135M).
 
-1. Baseline, in this process: HF `model.generate`, fp32, one request at a time.
+1. Baseline, in this process: HF `model.generate`, fp32, one request at a time,
+   run before and after the closed loop; the faster run counts (this machine's
+   CPUs are shared, so the conservative ratio uses the better baseline).
 2. Closed loop: 1, 4, 16, 32 concurrent gRPC clients streaming 64 new tokens
    each from a fixed prompt set, against `python -m services.policy` run as a
    subprocess whose RSS is sampled with psutil.
@@ -273,20 +275,24 @@ def main(argv: list[str]) -> int:
         wait_for_serving(target, timeout=300)
         print(f"policy service up (pid {server.pid}, dtype {args.dtype}); RSS {sampler.take_peak() / GB:.2f} GB", flush=True)
 
-        base = baseline(preset_dir, baseline_prompts, new_tokens)
+        base_before = baseline(preset_dir, baseline_prompts, new_tokens)
         with grpc.insecure_channel(target) as channel:  # warm the server's code paths
             stream_once(policy_pb2_grpc.PolicyServiceStub(channel), PROMPTS[0], 4)
         sampler.take_peak()
 
-        rows = [{"setup": "HF generate fp32, 1 at a time (baseline)", "clients": 1, "requests": len(baseline_prompts),
-                 "tokens": base["tokens"], "tok_s": base["tok_s"], "x_baseline": 1.0,
-                 "ttft_p50_ms": base["ttft_p50_ms"], "ttft_p99_ms": base["ttft_p99_ms"], "failed": 0, "peak_rss_gb": ""}]
         results = []
         for clients in tqdm(levels, desc="concurrency levels", leave=False):
             r = closed_loop(target, clients, rounds, new_tokens)
             r["peak_rss_gb"] = sampler.take_peak() / GB
             results.append(r)
-            rows.append({"setup": f"PolicyService gRPC ({args.dtype})", "clients": clients, "requests": r["requests"],
+        base_after = baseline(preset_dir, baseline_prompts, new_tokens)
+        base = max(base_before, base_after, key=lambda b: b["tok_s"])
+        rows = [{"setup": f"HF generate fp32, 1 at a time (baseline, {name})", "clients": 1, "requests": len(baseline_prompts),
+                 "tokens": b["tokens"], "tok_s": b["tok_s"], "x_baseline": b["tok_s"] / base["tok_s"],
+                 "ttft_p50_ms": b["ttft_p50_ms"], "ttft_p99_ms": b["ttft_p99_ms"], "failed": 0, "peak_rss_gb": ""}
+                for name, b in (("before", base_before), ("after", base_after))]
+        for r in results:
+            rows.append({"setup": f"PolicyService gRPC ({args.dtype})", "clients": r["clients"], "requests": r["requests"],
                          "tokens": r["tokens"], "tok_s": r["tok_s"], "x_baseline": r["tok_s"] / base["tok_s"],
                          "ttft_p50_ms": r["ttft_p50_ms"], "ttft_p99_ms": r["ttft_p99_ms"], "failed": r["failed"],
                          "peak_rss_gb": r["peak_rss_gb"]})
@@ -316,7 +322,8 @@ def main(argv: list[str]) -> int:
         for name, ok in checks.items():
             print(f"  [{'n/a' if ok is None else 'PASS' if ok else 'FAIL'}] {name}")
         write_results("serving", {
-            "quick": args.quick, "dtype": args.dtype, "new_tokens": new_tokens, "baseline": base, "levels": results,
+            "quick": args.quick, "dtype": args.dtype, "new_tokens": new_tokens, "baseline": base,
+            "baseline_runs": [base_before, base_after], "levels": results,
             "llama_cpp": llama, "swap": {**swap, "peak_rss_gb": swap_rss}, "checks": checks,
         })
         return 0

@@ -37,7 +37,7 @@ from transformers import DynamicCache
 
 from services.common.config import Settings
 from services.common.hotswap import Loaded
-from services.common.logs import get_logger, log_fields
+from services.common.logs import get_logger
 from services.common.metrics import BATCH_SIZE, GENERATED_TOKENS, QUEUE_DEPTH
 from services.common.models import pad_batch, position_ids_from_mask
 from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, ServingError, TokenOut

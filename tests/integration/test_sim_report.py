@@ -88,3 +88,10 @@ def test_missing_checkpoint_is_refused_and_nothing_written(tmp_path, tiny_run):
         write_report(settings, tmp_path / "nothing", base_version=None, sft_version=v["sft"], ppo_version="ppo-missing",
                      rm_version=v["rm"], snapshot_id=v["snapshot"], run_dirs=run_dirs)
     assert not (tmp_path / "nothing").exists()
+
+
+def test_bad_eval_config_names_the_field():
+    with pytest.raises(ValueError, match="EvalConfig.samples_per_prompt=0"):
+        EvalConfig(samples_per_prompt=0)
+    with pytest.raises(ValueError, match="dtype"):
+        EvalConfig(dtype="fp8")

@@ -5,7 +5,7 @@ the tiny model, a real broker for the CREATED announcements.
 - a job killed with SIGKILL and re-run on its run dir resumes and ends with
   exactly the weights and metrics of the uninterrupted run;
 - PPO under torchrun with 2 CPU processes (DDP over gloo);
-- bad input exits 2 and publishes nothing.
+- bad input is refused with a message naming it, and publishes nothing.
 """
 
 from __future__ import annotations
@@ -30,14 +30,18 @@ from services.common.config import load_settings
 from services.common.models import RewardModel, encode_prompt_response, load_causal_lm, load_tokenizer, pad_batch, render_prompt
 from services.common.datasets import SnapshotStore
 from tests.conftest import MODEL_CACHE
+from trainers import evaluate
+from trainers import rm as rm_trainer
+from trainers import sft as sft_trainer
+from trainers.common import JobError
 from trainers.synthetic import write_snapshot
 
 pytestmark = pytest.mark.integration
 
 # Long enough that a SIGKILL lands mid-run; short enough for seconds on 2 cores.
 SETS = {
-    "sft": ["--set", "epochs=6"],
-    "rm": ["--set", "batch_size=2", "--set", "epochs=3", "--set", "micro_batch_size=2"],
+    "sft": ["--set", "epochs=3"],
+    "rm": ["--set", "batch_size=2", "--set", "epochs=2", "--set", "micro_batch_size=2"],
     "ppo": ["--set", "total_steps=6", "--set", "ptx_coef=0.5"],
 }
 
@@ -48,7 +52,7 @@ class World:
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
         self.env.update({"RLHF_HOME": str(root / "home"), "RLHF_MODEL": "tiny", "RLHF_MODEL_CACHE": MODEL_CACHE,
                          "RLHF_KAFKA_BOOTSTRAP": broker, "RLHF_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}",
-                         "RLHF_TOPIC_PARTITIONS": "1", "PYTHONUNBUFFERED": "1"})
+                         "RLHF_TOPIC_PARTITIONS": "1", "RLHF_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"})
         self.settings = load_settings({k: v for k, v in self.env.items() if k.startswith("RLHF_")})
         self.store = CheckpointStore(self.settings.checkpoint_dir)
         self.snapshot = write_snapshot(self.settings.dataset_dir, 40)
@@ -105,11 +109,11 @@ def test_chain_publishes_verified_checkpoints_that_load(world, trained):
     # SFT: a policy folder the serving code loads as is (LoRA, if any, merged)
     manifest = world.store.verify(sft["version"])
     assert (manifest.kind, manifest.dataset_snapshot, manifest.parents) == ("sft", world.snapshot, [])
-    assert manifest.hyperparameters["epochs"] == 6 and manifest.hyperparameters["preset"] == "tiny"
+    assert manifest.hyperparameters["epochs"] == 3 and manifest.hyperparameters["preset"] == "tiny"
     assert manifest.metrics["best_val_loss"] < 10.5 and sft["announced"] is True
     load_causal_lm(world.store.path(sft["version"]))
     run_dir = Path(sft["run_dir"])
-    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == sft["metrics"]["steps"] == 48
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == sft["metrics"]["steps"] == 24
     assert (run_dir / "curves.png").stat().st_size > 1000 and "| best_val_loss |" in (run_dir / "report.md").read_text()
 
     # RM: learns the synthetic preference; held-out users; demonstrations centred at 0
@@ -152,13 +156,45 @@ def test_chain_publishes_verified_checkpoints_that_load(world, trained):
         assert event.manifest_sha256 == world.store.manifest_sha256(result["version"])
 
 
-def test_gate_evaluation(world, trained):
+@pytest.fixture
+def in_process(world, monkeypatch):
+    """Run a trainer's main() in this process (no interpreter start-up) with the world's settings."""
+    for key in [k for k in os.environ if k.startswith("RLHF_")]:
+        monkeypatch.delenv(key)
+    for key, value in world.env.items():
+        if key.startswith("RLHF_"):
+            monkeypatch.setenv(key, value)
+    threads = torch.get_num_threads()
+    yield lambda main, argv: main([*argv, "--preset", "tiny"])
+    torch.set_num_threads(threads)
+
+
+def test_gate_evaluation(world, trained, in_process):
     sft, rm, ppo = (trained[k]["version"] for k in ("sft", "rm", "ppo"))
-    same = world.run("evaluate", ["--policy", sft, "--reference", sft, "--reward", rm, "--snapshot", world.snapshot], "eval-sft")
+    for policy in (sft, ppo):
+        in_process(evaluate.main, ["--policy", policy, "--reference", sft, "--reward", rm, "--snapshot", world.snapshot,
+                                   "--result-file", str(world.root / f"eval-{policy}.json"), "--run-dir", str(world.root / f"eval-{policy}")])
+    same = json.loads((world.root / f"eval-{sft}.json").read_text())
+    moved = json.loads((world.root / f"eval-{ppo}.json").read_text())
     assert same["kl_to_reference"] == 0.0 and same["n"] == 8  # a policy against itself
-    moved = world.run("evaluate", ["--policy", ppo, "--reference", sft, "--reward", rm, "--snapshot", world.snapshot], "eval-ppo")
     assert moved["n"] == 8 and moved["kl_to_reference"] != 0.0 and isinstance(moved["mean_reward"], float)
     assert 0 < moved["mean_response_length"] <= 12
+    assert len((world.root / f"eval-{ppo}" / "samples.jsonl").read_text().splitlines()) == 8
+
+
+def test_bad_input_is_refused_and_publishes_nothing(world, trained, in_process):
+    before = {m.version for m in world.store.list()}
+    result = world.root / "bad.json"
+    base = ["--run-dir", str(world.root / "bad"), "--result-file", str(result)]
+    with pytest.raises(JobError, match="dataset snapshot 'ds-missing' not found"):
+        in_process(sft_trainer.main, ["--snapshot", "ds-missing", *base])
+    with pytest.raises(JobError, match="has no train comparisons"):
+        empty = SnapshotStore(world.settings.dataset_dir).write({"train": {"demonstrations": []}})["snapshot_id"]
+        in_process(rm_trainer.main, ["--snapshot", empty, "--sft", trained["sft"]["version"], *base])
+    with pytest.raises(SystemExit) as exit_info:  # argparse: exit status 2 and the message on stderr
+        in_process(sft_trainer.main, ["--snapshot", world.snapshot, "--set", "lr=fast", *base])
+    assert exit_info.value.code == 2
+    assert {m.version for m in world.store.list()} == before and not result.exists()
 
 
 @pytest.mark.parametrize("trainer", ["sft", "rm", "ppo"])
@@ -194,17 +230,8 @@ def test_killed_job_resumes_to_the_same_result(world, trained, trainer):
 def test_ppo_under_torchrun_with_two_cpu_processes(world, trained):
     args = ["--snapshot", world.snapshot, "--sft", trained["sft"]["version"], "--reward", trained["rm"]["version"],
             "--set", "total_steps=2", "--set", "ptx_coef=0.5"]
-    result = world.run("ppo", args, "ppo-ddp", torchrun=2, env={"OMP_NUM_THREADS": "1", "RLHF_TORCH_THREADS": "1"})
+    result = world.run("ppo", args, "ppo-ddp", torchrun=2)
     world.store.verify(result["version"])
     load_causal_lm(world.store.path(result["version"]))
     rows = (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == 2  # rank 0 alone writes
-
-
-def test_bad_input_exits_2_and_publishes_nothing(world, trained):
-    before = {m.version for m in world.store.list()}
-    for args, message in ((["--snapshot", "ds-missing"], "snapshot 'ds-missing' not found"),
-                          (["--snapshot", world.snapshot, "--set", "lr=fast"], "config key 'lr' must be a number")):
-        proc = subprocess.run(world.command("sft", args, "sft-bad"), env=world.env, capture_output=True, text=True, timeout=60)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-    assert {m.version for m in world.store.list()} == before
