@@ -321,7 +321,7 @@ def main(argv: list[str]) -> int:
         }
         for name, ok in checks.items():
             print(f"  [{'n/a' if ok is None else 'PASS' if ok else 'FAIL'}] {name}")
-        write_results("serving", {
+        write_results("serving" if args.dtype == "float32" else f"serving-{args.dtype}", {
             "quick": args.quick, "dtype": args.dtype, "new_tokens": new_tokens, "baseline": base,
             "baseline_runs": [base_before, base_after], "levels": results,
             "llama_cpp": llama, "swap": {**swap, "peak_rss_gb": swap_rss}, "checks": checks,

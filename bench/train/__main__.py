@@ -9,7 +9,8 @@ words rank higher; trainers/synthetic.py), no ties, split by user.
   rejected) rows per prompt, each row forwarding both sequences.
 Both get the same token ids, the same initial weights (a fresh scalar head
 on the same backbone), 1 epoch over the same comparisons, the same number of
-optimizer steps (B prompts = 28·B pairs per step), AdamW at a constant
+optimizer steps (B prompts = 28·B pairs per step, in micro-batches of 4
+prompts = 112 pairs, gradients accumulated), AdamW at a constant
 learning rate, fp32, no gradient checkpointing. Timed: the training loop
 only (ours: the trainer's own `train_seconds`; TRL: `trainer.train()`).
 Accuracy: every held-out pair (validation users), scored by each model.
@@ -50,12 +51,12 @@ def bench_model(kind: str, layers: int, out: Path) -> Path:
     return out
 
 
-def run_ours(work: Path, snapshot: str, sft: str, batch_prompts: int, lr: float, max_tokens: int) -> dict:
+def run_ours(work: Path, snapshot: str, sft: str, batch_prompts: int, micro_prompts: int, lr: float, max_tokens: int) -> dict:
     import json
 
     from trainers import rm
 
-    sets = {"epochs": 1, "max_steps": 0, "batch_size": batch_prompts, "micro_batch_size": batch_prompts, "lr": lr, "min_lr_ratio": 1.0,
+    sets = {"epochs": 1, "max_steps": 0, "batch_size": batch_prompts, "micro_batch_size": micro_prompts, "lr": lr, "min_lr_ratio": 1.0,
             "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "max_tokens": max_tokens, "lora_rank": 0, "bf16": False,
             "max_val_prompts": 100000, "save_every": 100000, "eval_every": 0, "seed": 0}
     argv = ["--snapshot", snapshot, "--sft", sft, "--run-dir", str(work / "ours"), "--result-file", str(work / "ours.json"),
@@ -64,7 +65,7 @@ def run_ours(work: Path, snapshot: str, sft: str, batch_prompts: int, lr: float,
     return json.loads((work / "ours.json").read_text())["metrics"]
 
 
-def run_trl(work: Path, model_dir: Path, train, val, batch_prompts: int, lr: float) -> dict:
+def run_trl(work: Path, model_dir: Path, train, val, batch_prompts: int, micro_prompts: int, lr: float) -> dict:
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
@@ -80,7 +81,8 @@ def run_trl(work: Path, model_dir: Path, train, val, batch_prompts: int, lr: flo
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
-    config = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=batch_prompts * PAIRS_PER_PROMPT, num_train_epochs=1,
+    config = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=micro_prompts * PAIRS_PER_PROMPT,
+                          gradient_accumulation_steps=batch_prompts // micro_prompts, num_train_epochs=1,
                           learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
                           gradient_checkpointing=False, bf16=False, use_cpu=True, save_strategy="no", report_to=[], logging_strategy="no",
                           disable_tqdm=True, max_length=None, seed=0, data_seed=0, dataloader_num_workers=0)
@@ -107,10 +109,13 @@ def main() -> int:
     parser.add_argument("--model", choices=("tiny", "base"), help="default: base (tiny with --quick)")
     parser.add_argument("--layers", type=int, default=4, help="layers of the base model kept (default 4)")
     parser.add_argument("--prompts", type=int, help="prompts in all (default 160, 40 with --quick); 20%% are held-out users")
-    parser.add_argument("--batch-prompts", type=int, default=4, help="prompts per step (ours) = 28x that many pairs (TRL)")
+    parser.add_argument("--batch-prompts", type=int, default=8, help="prompts per step (ours) = 28x that many pairs per step (TRL)")
+    parser.add_argument("--micro-prompts", type=int, default=4, help="prompts per forward (TRL: 28x that many pairs, accumulated)")
     parser.add_argument("--lr", type=float, help="default 1e-3 (tiny) / 1e-4 (base)")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
+    if args.batch_prompts % args.micro_prompts:
+        parser.error("--batch-prompts must be a multiple of --micro-prompts")
     kind = args.model or ("tiny" if args.quick else "base")
     n_prompts = args.prompts or (40 if args.quick else 160)
     lr = args.lr or (1e-3 if kind == "tiny" else 1e-4)
@@ -138,8 +143,8 @@ def main() -> int:
         train = [encode_comparison(tokenizer, r, args.max_tokens) for r in data["train"]["comparisons"]]
         val = [encode_comparison(tokenizer, r, args.max_tokens) for r in data["validation"]["comparisons"]]
 
-        ours = run_ours(work, snapshot, sft, args.batch_prompts, lr, args.max_tokens)
-        trl_result = run_trl(work, model_dir, train, val, args.batch_prompts, lr)
+        ours = run_ours(work, snapshot, sft, args.batch_prompts, args.micro_prompts, lr, args.max_tokens)
+        trl_result = run_trl(work, model_dir, train, val, args.batch_prompts, args.micro_prompts, lr)
     finally:
         stop_process(broker)
 
@@ -159,7 +164,7 @@ def main() -> int:
     print(f"speedup (TRL time / ours): {speedup:.2f}x   accuracy difference (ours - TRL): {gap:+.1f} points   "
           f"target >= 4x and >= -2 points: {'MET' if verdict else 'NOT MET'}", flush=True)
     write_results("train", {"quick": args.quick, "model": model_name, "train_prompts": len(train), "pairs_per_prompt": PAIRS_PER_PROMPT,
-                            "batch_prompts": args.batch_prompts, "lr": lr, "trl_version": trl.__version__,
+                            "batch_prompts": args.batch_prompts, "micro_prompts": args.micro_prompts, "lr": lr, "trl_version": trl.__version__,
                             "ours": {k: ours[k] for k in ("train_seconds", "val_pair_accuracy", "val_prompt_accuracy", "val_pairs")},
                             "trl": trl_result, "speedup": speedup, "accuracy_gap_points": gap, "target_met": verdict})
     return 0

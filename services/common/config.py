@@ -320,9 +320,24 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+README_START, README_END = "<!-- CONFIG-TABLE -->", "<!-- /CONFIG-TABLE -->"
+
+
+def readme_with_table(text: str) -> str:
+    """README text with the generated table between its markers."""
+    head, sep, rest = text.partition(README_START)
+    if not sep:
+        raise ValueError(f"README has no {README_START} marker")
+    _, _, tail = rest.partition(README_END)
+    return f"{head}{README_START}\n{markdown_table()}\n{README_END}{tail}"
+
+
 if __name__ == "__main__":
     if "--markdown" in sys.argv:
         print(markdown_table())
+    elif "--readme" in sys.argv:
+        path = Path(sys.argv[sys.argv.index("--readme") + 1])
+        path.write_text(readme_with_table(path.read_text()))
     else:
         s = exit_on_config_error(load_settings)
         for f in FIELDS:

@@ -53,3 +53,12 @@ def test_to_env_round_trips():
 
     s = load_settings({"RLHF_MODEL": "tiny", "RLHF_TRAINER_OVERRIDES": '{"ppo": {"steps": 2}}', "RLHF_POLICY_PORT": "123"})
     assert load_settings(to_env(s)) == s
+
+
+def test_readme_config_table_is_generated_from_the_settings():
+    from pathlib import Path
+
+    from services.common.config import readme_with_table
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert readme == readme_with_table(readme), "README's config table is stale: python -m services.common.config --readme README.md"
