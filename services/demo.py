@@ -57,7 +57,7 @@ PRESETS = {
     "gpu": DemoPreset(model="base", trainer_preset="gpu", users=120, prompts=2400, demonstrations=400, comparisons=600, k=6,
                       sample_tokens=64, eval_prompts=256, eval_tokens=64),
     # For the e2e test and a quick look: the tiny model learns nothing useful.
-    "tiny": DemoPreset(model="tiny", trainer_preset="tiny", users=20, prompts=120, demonstrations=16, comparisons=16, k=4,
+    "tiny": DemoPreset(model="tiny", trainer_preset="tiny", users=20, prompts=320, demonstrations=16, comparisons=16, k=4,
                        sample_tokens=16, eval_prompts=16, eval_tokens=16),
 }
 
@@ -134,7 +134,6 @@ def run(preset_name: str, home: Path, keep_up: bool = False) -> Path:
     settings = exit_on_config_error(load_settings)
     step = Step(8)
     stack = Stack(settings, skip=("controller",))  # the demo drives the controller itself, in the open
-    decisions: list[dict] = []
     try:
         with step("start the local stack"):
             stack.up(timeout=300)
@@ -171,7 +170,6 @@ def run(preset_name: str, home: Path, keep_up: bool = False) -> Path:
         with step("evaluate against the gold labeler and write the report"):
             store = CheckpointStore(settings.checkpoint_dir)
             base = next((m.version for m in store.list(role="policy") if m.kind == "base"), None)
-            decisions = controller.decisions()
             report = sim_report.write_report(
                 settings, home / "report",
                 base_version=base, sft_version=sft, ppo_version=ppo, rm_version=second.trained["rm"],
@@ -184,7 +182,7 @@ def run(preset_name: str, home: Path, keep_up: bool = False) -> Path:
                     "kl_to_sft": second.evaluations.get("candidate", {}).get("kl_to_reference"),
                     "ppo_promoted": promoted,
                     "timings_s": step.timings,
-                    "decisions": decisions,
+                    "controller_decisions": str(settings.home / "controller" / "decisions.jsonl"),
                 },
                 config=sim_report.EvalConfig(prompts=preset.eval_prompts, max_new_tokens=preset.eval_tokens),
             )
