@@ -166,12 +166,16 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def global_batch(order_for_epoch: Callable[[int], list[int]], n: int, batch_size: int, step: int) -> list[int]:
-    """Indices of global batch `step` when each epoch is ceil(n / batch_size) batches."""
+def global_batch(order_for_epoch: Callable[[int], list[int]], n: int, batch_size: int, step: int, min_size: int = 1) -> list[int]:
+    """Indices of global batch `step` when each epoch is ceil(n / batch_size) batches.
+
+    A short last batch is topped up from the epoch's start to `min_size`
+    (the number of processes), so that every DDP rank gets work each step."""
     per_epoch = max(1, math.ceil(n / batch_size))
     epoch, k = divmod(step, per_epoch)
     order = order_for_epoch(epoch)
-    return order[k * batch_size:(k + 1) * batch_size]
+    batch = order[k * batch_size:(k + 1) * batch_size]
+    return batch + (order * min_size)[: max(0, min_size - len(batch))]
 
 
 def peak_rss_gb() -> float:

@@ -355,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(total=cfg.total_steps, initial=start, desc="ppo", disable=not job.is_main, dynamic_ncols=True)
     for step in range(start, cfg.total_steps):
         step_seed(cfg.seed, job.rank, step)
-        chosen = job.rank_slice(global_batch(lambda e: epoch_order(len(prompts), cfg.seed, e), len(prompts), cfg.rollout_batch_size, step))
+        chosen = job.rank_slice(global_batch(lambda e: epoch_order(len(prompts), cfg.seed, e), len(prompts), cfg.rollout_batch_size, step,
+                                             job.world))
         chosen = (chosen * local_rollouts)[:local_rollouts]  # fewer prompts than a batch: repeat them
         # 1. rollouts and their rewards
         unwrap(policy).eval()

@@ -110,7 +110,7 @@ def ranking_pairs(ranks_per_prompt: list[list[int]]) -> tuple[torch.Tensor, torc
     return torch.tensor(winners, dtype=torch.long), torch.tensor(losers, dtype=torch.long), torch.tensor(weights), n_prompts
 
 
-def kway_loss(scores: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, weights: torch.Tensor, n_prompts: int) -> torch.Tensor:
+def kway_loss(scores: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, weights: torch.Tensor, n_prompts: float) -> torch.Tensor:
     """InstructGPT's ranking loss, averaged over prompts:
 
         loss = −1/P · Σ_prompts 1/N_p · Σ_{(w,l) in prompt} log σ(r_w − r_l)
@@ -128,7 +128,7 @@ def kway_loss(scores: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
     the step is split into micro-batches.
     """
     margins = scores[winners] - scores[losers]
-    return -(weights.to(scores.device) * F.logsigmoid(margins.float())).sum() / max(1, n_prompts)
+    return -(weights.to(scores.device) * F.logsigmoid(margins.float())).sum() / (n_prompts if n_prompts > 0 else 1)
 
 
 # --- data ---------------------------------------------------------------------------
@@ -239,8 +239,11 @@ def main(argv: list[str] | None = None) -> int:
         lr = lr_at(step, total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = [train[i] for i in job.rank_slice(global_batch(lambda e: epoch_order(len(train), cfg.seed, e), len(train), cfg.batch_size, step))]
-        n_prompts = len(batch)  # every train prompt has >= 1 non-tie pair (see usable)
+        step_batch = global_batch(lambda e: epoch_order(len(train), cfg.seed, e), len(train), cfg.batch_size, step, job.world)
+        batch = [train[i] for i in job.rank_slice(step_batch)]
+        # Every train prompt has a non-tie pair (see usable). DDP averages gradients over ranks, so normalising by the
+        # mean prompt count per rank makes the result the mean over all of the step's prompts, however they split.
+        n_prompts = len(step_batch) / job.world
         optimizer.zero_grad(set_to_none=True)
         loss_total, correct, pairs = 0.0, 0.0, 0
         for i in range(0, len(batch), cfg.micro_batch_size):

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from services.common.models import encode_prompt_response, load_causal_lm, load_tokenizer, pad_batch, position_ids_from_mask, render_prompt
-from trainers.common import (Job, JobError, add_lora, autocast, epoch_order, global_batch, load_trainable_state, lr_at, markdown_report,
+from trainers.common import (Job, JobError, add_lora, all_reduce_, autocast, epoch_order, global_batch, load_trainable_state, lr_at, markdown_report,
                              merge_lora, peak_rss_gb, require, run_main, step_seed, trainable_state, unwrap)
 
 IGNORE = -100
@@ -168,15 +168,18 @@ def main(argv: list[str] | None = None) -> int:
         lr = lr_at(step, total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = [train[i] for i in job.rank_slice(global_batch(lambda e: epoch_order(len(train), cfg.seed, e), len(train), cfg.batch_size, step))]
+        batch = [train[i] for i in job.rank_slice(global_batch(lambda e: epoch_order(len(train), cfg.seed, e), len(train), cfg.batch_size,
+                                                              step, job.world))]
         n_tokens = sum(len(ids) - n_prompt for ids, n_prompt in batch)
+        # DDP averages gradients over ranks; dividing by the mean token count per rank makes that the step's token mean
+        n_tokens_mean = float(all_reduce_(torch.tensor(float(n_tokens)))) / job.world
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for i in range(0, len(batch), cfg.micro_batch_size):
             ids, mask, labels = (t.to(device) for t in collate(batch[i:i + cfg.micro_batch_size], tokenizer.pad_token_id))
             with autocast(device, cfg.bf16):
                 loss_sum, _ = lm_loss_sum(model, ids, mask, labels)
-            (loss_sum / n_tokens).backward()  # mean over the step's response tokens
+            (loss_sum / n_tokens_mean).backward()  # mean over the step's response tokens
             loss_total += loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()

@@ -44,7 +44,7 @@ class LibrdkafkaProducer:
             "bootstrap.servers": settings.kafka_bootstrap,
             "enable.idempotence": True,        # implies acks=all, bounded in-flight, retries
             "acks": "all",
-            "linger.ms": 1,
+            "linger.ms": float(__import__("os").environ.get("XLINGER", "1")),
             "partitioner": "murmur2_random",   # same partition per key as Java / kafka-python clients
             # Give up on a record about when its caller gives up on it, so a
             # record we reported UNAVAILABLE is rarely written much later.

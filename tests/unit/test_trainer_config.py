@@ -62,3 +62,10 @@ def test_lr_schedule():
     assert lr_at(0, 10, 1.0, warmup=2) == pytest.approx(0.5)
     assert lr_at(2, 10, 1.0, warmup=2) == pytest.approx(1.0)
     assert lr_at(10, 10, 1.0, warmup=2, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_short_last_batch_is_topped_up_so_every_rank_gets_work():
+    order = lambda e: epoch_order(5, seed=0, epoch=e)  # noqa: E731
+    first_epoch = epoch_order(5, 0, 0)
+    assert global_batch(order, 5, 4, 1) == first_epoch[4:]                 # one process: the short batch as is
+    assert global_batch(order, 5, 4, 1, min_size=2) == [first_epoch[4], first_epoch[0]]  # two ranks: topped up
