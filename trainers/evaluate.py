@@ -19,8 +19,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-import torch
-
 from services.common.models import RewardModel, load_causal_lm, load_tokenizer
 from trainers.common import Job, JobError, require, run_main, step_seed
 from trainers.ppo import encode_prompts, generate_rollouts, prompt_texts, rollout_stats

@@ -39,7 +39,7 @@ from tqdm import tqdm
 from services.common.models import RewardModel, last_token_index, load_causal_lm, load_tokenizer, pad_batch, position_ids_from_mask, render_prompt
 from trainers.common import (Job, JobError, add_lora, all_reduce_, autocast, epoch_order, global_batch, load_trainable_state, markdown_report,
                              merge_lora, peak_rss_gb, require, run_main, step_seed, trainable_state, unwrap)
-from trainers.sft import IGNORE, collate, lm_loss_sum
+from trainers.sft import collate, lm_loss_sum
 
 
 @dataclass
@@ -55,7 +55,7 @@ class PPOConfig:
               response that never emitted EOS; 0 = off).
     PPO:      ppo_epochs, mini_batch_size (rollouts per update, global), gamma,
               lam, whiten_advantages, clip_range, value_clip_range, vf_coef, lr,
-              value_lr, max_grad_norm.
+              value_lr (both constant), max_grad_norm.
     PPO-ptx:  ptx_coef (γ_ptx; the paper 27.8; 0 = plain PPO), ptx_source
               ("demonstrations" or a text file), ptx_batch_size, ptx_max_tokens.
     Model:    lora_rank (0 = full fine-tuning), lora_alpha, lora_dropout,
@@ -409,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         # 3. metrics (over all ranks), adaptive β
         lengths = rmask.sum(1).float()
         totals = all_reduce_(torch.tensor([float(stats["scores"].sum()), float(kl.sum()), float(lengths.sum()),
-                                           float((~rollouts.has_eos).sum()), float(len(lengths))], dtype=torch.float64))
+                                           float((~rollouts.has_eos).sum()), float(len(lengths))], dtype=torch.float64, device=device))
         n = float(totals[4])
         metrics = {"reward_score": float(totals[0]) / n, "kl": float(totals[1]) / n, "response_length": float(totals[2]) / n,
                    "no_eos_fraction": float(totals[3]) / n, "beta": kl_control.beta,

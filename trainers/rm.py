@@ -280,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         else:  # no demonstrations: centre the best-ranked responses instead
             bias_seqs = [seqs[ranks.index(min(ranks))] for seqs, ranks in train[: cfg.max_bias_examples]]
             summary["bias_source"] = "best-ranked train responses"
-        model.output_bias.fill_(-mean_raw_score(model, bias_seqs, pad_id, cfg.micro_batch_size * 4, device, cfg.bf16))
+        # fp32 even under bf16 training: serving scores in fp32, and the mean must be 0 there
+        model.output_bias.fill_(-mean_raw_score(model, bias_seqs, pad_id, cfg.micro_batch_size * 4, device, bf16=False))
         summary["output_bias"] = float(model.output_bias)
         if val:
             summary.update(validate(model, val, pad_id, cfg.micro_batch_size, device, cfg.bf16))

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                                                               step, job.world))]
         n_tokens = sum(len(ids) - n_prompt for ids, n_prompt in batch)
         # DDP averages gradients over ranks; dividing by the mean token count per rank makes that the step's token mean
-        n_tokens_mean = float(all_reduce_(torch.tensor(float(n_tokens)))) / job.world
+        n_tokens_mean = float(all_reduce_(torch.tensor(float(n_tokens), device=device))) / job.world
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for i in range(0, len(batch), cfg.micro_batch_size):

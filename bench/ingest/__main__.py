@@ -7,6 +7,9 @@ kafka-python producer, same records, same broker, same run.
 3. Paced: per-event p99 ack latency at a steady 500 events/s (open loop:
    latency counts from the scheduled send time, so a stall is not hidden).
 
+Paths 1 and 2 alternate baseline and service for a few rounds and report
+the median round's throughput (latency percentiles pool every round).
+
 The service runs as its own process (`python -m services.feedback`) on a
 dedicated Tansu broker; the baselines run in this process.
 """
@@ -30,7 +33,7 @@ from bench.common import percentile, print_table, write_results
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 from services.common import bus
 from services.common.auth import Identity, bearer
-from services.common.broker import free_port, start_broker, stop_process
+from services.common.broker import free_port, start_broker
 from services.common.config import load_settings
 from services.common.grpc_server import wait_for_serving
 from services.feedback.events import prepare
@@ -81,14 +84,16 @@ def row(path: str, who: str, n: int, wall: float, latencies: list[float], baseli
 def per_event_grpc(target: str, run: str, n: int) -> tuple[float, list[float]]:
     latencies: list[float] = []
     lock = threading.Lock()
+    requests = [comparison(run, i) for i in range(n)]  # built up front, like the baseline's records
 
     def work(t: int) -> None:
         with grpc.insecure_channel(target) as channel:
             stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+            metadata = bearer(f"tok-{LABELERS[t]}")
             mine = []
             for i in range(t, n, CLIENTS):
                 started = time.perf_counter()
-                stub.SubmitComparison(comparison(run, i), metadata=bearer(f"tok-{LABELERS[t]}"), timeout=30)
+                stub.SubmitComparison(requests[i], metadata=metadata, timeout=30)
                 mine.append(time.perf_counter() - started)
             with lock:
                 latencies.extend(mine)
@@ -116,11 +121,12 @@ def per_event_kafka(producer, topic: str, records: list) -> tuple[float, list[fl
 def bulk_grpc(target: str, run: str, n: int) -> tuple[float, list[float]]:
     sent: list[float] = []
     latencies: list[float] = []
+    prepared = [feedback_pb2.BulkItem(comparison=comparison(run, i)) for i in range(n)]  # built up front
 
     def items():
-        for i in range(n):
+        for item in prepared:
             sent.append(time.perf_counter())
-            yield feedback_pb2.BulkItem(comparison=comparison(run, i))
+            yield item
 
     with grpc.insecure_channel(target) as channel:
         stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
@@ -183,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (small counts)")
     parser.add_argument("--rate", type=float, default=500.0, help="events/s of the paced run")
     args = parser.parse_args(argv)
-    n_event, n_bulk, paced_s = (800, 3000, 3.0) if args.quick else (4000, 20000, 10.0)
+    n_event, n_bulk, paced_s, rounds = (600, 2000, 3.0, 2) if args.quick else (3000, 12000, 10.0, 3)
 
     work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
     port, grpc_port = free_port(), free_port()
@@ -211,19 +217,29 @@ def main(argv: list[str] | None = None) -> int:
         per_event_records = baseline_records(per_event_gen, labelers)
         bulk_records = baseline_records(bulk_gen, [LABELERS[0]] * n_bulk)
 
-        # Warm both paths (connections, metadata, JIT-free but cache-warm).
+        # Warm both paths: connections, topic metadata, producer ids.
         per_event_grpc(target, "warm", 2 * CLIENTS)
         per_event_kafka(producer, topic, per_event_records[: 2 * CLIENTS])
 
-        wall, lat = per_event_kafka(producer, topic, per_event_records)
-        base = row("per-event", "kafka-python send().get() x16", n_event, wall, lat)
-        wall, lat = per_event_grpc(target, "grpc-pe", n_event)
-        rows += [base, row("per-event", "FeedbackService x16 clients", n_event, wall, lat, base["events_per_s"])]
-
-        wall, lat = bulk_kafka(producer, topic, bulk_records)
-        base = row("bulk", "kafka-python send()+flush", n_bulk, wall, lat)
-        wall, lat = bulk_grpc(target, "grpc-bulk", n_bulk)
-        rows += [base, row("bulk", "FeedbackService BulkSubmit", n_bulk, wall, lat, base["events_per_s"])]
+        # Alternate baseline and service in rounds: the machine is shared and
+        # noisy, and alternating exposes both to the same background load.
+        runs: dict[tuple[str, str], list[tuple[int, float, list[float]]]] = {}
+        for r in range(rounds):
+            for (path, who), measure in (
+                (("per-event", "kafka-python send().get() x16"), lambda: per_event_kafka(producer, topic, per_event_records)),
+                (("per-event", "FeedbackService x16 clients"), lambda: per_event_grpc(target, f"grpc-pe{r}", n_event)),
+                (("bulk", "kafka-python send()+flush"), lambda: bulk_kafka(producer, topic, bulk_records)),
+                (("bulk", "FeedbackService BulkSubmit"), lambda: bulk_grpc(target, f"grpc-bulk{r}", n_bulk)),
+            ):
+                wall, lat = measure()
+                runs.setdefault((path, who), []).append((len(lat), wall, lat))
+        baseline_rate: dict[str, float] = {}
+        for (path, who), results in runs.items():
+            rates = sorted(n / wall for n, wall, _ in results)
+            rate = rates[len(rates) // 2]  # the median round
+            latencies = [x for _, _, lat in results for x in lat]
+            total = sum(n for n, _, _ in results)
+            rows.append(row(path, who, total, total / rate, latencies, baseline_rate.setdefault(path, rate)))
 
         records_by_i = baseline_records([comparison("kafka-paced", i) for i in range(int(args.rate * paced_s))], labelers)
         lat = paced(args.rate, paced_s, lambda t, i: producer.send(topic, key=records_by_i[i][0], value=records_by_i[i][1], headers=records_by_i[i][2]).get(timeout=30))
@@ -253,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     print(f"targets: per-event >= 50% ({per_event['ratio_to_baseline']:.0%}), bulk >= 50% ({bulk['ratio_to_baseline']:.0%}), "
           f"paced p99 <= 50 ms ({paced_row['p99_ms']:.1f} ms): {'PASS' if verdict['pass'] else 'FAIL'}")
-    write_results("ingest", {"quick": args.quick, "clients": CLIENTS, "rows": rows, "targets": verdict, "cpu_count": os.cpu_count()})
+    write_results("ingest", {"quick": args.quick, "clients": CLIENTS, "rounds": rounds, "rows": rows, "targets": verdict, "cpu_count": os.cpu_count()})
     return 0
 
 

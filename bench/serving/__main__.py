@@ -100,11 +100,11 @@ class _FirstToken:
         pass
 
 
-def baseline(preset_dir: Path, prompts: list[str], new_tokens: int) -> dict:
+def baseline(preset_dir: Path, prompts: list[str], new_tokens: int, device: str = "cpu") -> dict:
     """HF generate, fp32, one request at a time: what serving must beat."""
-    model = load_causal_lm(preset_dir)
+    model = load_causal_lm(preset_dir, device=device)
     tok = load_tokenizer(preset_dir)
-    encoded = [torch.tensor([tok(render_prompt(tok, p), add_special_tokens=False).input_ids]) for p in prompts]
+    encoded = [torch.tensor([tok(render_prompt(tok, p), add_special_tokens=False).input_ids], device=device) for p in prompts]
     with torch.inference_mode():
         model.generate(encoded[0], attention_mask=torch.ones_like(encoded[0]), max_new_tokens=4, do_sample=False)  # warm up
         tokens, ttfts = 0, []
@@ -235,6 +235,7 @@ def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short run: fewer tokens and rounds")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights dtype of the served model")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the baseline and the server run")
     args = parser.parse_args(argv)
     new_tokens = 16 if args.quick else 64
     rounds = 1 if args.quick else 2
@@ -257,6 +258,7 @@ def main(argv: list[str]) -> int:
         "RLHF_MAX_BATCH": "32",
         "RLHF_MAX_QUEUE": "64",
         "RLHF_SERVE_DTYPE": args.dtype,
+        "RLHF_DEVICE": args.device,
         "RLHF_LOG_LEVEL": "WARNING",
     }
     settings = load_settings(env_values)
@@ -272,10 +274,15 @@ def main(argv: list[str]) -> int:
         server = subprocess.Popen([sys.executable, "-m", "services.policy"], env=env, stdout=log, stderr=subprocess.STDOUT)
         sampler = RssSampler(server.pid)
         target = f"127.0.0.1:{grpc_port}"
-        wait_for_serving(target, timeout=300)
+        try:
+            wait_for_serving(target, timeout=300, while_alive=server)
+        except (TimeoutError, RuntimeError):
+            log.flush()
+            print((home / "policy.log").read_text(errors="replace")[-4000:], file=sys.stderr)
+            raise
         print(f"policy service up (pid {server.pid}, dtype {args.dtype}); RSS {sampler.take_peak() / GB:.2f} GB", flush=True)
 
-        base_before = baseline(preset_dir, baseline_prompts, new_tokens)
+        base_before = baseline(preset_dir, baseline_prompts, new_tokens, args.device)
         with grpc.insecure_channel(target) as channel:  # warm the server's code paths
             stream_once(policy_pb2_grpc.PolicyServiceStub(channel), PROMPTS[0], 4)
         sampler.take_peak()
@@ -285,7 +292,7 @@ def main(argv: list[str]) -> int:
             r = closed_loop(target, clients, rounds, new_tokens)
             r["peak_rss_gb"] = sampler.take_peak() / GB
             results.append(r)
-        base_after = baseline(preset_dir, baseline_prompts, new_tokens)
+        base_after = baseline(preset_dir, baseline_prompts, new_tokens, args.device)
         base = max(base_before, base_after, key=lambda b: b["tok_s"])
         rows = [{"setup": f"HF generate fp32, 1 at a time (baseline, {name})", "clients": 1, "requests": len(baseline_prompts),
                  "tokens": b["tokens"], "tok_s": b["tok_s"], "x_baseline": b["tok_s"] / base["tok_s"],
@@ -321,8 +328,10 @@ def main(argv: list[str]) -> int:
         }
         for name, ok in checks.items():
             print(f"  [{'n/a' if ok is None else 'PASS' if ok else 'FAIL'}] {name}")
-        write_results("serving" if args.dtype == "float32" else f"serving-{args.dtype}", {
-            "quick": args.quick, "dtype": args.dtype, "new_tokens": new_tokens, "baseline": base,
+        name = "serving" + ("" if args.dtype == "float32" else f"-{args.dtype}") + ("" if args.device == "cpu" else f"-{args.device}")
+        write_results(name, {
+            "quick": args.quick, "dtype": args.dtype, "device": args.device,
+            "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "new_tokens": new_tokens, "baseline": base,
             "baseline_runs": [base_before, base_after], "levels": results,
             "llama_cpp": llama, "swap": {**swap, "peak_rss_gb": swap_rss}, "checks": checks,
         })

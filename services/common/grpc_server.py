@@ -99,8 +99,12 @@ def serve_until_signal(running: RunningServer, grace: float, on_stop: Callable[[
     log_fields(log, 20, "grpc server stopped", port=running.port)
 
 
-def wait_for_serving(target: str, timeout: float = 60.0, service: str = "") -> None:
-    """Poll grpc.health.v1 on `target` until it reports SERVING or raise TimeoutError."""
+def wait_for_serving(target: str, timeout: float = 60.0, service: str = "", while_alive=None) -> None:
+    """Poll grpc.health.v1 on `target` until it reports SERVING or raise TimeoutError.
+
+    `while_alive` (a Popen) stops the wait early with RuntimeError if that
+    process exits first.
+    """
     import time
 
     deadline = time.monotonic() + timeout
@@ -108,6 +112,8 @@ def wait_for_serving(target: str, timeout: float = 60.0, service: str = "") -> N
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
+            if while_alive is not None and while_alive.poll() is not None:
+                raise RuntimeError(f"the server process exited with status {while_alive.returncode} before {target} was SERVING")
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:

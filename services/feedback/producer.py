@@ -44,14 +44,17 @@ class LibrdkafkaProducer:
             "bootstrap.servers": settings.kafka_bootstrap,
             "enable.idempotence": True,        # implies acks=all, bounded in-flight, retries
             "acks": "all",
-            "linger.ms": float(__import__("os").environ.get("XLINGER", "1")),
+            "linger.ms": 1,
             "partitioner": "murmur2_random",   # same partition per key as Java / kafka-python clients
+            "socket.nagle.disable": True,      # acks are latency-bound: send small requests at once
             # Give up on a record about when its caller gives up on it, so a
             # record we reported UNAVAILABLE is rarely written much later.
             "message.timeout.ms": int(settings.kafka_timeout_s * 1000),
             "socket.timeout.ms": max(1000, int(settings.kafka_timeout_s * 1000)),
             "logger": get_logger("librdkafka"),  # its lines join our JSON logs (served by poll())
         })
+        # Connect now rather than on the first call (librdkafka connects lazily).
+        self._producer.list_topics(timeout=settings.kafka_timeout_s)
         self._stop = threading.Event()
         # Delivery callbacks run inside poll(); one thread serves them all.
         self._poller = threading.Thread(target=self._poll, name="feedback-producer-poll", daemon=True)

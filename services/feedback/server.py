@@ -14,7 +14,8 @@ bare INTERNAL error.
 
 from __future__ import annotations
 
-from collections import deque
+import queue
+import threading
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ log = get_logger(__name__)
 
 SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
 UNARY_METHODS = {"LogPrompt": "prompts", "SubmitDemonstration": "demonstrations", "SubmitComparison": "comparisons", "SubmitLabels": "labels"}
+
+
+_END = object()  # the bulk request stream ended
 
 
 class Refusal(Exception):
@@ -67,9 +71,6 @@ class _Pending:
     entry: Entry
     owner: bool
     future: Future | None = None
-
-    def ready(self) -> bool:
-        return self.future.done() if self.owner else self.entry.done.is_set()
 
 
 class FeedbackServicer:
@@ -112,30 +113,74 @@ class FeedbackServicer:
     def BulkSubmit(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[feedback_pb2.SubmitReply]:
         """One reply per item, in order, each after the broker acknowledged it.
 
-        Items are pipelined (up to RLHF_FEEDBACK_BULK_WINDOW in flight). The
-        first bad item ends the stream with its status, naming it as
-        `items[i]...`; every item before it is acknowledged first.
+        A reader thread receives, validates and sends items while this one
+        waits for acks and writes replies, so neither direction waits for the
+        other (up to RLHF_FEEDBACK_BULK_WINDOW items in flight). The first bad
+        item ends the stream with its status, naming it as `items[i]...`;
+        every item before it is acknowledged first.
         """
         identity = self.auth.require(context, "user")
-        window = self.settings.feedback_bulk_window
-        pending: deque[_Pending] = deque()
+        pipeline: queue.Queue = queue.Queue(maxsize=self.settings.feedback_bulk_window)
+        stop = threading.Event()
+
+        guard = threading.Lock()  # no item enters the pipeline once the stream is over
+
+        def put(item) -> bool:
+            while True:
+                with guard:
+                    if stop.is_set():
+                        if isinstance(item, _Pending):
+                            self._abandon(item)
+                        return False
+                    try:
+                        pipeline.put_nowait(item)
+                        return True
+                    except queue.Full:
+                        pass
+                stop.wait(0.002)  # the window is full: the broker is behind
+
+        def read() -> None:
+            try:
+                for index, raw in enumerate(request_iterator):
+                    if not put(self._begin(self._prepare_item(index, raw, identity), identity)):
+                        return
+                put(_END)
+            except InvalidField as err:
+                put(Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)))
+            except Refusal as err:
+                put(err)
+            except Exception as err:  # the client went away mid-stream
+                put(Refusal(grpc.StatusCode.CANCELLED, f"request stream failed: {err}"))
+
+        reader = threading.Thread(target=read, name="feedback-bulk-reader", daemon=True)
+        reader.start()
         try:
-            for index, raw in enumerate(request_iterator):
+            while True:
+                item = pipeline.get()
+                if item is _END:
+                    return
+                if isinstance(item, Refusal):  # everything before it was answered already
+                    self._refuse(context, item, identity, "bulk")
                 try:
-                    pending.append(self._begin(self._prepare_item(index, raw, identity), identity))
-                except (InvalidField, Refusal) as err:
-                    yield from self._drain(pending, context)
-                    refusal = err if isinstance(err, Refusal) else Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-                    self._refuse(context, refusal, identity, "bulk")
-                while pending and (pending[0].ready() or len(pending) >= window):
-                    yield self._finish_or_abort(pending.popleft(), context, identity)
-            yield from self._drain(pending, context)
+                    yield self._finish(item, context)
+                except Refusal as err:
+                    self._refuse(context, err, identity, "bulk")
         finally:
             # The stream ended early (error, cancel): what was not acknowledged
             # is not recorded as written; a retry will send it again.
-            for item in pending:
-                if item.owner and not item.entry.done.is_set():
-                    self.cache.fail(item.prepared.event_id, item.entry, Refusal(grpc.StatusCode.UNAVAILABLE, "bulk stream ended before the ack"))
+            with guard:
+                stop.set()
+            while True:
+                try:
+                    item = pipeline.get_nowait()
+                except queue.Empty:
+                    break
+                if isinstance(item, _Pending):
+                    self._abandon(item)
+
+    def _abandon(self, item: _Pending) -> None:
+        if item.owner and not item.entry.done.is_set():
+            self.cache.fail(item.prepared.event_id, item.entry, Refusal(grpc.StatusCode.UNAVAILABLE, "bulk stream ended before the ack"))
 
     def _prepare_item(self, index: int, raw: bytes, identity: Identity) -> Prepared:
         item = parse(raw, feedback_pb2.BulkItem, f"items[{index}]")
@@ -150,16 +195,6 @@ class FeedbackServicer:
             return prepare(kind, getattr(item, which), identity, self.limits)
         except InvalidField as err:
             raise err.within(f"items[{index}].{which}") from None
-
-    def _drain(self, pending: deque[_Pending], context) -> Iterator[feedback_pb2.SubmitReply]:
-        while pending:
-            yield self._finish_or_abort(pending.popleft(), context, None)
-
-    def _finish_or_abort(self, item: _Pending, context, identity: Identity | None) -> feedback_pb2.SubmitReply:
-        try:
-            return self._finish(item, context)
-        except Refusal as err:
-            self._refuse(context, err, identity, "bulk")
 
     # --- the write path ---------------------------------------------------------
     def _begin(self, prepared: Prepared, identity: Identity) -> _Pending:
@@ -201,7 +236,7 @@ class FeedbackServicer:
         except (PublishError, FutureTimeout) as err:
             refusal = Refusal(
                 grpc.StatusCode.UNAVAILABLE,
-                f"broker did not acknowledge within {timeout:.1f}s ({err or type(err).__name__}); not recorded, retry with the same request_id",
+                f"broker did not acknowledge within {timeout:.1f}s ({str(err) or type(err).__name__}); retry with the same request_id (a late write is de-duplicated by event id)",
             )
             self.cache.fail(item.prepared.event_id, item.entry, refusal)
             raise refusal from None

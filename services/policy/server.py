@@ -60,7 +60,7 @@ class LocalBackend:
         def warmup(loaded: Loaded) -> None:
             # One tiny prefill + decode, so the first real request pays no first-call cost.
             with torch.inference_mode():
-                ids = torch.tensor([loaded.tokenizer("Hello", add_special_tokens=False).input_ids or [0]])
+                ids = torch.tensor([loaded.tokenizer("Hello", add_special_tokens=False).input_ids or [0]], device=device)
                 out = loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 loaded.model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
 

@@ -24,7 +24,7 @@ from services.common.config import load_settings
 from services.common.datasets import KINDS, SPLITS, SnapshotStore
 from services.datasets import inspect
 from services.datasets.builder import build_snapshot
-from services.datasets.rules import split_of, RuleParams
+from services.datasets.rules import RuleParams, split_of
 from services.feedback.server import start
 from tests.conftest import MODEL_CACHE
 
@@ -196,6 +196,13 @@ def test_snapshots_are_cumulative_and_users_never_move(world):
         assert before <= after
     assert sum(store.manifest(second)["counts"][s]["prompts"] for s in SPLITS) == sum(store.manifest(first)["counts"][s]["prompts"] for s in SPLITS) + 5
     assert build_snapshot(settings, group_id="g-main", timeout=60) == second  # nothing new: same snapshot
+
+    child_env = {**{k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}, **world["env"]}
+    shown = subprocess.run([sys.executable, "-m", "services.datasets", "inspect", "snapshot", "--json"], cwd=ROOT, env=child_env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    report = json.loads(shown.stdout)
+    assert report["snapshot_id"] == second and report["prompts_per_user"][split_of("heavy", RuleParams.from_settings(settings))]["heavy"] == 200
 
 
 def committed_offsets(settings, group: str) -> set:

@@ -21,14 +21,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from kafka import TopicPartition
 from safetensors.torch import load_file
 
 from rlhf.v1 import events_pb2
 from services.common import bus
 from services.common.checkpoints import CheckpointStore
 from services.common.config import load_settings
-from services.common.models import RewardModel, encode_prompt_response, load_causal_lm, load_tokenizer, pad_batch, render_prompt
 from services.common.datasets import SnapshotStore
+from services.common.models import RewardModel, encode_prompt_response, load_causal_lm, load_tokenizer, pad_batch, render_prompt
 from tests.conftest import MODEL_CACHE
 from trainers import evaluate
 from trainers import rm as rm_trainer
@@ -138,8 +139,6 @@ def test_chain_publishes_verified_checkpoints_that_load(world, trained):
 
     # every publish was announced as CREATED, after the checkpoint was in the store
     consumer = bus.make_consumer(world.settings, None)
-    from kafka import TopicPartition
-
     partition = TopicPartition(bus.Topics.from_settings(world.settings).name("checkpoints"), 0)
     consumer.assign([partition])
     consumer.seek_to_beginning(partition)
@@ -240,84 +239,3 @@ def test_under_torchrun_with_two_cpu_processes(world, trained, trainer):
         assert result["metrics"]["val_pair_accuracy"] >= 0.75
     rows = (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == result["metrics"]["steps"] + (trainer == "rm")  # rank 0 alone writes (RM: + the final validation row)
-
-
-@pytest.fixture
-def in_process(world, monkeypatch):
-    """Run a trainer's main() in this process (no interpreter start-up) with the world's settings."""
-    for key in [k for k in os.environ if k.startswith("RLHF_")]:
-        monkeypatch.delenv(key)
-    for key, value in world.env.items():
-        if key.startswith("RLHF_"):
-            monkeypatch.setenv(key, value)
-    threads = torch.get_num_threads()
-    yield lambda main, argv: main([*argv, "--preset", "tiny"])
-    torch.set_num_threads(threads)
-
-
-def test_gate_evaluation(world, trained, in_process):
-    sft, rm, ppo = (trained[k]["version"] for k in ("sft", "rm", "ppo"))
-    for policy in (sft, ppo):
-        in_process(evaluate.main, ["--policy", policy, "--reference", sft, "--reward", rm, "--snapshot", world.snapshot,
-                                   "--result-file", str(world.root / f"eval-{policy}.json"), "--run-dir", str(world.root / f"eval-{policy}")])
-    same = json.loads((world.root / f"eval-{sft}.json").read_text())
-    moved = json.loads((world.root / f"eval-{ppo}.json").read_text())
-    assert same["kl_to_reference"] == 0.0 and same["n"] == 8  # a policy against itself
-    assert moved["n"] == 8 and moved["kl_to_reference"] != 0.0 and isinstance(moved["mean_reward"], float)
-    assert 0 < moved["mean_response_length"] <= 12
-    assert len((world.root / f"eval-{ppo}" / "samples.jsonl").read_text().splitlines()) == 8
-
-
-def test_bad_input_is_refused_and_publishes_nothing(world, trained, in_process):
-    before = {m.version for m in world.store.list()}
-    result = world.root / "bad.json"
-    base = ["--run-dir", str(world.root / "bad"), "--result-file", str(result)]
-    with pytest.raises(JobError, match="dataset snapshot 'ds-missing' not found"):
-        in_process(sft_trainer.main, ["--snapshot", "ds-missing", *base])
-    with pytest.raises(JobError, match="has no train comparisons"):
-        empty = SnapshotStore(world.settings.dataset_dir).write({"train": {"demonstrations": []}})["snapshot_id"]
-        in_process(rm_trainer.main, ["--snapshot", empty, "--sft", trained["sft"]["version"], *base])
-    with pytest.raises(SystemExit) as exit_info:  # argparse: exit status 2 and the message on stderr
-        in_process(sft_trainer.main, ["--snapshot", world.snapshot, "--set", "lr=fast", *base])
-    assert exit_info.value.code == 2
-    assert {m.version for m in world.store.list()} == before and not result.exists()
-
-
-@pytest.mark.parametrize("trainer", ["sft", "rm", "ppo"])
-def test_killed_job_resumes_to_the_same_result(world, trained, trainer):
-    name = f"{trainer}-killed"
-    run_dir = world.root / name
-    log = open(world.root / f"{name}.log", "w")
-    proc = subprocess.Popen(world.command(trainer, trainer_args(world, trained, trainer), name), env=world.env, stdout=log, stderr=log)
-    metrics, state = run_dir / "metrics.jsonl", run_dir / "state" / "latest.pt"
-    deadline = time.time() + 120
-    while proc.poll() is None and time.time() < deadline:  # kill once a resume point exists, mid-run
-        if state.exists() and metrics.exists() and len(metrics.read_text().splitlines()) >= 2:
-            os.kill(proc.pid, signal.SIGKILL)
-            break
-        time.sleep(0.01)
-    assert proc.wait(timeout=30) == -signal.SIGKILL, "the job finished before it could be killed"
-    version = json.loads((run_dir / "run.json").read_text())["version"]
-    assert not world.store.exists(version)  # nothing half-published
-
-    resumed = world.run(trainer, trainer_args(world, trained, trainer), name)
-    reference = trained[trainer]
-    assert resumed["version"] == version
-    expected, actual = weights(world.store, reference["version"]), weights(world.store, version)
-    assert expected.keys() == actual.keys()
-    for key in expected:
-        assert torch.equal(expected[key], actual[key]), key
-    strip = lambda row: {k: v for k, v in row.items() if k != "time_s"}  # noqa: E731
-    rows = lambda result: [strip(json.loads(x)) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
-    assert rows(resumed) == rows(reference)
-    assert '"msg": "resuming from run dir"' in (world.root / f"{name}.stderr").read_text()
-
-
-def test_ppo_under_torchrun_with_two_cpu_processes(world, trained):
-    args = ["--snapshot", world.snapshot, "--sft", trained["sft"]["version"], "--reward", trained["rm"]["version"],
-            "--set", "total_steps=2", "--set", "ptx_coef=0.5"]
-    result = world.run("ppo", args, "ppo-ddp", torchrun=2)
-    world.store.verify(result["version"])
-    load_causal_lm(world.store.path(result["version"]))
-    rows = (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-    assert len(rows) == 2  # rank 0 alone writes
