@@ -68,6 +68,7 @@ demo: setup ## run one full RLHF loop on this machine and write the report (PRES
 	$(PY) -m services.demo --preset $(PRESET)
 
 bench: setup ## run every benchmark (figures in bench/results/*.json)
+	$(PIP) install -q --disable-pip-version-check -e ".[test,bench]"
 	$(PY) -m bench
 
 include deploy/images.mk

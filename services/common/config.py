@@ -205,7 +205,7 @@ class Settings:
     controller_port: int = _setting("RLHF_CONTROLLER_PORT", "50054", _port, "Trainer controller gRPC port (health only).")
     executor: str = _setting("RLHF_EXECUTOR", "local", _choice("local", "kubernetes"), "Where trainer jobs run: local subprocesses or Kubernetes Jobs.")
     trainer_preset: str = _setting("RLHF_TRAINER_PRESET", "cpu", _choice("tiny", "cpu", "gpu"), "Hyperparameter preset passed to every trainer job.")
-    trainer_overrides: str = _setting("RLHF_TRAINER_OVERRIDES", "{}", _json_object, 'Per-trainer `--set` overrides as JSON, e.g. {"ppo": {"steps": 4}}.')
+    trainer_overrides: str = _setting("RLHF_TRAINER_OVERRIDES", "{}", _json_object, 'Per-trainer `--set` overrides as JSON, e.g. {"ppo": {"total_steps": 4}}.')
     controller_interval_s: float = _setting("RLHF_CONTROLLER_INTERVAL_S", "60", _float(1, 86400), "How often the controller checks how the datasets grew.")
     controller_schedule_s: float = _setting("RLHF_CONTROLLER_SCHEDULE_S", "0", _float(0, 604800), "Also start a round on this schedule when any new data arrived (0 = growth triggers only).")
     min_new_demonstrations: int = _setting("RLHF_MIN_NEW_DEMONSTRATIONS", "50", _int(1, 10**9), "New demonstrations that trigger an SFT round.")

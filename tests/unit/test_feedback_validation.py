@@ -128,4 +128,5 @@ def test_idempotency_cache_has_one_owner_per_key_and_forgets_failures():
         e, _ = cache.reserve(key, "fp")
         cache.complete(key, e, feedback_pb2.SubmitReply(event_id=key))
     assert cache.reserve("slow", "fp") == (in_flight, False)  # in-flight entries are never evicted
-    assert len(cache) <= 3
+    assert cache.reserve("a", "fp")[1] is True  # the oldest completed one was
+    assert len(cache) == 5  # 2 completed (the capacity) + 3 in flight ("f", "slow", "a")
