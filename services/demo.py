@@ -53,7 +53,8 @@ class DemoPreset:
 
 PRESETS = {
     "cpu": DemoPreset(model="base", trainer_preset="cpu", users=80, prompts=900, demonstrations=96, comparisons=128, k=4,
-                      sample_tokens=48, eval_prompts=64, eval_tokens=48),
+                      sample_tokens=48, eval_prompts=64, eval_tokens=48,
+                      trainer_overrides={"ppo": {"total_steps": 24, "lr": 1e-4}}),
     "gpu": DemoPreset(model="base", trainer_preset="gpu", users=120, prompts=2400, demonstrations=400, comparisons=600, k=6,
                       sample_tokens=64, eval_prompts=256, eval_tokens=64),
     # For the e2e test and a quick look: the tiny model learns nothing useful.
