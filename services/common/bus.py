@@ -250,23 +250,13 @@ def promote_checkpoint(settings: Settings, version: str, reason: str, producer=N
     store = CheckpointStore(settings.checkpoint_dir)
     manifest = store.verify(version)
     store.set_promoted(manifest.role, version, reason=reason)
-    event = events_pb2.CheckpointEvent(
-        type=events_pb2.CheckpointEvent.TYPE_PROMOTED,
-        version=version,
-        kind=manifest.kind,
-        role=manifest.role,
-        path=str(store.path(version)),
-        manifest_sha256=store.manifest_sha256(version),
-        parents=manifest.parents,
-        dataset_snapshot=manifest.dataset_snapshot,
-        reason=reason,
-    )
+    event = checkpoint_event(settings, version, events_pb2.CheckpointEvent.TYPE_PROMOTED, reason)
     announce_checkpoint(settings, event, producer)
     return event
 
 
 def checkpoint_event(settings: Settings, version: str, type_: int, reason: str = "") -> events_pb2.CheckpointEvent:
-    """Build a CREATED/REJECTED event describing a stored checkpoint."""
+    """Build a checkpoint event (created, promoted or rejected) describing a stored checkpoint."""
     from services.common.checkpoints import CheckpointStore
 
     store = CheckpointStore(settings.checkpoint_dir)
@@ -282,3 +272,42 @@ def checkpoint_event(settings: Settings, version: str, type_: int, reason: str =
         dataset_snapshot=manifest.dataset_snapshot,
         reason=reason,
     )
+
+
+def topic_records(settings: Settings, key: str, timeout: float = 30.0) -> list:
+    """Every record on one of the platform's topics so far (raw ConsumerRecords,
+    oldest first per partition).
+
+    Reads without a consumer group (assign + seek to the beginning) up to the
+    end offsets seen at the start, so it returns promptly.
+    """
+    from kafka import TopicPartition
+
+    topic = Topics.from_settings(settings).name(key)
+    consumer = make_consumer(settings, None)
+    try:
+        deadline = time.monotonic() + timeout
+        partitions = consumer.partitions_for_topic(topic)
+        while not partitions and time.monotonic() < deadline:
+            time.sleep(0.2)  # metadata for a just-created topic
+            partitions = consumer.partitions_for_topic(topic)
+        if not partitions:
+            return []
+        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
+        consumer.assign(tps)
+        consumer.seek_to_beginning(*tps)
+        end = consumer.end_offsets(tps)
+        out = []
+        while any(consumer.position(tp) < end[tp] for tp in tps):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"read {len(out)} records from {topic} but the end offsets {end} were not reached in {timeout:.0f}s")
+            for records in consumer.poll(timeout_ms=500).values():
+                out += records
+        return out
+    finally:
+        consumer.close()
+
+
+def read_topic(settings: Settings, key: str, timeout: float = 30.0) -> list[Message]:
+    """Every event on one of the platform's topics so far, decoded."""
+    return [decode(key, record.value) for record in topic_records(settings, key, timeout)]

@@ -17,7 +17,6 @@ up the labelling budget. Exact repeats of a prompt text are labelled once.
 from __future__ import annotations
 
 import random
-import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -28,7 +27,7 @@ from tqdm import tqdm
 
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 from services.common.auth import bearer
-from services.common.bus import Topics, decode, make_consumer
+from services.common.bus import read_topic
 from services.common.config import Settings
 from services.common.logs import get_logger, log_fields
 from services.sim.tasks import gold_ranks, gold_score, write_demonstration
@@ -55,44 +54,10 @@ class LabelStats:
     policy_versions: set[str] = field(default_factory=set)
 
 
-def read_events(settings: Settings, key: str, timeout: float = 30.0) -> list:
-    """Every event on one of the platform's topics so far (decoded), oldest
-    first per partition.
-
-    Reads without a consumer group (assign + seek to the beginning) up to the
-    end offsets seen at the start, so it returns promptly.
-    """
-    from kafka import TopicPartition
-
-    topic = Topics.from_settings(settings).name(key)
-    consumer = make_consumer(settings, None)
-    try:
-        deadline = time.monotonic() + timeout
-        partitions = consumer.partitions_for_topic(topic)
-        while not partitions and time.monotonic() < deadline:
-            time.sleep(0.2)  # metadata for a just-created topic
-            partitions = consumer.partitions_for_topic(topic)
-        if not partitions:
-            return []
-        tps = [TopicPartition(topic, p) for p in sorted(partitions)]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        out = []
-        while any(consumer.position(tp) < end[tp] for tp in tps):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"read {len(out)} events from {topic} but the end offsets {end} were not reached in {timeout:.0f}s")
-            for records in consumer.poll(timeout_ms=500).values():
-                out += [decode(key, record.value) for record in records]
-        return out
-    finally:
-        consumer.close()
-
-
 def read_prompt_events(settings: Settings, timeout: float = 30.0) -> list[QueuedPrompt]:
     """The prompts users logged so far, as the labelling queue's input."""
     out = []
-    for event in read_events(settings, "prompts", timeout):
+    for event in read_topic(settings, "prompts", timeout):
         text = event.text or "\n".join(m.content for m in event.messages if m.role == "user")
         out.append(QueuedPrompt(event.prompt_id, event.user_id, text))
     return out

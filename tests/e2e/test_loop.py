@@ -103,7 +103,7 @@ def test_closed_loop_promotes_rejects_and_retries(tmp_path, broker, tiny_model_d
         assert _serving(policy, ppo, timeout=1), "a rejected policy replaced the promoted one"
         assert policy_srv.version == ppo != seed_policy
 
-        events = sim_labelers.read_events(settings, "checkpoints")
+        events = bus.read_topic(settings, "checkpoints")
         types = {(e.version, events_pb2.CheckpointEvent.Type.Name(e.type)) for e in events}
         assert (ppo, "TYPE_PROMOTED") in types and (rejected, "TYPE_REJECTED") in types
         assert (rejected, "TYPE_CREATED") in types  # the trainer announced it; the gate refused it

@@ -19,24 +19,9 @@ from tests.conftest import make_settings
 TOKENS = "tok-alice=alice:user,tok-bob=bob:user,tok-lab=lab1:labeler"
 
 
-def read_topic(settings, key: str) -> list[events_pb2.PromptEvent]:
-    """Every record of a topic, decoded, read with assign() (no group)."""
-    from kafka import TopicPartition
-
-    consumer = bus.make_consumer(settings, None)
-    try:
-        name = bus.Topics.from_settings(settings).name(key)
-        tps = [TopicPartition(name, p) for p in sorted(consumer.partitions_for_topic(name) or ())]
-        consumer.assign(tps)
-        consumer.seek_to_beginning(*tps)
-        end = consumer.end_offsets(tps)
-        out, deadline = [], time.monotonic() + 20
-        while any(consumer.position(tp) < end[tp] for tp in tps) and time.monotonic() < deadline:
-            for records in consumer.poll(timeout_ms=200).values():
-                out += [(r.key, bus.decode(key, r.value)) for r in records]
-        return out
-    finally:
-        consumer.close()
+def read_topic(settings, key: str) -> list[tuple[bytes, object]]:
+    """Every record of a topic as (record key, decoded event)."""
+    return [(r.key, bus.decode(key, r.value)) for r in bus.topic_records(settings, key, timeout=20)]
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from services.common.bus import Topics, decode, make_consumer
+from services.common.bus import read_topic
 from services.common.config import Settings
 from services.feedback import server as feedback_server
 from services.playground import app as playground_app
@@ -54,23 +54,7 @@ def read_events(settings: Settings, key: str) -> list:
     Feedback replies only after the broker acknowledged a write, so what a
     reply reported is already below the end offset when this runs.
     """
-    from kafka import TopicPartition
-
-    topic = Topics.from_settings(settings).name(key)
-    consumer = make_consumer(settings, None, consumer_timeout_ms=10000)
-    try:
-        partitions = [TopicPartition(topic, p) for p in sorted(consumer.partitions_for_topic(topic) or [])]
-        assert partitions, f"topic {topic} does not exist"
-        consumer.assign(partitions)
-        consumer.seek_to_beginning(*partitions)
-        end = consumer.end_offsets(partitions)
-        events = []
-        while any(consumer.position(tp) < end[tp] for tp in partitions):
-            for records in consumer.poll(timeout_ms=1000).values():
-                events.extend(decode(key, r.value) for r in records)
-        return events
-    finally:
-        consumer.close()
+    return read_topic(settings, key)
 
 
 def sse_events(response: httpx.Response) -> list[tuple[str, dict]]:

@@ -12,7 +12,8 @@ import pytest
 
 from services.feedback import server as feedback_server
 from services.policy import server as policy_server
-from services.sim.labelers import LabelerPool, QueuedPrompt, read_events, read_prompt_events
+from services.common.bus import read_topic
+from services.sim.labelers import LabelerPool, QueuedPrompt, read_prompt_events
 from services.sim.tasks import gold_ranks, gold_score
 from services.sim.users import make_population, submit_prompts
 from tests.conftest import make_settings
@@ -56,7 +57,7 @@ def test_users_log_prompts_and_labelers_demonstrate(stack):
     pool = LabelerPool(population, channel, prompts=events, seed=1)
     stats = pool.demonstrate(6, progress=False)
     assert stats.submitted == 6 and stats.mean_gold == 1.0
-    demos = read_events(settings, "demonstrations")
+    demos = read_topic(settings, "demonstrations")
     assert len(demos) == 6
     assert {d.labeler_id for d in demos} == {"labeler-0", "labeler-1"}
     assert {d.prompt_id for d in demos} <= {e.prompt_id for e in events}
@@ -72,7 +73,7 @@ def test_a_user_token_cannot_submit_labels(stack):
     with pytest.raises(grpc.RpcError) as err:
         pool.demonstrate(1, progress=False)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert read_events(settings, "demonstrations") == []
+    assert read_topic(settings, "demonstrations") == []
 
 
 def test_labelers_rank_k_policy_samples_by_gold_score(stack):
@@ -90,7 +91,7 @@ def test_labelers_rank_k_policy_samples_by_gold_score(stack):
     assert stats.submitted + stats.skipped_all_tied == 8 and stats.submitted >= 2
     assert stats.policy_versions == {policy.version}
 
-    comparisons = read_events(settings, "comparisons")
+    comparisons = read_topic(settings, "comparisons")
     assert len(comparisons) == stats.submitted
     logged_ids = {p.event_id for p in logged}
     for c in comparisons:

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from kafka import TopicPartition
 from safetensors.torch import load_file
 
 from rlhf.v1 import events_pb2
@@ -138,17 +137,7 @@ def test_chain_publishes_verified_checkpoints_that_load(world, trained):
         assert all(key in row for row in rows), key
 
     # every publish was announced as CREATED, after the checkpoint was in the store
-    consumer = bus.make_consumer(world.settings, None)
-    partition = TopicPartition(bus.Topics.from_settings(world.settings).name("checkpoints"), 0)
-    consumer.assign([partition])
-    consumer.seek_to_beginning(partition)
-    seen, deadline = {}, time.time() + 30
-    while len(seen) < 3 and time.time() < deadline:
-        for records in consumer.poll(timeout_ms=500).values():
-            for record in records:
-                event = events_pb2.CheckpointEvent.FromString(record.value)
-                seen[event.version] = event
-    consumer.close()
+    seen = {event.version: event for event in bus.read_topic(world.settings, "checkpoints")}
     for result in (sft, rm, ppo):
         event = seen[result["version"]]
         assert event.type == events_pb2.CheckpointEvent.TYPE_CREATED
