@@ -6,6 +6,7 @@ are the ones k8s/ deploys."""
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import shlex
 import subprocess
@@ -185,8 +186,10 @@ def test_image_environment_is_valid_config_and_modules_exist():
 
 
 def test_make_targets_build_and_push_both_flavours():
-    out = subprocess.run(["make", "-n", "-f", "deploy/images.mk", "images-push", "IMAGE_REPO=reg.example/team", "IMAGE_TAG=9.9"],
-                         cwd=REPO, capture_output=True, text=True, check=True).stdout.splitlines()
+    # A clean environment: under `make test` the parent make's MAKEFLAGS would add "Entering directory" lines.
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
+    out = subprocess.run(["make", "--no-print-directory", "-n", "-f", "deploy/images.mk", "images-push", "IMAGE_REPO=reg.example/team",
+                          "IMAGE_TAG=9.9"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
     assert out == [
         "docker build -f deploy/Dockerfile --build-arg TORCH_FLAVOR=cpu -t reg.example/team/rlhf-platform:9.9 .",
         "docker build -f deploy/Dockerfile --build-arg TORCH_FLAVOR=cuda -t reg.example/team/rlhf-platform-cuda:9.9 .",
