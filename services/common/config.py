@@ -328,7 +328,10 @@ def readme_with_table(text: str) -> str:
     head, sep, rest = text.partition(README_START)
     if not sep:
         raise ValueError(f"README has no {README_START} marker")
-    _, _, tail = rest.partition(README_END)
+    # The first time there is no end marker yet: keep everything after the start.
+    old_table, end, tail = rest.partition(README_END)
+    if not end:
+        tail = rest
     return f"{head}{README_START}\n{markdown_table()}\n{README_END}{tail}"
 
 

@@ -62,3 +62,13 @@ def test_readme_config_table_is_generated_from_the_settings():
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert readme == readme_with_table(readme), "README's config table is stale: python -m services.common.config --readme README.md"
+
+
+def test_readme_table_generation_keeps_the_text_around_it():
+    from services.common.config import README_END, README_START, readme_with_table
+
+    first = readme_with_table(f"intro\n{README_START}\n## Deployment\nkeep me\n")
+    assert first.startswith("intro\n") and first.endswith("\n## Deployment\nkeep me\n")
+    assert README_END in first and "`RLHF_KAFKA_BOOTSTRAP`" in first
+    again = readme_with_table(first)
+    assert again == first
