@@ -146,6 +146,15 @@ def require(condition: bool, message: str) -> None:
         raise JobError(message)
 
 
+def validate_supervised(cfg) -> None:
+    """The checks SFT and RM configs share (both have these optimisation fields)."""
+    require(cfg.epochs >= 1, f"epochs={cfg.epochs} must be at least 1")
+    require(cfg.batch_size >= 1 and cfg.micro_batch_size >= 1, "batch_size and micro_batch_size must be at least 1")
+    require(cfg.max_tokens >= 8, f"max_tokens={cfg.max_tokens} is below the minimum 8")
+    require(cfg.lr > 0, f"lr={cfg.lr} must be positive")
+    require(cfg.save_every >= 1, f"save_every={cfg.save_every} must be at least 1")
+
+
 # --- schedule, seeds, small math helpers ---------------------------------------
 
 def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from services.common.models import encode_prompt_response, load_causal_lm, load_tokenizer, pad_batch, position_ids_from_mask, render_prompt
 from trainers.common import (Job, JobError, add_lora, all_reduce_, autocast, epoch_order, global_batch, load_trainable_state, lr_at, markdown_report,
-                             merge_lora, peak_rss_gb, require, run_main, step_seed, trainable_state, unwrap)
+                             merge_lora, peak_rss_gb, run_main, step_seed, trainable_state, unwrap, validate_supervised)
 
 IGNORE = -100
 
@@ -61,11 +61,7 @@ class SFTConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        require(self.epochs >= 1, f"epochs={self.epochs} must be at least 1")
-        require(self.batch_size >= 1 and self.micro_batch_size >= 1, "batch_size and micro_batch_size must be at least 1")
-        require(self.max_tokens >= 8, f"max_tokens={self.max_tokens} is below the minimum 8")
-        require(self.lr > 0, f"lr={self.lr} must be positive")
-        require(self.save_every >= 1, f"save_every={self.save_every} must be at least 1")
+        validate_supervised(self)
 
 
 PRESETS = {
