@@ -169,11 +169,7 @@ def closed_loop(target: str, clients: int, rounds: int, new_tokens: int) -> dict
 
 def swap_under_load(settings, target: str, store: CheckpointStore, source: Path, streams: int, new_tokens: int) -> dict:
     """Promote a new checkpoint while `streams` clients stream; measure swap latency and failures."""
-    with store.stage("sft", parents=[store.promoted("policy") or ""]) as (folder, manifest):
-        for path in source.iterdir():
-            if path.is_file() and path.name != "manifest.json":
-                shutil.copy2(path, folder / path.name)
-    new = manifest.version
+    new = store.import_dir(source, "sft", parents=[store.promoted("policy") or ""]).version
     stop = threading.Event()
     seen_new: list[float] = []
     failures: list[str] = []
