@@ -96,12 +96,23 @@ class Authenticator:
 
     def require(self, context: grpc.ServicerContext, need: str) -> Identity:
         """Authenticate a gRPC call, aborting it with UNAUTHENTICATED/PERMISSION_DENIED."""
-        metadata = dict(context.invocation_metadata())
         try:
-            return self.identify(metadata.get("authorization"), need)
+            return self.identify(_authorization(context), need)
         except AuthError as err:
             context.abort(err.code, str(err))
             raise  # unreachable: abort raises
+
+    async def require_aio(self, context: grpc.aio.ServicerContext, need: str) -> Identity:
+        """`require` for grpc.aio handlers."""
+        try:
+            return self.identify(_authorization(context), need)
+        except AuthError as err:
+            await context.abort(err.code, str(err))
+            raise  # unreachable: abort raises
+
+
+def _authorization(context) -> str | None:
+    return dict(context.invocation_metadata() or ()).get("authorization")
 
 
 def bearer(token: str) -> list[tuple[str, str]]:

@@ -29,6 +29,30 @@ def start_metrics_server(port: int, host: str = "0.0.0.0") -> None:
         start_http_server(port, addr=host)
 
 
+def _observe(service: str, method: str, context, started: float) -> None:
+    code = context.code() if hasattr(context, "code") and context.code() is not None else grpc.StatusCode.OK
+    name = code.name if isinstance(code, grpc.StatusCode) else str(code)
+    RPC_REQUESTS.labels(service, method, name).inc()
+    RPC_LATENCY.labels(service, method).observe(time.perf_counter() - started)
+
+
+def _method(handler_call_details) -> str:
+    return handler_call_details.method.rsplit("/", 1)[-1]
+
+
+def _wrap_handler(handler, wrap_unary, wrap_stream):
+    """`handler` with its behaviour wrapped (unary results or streamed ones)."""
+    if handler.unary_unary:
+        return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
+    if handler.stream_unary:
+        return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
+    if handler.stream_stream:
+        return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
+    return handler
+
+
 class MetricsInterceptor(grpc.ServerInterceptor):
     """Counts calls and records latency for every unary and streaming method."""
 
@@ -39,14 +63,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = handler_call_details.method.rsplit("/", 1)[-1]
-        service = self.service
-
-        def observe(context, started):
-            code = context.code() if hasattr(context, "code") and context.code() is not None else grpc.StatusCode.OK
-            name = code.name if isinstance(code, grpc.StatusCode) else str(code)
-            RPC_REQUESTS.labels(service, method, name).inc()
-            RPC_LATENCY.labels(service, method).observe(time.perf_counter() - started)
+        service, method = self.service, _method(handler_call_details)
 
         def wrap_unary(fn):
             def inner(request, context):
@@ -54,7 +71,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 try:
                     return fn(request, context)
                 finally:
-                    observe(context, started)
+                    _observe(service, method, context, started)
             return inner
 
         def wrap_stream(fn):
@@ -63,15 +80,41 @@ class MetricsInterceptor(grpc.ServerInterceptor):
                 try:
                     yield from fn(request, context)
                 finally:
-                    observe(context, started)
+                    _observe(service, method, context, started)
             return inner
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=wrap_unary(handler.unary_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=wrap_stream(handler.unary_stream))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=wrap_unary(handler.stream_unary))
-        if handler.stream_stream:
-            return handler._replace(stream_stream=wrap_stream(handler.stream_stream))
-        return handler
+        return _wrap_handler(handler, wrap_unary, wrap_stream)
+
+
+class AioMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """MetricsInterceptor for grpc.aio servers (coroutine and async-generator handlers)."""
+
+    def __init__(self, service: str):
+        self.service = service
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        service, method = self.service, _method(handler_call_details)
+
+        def wrap_unary(fn):
+            async def inner(request, context):
+                started = time.perf_counter()
+                try:
+                    return await fn(request, context)
+                finally:
+                    _observe(service, method, context, started)
+            return inner
+
+        def wrap_stream(fn):
+            async def inner(request, context):
+                started = time.perf_counter()
+                try:
+                    async for reply in fn(request, context):
+                        yield reply
+                finally:
+                    _observe(service, method, context, started)
+            return inner
+
+        return _wrap_handler(handler, wrap_unary, wrap_stream)

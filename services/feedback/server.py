@@ -10,16 +10,17 @@ within the deadline gives UNAVAILABLE, and the request counts as not written.
 Requests are deserialised here rather than by grpc, so that text that is not
 valid UTF-8 is refused with INVALID_ARGUMENT naming the field instead of a
 bare INTERNAL error.
+
+The handlers are coroutines on a grpc.aio server: a call spends nearly all
+its time waiting for the broker, and one event loop serves thousands of such
+waits without a thread per call (see services/common/grpc_server.py).
 """
 
 from __future__ import annotations
 
-import queue
-import threading
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
+import asyncio
 from dataclasses import dataclass
-from typing import Iterator
+from typing import AsyncIterator
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -28,7 +29,7 @@ from rlhf.v1 import feedback_pb2
 from services.common import bus
 from services.common.auth import Authenticator, Identity, load_tokens
 from services.common.config import Settings
-from services.common.grpc_server import RunningServer, start_server
+from services.common.grpc_server import AioRunningServer, start_aio_server
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import EVENTS_WRITTEN
 from services.feedback.events import BULK_KINDS, KINDS, Prepared, prepare
@@ -70,7 +71,7 @@ class _Pending:
     prepared: Prepared
     entry: Entry
     owner: bool
-    future: Future | None = None
+    future: asyncio.Future | None = None
 
 
 class FeedbackServicer:
@@ -96,85 +97,73 @@ class FeedbackServicer:
     def _unary_handler(self, kind: str):
         request_type, _, role = KINDS[kind]
 
-        def handle(raw: bytes, context: grpc.ServicerContext) -> feedback_pb2.SubmitReply:
-            identity = self.auth.require(context, role)
+        async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> feedback_pb2.SubmitReply:
+            identity = await self.auth.require_aio(context, role)
             try:
                 prepared = prepare(kind, parse(raw, request_type), identity, self.limits)
-                return self._finish(self._begin(prepared, identity), context)
+                return await self._finish(self._begin(prepared, identity), context)
             except InvalidField as err:
-                self._refuse(context, Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)), identity, kind)
+                await self._refuse(context, Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)), identity, kind)
             except Refusal as err:
-                self._refuse(context, err, identity, kind)
+                await self._refuse(context, err, identity, kind)
 
         handle.__name__ = kind
         return handle
 
     # --- bulk import --------------------------------------------------------------
-    def BulkSubmit(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[feedback_pb2.SubmitReply]:
+    async def BulkSubmit(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[feedback_pb2.SubmitReply]:
         """One reply per item, in order, each after the broker acknowledged it.
 
-        A reader thread receives, validates and sends items while this one
+        A reader task receives, validates and sends items while this one
         waits for acks and writes replies, so neither direction waits for the
         other (up to RLHF_FEEDBACK_BULK_WINDOW items in flight). The first bad
         item ends the stream with its status, naming it as `items[i]...`;
         every item before it is acknowledged first.
         """
-        identity = self.auth.require(context, "user")
-        pipeline: queue.Queue = queue.Queue(maxsize=self.settings.feedback_bulk_window)
-        stop = threading.Event()
+        identity = await self.auth.require_aio(context, "user")
+        pipeline: asyncio.Queue = asyncio.Queue(maxsize=self.settings.feedback_bulk_window)
 
-        guard = threading.Lock()  # no item enters the pipeline once the stream is over
-
-        def put(item) -> bool:
-            while True:
-                with guard:
-                    if stop.is_set():
-                        if isinstance(item, _Pending):
-                            self._abandon(item)
-                        return False
-                    try:
-                        pipeline.put_nowait(item)
-                        return True
-                    except queue.Full:
-                        pass
-                stop.wait(0.002)  # the window is full: the broker is behind
-
-        def read() -> None:
+        async def read() -> None:
+            held: _Pending | None = None  # sent, not yet in the pipeline
             try:
-                for index, raw in enumerate(request_iterator):
-                    if not put(self._begin(self._prepare_item(index, raw, identity), identity)):
-                        return
-                put(_END)
+                index = 0
+                async for raw in request_iterator:
+                    held = self._begin(self._prepare_item(index, raw, identity), identity)
+                    await pipeline.put(held)  # waits while the window is full: the broker is behind
+                    held = None
+                    index += 1
+                await pipeline.put(_END)
+            except asyncio.CancelledError:
+                if held is not None:
+                    self._abandon(held)
+                raise
             except InvalidField as err:
-                put(Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)))
+                await pipeline.put(Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)))
             except Refusal as err:
-                put(err)
+                await pipeline.put(err)
             except Exception as err:  # the client went away mid-stream
-                put(Refusal(grpc.StatusCode.CANCELLED, f"request stream failed: {err}"))
+                await pipeline.put(Refusal(grpc.StatusCode.CANCELLED, f"request stream failed: {err}"))
 
-        reader = threading.Thread(target=read, name="feedback-bulk-reader", daemon=True)
-        reader.start()
+        reader = asyncio.get_running_loop().create_task(read(), name="feedback-bulk-reader")
         try:
             while True:
-                item = pipeline.get()
+                item = await pipeline.get()
                 if item is _END:
                     return
                 if isinstance(item, Refusal):  # everything before it was answered already
-                    self._refuse(context, item, identity, "bulk")
+                    await self._refuse(context, item, identity, "bulk")
                 try:
-                    yield self._finish(item, context)
+                    reply = await self._finish(item, context)
                 except Refusal as err:
-                    self._refuse(context, err, identity, "bulk")
+                    await self._refuse(context, err, identity, "bulk")
+                yield reply
         finally:
             # The stream ended early (error, cancel): what was not acknowledged
             # is not recorded as written; a retry will send it again.
-            with guard:
-                stop.set()
-            while True:
-                try:
-                    item = pipeline.get_nowait()
-                except queue.Empty:
-                    break
+            reader.cancel()
+            await asyncio.gather(reader, return_exceptions=True)
+            while not pipeline.empty():
+                item = pipeline.get_nowait()
                 if isinstance(item, _Pending):
                     self._abandon(item)
 
@@ -221,19 +210,21 @@ class FeedbackServicer:
             raise refusal from None
         return _Pending(prepared, entry, owner=True, future=future)
 
-    def _finish(self, item: _Pending, context) -> feedback_pb2.SubmitReply:
+    async def _finish(self, item: _Pending, context) -> feedback_pb2.SubmitReply:
         """Wait for the broker's ack (within the call's deadline) and build the reply."""
         timeout = self._timeout(context)
         if not item.owner:
+            # A retry racing its first request: rare, so a pool thread may block on it.
             try:
-                return item.entry.wait(timeout)
+                return await asyncio.get_running_loop().run_in_executor(None, item.entry.wait, timeout)
             except Refusal:
                 raise
             except Exception as err:
                 raise Refusal(grpc.StatusCode.UNAVAILABLE, f"the first request with this request_id was not acknowledged: {err}") from None
         try:
-            written = item.future.result(timeout=timeout)
-        except (PublishError, FutureTimeout) as err:
+            async with asyncio.timeout(timeout):
+                written = await item.future
+        except (PublishError, TimeoutError) as err:
             refusal = Refusal(
                 grpc.StatusCode.UNAVAILABLE,
                 f"broker did not acknowledge within {timeout:.1f}s ({str(err) or type(err).__name__}); retry with the same request_id (a late write is de-duplicated by event id)",
@@ -254,14 +245,14 @@ class FeedbackServicer:
             limit = min(limit, remaining - 0.05)  # answer UNAVAILABLE before the client gives up
         return max(0.01, limit)
 
-    def _refuse(self, context, err: Refusal, identity: Identity | None, kind: str) -> None:
+    async def _refuse(self, context, err: Refusal, identity: Identity | None, kind: str) -> None:
         log_fields(log, 20, "feedback refused", code=err.code.name, error=str(err), kind=kind, user_id=identity.user_id if identity else "")
-        context.abort(err.code, str(err))
+        await context.abort(err.code, str(err))
 
 
 @dataclass
 class FeedbackHandle:
-    running: RunningServer
+    running: AioRunningServer
     servicer: FeedbackServicer
 
     @property
@@ -282,7 +273,7 @@ def start(settings: Settings, port: int = 0) -> FeedbackHandle:
     producer = make_event_producer(settings)
     servicer = FeedbackServicer(settings, producer, Authenticator(tokens))
     try:
-        running = start_server(settings, "feedback", [servicer.register], port)
+        running = start_aio_server(settings, "feedback", [servicer.register], port)
     except Exception:
         producer.close(1)
         raise
