@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass
 
 from services.common import bus
@@ -69,10 +69,18 @@ def _hand_over(outcomes: list[Outcome]) -> None:
 
 
 class LibrdkafkaProducer:
-    def __init__(self, settings: Settings):
-        from confluent_kafka import Producer
+    """confluent-kafka's idempotent producer, replaced after a fatal error.
 
-        self._producer = Producer({
+    An idempotent producer that loses its producer id (a broker that restarted
+    without its state, a fenced epoch) stops for good: librdkafka refuses
+    every later record rather than risk duplicates or reordering. The poll
+    thread then builds a fresh client (a new producer id) and fails what the
+    old one still held, so those calls get UNAVAILABLE and their retries, with
+    the same request ids, go through the new client.
+    """
+
+    def __init__(self, settings: Settings):
+        self._config = {
             "bootstrap.servers": settings.kafka_bootstrap,
             "enable.idempotence": True,        # implies acks=all, bounded in-flight, retries
             "acks": "all",
@@ -84,17 +92,28 @@ class LibrdkafkaProducer:
             "message.timeout.ms": int(settings.kafka_timeout_s * 1000),
             "socket.timeout.ms": max(1000, int(settings.kafka_timeout_s * 1000)),
             "logger": get_logger("librdkafka"),  # its lines join our JSON logs (served by poll())
-        })
+            "error_cb": self._on_error,
+        }
+        self._producer = self._client()
         # Connect now rather than on the first call (librdkafka connects lazily).
         self._producer.list_topics(timeout=settings.kafka_timeout_s)
-        self._delivered: list[Outcome] = []  # filled by delivery callbacks inside poll()
+        self._broken = None  # the client that hit a fatal error, until it is replaced
+        self.replacements = 0
+        self._delivered: deque[Outcome] = deque()  # filled by delivery callbacks inside poll()
         self._stop = threading.Event()
         # Delivery callbacks run inside poll(); one thread serves them all.
         self._poller = threading.Thread(target=self._poll, name="feedback-producer-poll", daemon=True)
         self._poller.start()
 
+    def _client(self):
+        from confluent_kafka import Producer
+
+        return Producer(self._config)
+
     def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> asyncio.Future:
         """Queue one record; call on the event loop that will await the future."""
+        from confluent_kafka import KafkaException
+
         future = asyncio.get_running_loop().create_future()
         delivered = self._delivered
 
@@ -104,12 +123,15 @@ class LibrdkafkaProducer:
             else:
                 delivered.append((future, Written(msg.topic(), msg.partition(), msg.offset()), None))
 
+        producer = self._producer
         try:
-            self._producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
+            producer.produce(topic, value=value, key=key, headers=headers, on_delivery=on_delivery)
         except BufferError:
             # The local queue is full: the broker is slower than the input.
             raise PublishError("the producer's local queue is full; the broker is not keeping up") from None
-        except Exception as err:  # KafkaException: e.g. a fatal idempotence error
+        except KafkaException as err:
+            if err.args[0].fatal() or producer.fatal_error() is not None:
+                self._broken = producer  # the poll thread replaces it
             raise PublishError(str(err)) from None
         return future
 
@@ -121,48 +143,104 @@ class LibrdkafkaProducer:
         if left:
             log_fields(log, 30, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", records=left)
 
+    def _on_error(self, err) -> None:
+        """librdkafka's error callback (inside poll): log; note fatal errors."""
+        if err.fatal():
+            self._broken = self._producer
+        log_fields(log, 40 if err.fatal() else 30, "kafka client error", code=err.name(), error=err.str(), fatal=err.fatal())
+
     def _dispatch(self) -> None:
-        if self._delivered:  # only the thread that serves poll() touches the list
-            batch = self._delivered[:]
-            self._delivered.clear()
+        batch = []
+        while self._delivered:
+            batch.append(self._delivered.popleft())
+        if batch:
             _hand_over(batch)
 
+    def _replace(self, broken) -> None:
+        self._producer = self._client()
+        self._broken = None
+        self.replacements += 1
+        broken.purge()  # fail what it still held: those calls answer UNAVAILABLE
+        broken.flush(0)  # serve their delivery reports
+        self._dispatch()
+        log_fields(log, 30, "kafka producer replaced after a fatal error", replacements=self.replacements)
+
     def _poll(self) -> None:
+        from confluent_kafka import KafkaException
+
         while not self._stop.is_set():
-            self._producer.poll(0.05)
+            producer = self._producer
+            try:
+                producer.poll(0.05)
+            except KafkaException as err:  # a fatal error raised out of poll()
+                self._broken = producer
+                log_fields(log, 40, "kafka client error", error=str(err), fatal=True)
             self._dispatch()
+            if self._broken is not None:
+                self._replace(self._broken)
 
 
 class KafkaPythonProducer:
+    """kafka-python's idempotent producer, replaced after a non-retriable error
+    (e.g. an unknown producer id after the broker lost its state), as above."""
+
     def __init__(self, settings: Settings):
+        self._settings = settings
         self._producer = bus.make_producer(settings)
+        self._broken = None
+        self.replacements = 0
 
     def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> asyncio.Future:
         from kafka.errors import KafkaError
 
+        if self._broken is not None:
+            self._replace(self._broken)
         future = asyncio.get_running_loop().create_future()
+        producer = self._producer
         try:
-            sent = self._producer.send(topic, key=key, value=value, headers=headers)
+            sent = producer.send(topic, key=key, value=value, headers=headers)
         except KafkaError as err:  # e.g. no metadata within max_block_ms: the broker is away
             raise PublishError(str(err)) from None
+
+        def failed(err) -> None:
+            if not getattr(err, "retriable", False):
+                self._broken = producer
+            _hand_over([(future, None, PublishError(str(err)))])
+
         sent.add_callback(lambda md: _hand_over([(future, Written(md.topic, md.partition, md.offset), None)]))
-        sent.add_errback(lambda err: _hand_over([(future, None, PublishError(str(err)))]))
+        sent.add_errback(failed)
         return future
 
-    def close(self, timeout: float) -> None:
+    def _replace(self, broken) -> None:
         from kafka.errors import KafkaError
 
         try:
-            self._producer.close(timeout=timeout)
-        except KafkaError as err:
-            log_fields(log, 30, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", error=str(err))
-            # kafka-python leaves a producer open when its final flush times
-            # out; stop its sender so nothing is retried after we said so.
-            sender = getattr(self._producer, "_sender", None)
-            if sender is not None:
-                sender.force_close()
-                sender.join(timeout)
-            self._producer._closed = True
+            self._producer = bus.make_producer(self._settings)
+        except KafkaError as err:  # the broker is still away: keep the old one, try again on the next call
+            raise PublishError(f"cannot reconnect: {err}") from None
+        self._broken = None
+        self.replacements += 1
+        _close_kafka_python(broken, 0)
+        log_fields(log, 30, "kafka producer replaced after a fatal error", replacements=self.replacements)
+
+    def close(self, timeout: float) -> None:
+        _close_kafka_python(self._producer, timeout)
+
+
+def _close_kafka_python(producer, timeout: float) -> None:
+    from kafka.errors import KafkaError
+
+    try:
+        producer.close(timeout=timeout)
+    except KafkaError as err:
+        log_fields(log, 30, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", error=str(err))
+        # kafka-python leaves a producer open when its final flush times
+        # out; stop its sender so nothing is retried after we said so.
+        sender = getattr(producer, "_sender", None)
+        if sender is not None:
+            sender.force_close()
+            sender.join(timeout)
+        producer._closed = True
 
 
 def make_event_producer(settings: Settings):

@@ -145,7 +145,7 @@ def test_bulk_submit_acknowledges_in_order_and_stops_at_the_first_bad_item(servi
 
 
 @pytest.mark.parametrize("client", ["librdkafka", "kafka-python"])
-def test_broker_down_gives_unavailable_within_the_deadline(tmp_path, client):
+def test_broker_down_gives_unavailable_within_the_deadline_and_the_service_recovers(tmp_path, client):
     port = free_port()
     proc = start_broker(port, log_path=tmp_path / "tansu.log")
     settings = make_settings(tmp_path / "home", f"127.0.0.1:{port}", RLHF_TOKENS=TOKENS, RLHF_KAFKA_TIMEOUT_S="2",
@@ -174,6 +174,24 @@ def test_broker_down_gives_unavailable_within_the_deadline(tmp_path, client):
         with pytest.raises(grpc.RpcError) as err:
             stub.LogPrompt(feedback_pb2.LogPromptRequest(request_id="short", text="x"), metadata=bearer("tok-alice"), timeout=0.8)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 1.0
+
+        # The broker comes back without its state (Tansu keeps it in memory):
+        # the old producer id is unknown there, which stops an idempotent
+        # producer for good. The service replaces its client, and the
+        # client's retries of the same request go through, written once.
+        proc = start_broker(port, log_path=tmp_path / "tansu.log")
+        bus.create_topics(settings)
+        replies, deadline = [], time.monotonic() + 30
+        while len(replies) < 2 and time.monotonic() < deadline:
+            try:
+                replies.append(stub.LogPrompt(request, metadata=bearer("tok-alice"), timeout=8))
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err.details()
+                time.sleep(0.2)
+        assert len(replies) == 2, "the service did not recover after the broker came back"
+        assert not replies[0].duplicate and replies[1].duplicate and replies[1].event_id == replies[0].event_id
+        assert [e.request_id for _, e in read_topic(settings, "prompts")] == ["down"]
+        assert handle.servicer.producer.replacements == 1
     finally:
         channel.close()
         handle.stop()
