@@ -179,7 +179,7 @@ class Settings:
 
     # --- gRPC servers --------------------------------------------------------
     grpc_max_message_bytes: int = _setting("RLHF_GRPC_MAX_MESSAGE_BYTES", "16777216", _int(1024, 1 << 30), "Largest gRPC message accepted or sent.")
-    grpc_workers: int = _setting("RLHF_GRPC_WORKERS", "64", _int(1, 4096), "Threads handling gRPC calls per server.")
+    grpc_workers: int = _setting("RLHF_GRPC_WORKERS", "64", _int(1, 4096), "Threads handling gRPC calls per thread-pool server (policy, reward, controller; the FeedbackService is asynchronous).")
     grpc_grace_s: float = _setting("RLHF_GRPC_GRACE_S", "10", _float(0, 600), "On SIGTERM: how long in-flight calls may drain.")
 
     # --- auth ----------------------------------------------------------------
@@ -220,6 +220,7 @@ class Settings:
     feedback_max_metadata_bytes: int = _setting("RLHF_FEEDBACK_MAX_METADATA_BYTES", "4096", _int(0, 1 << 20), "Largest prompt metadata map (keys + values), in UTF-8 bytes.")
     feedback_idempotency_entries: int = _setting("RLHF_FEEDBACK_IDEMPOTENCY_ENTRIES", "100000", _int(1, 10**8), "Request ids each FeedbackService replica remembers, so a retry returns the first reply.")
     feedback_producer: str = _setting("RLHF_FEEDBACK_PRODUCER", "librdkafka", _choice("librdkafka", "kafka-python"), "Kafka client of the FeedbackService's write path: `librdkafka` (confluent-kafka, fast) or `kafka-python`.")
+    feedback_max_calls: int = _setting("RLHF_FEEDBACK_MAX_CALLS", "4096", _int(1, 1 << 20), "Feedback calls the FeedbackService handles at once (a BulkSubmit stream counts as one); more get RESOURCE_EXHAUSTED. Health checks are not counted.")
     feedback_bulk_window: int = _setting("RLHF_FEEDBACK_BULK_WINDOW", "1024", _int(1, 1 << 20), "BulkSubmit items awaiting the broker's acknowledgement at once, per stream.")
     dataset_group: str = _setting("RLHF_DATASET_GROUP", "dataset-builder", _nonempty, "Consumer group of `python -m services.datasets build` (offsets committed after each snapshot).")
     dataset_max_prompts_per_user: int = _setting("RLHF_DATASET_MAX_PROMPTS_PER_USER", "200", _int(1, 10**9), "Prompts kept per user ID in a snapshot (InstructGPT: 200).")

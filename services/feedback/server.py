@@ -82,6 +82,7 @@ class FeedbackServicer:
         self.limits = Limits.from_settings(settings)
         self.topics = bus.Topics.from_settings(settings)
         self.cache = IdempotencyCache(settings.feedback_idempotency_entries)
+        self.calls = 0  # feedback calls in progress (all on the server's one event loop)
 
     def register(self, server: grpc.Server) -> str:
         reply = feedback_pb2.SubmitReply.SerializeToString
@@ -99,6 +100,7 @@ class FeedbackServicer:
 
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> feedback_pb2.SubmitReply:
             identity = await self.auth.require_aio(context, role)
+            await self._admit(context, identity, kind)
             try:
                 prepared = prepare(kind, parse(raw, request_type), identity, self.limits)
                 return await self._finish(self._begin(prepared, identity), context)
@@ -106,6 +108,8 @@ class FeedbackServicer:
                 await self._refuse(context, Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)), identity, kind)
             except Refusal as err:
                 await self._refuse(context, err, identity, kind)
+            finally:
+                self.calls -= 1
 
         handle.__name__ = kind
         return handle
@@ -121,6 +125,23 @@ class FeedbackServicer:
         every item before it is acknowledged first.
         """
         identity = await self.auth.require_aio(context, "user")
+        await self._admit(context, identity, "bulk")
+        try:
+            async for reply in self._bulk(request_iterator, context, identity):
+                yield reply
+        finally:
+            self.calls -= 1
+
+    async def _admit(self, context, identity: Identity, kind: str) -> None:
+        """Count the call in, or refuse it when RLHF_FEEDBACK_MAX_CALLS are in progress."""
+        if self.calls >= self.settings.feedback_max_calls:
+            await self._refuse(context, Refusal(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"{self.calls} feedback calls in progress (RLHF_FEEDBACK_MAX_CALLS={self.settings.feedback_max_calls}); retry with backoff",
+            ), identity, kind)
+        self.calls += 1
+
+    async def _bulk(self, request_iterator, context, identity: Identity) -> AsyncIterator[feedback_pb2.SubmitReply]:
         pipeline: asyncio.Queue = asyncio.Queue(maxsize=self.settings.feedback_bulk_window)
 
         async def read() -> None:

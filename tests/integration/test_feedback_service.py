@@ -8,6 +8,7 @@ import time
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 from services.common import bus
@@ -142,6 +143,39 @@ def test_bulk_submit_acknowledges_in_order_and_stops_at_the_first_bad_item(servi
     assert len(got) == 2 and got[0].duplicate and not got[1].duplicate  # everything before the bad item was acknowledged
     texts = [e.text for _, e in read_topic(settings, "prompts")]
     assert "fine" in texts and "never" not in texts
+
+
+def test_calls_beyond_the_limit_get_resource_exhausted_and_health_still_answers(broker, tmp_path):
+    settings = make_settings(tmp_path, broker, RLHF_TOKENS=TOKENS, RLHF_FEEDBACK_MAX_CALLS="1")
+    handle = start(settings)
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+    release = threading.Event()
+
+    def slow_items():  # a bulk import that holds its stream open
+        yield feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="held-1", text="first"))
+        release.wait(20)
+        yield feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="held-2", text="second"))
+
+    try:
+        stream = stub.BulkSubmit(slow_items(), metadata=bearer("tok-alice"), timeout=30)
+        first = next(stream)  # the stream is in progress: it holds the one slot
+        request = feedback_pb2.LogPromptRequest(request_id="over", text="one too many")
+        with pytest.raises(grpc.RpcError) as err:
+            stub.LogPrompt(request, metadata=bearer("tok-bob"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "RLHF_FEEDBACK_MAX_CALLS=1" in err.value.details()
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # probes are not refused under load
+
+        release.set()
+        assert [r.duplicate for r in [first, *stream]] == [False, False]
+        assert not stub.LogPrompt(request, metadata=bearer("tok-bob"), timeout=10).duplicate  # refused earlier: nothing was written then
+        assert sorted(e.request_id for _, e in read_topic(settings, "prompts")) == ["held-1", "held-2", "over"]
+    finally:
+        release.set()
+        channel.close()
+        handle.stop()
 
 
 @pytest.mark.parametrize("client", ["librdkafka", "kafka-python"])
