@@ -241,6 +241,40 @@ def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
     return tensor
 
 
+def sum_over_ranks(values: list[float], device: str) -> list[float]:
+    """Each value summed over the ranks (for logging what every rank saw)."""
+    return all_reduce_(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
+
+
+class WeightEMA:
+    """An exponential moving average of a model's trainable weights:
+    ema ← decay·ema + (1 − decay)·w after every optimizer step, starting from
+    the weights at construction. InstructGPT publishes the EMA of the PPO
+    policy (decay 0.992) rather than its last iterate."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = trainable_state(model)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        for name, param in unwrap(model).named_parameters():
+            if param.requires_grad:
+                self.shadow[name].mul_(self.decay).add_(param.detach(), alpha=1 - self.decay)
+
+    def copy_to(self, model: torch.nn.Module) -> None:
+        load_trainable_state(model, self.shadow)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return self.shadow
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        if missing:
+            raise JobError(f"resume state's EMA lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}); was the config changed?")
+        self.shadow = {name: state[name].clone() for name in self.shadow}
+
+
 # --- the job ------------------------------------------------------------------
 
 class Job:

@@ -37,8 +37,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from services.common.models import RewardModel, last_token_index, load_causal_lm, load_tokenizer, pad_batch, position_ids_from_mask, render_prompt
-from trainers.common import (Job, JobError, add_lora, all_reduce_, autocast, epoch_order, global_batch, load_trainable_state, markdown_report,
-                             merge_lora, peak_rss_gb, require, run_main, step_seed, trainable_state, unwrap)
+from trainers.common import (Job, JobError, WeightEMA, add_lora, all_reduce_, autocast, epoch_order, global_batch, load_trainable_state,
+                             markdown_report, merge_lora, peak_rss_gb, require, run_main, step_seed, sum_over_ranks, trainable_state, unwrap)
 from trainers.sft import collate, lm_loss_sum
 
 
@@ -60,6 +60,10 @@ class PPOConfig:
               ("demonstrations" or a text file), ptx_batch_size, ptx_max_tokens.
     Model:    lora_rank (0 = full fine-tuning), lora_alpha, lora_dropout,
               lora_targets (policy and value); bf16 (autocast).
+    EMA:      ema_decay: publish an exponential moving average of the policy's
+              trainable weights, updated after every optimizer step (the paper
+              0.992; 0 = publish the last weights). With LoRA the average is
+              over the adapter matrices.
     Job:      save_every (steps between resume points), seed.
     """
 
@@ -94,10 +98,12 @@ class PPOConfig:
     lora_dropout: float = 0.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     bf16: bool = False
+    ema_decay: float = 0.0
     save_every: int = 5
     seed: int = 0
 
     def validate(self) -> None:
+        require(0 <= self.ema_decay < 1, f"ema_decay={self.ema_decay} must be in [0, 1) (0 = off)")
         require(self.total_steps >= 1, f"total_steps={self.total_steps} must be at least 1")
         require(self.rollout_batch_size >= 1 and self.mini_batch_size >= 1 and self.generation_batch_size >= 1,
                 "rollout_batch_size, mini_batch_size and generation_batch_size must be at least 1")
@@ -115,13 +121,14 @@ class PPOConfig:
 
 PRESETS = {
     "tiny": dict(total_steps=4, rollout_batch_size=4, generation_batch_size=4, mini_batch_size=2, max_prompt_tokens=48, max_new_tokens=12,
-                 lr=1e-3, value_lr=1e-3, lora_rank=4, ptx_batch_size=2, ptx_max_tokens=48, save_every=1),
+                 lr=1e-3, value_lr=1e-3, lora_rank=4, ptx_batch_size=2, ptx_max_tokens=48, ema_decay=0.5, save_every=1),
     # All four 135M models on 2 cores in a few minutes: LoRA, bf16, short responses.
     "cpu": dict(total_steps=6, rollout_batch_size=8, generation_batch_size=8, mini_batch_size=4, max_prompt_tokens=96, max_new_tokens=32,
                 lr=5e-5, value_lr=1e-4, lora_rank=8, bf16=True, save_every=2),
     # The paper: batch 512, minibatch 64, 1 inner epoch, β 0.02, γ_ptx 27.8; scaled to one GPU.
     "gpu": dict(total_steps=200, rollout_batch_size=128, generation_batch_size=64, mini_batch_size=32, max_prompt_tokens=512,
-                max_new_tokens=256, lr=1e-6, value_lr=5e-6, bf16=True, ptx_coef=27.8, ptx_batch_size=8, ptx_max_tokens=512, save_every=10),
+                max_new_tokens=256, lr=1e-6, value_lr=5e-6, bf16=True, ptx_coef=27.8, ptx_batch_size=8, ptx_max_tokens=512, ema_decay=0.992,
+                save_every=10),
 }
 
 
@@ -340,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = torch.optim.AdamW([{"params": policy_params, "lr": cfg.lr}, {"params": value_params, "lr": cfg.value_lr}], weight_decay=0.0)
     policy, value = job.wrap_ddp(policy), job.wrap_ddp(value)
     kl_control = AdaptiveKL(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon)
+    ema = WeightEMA(policy, cfg.ema_decay) if cfg.ema_decay > 0 else None
 
     start = 0
     state = job.load_state()
@@ -348,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         load_trainable_state(value, state["value"])
         optimizer.load_state_dict(state["optimizer"])
         start, kl_control.beta = state["step"], state["beta"]
+        if ema:
+            ema.load_state_dict(state.get("ema") or {})
 
     # --- the loop ---------------------------------------------------------------
     local_rollouts = cfg.rollout_batch_size // job.world
@@ -401,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
                     sums["ptx_loss"] += ptx_sum.item() / max(1, ptx_count)
                 torch.nn.utils.clip_grad_norm_(policy_params + value_params, cfg.max_grad_norm)
                 optimizer.step()
+                if ema:
+                    ema.update(policy)
                 updates += 1
                 for key, val in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_frac),
                                  ("value_clip_fraction", vclip_frac), ("entropy", masked_mean(entropy.detach(), mb_mask))):
@@ -412,8 +424,9 @@ def main(argv: list[str] | None = None) -> int:
                                            float((~rollouts.has_eos).sum()), float(len(lengths))], dtype=torch.float64, device=device))
         n = float(totals[4])
         metrics = {"reward_score": float(totals[0]) / n, "kl": float(totals[1]) / n, "response_length": float(totals[2]) / n,
-                   "no_eos_fraction": float(totals[3]) / n, "beta": kl_control.beta,
-                   **{k: v / max(1, updates) for k, v in sums.items() if k != "ptx_loss" or ptx}}
+                   "no_eos_fraction": float(totals[3]) / n, "beta": kl_control.beta}
+        means = sum_over_ranks([v / max(1, updates) for v in sums.values()], device)  # every rank's updates, not rank 0's
+        metrics.update({k: v / job.world for k, v in zip(sums, means) if k != "ptx_loss" or ptx})
         if cfg.adaptive_kl:
             kl_control.update(metrics["kl"], int(n))
         job.log(step, metrics, progress)
@@ -421,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.total_steps:
             job.save_state(done, policy=trainable_state(policy), value=trainable_state(value), optimizer=optimizer.state_dict(),
-                           beta=kl_control.beta)
+                           beta=kl_control.beta, ema=ema.state_dict() if ema else None)
     progress.close()
 
     # --- publish the policy (LoRA merged) ----------------------------------------------
@@ -431,6 +444,9 @@ def main(argv: list[str] | None = None) -> int:
                **{k: last[k] for k in ("reward_score", "kl", "entropy", "clip_fraction", "value_loss", "response_length") if k in last}}
     if history:
         summary["first_reward_score"] = history[0].get("reward_score")
+    summary["ema_decay"] = cfg.ema_decay  # > 0: the published weights are the EMA, not the last iterate
+    if ema:
+        ema.copy_to(policy)
     merged = merge_lora(unwrap(policy))
 
     def write(folder):

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from services.common.models import RewardModel, encode_prompt_response, last_token_index, load_tokenizer, pad_batch, render_prompt
 from trainers.common import (Job, JobError, add_lora, autocast, epoch_order, global_batch, load_trainable_state, lr_at, markdown_report,
-                             merge_lora, peak_rss_gb, run_main, step_seed, trainable_state, unwrap, validate_supervised)
+                             merge_lora, peak_rss_gb, run_main, step_seed, sum_over_ranks, trainable_state, unwrap, validate_supervised)
 
 
 @dataclass
@@ -251,8 +251,10 @@ def main(argv: list[str] | None = None) -> int:
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         train_seconds += time.perf_counter() - tick
-        metrics = {"train_loss": loss_total, "train_pair_accuracy": correct / max(1, pairs), "pairs": pairs,
-                   "responses": sum(len(s) for s, _ in batch), "lr": lr, "grad_norm": float(grad_norm)}
+        # Over the whole step, not rank 0's share: each rank's loss is its prompts' sum over the mean prompt count.
+        loss_total, correct, pairs, responses = sum_over_ranks([loss_total, correct, pairs, sum(len(s) for s, _ in batch)], device)
+        metrics = {"train_loss": loss_total / job.world, "train_pair_accuracy": correct / max(1, pairs), "pairs": int(pairs),
+                   "responses": int(responses), "lr": lr, "grad_norm": float(grad_norm)}
         done = step + 1
         if job.is_main and val and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
             metrics.update(validate(unwrap(model).eval(), val, pad_id, cfg.micro_batch_size, device, cfg.bf16))

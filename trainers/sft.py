@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from services.common.models import encode_prompt_response, load_causal_lm, load_tokenizer, pad_batch, position_ids_from_mask, render_prompt
 from trainers.common import (Job, JobError, add_lora, all_reduce_, autocast, epoch_order, global_batch, load_trainable_state, lr_at, markdown_report,
-                             merge_lora, peak_rss_gb, run_main, step_seed, trainable_state, unwrap, validate_supervised)
+                             merge_lora, peak_rss_gb, run_main, step_seed, sum_over_ranks, trainable_state, unwrap, validate_supervised)
 
 IGNORE = -100
 
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             loss_total += loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
-        metrics = {"train_loss": loss_total / n_tokens, "lr": lr, "grad_norm": float(grad_norm), "tokens": n_tokens}
+        loss_total, n_tokens = sum_over_ranks([loss_total, float(n_tokens)], device)  # the whole step, not rank 0's share
+        metrics = {"train_loss": loss_total / n_tokens, "lr": lr, "grad_norm": float(grad_norm), "tokens": int(n_tokens)}
 
         done = step + 1
         if job.is_main and val and (done % eval_every == 0 or done == total):  # other ranks wait at the next all-reduce

@@ -135,6 +135,10 @@ def test_chain_publishes_verified_checkpoints_that_load(world, trained):
     rows = [json.loads(line) for line in (Path(ppo["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     for key in ("reward_score", "kl", "entropy", "clip_fraction", "value_loss", "response_length", "ptx_loss"):
         assert all(key in row for row in rows), key
+    # the tiny preset publishes the EMA of the policy (decay 0.5), which has moved away from the last weights
+    state = torch.load(Path(ppo["run_dir"]) / "state" / "latest.pt", weights_only=False)
+    assert manifest.metrics["ema_decay"] == 0.5 and state["ema"].keys() == state["policy"].keys()
+    assert any(not torch.equal(state["ema"][k], state["policy"][k]) for k in state["ema"])
 
     # every publish was announced as CREATED, after the checkpoint was in the store
     seen = {event.version: event for event in bus.read_topic(world.settings, "checkpoints")}
@@ -217,8 +221,10 @@ def test_killed_job_resumes_to_the_same_result(world, trained, trainer):
 
 @pytest.mark.parametrize("trainer", ["rm", "ppo"])
 def test_under_torchrun_with_two_cpu_processes(world, trained, trainer):
-    inputs = trainer_args(world, trained, trainer)[: 4 if trainer == "rm" else 6]  # snapshot and models, the preset's config
-    args = inputs + (["--set", "total_steps=2", "--set", "ptx_coef=0.5"] if trainer == "ppo" else [])  # PPO-ptx: two backwards per update
+    if trainer == "rm":  # the reference run's config, so the logs can be compared step by step
+        args = trainer_args(world, trained, trainer)
+    else:  # PPO-ptx: two backwards per update
+        args = trainer_args(world, trained, trainer)[:6] + ["--set", "total_steps=2", "--set", "ptx_coef=0.5"]
     result = world.run(trainer, args, f"{trainer}-ddp", torchrun=2)
     world.store.verify(result["version"])
     if trainer == "ppo":
@@ -226,5 +232,10 @@ def test_under_torchrun_with_two_cpu_processes(world, trained, trainer):
     else:
         RewardModel.from_pretrained(world.store.path(result["version"]))
         assert result["metrics"]["val_pair_accuracy"] >= 0.75
-    rows = (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    rows = [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == result["metrics"]["steps"] + (trainer == "rm")  # rank 0 alone writes (RM: + the final validation row)
+    if trainer == "rm":  # what rank 0 logs covers both ranks' halves of each step, as the single process's log does
+        single = [json.loads(x) for x in (Path(trained["rm"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
+        assert [(r.get("pairs"), r.get("responses")) for r in rows] == [(r.get("pairs"), r.get("responses")) for r in single]
+        assert rows[0]["train_loss"] == pytest.approx(single[0]["train_loss"], rel=1e-4)
+        assert rows[0]["train_pair_accuracy"] == pytest.approx(single[0]["train_pair_accuracy"])

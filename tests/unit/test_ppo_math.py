@@ -87,3 +87,28 @@ def test_adaptive_kl_controller():
     control = AdaptiveKL(beta=0.1, target=6.0, horizon=100)
     assert control.update(kl=12.0, n=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
     assert control.update(kl=6.0, n=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))   # on target: unchanged
+
+
+def test_weight_ema_averages_the_trainable_weights_and_round_trips():
+    from trainers.common import WeightEMA
+
+    model = torch.nn.Linear(2, 1, bias=True)
+    model.bias.requires_grad_(False)  # frozen tensors are not averaged
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    ema = WeightEMA(model, decay=0.75)
+    assert set(ema.state_dict()) == {"weight"}
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[5.0, -2.0]]))
+    ema.update(model)  # 0.75·[1, 2] + 0.25·[5, −2] = [2, 1]
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[6.0, 5.0]]))
+    ema.update(model)  # 0.75·[2, 1] + 0.25·[6, 5] = [3, 2]
+    assert torch.allclose(ema.state_dict()["weight"], torch.tensor([[3.0, 2.0]]))
+
+    again = WeightEMA(model, decay=0.75)
+    again.load_state_dict(ema.state_dict())
+    again.copy_to(model)
+    assert torch.allclose(model.weight, torch.tensor([[3.0, 2.0]]))
+    with pytest.raises(Exception, match="EMA lacks 1 tensors"):
+        WeightEMA(model, decay=0.75).load_state_dict({})
