@@ -13,7 +13,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.integration.test_playground_api import playground_stack, read_events  # noqa: F401  (module fixture)
+from tests.integration.test_playground_api import LONG_ANSWER, playground_stack, read_events, wait_running  # noqa: F401  (module fixture)
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT_S = 60
@@ -148,3 +148,24 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
         (shown_ids[1], texts[0], 6, []), (shown_ids[2], texts[1], 3, [2])]
     [demonstration] = read_events(settings, "demonstrations")
     assert (demonstration.event_id, demonstration.response) == (shown_ids[3], (texts[0] + " Edited.").strip())
+
+
+def test_stop_ends_the_answer_and_frees_the_policy(playground_stack, browser):
+    driver, stack = browser, playground_stack
+    driver.get(stack.web.url.rstrip("/") + "/no-such-page")  # same origin, none of the app's code running:
+    driver.execute_script("sessionStorage.clear()")           # signed out, whatever ran before
+    driver.get(stack.web.url)
+    driver.find_element(By.ID, "token").send_keys("tok-lab", Keys.ENTER)
+    wait_for(driver, lambda d: d.find_element(By.ID, "workspace").is_displayed(), "sign-in did not open the workspace")
+    driver.find_element(By.CSS_SELECTOR, "#panel-prompt details.settings summary").click()
+    driver.find_element(By.ID, "max-tokens").send_keys(str(LONG_ANSWER))
+    driver.find_element(By.ID, "temperature").send_keys("0")  # greedy: the tiny model runs to the limit
+    driver.find_element(By.ID, "prompt").send_keys("Count to a thousand.", Keys.CONTROL, Keys.ENTER)
+    wait_for(driver, lambda d: d.find_element(By.CSS_SELECTOR, ".turn.assistant .text").text, "no token arrived")
+    assert wait_running(stack, 1) == 1
+
+    driver.find_element(By.ID, "stop").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "prompt-status").text == "Stopped.", "Stop did not end the answer")
+    assert wait_running(stack, 0) == 0  # the policy's slot is free again
+    assert driver.find_element(By.CSS_SELECTOR, ".turn.assistant .text").text  # the partial answer stays
+    assert driver.find_element(By.ID, "send").is_enabled() and not driver.find_element(By.ID, "stop").is_enabled()

@@ -10,7 +10,7 @@ import sys
 
 import pexpect
 
-from tests.integration.test_playground_api import playground_stack, read_events  # noqa: F401  (module fixture)
+from tests.integration.test_playground_api import LONG_ANSWER, playground_stack, read_events, wait_running  # noqa: F401  (module fixture)
 
 TIMEOUT_S = 60
 
@@ -44,6 +44,23 @@ def test_chat_streams_and_logs(playground_stack):
     assert child.exitstatus == 0
     [logged] = [p for p in read_events(stack.settings, "prompts") if p.event_id == event_id]
     assert (logged.text, logged.user_id, logged.source) == ("Tell me a joke.", "lab1", "playground")
+
+
+def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(playground_stack):
+    stack = playground_stack
+    child = spawn(stack, "--max-new-tokens", str(LONG_ANSWER), "--temperature", "0", "chat")  # greedy: runs to the limit
+    child.expect_exact("you> ")
+    child.sendline("Count to a thousand.")
+    child.expect(r"\[prompt logged: ev-\w+\]")
+    assert wait_running(stack, 1) == 1
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    assert wait_running(stack, 0) == 0  # the policy's slot is free again
+    child.expect_exact("you> ")  # the session survives Ctrl-C
+    child.sendline("/quit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
 
 
 def test_batch_logs_each_prompt_once(playground_stack, tmp_path):

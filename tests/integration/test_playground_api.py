@@ -8,6 +8,7 @@ show the service's message and write nothing.
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 
 import httpx
@@ -22,6 +23,10 @@ from tests.conftest import make_settings
 
 TOKENS = "tok-lab=lab1:labeler,tok-user=u1:user"
 LAB = {"Authorization": "Bearer tok-lab"}
+# Greedy decoding of the tiny model never stops early: an answer this long keeps
+# a policy row busy for many seconds, so a freed slot can only mean a cancel.
+LONG_ANSWER = 2000
+FREED_WITHIN_S = 3.0
 USER = {"Authorization": "Bearer tok-user"}
 
 
@@ -37,7 +42,7 @@ class Stack:
 def playground_stack(tmp_path_factory, broker, tiny_model_dir):
     """Real policy + feedback services on free ports, and the playground in front of them."""
     settings = make_settings(tmp_path_factory.mktemp("playground"), broker, RLHF_TOKENS=TOKENS,
-                             RLHF_DEFAULT_MAX_NEW_TOKENS="8")
+                             RLHF_DEFAULT_MAX_NEW_TOKENS="8", RLHF_MAX_NEW_TOKENS_LIMIT=str(LONG_ANSWER))
     policy = policy_server.start(settings, port=0, http_port=None)
     feedback = feedback_server.start(settings, port=0)
     settings = settings.with_overrides(policy_target=f"127.0.0.1:{policy.port}", feedback_target=f"127.0.0.1:{feedback.port}")
@@ -87,6 +92,25 @@ def test_prompt_streams_tokens_and_is_logged(playground_stack, api):
     [logged] = [p for p in read_events(playground_stack.settings, "prompts") if p.event_id == events[0][1]["event_id"]]
     assert (logged.user_id, logged.text, logged.source, dict(logged.metadata)) == (
         "u1", "Write a haiku about the sea.", "playground", {"mode": "prompt"})
+
+
+def wait_running(stack: Stack, want: int, timeout: float = FREED_WITHIN_S) -> int:
+    """The policy engine's running rows, once they equal `want` (or the timeout passed)."""
+    deadline = time.monotonic() + timeout
+    while (running := stack.policy.backend.engine.stats()["running"]) != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return running
+
+
+def test_a_reader_that_leaves_frees_the_policys_slot(playground_stack, api):
+    body = {"prompt": "Count to a thousand.", "max_new_tokens": LONG_ANSWER, "temperature": 0}
+    with api.stream("POST", "/api/generate", json=body, headers=USER) as response:
+        lines = response.iter_lines()
+        while not next(lines).startswith("event: token"):
+            pass
+        assert wait_running(playground_stack, 1) == 1  # the answer is being generated
+    # the browser's Stop (or a closed tab) drops the connection: the policy stops at once
+    assert wait_running(playground_stack, 0) == 0
 
 
 def test_chat_sends_the_history_and_logs_it(playground_stack, api):
