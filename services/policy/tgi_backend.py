@@ -10,6 +10,7 @@ TGI-compatible endpoint reports the checkpoint version there).
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -108,51 +109,63 @@ class TgiBackend:
                 self._pending -= 1
 
     def _generate(self, req: GenRequest) -> None:
-        from text_generation import Client
+        asyncio.run(self._generate_samples(req))
 
-        p = req.params
+    async def _generate_samples(self, req: GenRequest) -> None:
+        """The K samples go upstream as K concurrent requests, which TGI batches
+        together; the first failure (or a cancel) stops the others."""
+        from text_generation import AsyncClient
+
         version = self.version
         timeout = 600 if req.deadline is None else max(1, int(req.deadline - time.monotonic()) + 1)
-        client = Client(self.url, timeout=timeout)
-        completion = 0
-        for index, seed in enumerate(p.sample_seeds()):
-            stream = client.generate_stream(
-                req.prompt_text,
-                do_sample=not p.greedy,
-                max_new_tokens=p.max_new_tokens,
-                temperature=None if p.greedy or p.temperature == 1.0 else p.temperature,
-                top_p=p.top_p if p.top_p < 1.0 else None,
-                top_k=p.top_k or None,
-                repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,
-                stop_sequences=list(p.stop) or None,
-                seed=None if p.greedy else seed,
-            )
-            tokens: list[TokenOut] = []
-            try:
-                for reply in stream:
-                    if req.cancelled:
-                        req.fail(grpc.StatusCode.CANCELLED, "cancelled by the client")
-                        return
-                    if req.expired():
-                        req.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while generating")
-                        return
-                    tok = TokenOut(reply.token.id, reply.token.text, reply.token.logprob, reply.token.special)
-                    tokens.append(tok)
-                    final = None
-                    if reply.details is not None:
-                        final = SampleOut(
-                            index=index,
-                            text=reply.generated_text or "",
-                            finish_reason=_FINISH.get(reply.details.finish_reason.value, FINISH_LENGTH),
-                            generated_tokens=reply.details.generated_tokens,
-                            seed=None if p.greedy else seed,
-                            tokens=tokens if p.return_logprobs else [],
-                        )
-                    if req.stream:
-                        req.emit(Token(index, tok, version, final))
-                    if final is not None:
-                        completion += final.generated_tokens
-                        req.emit(SampleDone(final, version))
-            finally:
-                stream.close()  # closes the HTTP stream, so TGI frees the slot too
+        client = AsyncClient(self.url, timeout=timeout)
+        tasks = [asyncio.create_task(self._sample(client, req, index, seed, version)) for index, seed in enumerate(req.params.sample_seeds())]
+        try:
+            completion = sum(await asyncio.gather(*tasks))
+        finally:
+            for task in tasks:
+                task.cancel()  # closes their HTTP streams, so TGI frees those slots too
+            await asyncio.gather(*tasks, return_exceptions=True)
         req.emit(Finished(version, len(req.prompt_ids), completion))
+
+    async def _sample(self, client, req: GenRequest, index: int, seed: int, version: str) -> int:
+        """Stream one sample from TGI; return its generated token count."""
+        p = req.params
+        stream = client.generate_stream(
+            req.prompt_text,
+            do_sample=not p.greedy,
+            max_new_tokens=p.max_new_tokens,
+            temperature=None if p.greedy or p.temperature == 1.0 else p.temperature,
+            top_p=p.top_p if p.top_p < 1.0 else None,
+            top_k=p.top_k or None,
+            repetition_penalty=p.repetition_penalty if p.repetition_penalty != 1.0 else None,
+            stop_sequences=list(p.stop) or None,
+            seed=None if p.greedy else seed,
+        )
+        tokens: list[TokenOut] = []
+        try:
+            async for reply in stream:
+                if req.cancelled:
+                    raise ServingError(grpc.StatusCode.CANCELLED, "cancelled by the client")
+                if req.expired():
+                    raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while generating")
+                tok = TokenOut(reply.token.id, reply.token.text, reply.token.logprob, reply.token.special)
+                tokens.append(tok)
+                final = None
+                if reply.details is not None:
+                    final = SampleOut(
+                        index=index,
+                        text=reply.generated_text or "",
+                        finish_reason=_FINISH.get(reply.details.finish_reason.value, FINISH_LENGTH),
+                        generated_tokens=reply.details.generated_tokens,
+                        seed=None if p.greedy else seed,
+                        tokens=tokens if p.return_logprobs else [],
+                    )
+                if req.stream:
+                    req.emit(Token(index, tok, version, final))
+                if final is not None:
+                    req.emit(SampleDone(final, version))
+                    return final.generated_tokens
+        finally:
+            await stream.aclose()
+        raise ServingError(grpc.StatusCode.UNAVAILABLE, f"TGI ended sample {index}'s stream without its final details")

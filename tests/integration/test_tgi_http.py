@@ -141,3 +141,39 @@ def test_tgi_backend_generates_through_a_tgi_endpoint(server, tmp_path, broker):
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     finally:
         proxy.stop()
+
+
+def test_tgi_backend_sends_k_samples_at_once_and_a_cancel_stops_them_all(server, tmp_path, broker):
+    upstream, url = server
+    proxy = start(make_settings(tmp_path, broker, RLHF_TGI_URL=url), port=0, http_port=None)
+    engine = upstream.backend.engine
+
+    def peak_running(seconds: float, until=lambda: False) -> int:
+        """The most upstream rows seen at once, watching until 4 run, `until()` or the time is up."""
+        peak, deadline = 0, time.monotonic() + seconds
+        while peak < 4 and not until() and time.monotonic() < deadline:
+            peak = max(peak, engine.stats()["running"])
+            time.sleep(0.005)
+        return peak
+
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as channel:
+            via = policy_pb2_grpc.PolicyServiceStub(channel)
+            # Greedy decoding of the tiny model runs to the limit: long enough to see all four upstream at once.
+            request = policy_pb2.GenerateRequest(prompt="Count to a thousand.", parameters=policy_pb2.GenerationParameters(
+                max_new_tokens=300, temperature=0.0, num_samples=4))
+            future = via.Generate.future(request, timeout=60)
+            assert peak_running(30, until=future.done) == 4  # K requests upstream together, batched by the engine
+            reply = future.result()
+            assert [s.generated_tokens for s in reply.samples] == [300] * 4 and reply.usage.completion_tokens == 1200
+
+            stream = via.GenerateStream(request, timeout=60)
+            next(stream)
+            assert peak_running(10) == 4
+            stream.cancel()
+            deadline = time.monotonic() + 3
+            while engine.stats()["running"] and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert engine.stats()["running"] == 0  # every upstream sample was stopped
+    finally:
+        proxy.stop()
