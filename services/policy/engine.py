@@ -54,6 +54,7 @@ class _Group:
         self.version = version
         self.remaining = req.params.num_samples
         self.completion_tokens = 0
+        self.prefill: list[TokenOut] = []  # the prompt's tokens, scored (params.prompt_logprobs)
 
 
 class _Row:
@@ -286,20 +287,24 @@ class Engine:
         pad_id = cohort.tokenizer.pad_token_id
         ids, mask = pad_batch([r.prompt_ids for r in reqs], pad_id, side="left")
         ids, mask = ids.to(cohort.device), mask.to(cohort.device)
+        scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs]
         out = cohort.model(
             input_ids=ids,
             attention_mask=mask,
             position_ids=position_ids_from_mask(mask),
             use_cache=True,
             logits_to_keep=1,  # never materialise [batch, prompt, vocab] logits
+            output_hidden_states=bool(scored),
         )
+        prefills = {i: self._score_prompt(cohort, reqs[i].prompt_ids, out.hidden_states[-1][i]) for i in scored}
         reps = torch.tensor([r.params.num_samples for r in reqs], device=cohort.device)
         logits = out.logits[:, -1].float().repeat_interleave(reps, 0)
         kv = [(k.repeat_interleave(reps, 0), v.repeat_interleave(reps, 0)) for k, v in out.past_key_values.to_legacy_cache()]
         mask = mask.repeat_interleave(reps, 0)
         rows = []
-        for req in reqs:
+        for n, req in enumerate(reqs):
             group = _Group(req, cohort.version)
+            group.prefill = prefills.get(n, [])
             for i, seed in enumerate(req.params.sample_seeds()):
                 rows.append(_Row(group, i, seed, cohort.device))
         next_ids, done = self._sample_and_advance(cohort, rows, logits)
@@ -307,6 +312,19 @@ class Engine:
         if any(done):  # finished on their first token (EOS, stop, or max_new_tokens=1)
             offset = len(cohort.rows) - len(rows)
             cohort.keep([i for i in range(len(cohort.rows)) if i < offset or not done[i - offset]])
+
+    @staticmethod
+    def _score_prompt(cohort: Cohort, prompt_ids: list[int], hidden: torch.Tensor) -> list[TokenOut]:
+        """log p(token_j | tokens_<j) for one prompt, from its last layer's
+        hidden states (after the final norm; left padding, so the prompt is at
+        the end): the unembedding runs on this prompt's positions only."""
+        n = len(prompt_ids)
+        logits = cohort.model.get_output_embeddings()(hidden[-n:-1]).float()
+        targets = torch.tensor(prompt_ids[1:], device=logits.device)
+        scores = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1).tolist()
+        texts = cohort.tokenizer.batch_decode([[t] for t in prompt_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        special = cohort.special_ids
+        return [TokenOut(t, texts[j], None if j == 0 else scores[j - 1], t in special) for j, t in enumerate(prompt_ids)]
 
     def _decode(self, cohort: Cohort) -> None:
         self._drop_abandoned(cohort)
@@ -395,7 +413,7 @@ class Engine:
         req.emit(SampleDone(final, group.version))
         group.remaining -= 1
         if group.remaining == 0:
-            req.emit(Finished(group.version, len(req.prompt_ids), group.completion_tokens))
+            req.emit(Finished(group.version, len(req.prompt_ids), group.completion_tokens, group.prefill))
         return True
 
 

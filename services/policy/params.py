@@ -45,6 +45,7 @@ class GenParams:
     seed: int | None = None
     num_samples: int = 1
     return_logprobs: bool = False
+    prompt_logprobs: bool = False  # also score the prompt's tokens (TGI's decoder_input_details)
 
     @property
     def greedy(self) -> bool:
@@ -69,6 +70,7 @@ def validate(
     seed: int | None,
     num_samples: int | None,
     return_logprobs: bool,
+    prompt_logprobs: bool = False,
 ) -> GenParams:
     """Check every parameter against its rule and the server's limits; raise
     ServingError(INVALID_ARGUMENT) naming the first bad field."""
@@ -115,6 +117,7 @@ def validate(
         seed=seed,
         num_samples=int(k),
         return_logprobs=bool(return_logprobs),
+        prompt_logprobs=bool(prompt_logprobs),
     )
 
 

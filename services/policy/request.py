@@ -12,7 +12,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator, Union
 
 import grpc
@@ -39,6 +39,9 @@ class Finished:
     version: str
     prompt_tokens: int
     completion_tokens: int
+    # With params.prompt_logprobs: every prompt token, each scored given the
+    # ones before it (the first has no logprob), as TGI's details.prefill.
+    prefill: list[TokenOut] = field(default_factory=list)
 
 
 @dataclass

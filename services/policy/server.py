@@ -111,7 +111,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             seed=p.seed if p.HasField("seed") else None,
             num_samples=p.num_samples if p.HasField("num_samples") else None,
             return_logprobs=p.return_logprobs,
+            prompt_logprobs=p.return_prompt_logprobs,
         )
+        if stream and params.prompt_logprobs:
+            raise invalid("parameters.return_prompt_logprobs is for Generate; GenerateStream does not return prompt scores")
         messages = None
         if request.messages:
             if request.prompt:
@@ -157,6 +160,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     samples=[_sample_pb(samples[i]) for i in sorted(samples)],
                     model_version=event.version,
                     usage=policy_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+                    prompt_tokens=[_token_pb(t) for t in event.prefill],
                 )
         context.abort(grpc.StatusCode.INTERNAL, "generation ended without a result")
 
@@ -167,7 +171,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 t = event.token
                 message = policy_pb2.GenerateStreamResponse(
                     sample_index=event.sample_index,
-                    token=policy_pb2.Token(id=t.id, text=t.text, logprob=t.logprob or 0.0, special=t.special),
+                    token=_token_pb(t),
                     model_version=event.version,
                 )
                 if event.final is not None:
@@ -202,11 +206,15 @@ def _sample_pb(sample) -> policy_pb2.Sample:
         text=sample.text,
         finish_reason=_FINISH[sample.finish_reason],
         generated_tokens=sample.generated_tokens,
-        tokens=[policy_pb2.Token(id=t.id, text=t.text, logprob=t.logprob or 0.0, special=t.special) for t in sample.tokens],
+        tokens=[_token_pb(t) for t in sample.tokens],
     )
     if sample.seed is not None:
         out.seed = sample.seed
     return out
+
+
+def _token_pb(t) -> policy_pb2.Token:
+    return policy_pb2.Token(id=t.id, text=t.text, logprob=t.logprob or 0.0, special=t.special)
 
 
 @dataclass

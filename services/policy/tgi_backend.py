@@ -120,13 +120,21 @@ class TgiBackend:
         timeout = 600 if req.deadline is None else max(1, int(req.deadline - time.monotonic()) + 1)
         client = AsyncClient(self.url, timeout=timeout)
         tasks = [asyncio.create_task(self._sample(client, req, index, seed, version)) for index, seed in enumerate(req.params.sample_seeds())]
+        if req.params.prompt_logprobs:  # TGI scores the prompt only in a non-streaming reply
+            tasks.append(asyncio.create_task(self._prefill(client, req)))
         try:
-            completion = sum(await asyncio.gather(*tasks))
+            results = await asyncio.gather(*tasks)
         finally:
             for task in tasks:
                 task.cancel()  # closes their HTTP streams, so TGI frees those slots too
             await asyncio.gather(*tasks, return_exceptions=True)
-        req.emit(Finished(version, len(req.prompt_ids), completion))
+        prefill = results.pop() if req.params.prompt_logprobs else []
+        req.emit(Finished(version, len(req.prompt_ids), sum(results), prefill))
+
+    @staticmethod
+    async def _prefill(client, req: GenRequest) -> list[TokenOut]:
+        reply = await client.generate(req.prompt_text, max_new_tokens=1, decoder_input_details=True)
+        return [TokenOut(t.id, t.text, t.logprob, False) for t in reply.details.prefill]
 
     async def _sample(self, client, req: GenRequest, index: int, seed: int, version: str) -> int:
         """Stream one sample from TGI; return its generated token count."""

@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.common.config import Settings
 from services.common.logs import get_logger
 from services.common.metrics import RPC_LATENCY, RPC_REQUESTS
-from services.policy.params import FINISH_EOS, FINISH_STOP, MAX_STOP_SEQUENCES, SampleOut, ServingError, check_prompt, invalid, validate
+from services.policy.params import FINISH_EOS, FINISH_STOP, MAX_STOP_SEQUENCES, SampleOut, ServingError, TokenOut, check_prompt, invalid, validate
 from services.policy.request import Failed, Finished, GenRequest, SampleDone, Token
 
 log = get_logger(__name__)
@@ -102,6 +102,7 @@ class _Parsed:
             raise invalid("`seed` must not be set when `best_of` is > 1")
         self.stream = bool(body.get("stream"))
         self.details = bool(params.get("details"))
+        self.decoder_input_details = bool(params.get("decoder_input_details"))
         self.return_full_text = bool(params.get("return_full_text"))
         self.best_of = best_of
         self.inputs = inputs
@@ -116,6 +117,7 @@ class _Parsed:
             seed=seed,
             num_samples=best_of,
             return_logprobs=True,  # TGI reports each token's logprob in details
+            prompt_logprobs=self.decoder_input_details and self.details,  # details.prefill
         )
         ids = tokenizer(inputs, add_special_tokens=False).input_ids
         if truncate is not None:
@@ -132,12 +134,12 @@ def _token_json(tok) -> dict:
     return {"id": tok.id, "text": tok.text, "logprob": logprob, "special": tok.special}
 
 
-def _details(sample: SampleOut, sampled: bool) -> dict:
+def _details(sample: SampleOut, sampled: bool, prefill: list[TokenOut]) -> dict:
     return {
         "finish_reason": _TGI_FINISH.get(sample.finish_reason, "length"),
         "generated_tokens": sample.generated_tokens,
         "seed": sample.seed if sampled else None,
-        "prefill": [],
+        "prefill": [{k: v for k, v in _token_json(t).items() if k != "special"} for t in prefill],
         "tokens": [_token_json(t) for t in sample.tokens],
         "top_tokens": None,
     }
@@ -205,27 +207,29 @@ def build_app(settings: Settings, backend) -> FastAPI:
                 elif isinstance(event, Failed):
                     return _error(event.error)
                 elif isinstance(event, Finished):
-                    return _response(parsed, samples, event.version)
+                    return _response(parsed, samples, event.version, event.prefill)
         finally:
             req.cancel()  # no-op once finished; frees the slot if the client went away
 
-    def _response(parsed: _Parsed, samples: list[SampleOut], version: str) -> JSONResponse:
+    def _response(parsed: _Parsed, samples: list[SampleOut], version: str, prefill: list[TokenOut]) -> JSONResponse:
         sampled = not parsed.params.greedy
         # best_of: return the sample the model finds most likely, the rest as best_of_sequences.
         ranked = sorted(samples, key=lambda s: -sum(t.logprob or 0.0 for t in s.tokens))
         best = ranked[0]
         body: dict[str, Any] = {"generated_text": parsed.text(best)}
         if parsed.details:
-            body["details"] = _details(best, sampled)
+            body["details"] = _details(best, sampled, prefill)
             if parsed.best_of > 1:
                 body["details"]["best_of_sequences"] = [
-                    {"generated_text": parsed.text(s), **_details(s, sampled)} for s in ranked[1:]
+                    {"generated_text": parsed.text(s), **_details(s, sampled, prefill)} for s in ranked[1:]
                 ]
         return JSONResponse(body, headers={"x-model-version": version})
 
     def stream_events(parsed: _Parsed):
         if parsed.best_of > 1:
             raise invalid("`best_of` is not supported when streaming")
+        if parsed.decoder_input_details:
+            raise invalid("`decoder_input_details` == true is not supported when streaming tokens")
         req, events = submit(parsed, stream=True)
 
         async def sse():

@@ -8,9 +8,11 @@ import time
 
 import grpc
 import pytest
+import torch
 
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.common.auth import bearer
+from services.common.models import load_causal_lm, load_tokenizer, render_prompt
 from services.policy.server import start
 from tests.conftest import make_settings
 
@@ -158,3 +160,22 @@ def test_full_queue_is_resource_exhausted(tmp_path, broker, tiny_model_dir):
             assert list(queued)[-1].finish_reason  # the queued one still completes
     finally:
         handle.stop()
+
+
+def test_prompt_logprobs_score_the_rendered_prompt(policy, tiny_model_dir):
+    handle, stub = policy
+    reply = stub.Generate(gen(max_new_tokens=2, num_samples=2, return_prompt_logprobs=True), timeout=30)
+    tokens = reply.prompt_tokens
+    assert len(tokens) == reply.usage.prompt_tokens and len(reply.samples) == 2
+    # a plain forward pass over the same (chat-templated) prompt gives the same scores
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir)
+    ids = tokenizer(render_prompt(tokenizer, "Hello there"), add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    assert [t.id for t in tokens] == ids and tokens[0].logprob == 0.0
+    assert [t.logprob for t in tokens[1:]] == pytest.approx([float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4)
+    assert not stub.Generate(gen(max_new_tokens=2), timeout=30).prompt_tokens  # only when asked
+
+    with pytest.raises(grpc.RpcError) as err:
+        list(stub.GenerateStream(gen(max_new_tokens=2, return_prompt_logprobs=True), timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "parameters.return_prompt_logprobs" in err.value.details()

@@ -10,10 +10,12 @@ import time
 import grpc
 import httpx
 import pytest
+import torch
 from text_generation import AsyncClient, Client
 from text_generation.errors import OverloadedError, ValidationError
 
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+from services.common.models import load_causal_lm, load_tokenizer
 from services.policy.server import start
 from tests.conftest import make_settings
 
@@ -42,6 +44,33 @@ def test_client_generate_and_details(server):
     assert full.generated_text == "Once upon a time" + reply.generated_text[: len(full.generated_text) - 16]
     best = Client(url, timeout=30).generate("Once upon a time", max_new_tokens=4, best_of=3, do_sample=True)
     assert len(best.details.best_of_sequences) == 2
+
+
+def test_decoder_input_details_scores_the_prompt(server, tiny_model_dir, tmp_path, broker):
+    _, url = server
+    prompt = "Once upon a time there was"
+    reply = Client(url, timeout=30).generate(prompt, max_new_tokens=3, decoder_input_details=True)
+    prefill = reply.details.prefill
+    # the same numbers from a plain forward pass of the served weights
+    tokenizer, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir)
+    ids = tokenizer(prompt, add_special_tokens=False).input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+    assert [t.id for t in prefill] == ids and prefill[0].logprob is None
+    assert [t.logprob for t in prefill[1:]] == pytest.approx([float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4)
+    assert "".join(t.text for t in prefill) == prompt
+    assert Client(url, timeout=30).generate(prompt, max_new_tokens=3).details.prefill == []  # only when asked
+    refused = httpx.post(f"{url}/generate_stream", json={"inputs": prompt, "parameters": {"decoder_input_details": True, "details": True}}, timeout=30)
+    assert refused.status_code == 422 and "`decoder_input_details` == true is not supported when streaming" in refused.json()["error"]
+
+    # through a second policy server whose backend is TGI (the first server)
+    proxy = start(make_settings(tmp_path, broker, RLHF_TGI_URL=url), port=0, http_port=0)
+    try:
+        via = Client(f"http://127.0.0.1:{proxy.http_port}", timeout=30).generate(prompt, max_new_tokens=3, decoder_input_details=True)
+        assert [(t.id, t.text) for t in via.details.prefill] == [(t.id, t.text) for t in prefill]
+        assert [t.logprob for t in via.details.prefill[1:]] == pytest.approx([t.logprob for t in prefill[1:]], abs=1e-5)
+    finally:
+        proxy.stop()
 
 
 def test_client_stream_matches_generate(server):

@@ -70,6 +70,27 @@ def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded):
         engine.stop()
 
 
+def test_prompt_logprobs_are_right_for_left_padded_prompts_in_one_batch(loaded):
+    engine = make_engine(loaded)
+    try:
+        scored = [request(loaded, PROMPTS[2], max_new_tokens=2, prompt_logprobs=True),
+                  request(loaded, PROMPTS[3], max_new_tokens=2, num_samples=2, prompt_logprobs=True)]
+        plain = request(loaded, PROMPTS[0], max_new_tokens=2)
+        with engine._cv:  # hold the scheduler: all three join one prefill, the shorter prompts left-padded
+            for req, _ in [*scored, plain]:
+                engine.submit(req)
+        for req, events in scored:
+            *_, last = collect(req, events)
+            ids = req.prompt_ids
+            with torch.no_grad():
+                logp = torch.log_softmax(loaded.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+            assert [t.id for t in last.prefill] == ids and last.prefill[0].logprob is None
+            assert [t.logprob for t in last.prefill[1:]] == pytest.approx([float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4)
+        assert collect(*plain)[2].prefill == []
+    finally:
+        engine.stop()
+
+
 def test_seeded_samples_are_reproducible_and_distinct(loaded):
     engine = make_engine(loaded)
     try:

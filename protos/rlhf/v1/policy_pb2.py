@@ -25,29 +25,29 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/policy.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\xaa\x02\n\x14GenerationParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x18\n\x0bnum_samples\x18\x08 \x01(\rH\x04\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0e\n\x0c_num_samples\"|\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x31\n\nparameters\x18\x03 \x01(\x0b\x32\x1d.rlhf.v1.GenerationParameters\"C\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0f\n\x07special\x18\x04 \x01(\x08\"\x9a\x01\n\x06Sample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x1e\n\x06tokens\x18\x04 \x03(\x0b\x32\x0e.rlhf.v1.Token\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"j\n\x10GenerateResponse\x12 \n\x07samples\x18\x01 \x03(\x0b\x32\x0f.rlhf.v1.Sample\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.rlhf.v1.Usage\"\xc9\x01\n\x16GenerateStreamResponse\x12\x14\n\x0csample_index\x18\x01 \x01(\r\x12\x1d\n\x05token\x18\x02 \x01(\x0b\x32\x0e.rlhf.v1.Token\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x16\n\x0egenerated_text\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x1d\n\x05usage\x18\x06 \x01(\x0b\x32\x0e.rlhf.v1.Usage*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\x9f\x02\n\rPolicyService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x12@\n\x0cGetModelInfo\x12\x1c.rlhf.v1.GetModelInfoRequest\x1a\x12.rlhf.v1.ModelInfo\x12<\n\nPinVersion\x12\x1a.rlhf.v1.PinVersionRequest\x1a\x12.rlhf.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/policy.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\xca\x02\n\x14GenerationParameters\x12\x16\n\x0emax_new_tokens\x18\x01 \x01(\r\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x01\x88\x01\x01\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x1f\n\x12repetition_penalty\x18\x05 \x01(\x02H\x02\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x11\n\x04seed\x18\x07 \x01(\x04H\x03\x88\x01\x01\x12\x18\n\x0bnum_samples\x18\x08 \x01(\rH\x04\x88\x01\x01\x12\x17\n\x0freturn_logprobs\x18\t \x01(\x08\x12\x1e\n\x16return_prompt_logprobs\x18\n \x01(\x08\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x15\n\x13_repetition_penaltyB\x07\n\x05_seedB\x0e\n\x0c_num_samples\"|\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12&\n\x08messages\x18\x02 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x31\n\nparameters\x18\x03 \x01(\x0b\x32\x1d.rlhf.v1.GenerationParameters\"C\n\x05Token\x12\n\n\x02id\x18\x01 \x01(\r\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\x12\x0f\n\x07special\x18\x04 \x01(\x08\"\x9a\x01\n\x06Sample\x12\x0c\n\x04text\x18\x01 \x01(\t\x12,\n\rfinish_reason\x18\x02 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x18\n\x10generated_tokens\x18\x03 \x01(\r\x12\x1e\n\x06tokens\x18\x04 \x03(\x0b\x32\x0e.rlhf.v1.Token\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"9\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\"\x91\x01\n\x10GenerateResponse\x12 \n\x07samples\x18\x01 \x03(\x0b\x32\x0f.rlhf.v1.Sample\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x1d\n\x05usage\x18\x03 \x01(\x0b\x32\x0e.rlhf.v1.Usage\x12%\n\rprompt_tokens\x18\x04 \x03(\x0b\x32\x0e.rlhf.v1.Token\"\xc9\x01\n\x16GenerateStreamResponse\x12\x14\n\x0csample_index\x18\x01 \x01(\r\x12\x1d\n\x05token\x18\x02 \x01(\x0b\x32\x0e.rlhf.v1.Token\x12,\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x15.rlhf.v1.FinishReason\x12\x16\n\x0egenerated_text\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x1d\n\x05usage\x18\x06 \x01(\x0b\x32\x0e.rlhf.v1.Usage*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x02\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x03\x32\x9f\x02\n\rPolicyService\x12?\n\x08Generate\x12\x18.rlhf.v1.GenerateRequest\x1a\x19.rlhf.v1.GenerateResponse\x12M\n\x0eGenerateStream\x12\x18.rlhf.v1.GenerateRequest\x1a\x1f.rlhf.v1.GenerateStreamResponse0\x01\x12@\n\x0cGetModelInfo\x12\x1c.rlhf.v1.GetModelInfoRequest\x1a\x12.rlhf.v1.ModelInfo\x12<\n\nPinVersion\x12\x1a.rlhf.v1.PinVersionRequest\x1a\x12.rlhf.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rlhf.v1.policy_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1079
-  _globals['_FINISHREASON']._serialized_end=1197
+  _globals['_FINISHREASON']._serialized_start=1151
+  _globals['_FINISHREASON']._serialized_end=1269
   _globals['_GENERATIONPARAMETERS']._serialized_start=56
-  _globals['_GENERATIONPARAMETERS']._serialized_end=354
-  _globals['_GENERATEREQUEST']._serialized_start=356
-  _globals['_GENERATEREQUEST']._serialized_end=480
-  _globals['_TOKEN']._serialized_start=482
-  _globals['_TOKEN']._serialized_end=549
-  _globals['_SAMPLE']._serialized_start=552
-  _globals['_SAMPLE']._serialized_end=706
-  _globals['_USAGE']._serialized_start=708
-  _globals['_USAGE']._serialized_end=765
-  _globals['_GENERATERESPONSE']._serialized_start=767
-  _globals['_GENERATERESPONSE']._serialized_end=873
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=876
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1077
-  _globals['_POLICYSERVICE']._serialized_start=1200
-  _globals['_POLICYSERVICE']._serialized_end=1487
+  _globals['_GENERATIONPARAMETERS']._serialized_end=386
+  _globals['_GENERATEREQUEST']._serialized_start=388
+  _globals['_GENERATEREQUEST']._serialized_end=512
+  _globals['_TOKEN']._serialized_start=514
+  _globals['_TOKEN']._serialized_end=581
+  _globals['_SAMPLE']._serialized_start=584
+  _globals['_SAMPLE']._serialized_end=738
+  _globals['_USAGE']._serialized_start=740
+  _globals['_USAGE']._serialized_end=797
+  _globals['_GENERATERESPONSE']._serialized_start=800
+  _globals['_GENERATERESPONSE']._serialized_end=945
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=948
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1149
+  _globals['_POLICYSERVICE']._serialized_start=1272
+  _globals['_POLICYSERVICE']._serialized_end=1559
 # @@protoc_insertion_point(module_scope)
