@@ -9,6 +9,7 @@ PIP    := $(VENV)/bin/pip
 STAMP  := $(VENV)/.setup-stamp
 PYTEST_ARGS ?=
 PRESET ?= cpu
+SEED ?= 0
 # `make up MODEL=tiny` is shorthand for RLHF_MODEL=tiny.
 ifdef MODEL
 export RLHF_MODEL := $(MODEL)
@@ -64,8 +65,8 @@ logs: ## show the local stack's logs
 status: ## health of the local stack
 	$(PY) -m services.stack status
 
-demo: setup ## run one full RLHF loop on this machine and write the report (PRESET=cpu|gpu|tiny)
-	$(PY) -m services.demo --preset $(PRESET)
+demo: setup ## run one full RLHF loop on this machine and write the report (PRESET=cpu|gpu|tiny, SEED=0)
+	$(PY) -m services.demo --preset $(PRESET) --seed $(SEED)
 
 bench: setup ## run every benchmark (figures in bench/results/*.json)
 	$(PIP) install -q --disable-pip-version-check -e ".[test,bench]"

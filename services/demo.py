@@ -13,7 +13,11 @@ services and the real broker, ending in an evaluation report.
   7. the new policy is served, and the report is written: RM accuracy vs the
      gold labeler, gold win rates with 95% CIs, KL, curves, examples.
 
-`python -m services.demo --preset cpu|gpu|tiny [--home DIR] [--keep-up]`
+`python -m services.demo --preset cpu|gpu|tiny [--seed N] [--home DIR] [--keep-up]`
+
+Every step is seeded, so a run repeats exactly on one machine. `--seed`
+changes all of them at once (population, labelers, trainers, evaluation
+sampling): runs with different seeds show how much the results vary.
 """
 
 from __future__ import annotations
@@ -98,13 +102,14 @@ def wait_for_version(target: str, version: str, timeout: float = 120.0) -> float
     raise TimeoutError(f"policy service did not serve {version} within {timeout:.0f}s")
 
 
-def configure_environment(preset: DemoPreset, home: Path) -> None:
+def configure_environment(preset: DemoPreset, home: Path, seed: int = 0) -> None:
     """The demo's isolated stack: its own state folder, broker and ports."""
+    overrides = {trainer: {**preset.trainer_overrides.get(trainer, {}), "seed": seed} for trainer in ("sft", "rm", "ppo")}
     os.environ.update({
         "RLHF_HOME": str(home),
         "RLHF_MODEL": preset.model,
         "RLHF_TRAINER_PRESET": preset.trainer_preset,
-        "RLHF_TRAINER_OVERRIDES": json.dumps(preset.trainer_overrides),
+        "RLHF_TRAINER_OVERRIDES": json.dumps(overrides),
         "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
         "RLHF_TOKENS_FILE": str(home / "tokens.json"),
         "RLHF_JOB_RETRIES": os.environ.get("RLHF_JOB_RETRIES", "1"),
@@ -115,7 +120,7 @@ def configure_environment(preset: DemoPreset, home: Path) -> None:
         os.environ[f"RLHF_{name}_TARGET"] = f"127.0.0.1:{os.environ[f'RLHF_{name}_PORT']}"
 
 
-def run(preset_name: str, home: Path, keep_up: bool = False) -> Path:
+def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> Path:
     from services.common.checkpoints import CheckpointStore
     from services.controller.controller import Controller
     from services.controller.local_executor import LocalExecutor
@@ -129,9 +134,9 @@ def run(preset_name: str, home: Path, keep_up: bool = False) -> Path:
         Stack(exit_on_config_error(lambda: load_settings({**os.environ, "RLHF_HOME": str(home)}))).down()
         shutil.rmtree(home)
     home.mkdir(parents=True)
-    population = sim_users.make_population(seed=0, n_users=preset.users, n_prompts=preset.prompts)
+    population = sim_users.make_population(seed=seed, n_users=preset.users, n_prompts=preset.prompts)
     population.write_tokens(home / "tokens.json")
-    configure_environment(preset, home)
+    configure_environment(preset, home, seed)
     settings = exit_on_config_error(load_settings)
     step = Step(8)
     stack = Stack(settings, skip=("controller",))  # the demo drives the controller itself, in the open
@@ -145,7 +150,7 @@ def run(preset_name: str, home: Path, keep_up: bool = False) -> Path:
             sim_users.submit_prompts(feedback, population)
         with step(f"labelers write {preset.demonstrations} demonstrations"):
             queued = sim_labelers.read_prompt_events(settings)
-            pool = sim_labelers.LabelerPool(population, feedback, policy, prompts=queued, seed=0)
+            pool = sim_labelers.LabelerPool(population, feedback, policy, prompts=queued, seed=seed)
             pool.demonstrate(preset.demonstrations)
 
         controller = Controller(settings, LocalExecutor(settings.home / "controller" / "jobs", echo=True))
@@ -177,7 +182,7 @@ def run(preset_name: str, home: Path, keep_up: bool = False) -> Path:
                 snapshot_id=second.snapshot,
                 run_dirs={**{k: Path(v) for k, v in first.run_dirs.items()}, **{k: Path(v) for k, v in second.run_dirs.items()}},
                 extra={
-                    "preset": asdict(preset) | {"name": preset_name},
+                    "preset": asdict(preset) | {"name": preset_name, "seed": seed},
                     "gate": second.decision,
                     "gate_evaluations": second.evaluations,
                     "kl_to_sft": second.evaluations.get("candidate", {}).get("kl_to_reference"),
@@ -185,7 +190,7 @@ def run(preset_name: str, home: Path, keep_up: bool = False) -> Path:
                     "timings_s": step.timings,
                     "controller_decisions": str(settings.home / "controller" / "decisions.jsonl"),
                 },
-                config=sim_report.EvalConfig(prompts=preset.eval_prompts, max_new_tokens=preset.eval_tokens),
+                config=sim_report.EvalConfig(prompts=preset.eval_prompts, max_new_tokens=preset.eval_tokens, seed=1234 + seed),
             )
         with step("done"):
             print(f"\nreport: {report}\ntotal time: {time.monotonic() - step.started:.0f}s")
@@ -198,10 +203,11 @@ def run(preset_name: str, home: Path, keep_up: bool = False) -> Path:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description="Run one full RLHF loop and write the report.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=os.environ.get("DEMO_PRESET", "cpu"))
+    parser.add_argument("--seed", type=int, default=int(os.environ.get("DEMO_SEED", "0")), help="seeds every random choice of the run")
     parser.add_argument("--home", type=Path, default=Path("var/demo"), help="state folder (wiped at start)")
     parser.add_argument("--keep-up", action="store_true", help="leave the stack running afterwards")
     args = parser.parse_args(argv)
-    run(args.preset, args.home.resolve(), keep_up=args.keep_up)
+    run(args.preset, args.home.resolve(), keep_up=args.keep_up, seed=args.seed)
     return 0
 
 
