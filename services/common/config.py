@@ -121,6 +121,10 @@ def _k8s_quantity(name: str, raw: str) -> str:
     return raw
 
 
+def _optional_dns_label(name: str, raw: str) -> str:
+    return _dns_label(name, raw) if raw else ""
+
+
 def _dns_label(name: str, raw: str) -> str:
     import re
 
@@ -229,6 +233,7 @@ class Settings:
     dataset_test_fraction: float = _setting("RLHF_DATASET_TEST_FRACTION", "0.1", _float(0, 0.45), "Share of user IDs (by hash) whose data goes to the test split.")
 
     # --- kubernetes executor (services/controller/k8s_executor.py; RLHF_EXECUTOR=kubernetes)
+    tgi_deployment: str = _setting("RLHF_TGI_DEPLOYMENT", "", _optional_dns_label, "Kubernetes Deployment running TGI for the policy (k8s/overlays/tgi: `tgi`): after each policy promotion the controller points its --model-id at the new version and Kubernetes rolls it. Empty: TGI keeps its checkpoint.")
     k8s_namespace: str = _setting("RLHF_K8S_NAMESPACE", "default", _dns_label, "Namespace trainer Jobs are created in (k8s/ sets the controller's own).")
     trainer_job_kind: str = _setting("RLHF_TRAINER_JOB_KIND", "job", _choice("job", "pytorchjob"), "Trainer jobs as batch/v1 Jobs, or as Kubeflow PyTorchJobs (needs the training operator).")
     trainer_image: str = _setting("RLHF_TRAINER_IMAGE", "rlhf-platform:0.1.0", _nonempty, "Container image of trainer Jobs.")

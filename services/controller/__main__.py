@@ -28,7 +28,12 @@ def make_executor(settings):
 def main() -> None:
     settings = exit_on_config_error(load_settings)
     configure_logging("controller", settings.log_level)
-    controller = Controller(settings, make_executor(settings))
+    rollout = None
+    if settings.tgi_deployment:
+        from services.controller.tgi_rollout import TgiRollout
+
+        rollout = TgiRollout(settings)
+    controller = Controller(settings, make_executor(settings), tgi_rollout=rollout)
     server = start_server(settings, "controller", [], settings.controller_port)
     worker = threading.Thread(target=controller.run_forever, name="controller-loop", daemon=True)
     worker.start()

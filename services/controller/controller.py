@@ -63,9 +63,10 @@ class RoundReport:
 
 
 class Controller:
-    def __init__(self, settings: Settings, executor: Executor, build_snapshot: Callable[[], str] | None = None):
+    def __init__(self, settings: Settings, executor: Executor, build_snapshot: Callable[[], str] | None = None, tgi_rollout=None):
         self.settings = settings
         self.executor = executor
+        self.tgi_rollout = tgi_rollout  # TgiRollout: TGI follows each promoted policy (RLHF_TGI_DEPLOYMENT)
         self.store = CheckpointStore(settings.checkpoint_dir)
         self.dir = settings.home / "controller"
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -159,8 +160,16 @@ class Controller:
 
     # --- promotion ---------------------------------------------------------------
     def promote(self, version: str, reason: str) -> None:
-        bus.promote_checkpoint(self.settings, version, reason)
+        event = bus.promote_checkpoint(self.settings, version, reason)
         self.record("promoted", version=version, reason=reason)
+        if self.tgi_rollout is not None and event.role == "policy":
+            # The promotion stands either way: the policy service's pointer
+            # moved; a TGI that could not be rolled keeps its older weights.
+            try:
+                rolled = self.tgi_rollout.roll(version)
+                self.record("tgi_rolled" if rolled else "tgi_unchanged", version=version, deployment=self.tgi_rollout.name)
+            except Exception as err:  # noqa: BLE001 - recorded; the next promotion tries again
+                self.record("tgi_roll_failed", version=version, deployment=self.tgi_rollout.name, error=str(err))
 
     def reject(self, version: str, reason: str) -> None:
         try:

@@ -286,7 +286,8 @@ def job_status(job: dict) -> JobStatus:
 
 # --- executor ----------------------------------------------------------------------------
 
-def _api_client():
+def kube_client():
+    """A client for the Kubernetes API: in-cluster, else the local kubeconfig."""
     from kubernetes import client, config
 
     try:
@@ -295,7 +296,10 @@ def _api_client():
         try:
             config.load_kube_config()  # outside a cluster: $KUBECONFIG or ~/.kube/config
         except (config.ConfigException, OSError) as err:
-            raise ConfigError(f"RLHF_EXECUTOR=kubernetes, but there is no in-cluster service account and no usable kubeconfig ({err})") from None
+            raise ConfigError(
+                f"RLHF_EXECUTOR=kubernetes or RLHF_TGI_DEPLOYMENT needs the Kubernetes API, but there is no in-cluster service account "
+                f"and no usable kubeconfig ({err})"
+            ) from None
     return client.ApiClient()
 
 
@@ -311,7 +315,7 @@ class KubernetesExecutor(Executor):
         check_settings(settings)
         self.settings = settings
         self.namespace = settings.k8s_namespace
-        self.api = api_client or _api_client()
+        self.api = api_client or kube_client()
         self.batch = client.BatchV1Api(self.api)
         self.core = client.CoreV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)

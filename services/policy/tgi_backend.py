@@ -4,8 +4,11 @@ through a Text Generation Inference server with the unmodified
 
 The service still renders chat templates and checks prompt length with the
 local tokenizer, so both backends accept and refuse the same requests. The
-serving version is the upstream's `model_id` from its /info (our own
-TGI-compatible endpoint reports the checkpoint version there).
+serving version is the upstream's `model_id` from its /info: our own
+TGI-compatible endpoint reports the checkpoint version there, and a real TGI
+started with `--model-id /data/checkpoints/<version>` reports that folder,
+whose name is the version (the controller rolls TGI to each promoted policy:
+services/controller/tgi_rollout.py).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -40,6 +44,12 @@ def _client_error(err: Exception) -> ServingError:
     if isinstance(err, errors.GenerationError):
         return ServingError(grpc.StatusCode.INTERNAL, f"TGI generation failed: {err}")
     return ServingError(grpc.StatusCode.UNAVAILABLE, f"TGI at the configured RLHF_TGI_URL is unavailable: {err}")
+
+
+def version_of(model_id: str) -> str:
+    """The checkpoint version TGI serves: a folder path's last part (checkpoint
+    folders are named by their version), else the model id as it is."""
+    return Path(model_id.rstrip("/")).name if model_id.startswith("/") else model_id
 
 
 class TgiBackend:
@@ -78,7 +88,7 @@ class TgiBackend:
 
     @property
     def version(self) -> str:
-        return str(self.info().get("model_id", "unknown"))
+        return version_of(str(self.info().get("model_id", "unknown")))
 
     def model_info(self) -> dict:
         info = self.info()

@@ -1,6 +1,7 @@
 """An in-process stand-in for the slice of the Kubernetes API that
 KubernetesExecutor uses: batch/v1 Jobs (create, read, watch, delete), core/v1
-Services (create), pods (list) and pod logs.
+Services (create), pods (list) and pod logs; and the slice TgiRollout uses:
+apps/v1 Deployments (read, strategic-merge patch of container args).
 
 No API server can run on this machine, so the executor's calls through the
 real `kubernetes` client are checked against this: request paths, query
@@ -21,6 +22,7 @@ JOBS = re.compile(r"/apis/batch/v1/namespaces/([^/]+)/jobs(?:/([^/]+))?$")
 SERVICES = re.compile(r"/api/v1/namespaces/([^/]+)/services(?:/([^/]+))?$")
 PODS = re.compile(r"/api/v1/namespaces/([^/]+)/pods$")
 LOG = re.compile(r"/api/v1/namespaces/([^/]+)/pods/([^/]+)/log$")
+DEPLOYMENTS = re.compile(r"/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)$")
 
 
 def _status(code: int, reason: str, message: str) -> dict:
@@ -31,6 +33,8 @@ class JobsApi:
     def __init__(self):
         self.jobs: dict[str, dict] = {}
         self.services: dict[str, dict] = {}
+        self.deployments: dict[str, dict] = {}
+        self.patches: list[tuple[str, str, dict]] = []  # (name, content type, body)
         self.pods: list[dict] = []
         self.logs: dict[str, str] = {}
         self.requests: list[tuple[str, str, dict]] = []  # (method, path, query)
@@ -121,7 +125,27 @@ class JobsApi:
                     return self._send(200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": items})
                 if m := LOG.match(path):
                     return self._send(200, api.logs.get(m.group(2), ""))
+                if m := DEPLOYMENTS.match(path):
+                    deployment = api.deployments.get(m.group(2))
+                    return self._send(200, deployment) if deployment else self._send(404, _status(404, "NotFound", m.group(2)))
                 self._send(404, _status(404, "NotFound", path))
+
+            def do_PATCH(self):
+                path, _ = self._route("PATCH")
+                body, kind = self._body(), self.headers.get("Content-Type", "")
+                m = DEPLOYMENTS.match(path)
+                if not m or m.group(2) not in api.deployments:
+                    return self._send(404, _status(404, "NotFound", path))
+                if kind != "application/strategic-merge-patch+json":
+                    return self._send(415, _status(415, "UnsupportedMediaType", kind))
+                api.patches.append((m.group(2), kind, body))
+                deployment = api.deployments[m.group(2)]
+                # Strategic merge, as far as container args go: containers merge by name, args are replaced.
+                containers = {c["name"]: c for c in deployment["spec"]["template"]["spec"]["containers"]}
+                for change in body.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
+                    containers[change["name"]].update(change)
+                api._touch(deployment)
+                self._send(200, deployment)
 
             def _watch(self, query: dict) -> None:
                 name = query["fieldSelector"].removeprefix("metadata.name=")

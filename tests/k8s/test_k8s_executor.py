@@ -308,5 +308,5 @@ def test_cancel_deletes_in_the_background_and_tolerates_a_missing_job(api, execu
 def test_no_cluster_credentials_is_a_clear_config_error(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
-    with pytest.raises(ConfigError, match="RLHF_EXECUTOR=kubernetes, but there is no in-cluster service account"):
+    with pytest.raises(ConfigError, match="RLHF_EXECUTOR=kubernetes or RLHF_TGI_DEPLOYMENT needs the Kubernetes API, but there is no in-cluster service account"):
         KubernetesExecutor(load_settings(BASE_ENV))

@@ -285,6 +285,18 @@ def test_no_service_name_injects_settings(renders, variant):
         assert name != "kafka" and not name.replace("-", "_").upper().startswith("RLHF_"), name
 
 
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_namespaced_object_is_in_the_platform_namespace(renders, variant):
+    # Components add resources after the base's namespace transformer ran:
+    # an object without its own namespace would land in kubectl's default.
+    cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
+    stray = [(o["kind"], o["metadata"]["name"]) for o in renders[variant]
+             if o["kind"] not in cluster_scoped and o["metadata"].get("namespace") != "rlhf"]
+    assert stray == []
+    for binding in find(renders[variant], "RoleBinding"):
+        assert all(s.get("namespace") == "rlhf" for s in binding["subjects"] if s["kind"] == "ServiceAccount"), binding["metadata"]["name"]
+
+
 def test_rbac_is_per_component_and_minimal(renders):
     objects = renders["base"]
     for obj in workloads(objects):
