@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -100,7 +101,9 @@ def _add_standard_services(settings: Settings, service: str, server, health_serv
 class AioRunningServer:
     """A grpc.aio server running on its own event-loop thread; RunningServer's interface."""
 
-    def __init__(self, settings: Settings, service: str, register: Iterable[Callable[[grpc.aio.Server], str]], port: int):
+    def __init__(self, settings: Settings, service: str, register: Iterable[Callable[[grpc.aio.Server], str]], port: int,
+                 drain: Callable[[float], Awaitable[None]] | None = None):
+        self.drain = drain
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=f"{service}-aio", daemon=True)
         self._thread.start()
@@ -130,10 +133,18 @@ class AioRunningServer:
         self._call(self._set_all(status))
 
     def stop(self, grace: float) -> None:
+        """Drain, then stop. grpc.aio cancels a call that arrives once stop()
+        began, and clients do not retry CANCELLED; `drain` (when given) first
+        refuses new calls itself, with UNAVAILABLE, which clients retry, while
+        the calls in progress finish, for up to `grace` seconds in all."""
         if self.loop.is_closed():
             return
         self.set_serving(False)
-        self._call(self.server.stop(grace), timeout=grace + 30)
+        started = time.monotonic()
+        if self.drain is not None:
+            self._call(self.drain(grace), timeout=grace + 30)
+        left = max(0.0, grace - (time.monotonic() - started))
+        self._call(self.server.stop(left), timeout=left + 30)
         self._close_loop()
 
     def _close_loop(self) -> None:
@@ -142,9 +153,11 @@ class AioRunningServer:
         self.loop.close()
 
 
-def start_aio_server(settings: Settings, service: str, register: Iterable[Callable[[grpc.aio.Server], str]], port: int) -> AioRunningServer:
-    """Like start_server, for async handlers; each `register` gets a grpc.aio.Server."""
-    running = AioRunningServer(settings, service, register, port)
+def start_aio_server(settings: Settings, service: str, register: Iterable[Callable[[grpc.aio.Server], str]], port: int,
+                     drain: Callable[[float], Awaitable[None]] | None = None) -> AioRunningServer:
+    """Like start_server, for async handlers; each `register` gets a grpc.aio.Server.
+    `drain(grace)`: see AioRunningServer.stop."""
+    running = AioRunningServer(settings, service, register, port, drain)
     running.set_serving(True)
     log_fields(log, 20, "grpc server started", component=service, port=running.port, services=running.service_names, flavour="aio")
     return running
@@ -173,8 +186,6 @@ def wait_for_serving(target: str, timeout: float = 60.0, service: str = "", whil
     `while_alive` (a Popen) stops the wait early with RuntimeError if that
     process exits first.
     """
-    import time
-
     deadline = time.monotonic() + timeout
     last: Exception | None = None
     with grpc.insecure_channel(target) as channel:

@@ -83,6 +83,7 @@ class FeedbackServicer:
         self.topics = bus.Topics.from_settings(settings)
         self.cache = IdempotencyCache(settings.feedback_idempotency_entries)
         self.calls = 0  # feedback calls in progress (all on the server's one event loop)
+        self.draining = False  # set on shutdown: new calls are refused, those in progress finish
 
     def register(self, server: grpc.Server) -> str:
         reply = feedback_pb2.SubmitReply.SerializeToString
@@ -132,8 +133,22 @@ class FeedbackServicer:
         finally:
             self.calls -= 1
 
+    async def drain(self, grace: float) -> None:
+        """On shutdown: refuse new calls with UNAVAILABLE (a client retries
+        them, e.g. on another replica) and wait up to `grace` seconds for the
+        calls in progress."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.calls and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self.calls:
+            log_fields(log, 30, "shutting down with feedback calls still in progress", calls=self.calls, grace_s=grace)
+
     async def _admit(self, context, identity: Identity, kind: str) -> None:
-        """Count the call in, or refuse it when RLHF_FEEDBACK_MAX_CALLS are in progress."""
+        """Count the call in, or refuse it: shutting down, or RLHF_FEEDBACK_MAX_CALLS in progress."""
+        if self.draining:
+            await self._refuse(context, Refusal(grpc.StatusCode.UNAVAILABLE, "the feedback service is shutting down; retry"), identity, kind)
         if self.calls >= self.settings.feedback_max_calls:
             await self._refuse(context, Refusal(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -297,7 +312,7 @@ def start(settings: Settings, port: int = 0) -> FeedbackHandle:
     producer = make_event_producer(settings)
     servicer = FeedbackServicer(settings, producer, Authenticator(tokens))
     try:
-        running = start_aio_server(settings, "feedback", [servicer.register], port)
+        running = start_aio_server(settings, "feedback", [servicer.register], port, drain=servicer.drain)
     except Exception:
         producer.close(1)
         raise

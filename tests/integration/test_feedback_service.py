@@ -3,6 +3,11 @@ auth, validation, idempotency, bulk import and a broker outage."""
 
 from __future__ import annotations
 
+import os
+import queue
+import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,6 +19,8 @@ from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 from services.common import bus
 from services.common.auth import bearer
 from services.common.broker import free_port, start_broker, stop_process
+from services.common.config import to_env
+from services.common.grpc_server import wait_for_serving
 from services.feedback.server import start
 from tests.conftest import make_settings
 
@@ -229,4 +236,47 @@ def test_broker_down_gives_unavailable_within_the_deadline_and_the_service_recov
     finally:
         channel.close()
         handle.stop()
+        stop_process(proc)
+
+
+def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(broker, tmp_path):
+    """`python -m services.feedback` as the stack and Kubernetes run it: on SIGTERM
+    a bulk import already streaming completes within RLHF_GRPC_GRACE_S, a new
+    call is refused, and the process exits 0."""
+    port = free_port()
+    settings = make_settings(tmp_path, broker, RLHF_TOKENS=TOKENS, RLHF_FEEDBACK_PORT=str(port), RLHF_GRPC_GRACE_S="10")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")} | to_env(settings)
+    log = open(tmp_path / "feedback.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "services.feedback"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    target = f"127.0.0.1:{port}"
+    try:
+        wait_for_serving(target, timeout=60, while_alive=proc)
+        items: queue.Queue = queue.Queue()
+        with grpc.insecure_channel(target) as channel:
+            stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+            stream = stub.BulkSubmit(iter(items.get, None), metadata=bearer("tok-alice"), timeout=30)
+            items.put(feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="drain-1", text="before SIGTERM")))
+            first = next(stream)
+
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 10
+            refused = None
+            with grpc.insecure_channel(target) as fresh:  # a new connection, as a new client would open
+                while refused is None and time.monotonic() < deadline:
+                    try:
+                        feedback_pb2_grpc.FeedbackServiceStub(fresh).LogPrompt(
+                            feedback_pb2.LogPromptRequest(request_id=f"late-{time.monotonic()}", text="after SIGTERM"),
+                            metadata=bearer("tok-alice"), timeout=2)
+                        time.sleep(0.05)  # the signal may not have landed yet
+                    except grpc.RpcError as err:
+                        refused = err.code()
+            assert refused == grpc.StatusCode.UNAVAILABLE
+
+            items.put(feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="drain-2", text="during the drain")))
+            items.put(None)  # the client ends its stream
+            rest = list(stream)
+        assert len(rest) == 1 and proc.wait(timeout=20) == 0
+        texts = [e.text for _, e in read_topic(settings, "prompts")]
+        assert {"before SIGTERM", "during the drain"} <= set(texts) and first.event_id != rest[0].event_id
+    finally:
         stop_process(proc)
