@@ -32,6 +32,7 @@ from services.common.config import Settings
 from services.common.grpc_server import AioRunningServer, start_aio_server
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import EVENTS_WRITTEN
+from services.feedback import VALIDATE_FIRST
 from services.feedback.events import BULK_KINDS, KINDS, Prepared, prepare
 from services.feedback.idempotency import Entry, IdempotencyCache
 from services.feedback.producer import PublishError, make_event_producer
@@ -124,14 +125,47 @@ class FeedbackServicer:
         other (up to RLHF_FEEDBACK_BULK_WINDOW items in flight). The first bad
         item ends the stream with its status, naming it as `items[i]...`;
         every item before it is acknowledged first.
+
+        With the call metadata VALIDATE_FIRST, the stream is one submission
+        (e.g. a labeler's ranking, labels and demonstration): every item is
+        checked before any is sent, so a bad one writes nothing at all.
         """
         identity = await self.auth.require_aio(context, "user")
         await self._admit(context, identity, "bulk")
+        validate_first = VALIDATE_FIRST in (context.invocation_metadata() or ())
         try:
-            async for reply in self._bulk(request_iterator, context, identity):
+            replies = self._whole(request_iterator, context, identity) if validate_first else self._bulk(request_iterator, context, identity)
+            async for reply in replies:
                 yield reply
         finally:
             self.calls -= 1
+
+    async def _whole(self, request_iterator, context, identity: Identity) -> AsyncIterator[feedback_pb2.SubmitReply]:
+        """A validate-first stream: read and check every item, then send them all."""
+        window = self.settings.feedback_bulk_window
+        prepared: list[Prepared] = []
+        try:
+            async for raw in request_iterator:
+                if len(prepared) == window:
+                    raise InvalidField("items", f"a validate-first stream holds at most {window} items (RLHF_FEEDBACK_BULK_WINDOW)")
+                prepared.append(self._prepare_item(len(prepared), raw, identity))
+        except InvalidField as err:
+            await self._refuse(context, Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)), identity, "bulk")
+        except Refusal as err:
+            await self._refuse(context, err, identity, "bulk")
+        pending: list[_Pending] = []
+        try:
+            # A broker fault part-way can leave a prefix written: the client's
+            # retry with the same request ids completes it without duplicates.
+            for item in prepared:
+                pending.append(self._begin(item, identity))
+            for item in pending:
+                yield await self._finish(item, context)
+        except Refusal as err:
+            await self._refuse(context, err, identity, "bulk")
+        finally:
+            for item in pending:
+                self._abandon(item)  # no-op for those acknowledged
 
     async def drain(self, grace: float) -> None:
         """On shutdown: refuse new calls with UNAVAILABLE (a client retries

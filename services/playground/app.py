@@ -6,6 +6,9 @@ API (every /api route but /api/config needs `Authorization: Bearer <token>`):
   GET  /api/config           -> flags, K limits, the model now serving
   POST /api/generate         -> text/event-stream: `prompt`, `token`..., `done` | `error`
   POST /api/samples          -> K samples of one prompt, for ranking
+  POST /api/submission       -> {replies}: a labeling batch's ranking, labels and demonstration
+                                as one validate-first BulkSubmit (a bad field writes none of them);
+                                the page submits this way
   POST /api/comparison       -> FeedbackService.SubmitComparison
   POST /api/labels           -> FeedbackService.SubmitLabels
   POST /api/demonstration    -> FeedbackService.SubmitDemonstration
@@ -33,7 +36,7 @@ from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from rlhf.v1 import policy_pb2
+from rlhf.v1 import feedback_pb2, policy_pb2
 from services.common.auth import AuthError, Authenticator, load_tokens
 from services.common.config import Settings
 from services.common.logs import get_logger, log_fields
@@ -46,7 +49,10 @@ from services.playground.client import (
     GenerationOptions,
     PlaygroundClient,
     PlaygroundError,
+    comparison_request,
+    demonstration_request,
     flag_label,
+    labels_request,
     next_or_error,
 )
 
@@ -129,6 +135,14 @@ class DemonstrationBody(BaseModel):
     prompt_id: str = ""
     prompt_text: str = ""
     response: str
+
+
+class SubmissionBody(BaseModel):
+    """One labeling submission: written together or not at all."""
+
+    comparison: ComparisonBody | None = None
+    labels: list[LabelsBody] = []
+    demonstration: DemonstrationBody | None = None
 
 
 def error_body(err: PlaygroundError) -> dict:
@@ -279,6 +293,27 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
             client.submit_labels, token, body.request_id, body.prompt_text, body.response,
             body.policy_version, body.likert, body.flags, body.prompt_id,
         )
+
+    @app.post("/api/submission")
+    async def submission(body: SubmissionBody, request: Request):
+        """The ranking, labels and demonstration of one labeling batch in one
+        validate-first stream: a bad field in any of them writes none."""
+        token = identify(request)
+        items = []
+        if body.comparison:
+            c = body.comparison
+            items.append(feedback_pb2.BulkItem(comparison=comparison_request(
+                c.request_id, c.prompt_text, [r.text for r in c.responses], [r.rank for r in c.responses],
+                [r.policy_version for r in c.responses], c.prompt_id)))
+        for lab in body.labels:
+            items.append(feedback_pb2.BulkItem(labels=labels_request(
+                lab.request_id, lab.prompt_text, lab.response, lab.policy_version, lab.likert, lab.flags, lab.prompt_id)))
+        if body.demonstration:
+            d = body.demonstration
+            items.append(feedback_pb2.BulkItem(demonstration=demonstration_request(d.request_id, d.prompt_text, d.response, d.prompt_id)))
+        if not items:
+            raise PlaygroundError(grpc.StatusCode.INVALID_ARGUMENT, "nothing to submit: give a comparison, labels or a demonstration")
+        return {"replies": await run_in_threadpool(client.submit_together, token, items)}
 
     @app.post("/api/demonstration")
     async def demonstration(body: DemonstrationBody, request: Request):

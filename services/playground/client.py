@@ -24,6 +24,7 @@ from services.common.auth import bearer
 from services.common.config import Settings
 from services.common.grpc_server import channel_options
 from services.common.logs import get_logger, log_fields
+from services.feedback import VALIDATE_FIRST
 
 log = get_logger(__name__)
 
@@ -196,38 +197,58 @@ class PlaygroundClient:
         )
         return self._submit("LogPrompt", request, token)
 
-    def submit_comparison(self, token: str, request_id: str, prompt_text: str, texts: Sequence[str],
-                          ranks: Sequence[int], policy_version: str | Sequence[str], prompt_id: str = "") -> dict:
-        versions = [policy_version] * len(texts) if isinstance(policy_version, str) else list(policy_version)
-        request = feedback_pb2.SubmitComparisonRequest(
-            request_id=request_id,
-            prompt_id=prompt_id,
-            prompt_text=prompt_text,
-            responses=[events_pb2.RankedResponse(text=t, policy_version=v, rank=r) for t, v, r in zip(texts, versions, ranks)],
-        )
-        return self._submit("SubmitComparison", request, token)
+    # One RPC each (the CLI submits as the labeler goes); arguments as the *_request builders below.
+    def submit_comparison(self, token: str, *args, **kwargs) -> dict:
+        return self._submit("SubmitComparison", comparison_request(*args, **kwargs), token)
 
-    def submit_labels(self, token: str, request_id: str, prompt_text: str, response: str, policy_version: str,
-                      likert: int = 0, flags: Sequence[str] = (), prompt_id: str = "") -> dict:
-        unknown = [f for f in flags if f not in FLAG_NAMES]
-        if unknown:
-            raise PlaygroundError(grpc.StatusCode.INVALID_ARGUMENT, f"flags: unknown flag {unknown[0]!r}; known: {', '.join(FLAG_NAMES)}")
-        request = feedback_pb2.SubmitLabelsRequest(
-            request_id=request_id,
-            prompt_id=prompt_id,
-            prompt_text=prompt_text,
-            response=response,
-            policy_version=policy_version,
-            likert=likert,
-            flags=[events_pb2.LabelFlag.Value(f) for f in flags],
-        )
-        return self._submit("SubmitLabels", request, token)
+    def submit_labels(self, token: str, *args, **kwargs) -> dict:
+        return self._submit("SubmitLabels", labels_request(*args, **kwargs), token)
 
-    def submit_demonstration(self, token: str, request_id: str, prompt_text: str, response: str, prompt_id: str = "") -> dict:
-        request = feedback_pb2.SubmitDemonstrationRequest(
-            request_id=request_id, prompt_id=prompt_id, prompt_text=prompt_text, response=response
-        )
-        return self._submit("SubmitDemonstration", request, token)
+    def submit_demonstration(self, token: str, *args, **kwargs) -> dict:
+        return self._submit("SubmitDemonstration", demonstration_request(*args, **kwargs), token)
+
+    def submit_together(self, token: str, items: Sequence[feedback_pb2.BulkItem]) -> list[dict]:
+        """One labeling submission (ranking, labels, demonstration) as one
+        validate-first BulkSubmit: a bad item writes none of them."""
+        try:
+            replies = list(self.feedback.BulkSubmit(iter(items), metadata=[*bearer(token), VALIDATE_FIRST], timeout=SUBMIT_TIMEOUT_S))
+        except grpc.RpcError as err:
+            error = PlaygroundError.from_rpc(err, "feedback")
+            log_fields(log, 20, "feedback refused a submission", method="BulkSubmit", code=error.code.name, error=error.message)
+            raise error from None
+        log_fields(log, 20, "submitted", method="BulkSubmit", event_ids=[r.event_id for r in replies])
+        return [reply_dict(r) for r in replies]
+
+
+def comparison_request(request_id: str, prompt_text: str, texts: Sequence[str], ranks: Sequence[int],
+                       policy_version: str | Sequence[str], prompt_id: str = "") -> feedback_pb2.SubmitComparisonRequest:
+    versions = [policy_version] * len(texts) if isinstance(policy_version, str) else list(policy_version)
+    return feedback_pb2.SubmitComparisonRequest(
+        request_id=request_id,
+        prompt_id=prompt_id,
+        prompt_text=prompt_text,
+        responses=[events_pb2.RankedResponse(text=t, policy_version=v, rank=r) for t, v, r in zip(texts, versions, ranks)],
+    )
+
+
+def labels_request(request_id: str, prompt_text: str, response: str, policy_version: str, likert: int = 0,
+                   flags: Sequence[str] = (), prompt_id: str = "") -> feedback_pb2.SubmitLabelsRequest:
+    unknown = [f for f in flags if f not in FLAG_NAMES]
+    if unknown:
+        raise PlaygroundError(grpc.StatusCode.INVALID_ARGUMENT, f"flags: unknown flag {unknown[0]!r}; known: {', '.join(FLAG_NAMES)}")
+    return feedback_pb2.SubmitLabelsRequest(
+        request_id=request_id,
+        prompt_id=prompt_id,
+        prompt_text=prompt_text,
+        response=response,
+        policy_version=policy_version,
+        likert=likert,
+        flags=[events_pb2.LabelFlag.Value(f) for f in flags],
+    )
+
+
+def demonstration_request(request_id: str, prompt_text: str, response: str, prompt_id: str = "") -> feedback_pb2.SubmitDemonstrationRequest:
+    return feedback_pb2.SubmitDemonstrationRequest(request_id=request_id, prompt_id=prompt_id, prompt_text=prompt_text, response=response)
 
 
 def check_k(k: int) -> None:

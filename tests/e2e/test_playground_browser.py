@@ -92,7 +92,8 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
     driver.find_element(By.ID, "submit-labels").click()
     wait_for(driver, lambda d: d.find_element(By.ID, "label-error").is_displayed(), "no error for an incomplete ranking")
     error = driver.find_element(By.ID, "label-error").text
-    assert "feedback service: INVALID_ARGUMENT (HTTP 400): responses[1].rank: is 0" in error
+    assert "feedback service: INVALID_ARGUMENT (HTTP 400): items[0].comparison.responses[1].rank: is 0" in error
+    assert error.endswith("(nothing was recorded)")
     assert read_events(stack.settings, "comparisons") == []
 
     # --- complete it: B by drag-and-drop below A, then C, D, E by keyboard

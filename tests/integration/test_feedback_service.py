@@ -21,6 +21,7 @@ from services.common.auth import bearer
 from services.common.broker import free_port, start_broker, stop_process
 from services.common.config import to_env
 from services.common.grpc_server import wait_for_serving
+from services.feedback import VALIDATE_FIRST
 from services.feedback.server import start
 from tests.conftest import make_settings
 
@@ -150,6 +151,35 @@ def test_bulk_submit_acknowledges_in_order_and_stops_at_the_first_bad_item(servi
     assert len(got) == 2 and got[0].duplicate and not got[1].duplicate  # everything before the bad item was acknowledged
     texts = [e.text for _, e in read_topic(settings, "prompts")]
     assert "fine" in texts and "never" not in texts
+
+
+def test_a_validate_first_stream_writes_all_items_or_none(service):
+    settings, stub, _ = service
+    metadata = [*bearer("tok-lab"), VALIDATE_FIRST]
+    ranking = feedback_pb2.SubmitComparisonRequest(request_id="vf-cmp", prompt_text="Pick", responses=ranked("a", "b", "c", "d"))
+    labels = feedback_pb2.SubmitLabelsRequest(request_id="vf-lab", prompt_text="Pick", response="a", policy_version="base-1", likert=9)
+    demo = feedback_pb2.SubmitDemonstrationRequest(request_id="vf-demo", prompt_text="Pick", response="a, clearly")
+    items = [feedback_pb2.BulkItem(comparison=ranking), feedback_pb2.BulkItem(labels=labels), feedback_pb2.BulkItem(demonstration=demo)]
+    with pytest.raises(grpc.RpcError) as err:  # the labels' Likert is out of range: the good ranking before it is not written either
+        list(stub.BulkSubmit(iter(items), metadata=metadata, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("items[1].labels.likert")
+    written = {e.request_id for kind in ("comparisons", "labels", "demonstrations") for _, e in read_topic(settings, kind)}
+    assert not written & {"vf-cmp", "vf-lab", "vf-demo"}
+
+    labels.likert = 6
+    items[1] = feedback_pb2.BulkItem(labels=labels)
+    replies = list(stub.BulkSubmit(iter(items), metadata=metadata, timeout=30))
+    assert [r.topic.split(".")[-2] for r in replies] == ["comparisons", "labels", "demonstrations"]
+    assert all(list(stub.BulkSubmit(iter(items), metadata=metadata, timeout=30))[i].duplicate for i in range(3))  # a resubmission writes nothing
+
+    too_many = [feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id=f"vf-{i}", text="x")) for i in range(9)]
+    small = start(settings.with_overrides(feedback_bulk_window=8))
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{small.port}") as channel, pytest.raises(grpc.RpcError) as err:
+            list(feedback_pb2_grpc.FeedbackServiceStub(channel).BulkSubmit(iter(too_many), metadata=metadata, timeout=30))
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 8 items (RLHF_FEEDBACK_BULK_WINDOW)" in err.value.details()
+    finally:
+        small.stop()
 
 
 def test_calls_beyond_the_limit_get_resource_exhausted_and_health_still_answers(broker, tmp_path):

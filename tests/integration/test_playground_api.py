@@ -186,3 +186,24 @@ def test_bad_submissions_show_the_service_error_and_write_nothing(playground_sta
     assert reply.status_code == 400 and "between 4 and 9" in reply.json()["error"]["message"]
 
     assert {key: len(read_events(settings, key)) for key in before} == before
+
+
+def test_a_labeling_submission_is_written_whole_or_not_at_all(playground_stack, api):
+    settings = playground_stack.settings
+    responses = [{"text": f"colour {i}", "policy_version": "v1", "rank": i + 1} for i in range(4)]
+    body = {
+        "comparison": {"request_id": "sub-cmp", "prompt_text": "Name a colour.", "responses": responses},
+        "labels": [{"request_id": "sub-lab-0", "prompt_text": "Name a colour.", "response": "colour 0", "policy_version": "v1", "likert": 9}],
+        "demonstration": {"request_id": "sub-demo", "prompt_text": "Name a colour.", "response": "Teal."},
+    }
+    refused = api.post("/api/submission", json=body, headers=LAB)
+    assert refused.status_code == 400 and refused.json()["error"]["message"].startswith("items[1].labels.likert")
+    written = lambda: {e.request_id for k in ("comparisons", "labels", "demonstrations") for e in read_events(settings, k)}  # noqa: E731
+    assert not written() & {"sub-cmp", "sub-lab-0", "sub-demo"}  # the good ranking before the bad labels is not written either
+
+    body["labels"][0]["likert"] = 6
+    replies = api.post("/api/submission", json=body, headers=LAB).json()["replies"]
+    assert [r["duplicate"] for r in replies] == [False, False, False] and {"sub-cmp", "sub-lab-0", "sub-demo"} <= written()
+    again = api.post("/api/submission", json=body, headers=LAB).json()["replies"]
+    assert [r["event_id"] for r in again] == [r["event_id"] for r in replies] and all(r["duplicate"] for r in again)
+    assert api.post("/api/submission", json={}, headers=LAB).status_code == 400

@@ -243,7 +243,6 @@ function newBatch(prompt, reply) {
     promptEventId: reply ? reply.prompt_event_id : "",
     modelVersion: reply ? reply.model_version : "",
     samples: reply ? reply.samples : [],
-    submitted: {},            // what was already acknowledged, by request id
   };
 }
 
@@ -451,59 +450,57 @@ function confirmLine(what, reply) {
   return li;
 }
 
-// Submit in order: ranking, per-sample labels, demonstration. Each call carries
-// a request id derived from the batch, so pressing Submit again after a failure
-// never records anything twice.
+// Submit the ranking, the per-sample labels and the demonstration as one
+// submission: the service checks every part before it writes any, so a bad
+// field writes nothing. Request ids derive from the batch, so pressing Submit
+// again after a failure never records anything twice.
 async function submitLabels() {
   show($("label-error"), "");
   const prompt = $("label-prompt").value.trim();
   const demo = $("demonstration").value.trim();
   if (!state.label) state.label = newBatch(prompt, null);
   const batch = state.label;
-  const calls = [];
+  const body = { labels: [] };
+  const parts = [];  // what each reply confirms, in the order the service answers
   if (batch.samples.length) {
     const responses = batch.samples.map((s, i) => ({
       text: s.text, policy_version: batch.modelVersion, rank: Number(cardOf(i).dataset.rank || 0),
     }));
-    calls.push(["Ranking", "/api/comparison", {
-      request_id: batch.id + "-cmp", prompt_id: batch.promptEventId, prompt_text: batch.prompt, responses,
-    }]);
+    body.comparison = { request_id: batch.id + "-cmp", prompt_id: batch.promptEventId, prompt_text: batch.prompt, responses };
+    parts.push("Ranking");
     batch.samples.forEach((s, i) => {
       const card = cardOf(i);
       const likert = Number(card.querySelector(".likert").value || 0);
       const flags = Array.from(card.querySelectorAll(".flag:checked"), (b) => b.value);
       if (!likert && !flags.length) return;
-      calls.push([`Labels for sample ${LETTERS[i]}`, "/api/labels", {
+      body.labels.push({
         request_id: `${batch.id}-lab-${i}`, prompt_id: batch.promptEventId, prompt_text: batch.prompt,
         response: s.text, policy_version: batch.modelVersion, likert, flags,
-      }]);
+      });
+      parts.push(`Labels for sample ${LETTERS[i]}`);
     });
   }
   if (demo) {
-    calls.push(["Demonstration", "/api/demonstration", {
+    body.demonstration = {
       request_id: batch.id + "-demo", prompt_id: batch.promptEventId, prompt_text: batch.prompt || prompt, response: demo,
-    }]);
+    };
+    parts.push("Demonstration");
   }
-  if (!calls.length) { show($("label-error"), "Nothing to submit: get samples to rank, or write a demonstration."); return; }
+  if (!parts.length) { show($("label-error"), "Nothing to submit: get samples to rank, or write a demonstration."); return; }
 
   const result = $("label-result");
-  const list = document.createElement("ul");
   $("submit-labels").disabled = true;
   try {
-    for (const [what, path, body] of calls) {
-      const reply = batch.submitted[body.request_id] || await api(path, body);
-      batch.submitted[body.request_id] = reply;
-      list.append(confirmLine(what, reply));
-    }
+    const { replies } = await api("/api/submission", body);
+    const list = document.createElement("ul");
+    replies.forEach((reply, i) => list.append(confirmLine(parts[i], reply)));
     result.replaceChildren(Object.assign(document.createElement("strong"), { textContent: "Submitted." }), list);
     result.hidden = false;
     result.focus();
   } catch (err) {
-    if (list.children.length) {
-      result.replaceChildren(Object.assign(document.createElement("strong"), { textContent: "Recorded before the error:" }), list);
-      result.hidden = false;
-    }
-    show($("label-error"), describeError(err));
+    // A refused field writes nothing; after a fault, part may be recorded, and Submit again completes it once.
+    const refused = err && (err.code === "INVALID_ARGUMENT" || err.code === "PERMISSION_DENIED");
+    show($("label-error"), describeError(err) + (refused ? " (nothing was recorded)" : " (press Submit again: nothing is recorded twice)"));
     $("submit-labels").disabled = false;
   }
 }
