@@ -321,8 +321,9 @@ def exit_on_config_error(fn: Callable[[], Any]) -> Any:
 def markdown_table() -> str:
     rows = ["| variable | default | meaning |", "|---|---|---|"]
     for f in FIELDS:
-        default = f.metadata["default"] or "(derived)"
-        rows.append(f"| `{f.metadata['env']}` | `{default}` | {f.metadata['doc']} |")
+        # Empty means off or unset; the two folders derived from RLHF_HOME say so in their text.
+        default = f"`{f.metadata['default']}`" if f.metadata["default"] else "(empty)"
+        rows.append(f"| `{f.metadata['env']}` | {default} | {f.metadata['doc']} |")
     return "\n".join(rows)
 
 
