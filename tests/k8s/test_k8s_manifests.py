@@ -297,6 +297,18 @@ def test_every_namespaced_object_is_in_the_platform_namespace(renders, variant):
         assert all(s.get("namespace") == "rlhf" for s in binding["subjects"] if s["kind"] == "ServiceAccount"), binding["metadata"]["name"]
 
 
+def test_grpc_services_stop_taking_traffic_then_drain_within_the_grace_period(renders):
+    objects = renders["base"]
+    config = one(objects, "ConfigMap", next(o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("rlhf-config")))
+    grace = float(config["data"].get("RLHF_GRPC_GRACE_S", load_settings({}).grpc_grace_s))
+    for name in ("policy", "reward", "feedback"):
+        spec = pod_spec(one(objects, "Deployment", name))
+        (container,) = spec["containers"]
+        pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        # endpoints drop the pod during the pause, then SIGTERM: drain for RLHF_GRPC_GRACE_S, before Kubernetes kills it
+        assert pause > 0 and pause + grace < spec["terminationGracePeriodSeconds"], name
+
+
 def test_rbac_is_per_component_and_minimal(renders):
     objects = renders["base"]
     for obj in workloads(objects):
