@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import platform
+import threading
 import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -50,3 +51,14 @@ def write_results(name: str, payload: Mapping[str, Any]) -> Path:
     path.write_text(json.dumps(body, indent=2, default=str))
     print(f"wrote {path}", flush=True)
     return path
+
+
+def run_threads(n_threads: int, work) -> float:
+    """Run work(0) .. work(n_threads - 1) on their own threads; the wall seconds until all return."""
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return time.perf_counter() - started

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import grpc
 
-from bench.common import percentile, print_table, write_results
+from bench.common import percentile, print_table, run_threads, write_results
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 from services.common import bus
 from services.common.auth import Identity, bearer
@@ -60,16 +60,6 @@ def baseline_records(requests: list, labelers: list[str]) -> list[tuple[bytes, b
         event = prepare("comparisons", request, Identity(labeler, "labeler"), Limits()).event
         out.append((labeler.encode(), event.SerializeToString(), bus.headers_for(event)))
     return out
-
-
-def run_threads(n_threads: int, work) -> float:
-    threads = [threading.Thread(target=work, args=(t,)) for t in range(n_threads)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return time.perf_counter() - started
 
 
 def row(path: str, who: str, n: int, wall: float, latencies: list[float], baseline: float | None = None) -> dict:

@@ -33,7 +33,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
-from bench.common import percentile, print_table, write_results
+from bench.common import percentile, print_table, run_threads, write_results
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from services.common.bootstrap import ensure_seeded
 from services.common.broker import free_port, start_broker, stop_process
@@ -155,13 +155,7 @@ def closed_loop(target: str, clients: int, rounds: int, new_tokens: int) -> dict
                     tokens[i] += n
                     ttfts.append(ttft)
 
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    wall = time.perf_counter() - started
+    wall = run_threads(clients, client)
     return {"clients": clients, "requests": clients * rounds, "tokens": sum(tokens), "wall_s": wall,
             "tok_s": sum(tokens) / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99),
             "failed": len(failures)}
