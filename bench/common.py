@@ -10,8 +10,9 @@ import json
 import platform
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -47,7 +48,12 @@ def print_table(title: str, rows: Sequence[Mapping[str, Any]]) -> str:
 def write_results(name: str, payload: Mapping[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    body = {"benchmark": name, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": platform.machine(), **payload}
+    body = {
+        "benchmark": name,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "machine": platform.machine(),
+        **payload,
+    }
     path.write_text(json.dumps(body, indent=2, default=str))
     print(f"wrote {path}", flush=True)
     return path

@@ -32,8 +32,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
-
 from rlhf.v1 import common_pb2, policy_pb2_grpc
+
 from services.common.broker import free_port
 from services.common.config import exit_on_config_error, load_settings
 
@@ -56,14 +56,44 @@ class DemoPreset:
 
 
 PRESETS = {
-    "cpu": DemoPreset(model="base", trainer_preset="cpu", users=80, prompts=900, demonstrations=96, comparisons=128, k=4,
-                      sample_tokens=48, eval_prompts=64, eval_tokens=48,
-                      trainer_overrides={"ppo": {"total_steps": 24, "lr": 1e-4}}),
-    "gpu": DemoPreset(model="base", trainer_preset="gpu", users=120, prompts=2400, demonstrations=400, comparisons=600, k=6,
-                      sample_tokens=64, eval_prompts=256, eval_tokens=64),
+    "cpu": DemoPreset(
+        model="base",
+        trainer_preset="cpu",
+        users=80,
+        prompts=900,
+        demonstrations=96,
+        comparisons=128,
+        k=4,
+        sample_tokens=48,
+        eval_prompts=64,
+        eval_tokens=48,
+        trainer_overrides={"ppo": {"total_steps": 24, "lr": 1e-4}},
+    ),
+    "gpu": DemoPreset(
+        model="base",
+        trainer_preset="gpu",
+        users=120,
+        prompts=2400,
+        demonstrations=400,
+        comparisons=600,
+        k=6,
+        sample_tokens=64,
+        eval_prompts=256,
+        eval_tokens=64,
+    ),
     # For the e2e test and a quick look: the tiny model learns nothing useful.
-    "tiny": DemoPreset(model="tiny", trainer_preset="tiny", users=20, prompts=320, demonstrations=16, comparisons=16, k=4,
-                       sample_tokens=16, eval_prompts=16, eval_tokens=16),
+    "tiny": DemoPreset(
+        model="tiny",
+        trainer_preset="tiny",
+        users=20,
+        prompts=320,
+        demonstrations=16,
+        comparisons=16,
+        k=4,
+        sample_tokens=16,
+        eval_prompts=16,
+        eval_tokens=16,
+    ),
 }
 
 
@@ -104,16 +134,20 @@ def wait_for_version(target: str, version: str, timeout: float = 120.0) -> float
 
 def configure_environment(preset: DemoPreset, home: Path, seed: int = 0) -> None:
     """The demo's isolated stack: its own state folder, broker and ports."""
-    overrides = {trainer: {**preset.trainer_overrides.get(trainer, {}), "seed": seed} for trainer in ("sft", "rm", "ppo")}
-    os.environ.update({
-        "RLHF_HOME": str(home),
-        "RLHF_MODEL": preset.model,
-        "RLHF_TRAINER_PRESET": preset.trainer_preset,
-        "RLHF_TRAINER_OVERRIDES": json.dumps(overrides),
-        "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
-        "RLHF_TOKENS_FILE": str(home / "tokens.json"),
-        "RLHF_JOB_RETRIES": os.environ.get("RLHF_JOB_RETRIES", "1"),
-    })
+    overrides = {
+        trainer: {**preset.trainer_overrides.get(trainer, {}), "seed": seed} for trainer in ("sft", "rm", "ppo")
+    }
+    os.environ.update(
+        {
+            "RLHF_HOME": str(home),
+            "RLHF_MODEL": preset.model,
+            "RLHF_TRAINER_PRESET": preset.trainer_preset,
+            "RLHF_TRAINER_OVERRIDES": json.dumps(overrides),
+            "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+            "RLHF_TOKENS_FILE": str(home / "tokens.json"),
+            "RLHF_JOB_RETRIES": os.environ.get("RLHF_JOB_RETRIES", "1"),
+        }
+    )
     for name in ("POLICY", "REWARD", "FEEDBACK", "HTTP", "PLAYGROUND", "CONTROLLER"):
         os.environ[f"RLHF_{name}_PORT"] = str(free_port())
     for name in ("POLICY", "REWARD", "FEEDBACK"):
@@ -177,10 +211,17 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
             store = CheckpointStore(settings.checkpoint_dir)
             base = next((m.version for m in store.list(role="policy") if m.kind == "base"), None)
             report = sim_report.write_report(
-                settings, home / "report",
-                base_version=base, sft_version=sft, ppo_version=ppo, rm_version=second.trained["rm"],
+                settings,
+                home / "report",
+                base_version=base,
+                sft_version=sft,
+                ppo_version=ppo,
+                rm_version=second.trained["rm"],
                 snapshot_id=second.snapshot,
-                run_dirs={**{k: Path(v) for k, v in first.run_dirs.items()}, **{k: Path(v) for k, v in second.run_dirs.items()}},
+                run_dirs={
+                    **{k: Path(v) for k, v in first.run_dirs.items()},
+                    **{k: Path(v) for k, v in second.run_dirs.items()},
+                },
                 extra={
                     "preset": asdict(preset) | {"name": preset_name, "seed": seed},
                     "gate": second.decision,
@@ -190,7 +231,9 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
                     "timings_s": step.timings,
                     "controller_decisions": str(settings.home / "controller" / "decisions.jsonl"),
                 },
-                config=sim_report.EvalConfig(prompts=preset.eval_prompts, max_new_tokens=preset.eval_tokens, seed=1234 + seed),
+                config=sim_report.EvalConfig(
+                    prompts=preset.eval_prompts, max_new_tokens=preset.eval_tokens, seed=1234 + seed
+                ),
             )
         with step("done"):
             print(f"\nreport: {report}\ntotal time: {time.monotonic() - step.started:.0f}s")
@@ -203,7 +246,9 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="make demo", description="Run one full RLHF loop and write the report.")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=os.environ.get("DEMO_PRESET", "cpu"))
-    parser.add_argument("--seed", type=int, default=int(os.environ.get("DEMO_SEED", "0")), help="seeds every random choice of the run")
+    parser.add_argument(
+        "--seed", type=int, default=int(os.environ.get("DEMO_SEED", "0")), help="seeds every random choice of the run"
+    )
     parser.add_argument("--home", type=Path, default=Path("var/demo"), help="state folder (wiped at start)")
     parser.add_argument("--keep-up", action="store_true", help="leave the stack running afterwards")
     args = parser.parse_args(argv)

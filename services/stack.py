@@ -80,7 +80,9 @@ class Stack:
             return
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "ab")
-        proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True)
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True
+        )
         self._record(name, proc)
         print(f"  {name}: started (pid {proc.pid})")
 
@@ -93,7 +95,9 @@ class Stack:
             if not path.exists():
                 write_tokens_file(path, dev_tokens())
             tokens_file = str(path)
-        env.update({"RLHF_HOME": str(self.settings.home), "RLHF_TOKENS_FILE": tokens_file or "", "PYTHONUNBUFFERED": "1"})
+        env.update(
+            {"RLHF_HOME": str(self.settings.home), "RLHF_TOKENS_FILE": tokens_file or "", "PYTHONUNBUFFERED": "1"}
+        )
         return env
 
     def up(self, timeout: float = 120.0) -> int:

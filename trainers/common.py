@@ -42,8 +42,9 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -67,6 +68,7 @@ class JobError(Exception):
 
 # --- config -------------------------------------------------------------------
 
+
 def _coerce(cls: type, key: str, value: Any) -> Any:
     """Turn a JSON / --set value into the type of config field `key`."""
     fields = {f.name: f for f in dataclasses.fields(cls)}
@@ -82,7 +84,11 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
             return value.lower() in ("true", "1", "yes", "on")
         raise JobError(f"config key {key!r} must be a boolean (true/false), got {value!r}")
     if kind is int:
-        if isinstance(value, bool) or not isinstance(value, (int, str)) or (isinstance(value, str) and not value.lstrip("-").isdigit()):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, str))
+            or (isinstance(value, str) and not value.lstrip("-").isdigit())
+        ):
             raise JobError(f"config key {key!r} must be an integer, got {value!r}")
         return int(value)
     if kind is float:
@@ -97,8 +103,13 @@ def _coerce(cls: type, key: str, value: Any) -> Any:
     return value
 
 
-def build_config(cls: type, presets: Mapping[str, Mapping[str, Any]], preset: str,
-                 config: str | None = None, sets: Iterable[str] = ()) -> Any:
+def build_config(
+    cls: type,
+    presets: Mapping[str, Mapping[str, Any]],
+    preset: str,
+    config: str | None = None,
+    sets: Iterable[str] = (),
+) -> Any:
     """Preset, then the --config JSON (a file path or inline JSON), then --set key=value."""
     if preset not in presets:
         raise JobError(f"unknown preset {preset!r}; expected one of {', '.join(presets)}")
@@ -157,6 +168,7 @@ def validate_supervised(cfg) -> None:
 
 # --- schedule, seeds, small math helpers ---------------------------------------
 
+
 def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
     """Linear warmup, then cosine decay to lr * min_ratio."""
     if warmup > 0 and step < warmup:
@@ -175,7 +187,9 @@ def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     return torch.randperm(n, generator=g).tolist()
 
 
-def global_batch(order_for_epoch: Callable[[int], list[int]], n: int, batch_size: int, step: int, min_size: int = 1) -> list[int]:
+def global_batch(
+    order_for_epoch: Callable[[int], list[int]], n: int, batch_size: int, step: int, min_size: int = 1
+) -> list[int]:
     """Indices of global batch `step` when each epoch is ceil(n / batch_size) batches.
 
     A short last batch is topped up from the epoch's start to `min_size`
@@ -183,7 +197,7 @@ def global_batch(order_for_epoch: Callable[[int], list[int]], n: int, batch_size
     per_epoch = max(1, math.ceil(n / batch_size))
     epoch, k = divmod(step, per_epoch)
     order = order_for_epoch(epoch)
-    batch = order[k * batch_size:(k + 1) * batch_size]
+    batch = order[k * batch_size : (k + 1) * batch_size]
     return batch + (order * min_size)[: max(0, min_size - len(batch))]
 
 
@@ -200,6 +214,7 @@ def autocast(device: str, enabled: bool):
 
 
 # --- models: LoRA, trainable state ---------------------------------------------
+
 
 def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, targets: str) -> torch.nn.Module:
     """Wrap `model` with LoRA adapters (peft); only the adapters train."""
@@ -230,7 +245,9 @@ def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tenso
     wanted = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = wanted - set(state)
     if missing:
-        raise JobError(f"resume state lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was the config changed?")
+        raise JobError(
+            f"resume state lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was the config changed?"
+        )
     model.load_state_dict(dict(state), strict=False)
 
 
@@ -271,11 +288,14 @@ class WeightEMA:
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
         missing = set(self.shadow) - set(state)
         if missing:
-            raise JobError(f"resume state's EMA lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}); was the config changed?")
+            raise JobError(
+                f"resume state's EMA lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}); was the config changed?"
+            )
         self.shadow = {name: state[name].clone() for name in self.shadow}
 
 
 # --- the job ------------------------------------------------------------------
+
 
 class Job:
     """One trainer run: CLI + config + settings + run dir + publishing."""
@@ -302,11 +322,20 @@ class Job:
 
     # construction ---------------------------------------------------------
     @classmethod
-    def start(cls, name: str, config_cls: type, presets: Mapping[str, Mapping[str, Any]], argv: list[str] | None,
-              add_args: Callable[[argparse.ArgumentParser], None], run_dir: bool = True) -> "Job":
+    def start(
+        cls,
+        name: str,
+        config_cls: type,
+        presets: Mapping[str, Mapping[str, Any]],
+        argv: list[str] | None,
+        add_args: Callable[[argparse.ArgumentParser], None],
+        run_dir: bool = True,
+    ) -> Job:
         """Parse the CLI, load settings and config, join torchrun's process group.
         `run_dir`: whether --run-dir is required (evaluate takes it optionally)."""
-        parser = argparse.ArgumentParser(prog=f"python -m trainers.{name}", description=(config_cls.__doc__ or "").split("\n\n")[0])
+        parser = argparse.ArgumentParser(
+            prog=f"python -m trainers.{name}", description=(config_cls.__doc__ or "").split("\n\n")[0]
+        )
         add_args(parser)
         parser.add_argument("--run-dir", required=run_dir, help="working folder; re-running with it resumes")
         parser.add_argument("--result-file", required=True, help="where the result JSON is written")
@@ -327,9 +356,19 @@ class Job:
         if job.is_main and job.run_dir is not None:
             job.run_dir.mkdir(parents=True, exist_ok=True)
             (job.run_dir / "state").mkdir(exist_ok=True)
-            (job.run_dir / "config.json").write_text(json.dumps({"preset": args.preset, **dataclasses.asdict(cfg)}, indent=2))
-        log_fields(log, 20, f"{name} job starting", preset=args.preset, rank=job.rank, world=job.world, device=job.device,
-                   run_dir=str(job.run_dir) if job.run_dir else None)
+            (job.run_dir / "config.json").write_text(
+                json.dumps({"preset": args.preset, **dataclasses.asdict(cfg)}, indent=2)
+            )
+        log_fields(
+            log,
+            20,
+            f"{name} job starting",
+            preset=args.preset,
+            rank=job.rank,
+            world=job.world,
+            device=job.device,
+            run_dir=str(job.run_dir) if job.run_dir else None,
+        )
         return job
 
     def _init_distributed(self) -> None:
@@ -348,7 +387,7 @@ class Job:
 
     def rank_slice(self, items: list) -> list:
         """This rank's share of a global batch."""
-        return items[self.rank::self.world]
+        return items[self.rank :: self.world]
 
     # inputs ---------------------------------------------------------------
     def checkpoint(self, version: str, kinds: Iterable[str], what: str) -> Path:
@@ -389,13 +428,19 @@ class Job:
         return version
 
     def log(self, step: int, metrics: Mapping[str, Any], progress=None) -> None:
-        record = {"step": step, "time_s": round(time.time() - self.started, 3), **{k: _plain(v) for k, v in metrics.items()}}
+        record = {
+            "step": step,
+            "time_s": round(time.time() - self.started, 3),
+            **{k: _plain(v) for k, v in metrics.items()},
+        }
         self.records.append(record)
         if self.is_main and self.run_dir is not None:
             with open(self.run_dir / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(record) + "\n")
         if progress is not None:
-            progress.set_postfix({k: f"{v:.3g}" for k, v in record.items() if isinstance(v, float) and k != "time_s"}, refresh=False)
+            progress.set_postfix(
+                {k: f"{v:.3g}" for k, v in record.items() if isinstance(v, float) and k != "time_s"}, refresh=False
+            )
 
     def metrics_history(self) -> list[dict]:
         path = self.run_dir / "metrics.jsonl"
@@ -423,8 +468,16 @@ class Job:
         return state
 
     # output ---------------------------------------------------------------
-    def publish(self, kind: str, version: str, write: Callable[[Path], None], *, parents: list[str], snapshot: str,
-                metrics: Mapping[str, Any]) -> bool:
+    def publish(
+        self,
+        kind: str,
+        version: str,
+        write: Callable[[Path], None],
+        *,
+        parents: list[str],
+        snapshot: str,
+        metrics: Mapping[str, Any],
+    ) -> bool:
         """Stage, hash and atomically publish (rank 0), then announce TYPE_CREATED.
 
         Returns whether the announcement reached the broker; an unreachable
@@ -434,18 +487,31 @@ class Job:
             return False
         if not self.store.exists(version):
             hyper = {"preset": self.preset, "trainer": self.name, **dataclasses.asdict(self.cfg)}
-            with self.store.stage(kind, version=version, parents=[p for p in parents if p], dataset_snapshot=snapshot,
-                                  hyperparameters=hyper) as (folder, manifest):
+            with self.store.stage(
+                kind,
+                version=version,
+                parents=[p for p in parents if p],
+                dataset_snapshot=snapshot,
+                hyperparameters=hyper,
+            ) as (folder, manifest):
                 write(folder)
                 manifest.metrics = {k: _plain(v) for k, v in metrics.items()}
             self.store.verify(version)
             log_fields(log, 20, "checkpoint published", version=version, kind=kind)
         try:
-            event = bus.checkpoint_event(self.settings, version, bus.events_pb2.CheckpointEvent.TYPE_CREATED, reason=f"{self.name} run")
+            event = bus.checkpoint_event(
+                self.settings, version, bus.events_pb2.CheckpointEvent.TYPE_CREATED, reason=f"{self.name} run"
+            )
             bus.announce_checkpoint(self.settings, event)
             return True
         except Exception as err:  # noqa: BLE001 - any broker failure: the checkpoint stands
-            log_fields(log, 30, "could not announce the checkpoint; it is published in the store", version=version, error=str(err))
+            log_fields(
+                log,
+                30,
+                "could not announce the checkpoint; it is published in the store",
+                version=version,
+                error=str(err),
+            )
             return False
 
     def finish(self, result: Mapping[str, Any], curves: Iterable[str] = (), report: str = "") -> None:
@@ -454,12 +520,20 @@ class Job:
             if self.run_dir is not None:
                 records = self.metrics_history() or self.records
                 if curves and records:
-                    plot_curves(self.run_dir / "curves.png", records, list(curves), title=f"{self.name} ({self.preset})")
+                    plot_curves(
+                        self.run_dir / "curves.png", records, list(curves), title=f"{self.name} ({self.preset})"
+                    )
                 if report:
                     (self.run_dir / "report.md").write_text(report)
             payload = {**result, "run_dir": str(self.run_dir) if self.run_dir else ""}
             _atomic_write(Path(self.args.result_file), json.dumps(payload, indent=2, default=_plain))
-            log_fields(log, 20, f"{self.name} job finished", result_file=self.args.result_file, wall_s=round(time.time() - self.started, 1))
+            log_fields(
+                log,
+                20,
+                f"{self.name} job finished",
+                result_file=self.args.result_file,
+                wall_s=round(time.time() - self.started, 1),
+            )
         self.barrier()
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -492,6 +566,7 @@ def _plain(value: Any) -> Any:
 
 # --- reporting ------------------------------------------------------------------
 
+
 def plot_curves(path: Path, records: list[dict], keys: list[str], title: str) -> None:
     """One small panel per metric against step (matplotlib, Agg: no display needed)."""
     import matplotlib
@@ -511,7 +586,7 @@ def plot_curves(path: Path, records: list[dict], keys: list[str], title: str) ->
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step", fontsize=8)
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys):]:
+    for ax in list(axes.flat)[len(keys) :]:
         ax.axis("off")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
@@ -527,6 +602,15 @@ def markdown_report(title: str, summary: Mapping[str, Any], cfg: Any, notes: str
     for key, value in summary.items():
         shown = f"{value:.4g}" if isinstance(value, float) else str(value)
         lines.append(f"| {key} | {shown} |")
-    lines += ["", "![training curves](curves.png)", "", "## Config", "", "```json",
-              json.dumps(dataclasses.asdict(cfg), indent=2), "```", ""]
+    lines += [
+        "",
+        "![training curves](curves.png)",
+        "",
+        "## Config",
+        "",
+        "```json",
+        json.dumps(dataclasses.asdict(cfg), indent=2),
+        "```",
+        "",
+    ]
     return "\n".join(lines)

@@ -78,8 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     reference = load_causal_lm(reference_path, device=device)
     reward_model = RewardModel.from_pretrained(reward_path, device=device)
     step_seed(cfg.seed, 0, 0)
-    rollouts = generate_rollouts(policy, tokenizer, encode_prompts(tokenizer, prompts, cfg.max_prompt_tokens), cfg.max_new_tokens,
-                                 cfg.temperature, cfg.batch_size, device, cfg.bf16)
+    rollouts = generate_rollouts(
+        policy,
+        tokenizer,
+        encode_prompts(tokenizer, prompts, cfg.max_prompt_tokens),
+        cfg.max_new_tokens,
+        cfg.temperature,
+        cfg.batch_size,
+        device,
+        cfg.bf16,
+    )
     stats = rollout_stats(policy, reference, reward_model, rollouts, cfg.temperature, cfg.batch_size, device, cfg.bf16)
 
     lengths = rollouts.response_mask.sum(1).float()
@@ -93,7 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         "n": len(prompts),
         "mean_response_length": float(lengths.mean()),
         "no_eos_fraction": float((~rollouts.has_eos).float().mean()),
-        "policy": args.policy, "reference": args.reference, "reward": args.reward, "snapshot": args.snapshot, "split": args.split,
+        "policy": args.policy,
+        "reference": args.reference,
+        "reward": args.reward,
+        "snapshot": args.snapshot,
+        "split": args.split,
         "seed": cfg.seed,
     }
     if job.run_dir is not None and job.is_main:
@@ -102,11 +114,22 @@ def main(argv: list[str] | None = None) -> int:
         with open(job.run_dir / "samples.jsonl", "w") as fh:
             for i, prompt in enumerate(prompts):
                 response_ids = rollouts.ids[i, width:][rollouts.response_mask[i].bool()].tolist()
-                fh.write(json.dumps({"prompt": prompt, "response": tokenizer.decode(response_ids, skip_special_tokens=True),
-                                     "score": float(scores[i]), "kl": float(kl_per_response[i])}) + "\n")
+                fh.write(
+                    json.dumps(
+                        {
+                            "prompt": prompt,
+                            "response": tokenizer.decode(response_ids, skip_special_tokens=True),
+                            "score": float(scores[i]),
+                            "kl": float(kl_per_response[i]),
+                        }
+                    )
+                    + "\n"
+                )
         rows = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in result.items())
-        (job.run_dir / "report.md").write_text(f"# Gate evaluation of {args.policy}\n\n| metric | value |\n|---|---|\n{rows}\n\n"
-                                               "Samples: `samples.jsonl` (prompt, response, score, KL).\n")
+        (job.run_dir / "report.md").write_text(
+            f"# Gate evaluation of {args.policy}\n\n| metric | value |\n|---|---|\n{rows}\n\n"
+            "Samples: `samples.jsonl` (prompt, response, score, KL).\n"
+        )
     job.finish(result)
     return 0
 

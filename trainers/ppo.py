@@ -36,9 +36,35 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from services.common.models import RewardModel, last_token_index, load_causal_lm, load_tokenizer, pad_batch, position_ids_from_mask, render_prompt
-from trainers.common import (Job, JobError, WeightEMA, add_lora, all_reduce_, autocast, epoch_order, global_batch, load_trainable_state,
-                             markdown_report, merge_lora, peak_rss_gb, require, run_main, step_seed, sum_over_ranks, trainable_state, unwrap)
+from services.common.models import (
+    RewardModel,
+    last_token_index,
+    load_causal_lm,
+    load_tokenizer,
+    pad_batch,
+    position_ids_from_mask,
+    render_prompt,
+)
+from trainers.common import (
+    Job,
+    JobError,
+    WeightEMA,
+    add_lora,
+    all_reduce_,
+    autocast,
+    epoch_order,
+    global_batch,
+    load_trainable_state,
+    markdown_report,
+    merge_lora,
+    peak_rss_gb,
+    require,
+    run_main,
+    step_seed,
+    sum_over_ranks,
+    trainable_state,
+    unwrap,
+)
 from trainers.sft import collate, lm_loss_sum
 
 
@@ -105,10 +131,14 @@ class PPOConfig:
     def validate(self) -> None:
         require(0 <= self.ema_decay < 1, f"ema_decay={self.ema_decay} must be in [0, 1) (0 = off)")
         require(self.total_steps >= 1, f"total_steps={self.total_steps} must be at least 1")
-        require(self.rollout_batch_size >= 1 and self.mini_batch_size >= 1 and self.generation_batch_size >= 1,
-                "rollout_batch_size, mini_batch_size and generation_batch_size must be at least 1")
-        require(self.mini_batch_size <= self.rollout_batch_size,
-                f"mini_batch_size={self.mini_batch_size} exceeds rollout_batch_size={self.rollout_batch_size}")
+        require(
+            self.rollout_batch_size >= 1 and self.mini_batch_size >= 1 and self.generation_batch_size >= 1,
+            "rollout_batch_size, mini_batch_size and generation_batch_size must be at least 1",
+        )
+        require(
+            self.mini_batch_size <= self.rollout_batch_size,
+            f"mini_batch_size={self.mini_batch_size} exceeds rollout_batch_size={self.rollout_batch_size}",
+        )
         require(1 <= self.max_new_tokens <= 4096, f"max_new_tokens={self.max_new_tokens} must be in 1..4096")
         require(self.temperature > 0, f"temperature={self.temperature} must be positive")
         require(0 <= self.gamma <= 1 and 0 <= self.lam <= 1, "gamma and lam must be in [0, 1]")
@@ -120,27 +150,66 @@ class PPOConfig:
 
 
 PRESETS = {
-    "tiny": dict(total_steps=4, rollout_batch_size=4, generation_batch_size=4, mini_batch_size=2, max_prompt_tokens=48, max_new_tokens=12,
-                 lr=1e-3, value_lr=1e-3, lora_rank=4, ptx_batch_size=2, ptx_max_tokens=48, ema_decay=0.5, save_every=1),
+    "tiny": dict(
+        total_steps=4,
+        rollout_batch_size=4,
+        generation_batch_size=4,
+        mini_batch_size=2,
+        max_prompt_tokens=48,
+        max_new_tokens=12,
+        lr=1e-3,
+        value_lr=1e-3,
+        lora_rank=4,
+        ptx_batch_size=2,
+        ptx_max_tokens=48,
+        ema_decay=0.5,
+        save_every=1,
+    ),
     # All four 135M models on 2 cores in a few minutes: LoRA, bf16, short responses.
-    "cpu": dict(total_steps=6, rollout_batch_size=8, generation_batch_size=8, mini_batch_size=4, max_prompt_tokens=96, max_new_tokens=32,
-                lr=5e-5, value_lr=1e-4, lora_rank=8, bf16=True, save_every=2),
+    "cpu": dict(
+        total_steps=6,
+        rollout_batch_size=8,
+        generation_batch_size=8,
+        mini_batch_size=4,
+        max_prompt_tokens=96,
+        max_new_tokens=32,
+        lr=5e-5,
+        value_lr=1e-4,
+        lora_rank=8,
+        bf16=True,
+        save_every=2,
+    ),
     # The paper: batch 512, minibatch 64, 1 inner epoch, β 0.02, γ_ptx 27.8; scaled to one GPU.
-    "gpu": dict(total_steps=200, rollout_batch_size=128, generation_batch_size=64, mini_batch_size=32, max_prompt_tokens=512,
-                max_new_tokens=256, lr=1e-6, value_lr=5e-6, bf16=True, ptx_coef=27.8, ptx_batch_size=8, ptx_max_tokens=512, ema_decay=0.992,
-                save_every=10),
+    "gpu": dict(
+        total_steps=200,
+        rollout_batch_size=128,
+        generation_batch_size=64,
+        mini_batch_size=32,
+        max_prompt_tokens=512,
+        max_new_tokens=256,
+        lr=1e-6,
+        value_lr=5e-6,
+        bf16=True,
+        ptx_coef=27.8,
+        ptx_batch_size=8,
+        ptx_max_tokens=512,
+        ema_decay=0.992,
+        save_every=10,
+    ),
 }
 
 
 # --- the math (unit-tested against hand-computed values) ------------------------------
+
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     mask = mask.to(x.dtype)
     return (x * mask).sum() / mask.sum().clamp(min=1)
 
 
-def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor,
-                         beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+def kl_penalized_rewards(
+    scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor, beta: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-token rewards: −β·(log π − log π_ref) on every real response token,
     plus the RM score on the response's LAST REAL token (found from the mask,
     so left or right padding of the response block changes nothing).
@@ -153,7 +222,9 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     return rewards, kl
 
 
-def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Generalised advantage estimation over response tokens; padding carries
     no value and no reward, so the episode ends at the last real token."""
     mask = mask.to(values.dtype)
@@ -180,8 +251,9 @@ def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return ((x - mean.to(x.dtype)) * torch.rsqrt(var.to(x.dtype) + 1e-8)) * mask
 
 
-def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                        clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_policy_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """PPO's clipped surrogate, max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε)); returns (loss, clip fraction)."""
     ratio = torch.exp(logprobs - old_logprobs)
     unclipped = -advantages * ratio
@@ -189,12 +261,15 @@ def clipped_policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, adva
     return masked_mean(torch.maximum(unclipped, clipped), mask), masked_mean((clipped > unclipped).float(), mask)
 
 
-def clipped_value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-                       clip: float) -> tuple[torch.Tensor, torch.Tensor]:
+def clipped_value_loss(
+    values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor, clip: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """½·max((V − R)², (V_old + clip(V − V_old, ±ε) − R)²); returns (loss, clip fraction)."""
     clipped_values = old_values + (values - old_values).clamp(-clip, clip)
     unclipped_err, clipped_err = (values - returns) ** 2, (clipped_values - returns) ** 2
-    return 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask), masked_mean((clipped_err > unclipped_err).float(), mask)
+    return 0.5 * masked_mean(torch.maximum(unclipped_err, clipped_err), mask), masked_mean(
+        (clipped_err > unclipped_err).float(), mask
+    )
 
 
 class AdaptiveKL:
@@ -211,25 +286,36 @@ class AdaptiveKL:
 
 # --- rollouts (shared with trainers/evaluate.py) ----------------------------------------
 
+
 @dataclass
 class Rollouts:
     """Prompts (left-padded) followed by responses (right-padded after EOS)."""
 
-    ids: torch.Tensor            # [B, P + R]
-    mask: torch.Tensor           # [B, P + R]
-    prompt_width: int            # P
+    ids: torch.Tensor  # [B, P + R]
+    mask: torch.Tensor  # [B, P + R]
+    prompt_width: int  # P
     response_mask: torch.Tensor  # [B, R]: 1 on real response tokens, EOS included
-    has_eos: torch.Tensor        # [B] bool
+    has_eos: torch.Tensor  # [B] bool
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
     """Chat-templated prompt ids, cut from the left to fit."""
-    return [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False).input_ids[-max_prompt_tokens:] for p in prompts]
+    return [
+        tokenizer(render_prompt(tokenizer, p), add_special_tokens=False).input_ids[-max_prompt_tokens:] for p in prompts
+    ]
 
 
 @torch.no_grad()
-def generate_rollouts(policy, tokenizer, prompt_ids: list[list[int]], max_new_tokens: int, temperature: float,
-                      batch_size: int, device: str, bf16: bool = False) -> Rollouts:
+def generate_rollouts(
+    policy,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    max_new_tokens: int,
+    temperature: float,
+    batch_size: int,
+    device: str,
+    bf16: bool = False,
+) -> Rollouts:
     """Sample one response per prompt. All chunks share the prompt width and
     are right-padded to max_new_tokens, so they concatenate into one batch."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
@@ -238,9 +324,17 @@ def generate_rollouts(policy, tokenizer, prompt_ids: list[list[int]], max_new_to
     responses = []
     for i in range(0, len(prompt_ids), batch_size):
         with autocast(device, bf16):
-            out = unwrap(policy).generate(input_ids=ids[i:i + batch_size].to(device), attention_mask=mask[i:i + batch_size].to(device),
-                                          do_sample=True, temperature=temperature, top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                                          eos_token_id=eos, pad_token_id=pad)
+            out = unwrap(policy).generate(
+                input_ids=ids[i : i + batch_size].to(device),
+                attention_mask=mask[i : i + batch_size].to(device),
+                do_sample=True,
+                temperature=temperature,
+                top_k=0,
+                top_p=1.0,
+                max_new_tokens=max_new_tokens,
+                eos_token_id=eos,
+                pad_token_id=pad,
+            )
         response = out[:, width:].cpu()
         responses.append(F.pad(response, (0, max_new_tokens - response.shape[1]), value=pad))
     response = torch.cat(responses)
@@ -248,16 +342,37 @@ def generate_rollouts(policy, tokenizer, prompt_ids: list[list[int]], max_new_to
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     response_mask = (~after_eos).long()
     response[after_eos] = pad
-    return Rollouts(ids=torch.cat([ids, response], 1).to(device), mask=torch.cat([mask, response_mask], 1).to(device),
-                    prompt_width=width, response_mask=response_mask.to(device), has_eos=is_eos.any(1).to(device))
+    return Rollouts(
+        ids=torch.cat([ids, response], 1).to(device),
+        mask=torch.cat([mask, response_mask], 1).to(device),
+        prompt_width=width,
+        response_mask=response_mask.to(device),
+        has_eos=is_eos.any(1).to(device),
+    )
 
 
-def response_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int, temperature: float = 1.0,
-                      with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def response_logprobs(
+    model,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    prompt_width: int,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """log π(y_t | x, y_<t) for every response position (and the entropy of π there)."""
     width = ids.shape[1] - prompt_width
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False,
-                   logits_to_keep=width + 1).logits[:, :-1].float() / temperature
+    logits = (
+        model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=position_ids_from_mask(mask),
+            use_cache=False,
+            logits_to_keep=width + 1,
+        )
+        .logits[:, :-1]
+        .float()
+        / temperature
+    )
     logp = torch.log_softmax(logits, -1)
     token_logp = logp.gather(-1, ids[:, prompt_width:, None]).squeeze(-1)
     entropy = -(logp.exp() * logp).sum(-1) if with_entropy else None
@@ -266,16 +381,24 @@ def response_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, prompt_width
 
 def response_values(value_model, ids: torch.Tensor, mask: torch.Tensor, prompt_width: int) -> torch.Tensor:
     """V(state before response token t), from the value head's per-token outputs."""
-    return value_model(ids, mask)[:, prompt_width - 1:-1].float()
+    return value_model(ids, mask)[:, prompt_width - 1 : -1].float()
 
 
 @torch.no_grad()
-def rollout_stats(policy, reference, reward_model, rollouts: Rollouts, temperature: float, batch_size: int, device: str,
-                  bf16: bool = False) -> dict[str, torch.Tensor]:
+def rollout_stats(
+    policy,
+    reference,
+    reward_model,
+    rollouts: Rollouts,
+    temperature: float,
+    batch_size: int,
+    device: str,
+    bf16: bool = False,
+) -> dict[str, torch.Tensor]:
     """Log-probs under policy and reference, per-token KL and RM scores, in chunks."""
     out: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "scores": []}
     for i in range(0, len(rollouts.ids), batch_size):
-        ids, mask = rollouts.ids[i:i + batch_size], rollouts.mask[i:i + batch_size]
+        ids, mask = rollouts.ids[i : i + batch_size], rollouts.mask[i : i + batch_size]
         with autocast(device, bf16):
             out["logprobs"].append(response_logprobs(unwrap(policy), ids, mask, rollouts.prompt_width, temperature)[0])
             out["ref_logprobs"].append(response_logprobs(reference, ids, mask, rollouts.prompt_width, temperature)[0])
@@ -289,7 +412,9 @@ def prompt_texts(job: Job, snapshot: str, split: str) -> list[str]:
     """A split's prompts: the prompt records, else the prompts of demonstrations and comparisons."""
     texts = [r["text"] for r in job.read(snapshot, split, "prompts")]
     if not texts:
-        texts = [r["prompt_text"] for kind in ("demonstrations", "comparisons") for r in job.read(snapshot, split, kind)]
+        texts = [
+            r["prompt_text"] for kind in ("demonstrations", "comparisons") for r in job.read(snapshot, split, kind)
+        ]
     return list(dict.fromkeys(t for t in texts if t.strip()))
 
 
@@ -312,7 +437,9 @@ def ptx_documents(job: Job, cfg: PPOConfig, snapshot: str, tokenizer) -> list[tu
 def add_args(parser) -> None:
     parser.add_argument("--snapshot", required=True, help="dataset snapshot id (train prompts)")
     parser.add_argument("--sft", required=True, help="SFT checkpoint: the reference policy (and the initial policy)")
-    parser.add_argument("--reward", required=True, help="reward-model checkpoint: the reward and the value function's init")
+    parser.add_argument(
+        "--reward", required=True, help="reward-model checkpoint: the reward and the value function's init"
+    )
     parser.add_argument("--init", help="policy checkpoint to start from instead of --sft (e.g. the last PPO policy)")
 
 
@@ -320,8 +447,10 @@ def main(argv: list[str] | None = None) -> int:
     job = Job.start("ppo", PPOConfig, PRESETS, argv, add_args)
     cfg, args, device = job.cfg, job.args, job.device
     version = job.planned_version("ppo")
-    require(cfg.rollout_batch_size % job.world == 0 and cfg.mini_batch_size % job.world == 0,
-            f"rollout_batch_size and mini_batch_size must divide by the {job.world} processes")
+    require(
+        cfg.rollout_batch_size % job.world == 0 and cfg.mini_batch_size % job.world == 0,
+        f"rollout_batch_size and mini_batch_size must divide by the {job.world} processes",
+    )
 
     # --- inputs -------------------------------------------------------------
     sft_path = job.checkpoint(args.sft, ("base", "sft", "ppo"), "--sft")
@@ -344,7 +473,9 @@ def main(argv: list[str] | None = None) -> int:
     reward_model = RewardModel.from_pretrained(reward_path, device=device).requires_grad_(False)
     policy_params = [p for p in policy.parameters() if p.requires_grad]
     value_params = [p for p in value.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW([{"params": policy_params, "lr": cfg.lr}, {"params": value_params, "lr": cfg.value_lr}], weight_decay=0.0)
+    optimizer = torch.optim.AdamW(
+        [{"params": policy_params, "lr": cfg.lr}, {"params": value_params, "lr": cfg.value_lr}], weight_decay=0.0
+    )
     policy, value = job.wrap_ddp(policy), job.wrap_ddp(value)
     kl_control = AdaptiveKL(cfg.kl_beta, cfg.kl_target, cfg.kl_horizon)
     ema = WeightEMA(policy, cfg.ema_decay) if cfg.ema_decay > 0 else None
@@ -365,20 +496,41 @@ def main(argv: list[str] | None = None) -> int:
     progress = tqdm(total=cfg.total_steps, initial=start, desc="ppo", disable=not job.is_main, dynamic_ncols=True)
     for step in range(start, cfg.total_steps):
         step_seed(cfg.seed, job.rank, step)
-        chosen = job.rank_slice(global_batch(lambda e: epoch_order(len(prompts), cfg.seed, e), len(prompts), cfg.rollout_batch_size, step,
-                                             job.world))
+        chosen = job.rank_slice(
+            global_batch(
+                lambda e: epoch_order(len(prompts), cfg.seed, e), len(prompts), cfg.rollout_batch_size, step, job.world
+            )
+        )
         chosen = (chosen * local_rollouts)[:local_rollouts]  # fewer prompts than a batch: repeat them
         # 1. rollouts and their rewards
         unwrap(policy).eval()
-        rollouts = generate_rollouts(policy, tokenizer, encode_prompts(tokenizer, [prompts[i] for i in chosen], cfg.max_prompt_tokens),
-                                     cfg.max_new_tokens, cfg.temperature, cfg.generation_batch_size, device, cfg.bf16)
-        stats = rollout_stats(policy, reference, reward_model, rollouts, cfg.temperature, cfg.generation_batch_size, device, cfg.bf16)
+        rollouts = generate_rollouts(
+            policy,
+            tokenizer,
+            encode_prompts(tokenizer, [prompts[i] for i in chosen], cfg.max_prompt_tokens),
+            cfg.max_new_tokens,
+            cfg.temperature,
+            cfg.generation_batch_size,
+            device,
+            cfg.bf16,
+        )
+        stats = rollout_stats(
+            policy, reference, reward_model, rollouts, cfg.temperature, cfg.generation_batch_size, device, cfg.bf16
+        )
         rmask = rollouts.response_mask
         scores = stats["scores"] - cfg.missing_eos_penalty * (~rollouts.has_eos).float()
         with torch.no_grad(), autocast(device, cfg.bf16):
-            old_values = torch.cat([response_values(unwrap(value), rollouts.ids[i:i + cfg.generation_batch_size],
-                                                    rollouts.mask[i:i + cfg.generation_batch_size], rollouts.prompt_width)
-                                    for i in range(0, local_rollouts, cfg.generation_batch_size)])
+            old_values = torch.cat(
+                [
+                    response_values(
+                        unwrap(value),
+                        rollouts.ids[i : i + cfg.generation_batch_size],
+                        rollouts.mask[i : i + cfg.generation_batch_size],
+                        rollouts.prompt_width,
+                    )
+                    for i in range(0, local_rollouts, cfg.generation_batch_size)
+                ]
+            )
         rewards, kl = kl_penalized_rewards(scores, stats["logprobs"], stats["ref_logprobs"], rmask, kl_control.beta)
         advantages, returns = gae(rewards, old_values, rmask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
@@ -386,25 +538,48 @@ def main(argv: list[str] | None = None) -> int:
 
         # 2. PPO updates on minibatches
         unwrap(policy).train()
-        sums = {"policy_loss": 0.0, "value_loss": 0.0, "clip_fraction": 0.0, "value_clip_fraction": 0.0, "entropy": 0.0, "ptx_loss": 0.0}
+        sums = {
+            "policy_loss": 0.0,
+            "value_loss": 0.0,
+            "clip_fraction": 0.0,
+            "value_clip_fraction": 0.0,
+            "entropy": 0.0,
+            "ptx_loss": 0.0,
+        }
         updates = 0
         for epoch in range(cfg.ppo_epochs):
             order = torch.randperm(local_rollouts).tolist()
             for first in range(0, local_rollouts, local_mini):
-                mb = order[first:first + local_mini]
+                mb = order[first : first + local_mini]
                 ids, mask, mb_mask = rollouts.ids[mb], rollouts.mask[mb], rmask[mb]
                 with autocast(device, cfg.bf16):
-                    logp, entropy = response_logprobs(policy, ids, mask, rollouts.prompt_width, cfg.temperature, with_entropy=True)
+                    logp, entropy = response_logprobs(
+                        policy, ids, mask, rollouts.prompt_width, cfg.temperature, with_entropy=True
+                    )
                     new_values = response_values(value, ids, mask, rollouts.prompt_width)
-                pg_loss, clip_frac = clipped_policy_loss(logp, stats["logprobs"][mb], advantages[mb], mb_mask, cfg.clip_range)
-                vf_loss, vclip_frac = clipped_value_loss(new_values, old_values[mb], returns[mb], mb_mask, cfg.value_clip_range)
+                pg_loss, clip_frac = clipped_policy_loss(
+                    logp, stats["logprobs"][mb], advantages[mb], mb_mask, cfg.clip_range
+                )
+                vf_loss, vclip_frac = clipped_value_loss(
+                    new_values, old_values[mb], returns[mb], mb_mask, cfg.value_clip_range
+                )
                 optimizer.zero_grad(set_to_none=True)
                 (pg_loss + cfg.vf_coef * vf_loss).backward()
                 if ptx:  # its own forward/backward pair, which DDP allows; gradients add up
-                    update_index = (step * cfg.ppo_epochs + epoch) * math.ceil(local_rollouts / local_mini) + first // local_mini
-                    docs = job.rank_slice(global_batch(lambda e: epoch_order(len(ptx), cfg.seed + 1, e), len(ptx),
-                                                       cfg.ptx_batch_size * job.world, update_index))
-                    ptx_ids, ptx_mask, ptx_labels = (t.to(device) for t in collate([ptx[i] for i in docs], tokenizer.pad_token_id))
+                    update_index = (step * cfg.ppo_epochs + epoch) * math.ceil(
+                        local_rollouts / local_mini
+                    ) + first // local_mini
+                    docs = job.rank_slice(
+                        global_batch(
+                            lambda e: epoch_order(len(ptx), cfg.seed + 1, e),
+                            len(ptx),
+                            cfg.ptx_batch_size * job.world,
+                            update_index,
+                        )
+                    )
+                    ptx_ids, ptx_mask, ptx_labels = (
+                        t.to(device) for t in collate([ptx[i] for i in docs], tokenizer.pad_token_id)
+                    )
                     with autocast(device, cfg.bf16):
                         ptx_sum, ptx_count = lm_loss_sum(policy, ptx_ids, ptx_mask, ptx_labels)
                     (cfg.ptx_coef * ptx_sum / max(1, ptx_count)).backward()
@@ -414,18 +589,41 @@ def main(argv: list[str] | None = None) -> int:
                 if ema:
                     ema.update(policy)
                 updates += 1
-                for key, val in (("policy_loss", pg_loss), ("value_loss", vf_loss), ("clip_fraction", clip_frac),
-                                 ("value_clip_fraction", vclip_frac), ("entropy", masked_mean(entropy.detach(), mb_mask))):
+                for key, val in (
+                    ("policy_loss", pg_loss),
+                    ("value_loss", vf_loss),
+                    ("clip_fraction", clip_frac),
+                    ("value_clip_fraction", vclip_frac),
+                    ("entropy", masked_mean(entropy.detach(), mb_mask)),
+                ):
                     sums[key] += val.item()
 
         # 3. metrics (over all ranks), adaptive β
         lengths = rmask.sum(1).float()
-        totals = all_reduce_(torch.tensor([float(stats["scores"].sum()), float(kl.sum()), float(lengths.sum()),
-                                           float((~rollouts.has_eos).sum()), float(len(lengths))], dtype=torch.float64, device=device))
+        totals = all_reduce_(
+            torch.tensor(
+                [
+                    float(stats["scores"].sum()),
+                    float(kl.sum()),
+                    float(lengths.sum()),
+                    float((~rollouts.has_eos).sum()),
+                    float(len(lengths)),
+                ],
+                dtype=torch.float64,
+                device=device,
+            )
+        )
         n = float(totals[4])
-        metrics = {"reward_score": float(totals[0]) / n, "kl": float(totals[1]) / n, "response_length": float(totals[2]) / n,
-                   "no_eos_fraction": float(totals[3]) / n, "beta": kl_control.beta}
-        means = sum_over_ranks([v / max(1, updates) for v in sums.values()], device)  # every rank's updates, not rank 0's
+        metrics = {
+            "reward_score": float(totals[0]) / n,
+            "kl": float(totals[1]) / n,
+            "response_length": float(totals[2]) / n,
+            "no_eos_fraction": float(totals[3]) / n,
+            "beta": kl_control.beta,
+        }
+        means = sum_over_ranks(
+            [v / max(1, updates) for v in sums.values()], device
+        )  # every rank's updates, not rank 0's
         metrics.update({k: v / job.world for k, v in zip(sums, means) if k != "ptx_loss" or ptx})
         if cfg.adaptive_kl:
             kl_control.update(metrics["kl"], int(n))
@@ -433,15 +631,30 @@ def main(argv: list[str] | None = None) -> int:
         progress.update(1)
         done = step + 1
         if done % cfg.save_every == 0 or done == cfg.total_steps:
-            job.save_state(done, policy=trainable_state(policy), value=trainable_state(value), optimizer=optimizer.state_dict(),
-                           beta=kl_control.beta, ema=ema.state_dict() if ema else None)
+            job.save_state(
+                done,
+                policy=trainable_state(policy),
+                value=trainable_state(value),
+                optimizer=optimizer.state_dict(),
+                beta=kl_control.beta,
+                ema=ema.state_dict() if ema else None,
+            )
     progress.close()
 
     # --- publish the policy (LoRA merged) ----------------------------------------------
     history = job.metrics_history() or job.records
     last = history[-1] if history else {}
-    summary = {"steps": cfg.total_steps, "train_prompts": len(prompts), "final_beta": kl_control.beta, "peak_rss_gb": round(peak_rss_gb(), 2),
-               **{k: last[k] for k in ("reward_score", "kl", "entropy", "clip_fraction", "value_loss", "response_length") if k in last}}
+    summary = {
+        "steps": cfg.total_steps,
+        "train_prompts": len(prompts),
+        "final_beta": kl_control.beta,
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+        **{
+            k: last[k]
+            for k in ("reward_score", "kl", "entropy", "clip_fraction", "value_loss", "response_length")
+            if k in last
+        },
+    }
     if history:
         summary["first_reward_score"] = history[0].get("reward_score")
     summary["ema_decay"] = cfg.ema_decay  # > 0: the published weights are the EMA, not the last iterate
@@ -455,11 +668,27 @@ def main(argv: list[str] | None = None) -> int:
 
     parents = list(dict.fromkeys([args.init or args.sft, args.sft, args.reward]))
     announced = job.publish("ppo", version, write, parents=parents, snapshot=args.snapshot, metrics=summary)
-    job.finish({"version": version, "kind": "ppo", "metrics": summary, "announced": announced},
-               curves=["reward_score", "kl", "entropy", "clip_fraction", "value_loss", "response_length", "policy_loss", "beta", "ptx_loss"],
-               report=markdown_report(f"PPO run {version}", summary, cfg,
-                                      notes=f"Snapshot `{args.snapshot}`; reference SFT `{args.sft}`; reward `{args.reward}`; "
-                                            f"PPO-ptx {'on (γ_ptx=' + str(cfg.ptx_coef) + ')' if ptx else 'off'}."))
+    job.finish(
+        {"version": version, "kind": "ppo", "metrics": summary, "announced": announced},
+        curves=[
+            "reward_score",
+            "kl",
+            "entropy",
+            "clip_fraction",
+            "value_loss",
+            "response_length",
+            "policy_loss",
+            "beta",
+            "ptx_loss",
+        ],
+        report=markdown_report(
+            f"PPO run {version}",
+            summary,
+            cfg,
+            notes=f"Snapshot `{args.snapshot}`; reference SFT `{args.sft}`; reward `{args.reward}`; "
+            f"PPO-ptx {'on (γ_ptx=' + str(cfg.ptx_coef) + ')' if ptx else 'off'}.",
+        ),
+    )
     return 0
 
 

@@ -25,9 +25,33 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from services.common.models import RewardModel, encode_prompt_response, last_token_index, load_tokenizer, pad_batch, render_prompt
-from trainers.common import (Job, JobError, add_lora, autocast, epoch_order, global_batch, load_trainable_state, lr_at, markdown_report,
-                             merge_lora, peak_rss_gb, run_main, step_seed, sum_over_ranks, trainable_state, unwrap, validate_supervised)
+from services.common.models import (
+    RewardModel,
+    encode_prompt_response,
+    last_token_index,
+    load_tokenizer,
+    pad_batch,
+    render_prompt,
+)
+from trainers.common import (
+    Job,
+    JobError,
+    add_lora,
+    autocast,
+    epoch_order,
+    global_batch,
+    load_trainable_state,
+    lr_at,
+    markdown_report,
+    merge_lora,
+    peak_rss_gb,
+    run_main,
+    step_seed,
+    sum_over_ranks,
+    trainable_state,
+    unwrap,
+    validate_supervised,
+)
 
 
 @dataclass
@@ -72,17 +96,40 @@ class RMConfig:
 
 
 PRESETS = {
-    "tiny": dict(batch_size=4, micro_batch_size=2, lr=1e-3, max_tokens=64, save_every=2, max_val_prompts=16, max_bias_examples=16),
+    "tiny": dict(
+        batch_size=4, micro_batch_size=2, lr=1e-3, max_tokens=64, save_every=2, max_val_prompts=16, max_bias_examples=16
+    ),
     # 135M base on 2 cores in a few minutes: LoRA + bf16, short sequences, capped steps.
-    "cpu": dict(max_steps=30, batch_size=4, micro_batch_size=2, lr=1e-4, warmup_steps=2, max_tokens=128, lora_rank=8, bf16=True,
-                save_every=5, max_val_prompts=32, max_bias_examples=32),
+    "cpu": dict(
+        max_steps=30,
+        batch_size=4,
+        micro_batch_size=2,
+        lr=1e-4,
+        warmup_steps=2,
+        max_tokens=128,
+        lora_rank=8,
+        bf16=True,
+        save_every=5,
+        max_val_prompts=32,
+        max_bias_examples=32,
+    ),
     # The paper: 64 prompts per batch (up to 2,304 comparisons), lr 9e-6, 1 epoch.
-    "gpu": dict(batch_size=64, micro_batch_size=8, lr=9e-6, warmup_steps=5, max_tokens=512, bf16=True, save_every=20,
-                max_val_prompts=1024, max_bias_examples=1024),
+    "gpu": dict(
+        batch_size=64,
+        micro_batch_size=8,
+        lr=9e-6,
+        warmup_steps=5,
+        max_tokens=512,
+        bf16=True,
+        save_every=20,
+        max_val_prompts=1024,
+        max_bias_examples=1024,
+    ),
 }
 
 
 # --- the K-way loss ---------------------------------------------------------------
+
 
 def ranking_pairs(ranks_per_prompt: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """All non-tie pairs of each prompt, as indices into the flattened responses.
@@ -95,18 +142,28 @@ def ranking_pairs(ranks_per_prompt: list[list[int]]) -> tuple[torch.Tensor, torc
     winners, losers, weights = [], [], []
     offset, n_prompts = 0, 0
     for ranks in ranks_per_prompt:
-        pairs = [(offset + i, offset + j) if ranks[i] < ranks[j] else (offset + j, offset + i)
-                 for i, j in combinations(range(len(ranks)), 2) if ranks[i] != ranks[j]]
+        pairs = [
+            (offset + i, offset + j) if ranks[i] < ranks[j] else (offset + j, offset + i)
+            for i, j in combinations(range(len(ranks)), 2)
+            if ranks[i] != ranks[j]
+        ]
         if pairs:
             n_prompts += 1
             winners += [w for w, _ in pairs]
             losers += [l for _, l in pairs]
             weights += [1.0 / len(pairs)] * len(pairs)
         offset += len(ranks)
-    return torch.tensor(winners, dtype=torch.long), torch.tensor(losers, dtype=torch.long), torch.tensor(weights), n_prompts
+    return (
+        torch.tensor(winners, dtype=torch.long),
+        torch.tensor(losers, dtype=torch.long),
+        torch.tensor(weights),
+        n_prompts,
+    )
 
 
-def kway_loss(scores: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, weights: torch.Tensor, n_prompts: float) -> torch.Tensor:
+def kway_loss(
+    scores: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor, weights: torch.Tensor, n_prompts: float
+) -> torch.Tensor:
     """InstructGPT's ranking loss, averaged over prompts:
 
         loss = −1/P · Σ_prompts 1/N_p · Σ_{(w,l) in prompt} log σ(r_w − r_l)
@@ -128,6 +185,7 @@ def kway_loss(scores: torch.Tensor, winners: torch.Tensor, losers: torch.Tensor,
 
 
 # --- data ---------------------------------------------------------------------------
+
 
 def encode_comparison(tokenizer, record: dict, max_tokens: int) -> tuple[list[list[int]], list[int]]:
     prompt = render_prompt(tokenizer, record["prompt_text"])
@@ -158,7 +216,7 @@ def validate(model, prompts, pad_id: int, micro: int, device: str, bf16: bool) -
     correct = total = 0
     prompt_acc, top1, losses = [], [], []
     for i in range(0, len(prompts), micro):
-        chunk = prompts[i:i + micro]
+        chunk = prompts[i : i + micro]
         scores, (w, l, weights, n) = forward_prompts(model, chunk, pad_id, device, bf16)
         losses.append(float(kway_loss(scores, w, l, weights, n)) * n)
         right = (scores[w] > scores[l]).float()
@@ -168,19 +226,25 @@ def validate(model, prompts, pad_id: int, micro: int, device: str, bf16: bool) -
             k = len(seqs)
             inside = (w >= offset) & (w < offset + k)
             prompt_acc.append(float(right[inside].mean()))
-            best = int(scores[offset:offset + k].argmax())
+            best = int(scores[offset : offset + k].argmax())
             top1.append(float(ranks[best] == min(ranks)))
             offset += k
     n = max(1, len(prompt_acc))
-    return {"val_pair_accuracy": correct / max(1, total), "val_prompt_accuracy": sum(prompt_acc) / n,
-            "val_top1_accuracy": sum(top1) / n, "val_loss": sum(losses) / n, "val_pairs": total, "val_prompts": len(prompt_acc)}
+    return {
+        "val_pair_accuracy": correct / max(1, total),
+        "val_prompt_accuracy": sum(prompt_acc) / n,
+        "val_top1_accuracy": sum(top1) / n,
+        "val_loss": sum(losses) / n,
+        "val_pairs": total,
+        "val_prompts": len(prompt_acc),
+    }
 
 
 @torch.no_grad()
 def mean_raw_score(model, seqs: list[list[int]], pad_id: int, micro: int, device: str, bf16: bool) -> float:
     total = 0.0
     for i in range(0, len(seqs), micro):
-        ids, mask = pad_batch(seqs[i:i + micro], pad_id, side="right")
+        ids, mask = pad_batch(seqs[i : i + micro], pad_id, side="right")
         with autocast(device, bf16):
             total += float((model.score(ids.to(device), mask.to(device)) - model.output_bias).float().sum())
     return total / max(1, len(seqs))
@@ -203,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     train_records = job.read(args.snapshot, "train", "comparisons")
     train = [encode_comparison(tokenizer, r, cfg.max_tokens) for r in train_records if usable(r)]
     if not train:
-        raise JobError(f"snapshot {args.snapshot} has no train comparisons with a non-tie pair; the RM needs at least 1")
+        raise JobError(
+            f"snapshot {args.snapshot} has no train comparisons with a non-tie pair; the RM needs at least 1"
+        )
     train_users = {r["user_id"] for r in train_records}
     val_records = [r for r in job.read(args.snapshot, "validation", "comparisons") if usable(r)]
     held_out = [r for r in val_records if r["user_id"] not in train_users]  # the builder splits by user; make sure
@@ -235,7 +301,9 @@ def main(argv: list[str] | None = None) -> int:
         lr = lr_at(step, total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        step_batch = global_batch(lambda e: epoch_order(len(train), cfg.seed, e), len(train), cfg.batch_size, step, job.world)
+        step_batch = global_batch(
+            lambda e: epoch_order(len(train), cfg.seed, e), len(train), cfg.batch_size, step, job.world
+        )
         batch = [train[i] for i in job.rank_slice(step_batch)]
         # Every train prompt has a non-tie pair (see usable). DDP averages gradients over ranks, so normalising by the
         # mean prompt count per rank makes the result the mean over all of the step's prompts, however they split.
@@ -243,7 +311,9 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         loss_total, correct, pairs = 0.0, 0.0, 0
         for i in range(0, len(batch), cfg.micro_batch_size):
-            scores, (w, l, weights, _) = forward_prompts(model, batch[i:i + cfg.micro_batch_size], pad_id, device, cfg.bf16)
+            scores, (w, l, weights, _) = forward_prompts(
+                model, batch[i : i + cfg.micro_batch_size], pad_id, device, cfg.bf16
+            )
             loss = kway_loss(scores, w, l, weights, n_prompts)
             loss.backward()
             loss_total += loss.item()
@@ -252,9 +322,17 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         train_seconds += time.perf_counter() - tick
         # Over the whole step, not rank 0's share: each rank's loss is its prompts' sum over the mean prompt count.
-        loss_total, correct, pairs, responses = sum_over_ranks([loss_total, correct, pairs, sum(len(s) for s, _ in batch)], device)
-        metrics = {"train_loss": loss_total / job.world, "train_pair_accuracy": correct / max(1, pairs), "pairs": int(pairs),
-                   "responses": int(responses), "lr": lr, "grad_norm": float(grad_norm)}
+        loss_total, correct, pairs, responses = sum_over_ranks(
+            [loss_total, correct, pairs, sum(len(s) for s, _ in batch)], device
+        )
+        metrics = {
+            "train_loss": loss_total / job.world,
+            "train_pair_accuracy": correct / max(1, pairs),
+            "pairs": int(pairs),
+            "responses": int(responses),
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+        }
         done = step + 1
         if job.is_main and val and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
             metrics.update(validate(unwrap(model).eval(), val, pad_id, cfg.micro_batch_size, device, cfg.bf16))
@@ -262,18 +340,30 @@ def main(argv: list[str] | None = None) -> int:
         job.log(step, metrics, progress)
         progress.update(1)
         if done % cfg.save_every == 0 or done == total:
-            job.save_state(done, weights=trainable_state(model), optimizer=optimizer.state_dict(), train_seconds=train_seconds)
+            job.save_state(
+                done, weights=trainable_state(model), optimizer=optimizer.state_dict(), train_seconds=train_seconds
+            )
     progress.close()
 
     # --- bias, validation, publish (rank 0) ----------------------------------------------
     model = unwrap(model).eval()
     model.backbone = merge_lora(model.backbone)
-    summary: dict = {"steps": total, "train_prompts": len(train), "train_pairs": int(sum(len(ranking_pairs([r])[0]) for _, r in train)),
-                     "train_seconds": round(train_seconds, 3), "val_users_overlapping_train": len(val_records) - len(held_out)}
+    summary: dict = {
+        "steps": total,
+        "train_prompts": len(train),
+        "train_pairs": int(sum(len(ranking_pairs([r])[0]) for _, r in train)),
+        "train_seconds": round(train_seconds, 3),
+        "val_users_overlapping_train": len(val_records) - len(held_out),
+    }
     if job.is_main:
         demos = job.read(args.snapshot, "train", "demonstrations")[: cfg.max_bias_examples]
         if demos:
-            bias_seqs = [encode_prompt_response(tokenizer, render_prompt(tokenizer, d["prompt_text"]), d["response"], cfg.max_tokens) for d in demos]
+            bias_seqs = [
+                encode_prompt_response(
+                    tokenizer, render_prompt(tokenizer, d["prompt_text"]), d["response"], cfg.max_tokens
+                )
+                for d in demos
+            ]
             summary["bias_source"] = "train demonstrations"
         else:  # no demonstrations: centre the best-ranked responses instead
             bias_seqs = [seqs[ranks.index(min(ranks))] for seqs, ranks in train[: cfg.max_bias_examples]]
@@ -287,13 +377,25 @@ def main(argv: list[str] | None = None) -> int:
         if val:  # put the final validation on the curves
             job.log(total, {k: v for k, v in summary.items() if k.startswith("val_")})
 
-    announced = job.publish("rm", version, lambda folder: model.save_pretrained(folder, tokenizer=tokenizer),
-                            parents=[args.sft], snapshot=args.snapshot, metrics=summary)
-    job.finish({"version": version, "kind": "rm", "metrics": summary, "announced": announced},
-               curves=["train_loss", "train_pair_accuracy", "val_pair_accuracy", "val_prompt_accuracy", "lr", "grad_norm"],
-               report=markdown_report(f"Reward model run {version}", summary, cfg,
-                                      notes=f"Snapshot `{args.snapshot}`, from SFT `{args.sft}`. K-way batching: each prompt's "
-                                            "responses forwarded once; loss averaged over each prompt's non-tie pairs."))
+    announced = job.publish(
+        "rm",
+        version,
+        lambda folder: model.save_pretrained(folder, tokenizer=tokenizer),
+        parents=[args.sft],
+        snapshot=args.snapshot,
+        metrics=summary,
+    )
+    job.finish(
+        {"version": version, "kind": "rm", "metrics": summary, "announced": announced},
+        curves=["train_loss", "train_pair_accuracy", "val_pair_accuracy", "val_prompt_accuracy", "lr", "grad_norm"],
+        report=markdown_report(
+            f"Reward model run {version}",
+            summary,
+            cfg,
+            notes=f"Snapshot `{args.snapshot}`, from SFT `{args.sft}`. K-way batching: each prompt's "
+            "responses forwarded once; loss averaged over each prompt's non-tie pairs.",
+        ),
+    )
     return 0
 
 

@@ -18,9 +18,34 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from services.common.models import encode_prompt_response, load_causal_lm, load_tokenizer, pad_batch, position_ids_from_mask, render_prompt
-from trainers.common import (Job, JobError, add_lora, all_reduce_, autocast, epoch_order, global_batch, load_trainable_state, lr_at, markdown_report,
-                             merge_lora, peak_rss_gb, run_main, step_seed, sum_over_ranks, trainable_state, unwrap, validate_supervised)
+from services.common.models import (
+    encode_prompt_response,
+    load_causal_lm,
+    load_tokenizer,
+    pad_batch,
+    position_ids_from_mask,
+    render_prompt,
+)
+from trainers.common import (
+    Job,
+    JobError,
+    add_lora,
+    all_reduce_,
+    autocast,
+    epoch_order,
+    global_batch,
+    load_trainable_state,
+    lr_at,
+    markdown_report,
+    merge_lora,
+    peak_rss_gb,
+    run_main,
+    step_seed,
+    sum_over_ranks,
+    trainable_state,
+    unwrap,
+    validate_supervised,
+)
 
 IGNORE = -100
 
@@ -66,14 +91,46 @@ class SFTConfig:
 
 PRESETS = {
     # Seconds on the tiny random model, for tests; LoRA so the tests cover the adapter and merge path.
-    "tiny": dict(epochs=2, batch_size=4, micro_batch_size=2, lr=1e-3, max_tokens=64, lora_rank=4, eval_every=4, save_every=2,
-                 max_val_examples=8),
+    "tiny": dict(
+        epochs=2,
+        batch_size=4,
+        micro_batch_size=2,
+        lr=1e-3,
+        max_tokens=64,
+        lora_rank=4,
+        eval_every=4,
+        save_every=2,
+        max_val_examples=8,
+    ),
     # The 135M base on 2 CPU cores in a few minutes: LoRA, bf16, short sequences, few steps.
-    "cpu": dict(epochs=1, max_steps=24, batch_size=8, micro_batch_size=4, lr=2e-4, warmup_steps=2, max_tokens=160, lora_rank=8,
-                lora_alpha=16.0, bf16=True, eval_every=8, save_every=4, max_val_examples=16),
+    "cpu": dict(
+        epochs=1,
+        max_steps=24,
+        batch_size=8,
+        micro_batch_size=4,
+        lr=2e-4,
+        warmup_steps=2,
+        max_tokens=160,
+        lora_rank=8,
+        lora_alpha=16.0,
+        bf16=True,
+        eval_every=8,
+        save_every=4,
+        max_val_examples=16,
+    ),
     # One GPU, the paper's recipe scaled: full fine-tuning, cosine decay (the paper: 16 epochs, dropout 0.2).
-    "gpu": dict(epochs=4, batch_size=32, micro_batch_size=8, lr=1e-5, warmup_steps=10, max_tokens=1024, bf16=True, eval_every=50,
-                save_every=50, max_val_examples=256),
+    "gpu": dict(
+        epochs=4,
+        batch_size=32,
+        micro_batch_size=8,
+        lr=1e-5,
+        warmup_steps=10,
+        max_tokens=1024,
+        bf16=True,
+        eval_every=50,
+        save_every=50,
+        max_val_examples=256,
+    ),
 }
 
 
@@ -96,9 +153,13 @@ def collate(examples: list[tuple[list[int], int]], pad_id: int) -> tuple[torch.T
 
 def lm_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Summed next-token cross-entropy over labelled tokens, and their count."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False).logits
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=False
+    ).logits
     targets = labels[:, 1:]
-    loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum")
+    loss = F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE, reduction="sum"
+    )
     return loss, int((targets != IGNORE).sum())
 
 
@@ -106,7 +167,7 @@ def lm_loss_sum(model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tens
 def evaluate_loss(model, examples, pad_id: int, micro: int, device: str, bf16: bool) -> float:
     total, count = 0.0, 0
     for i in range(0, len(examples), micro):
-        ids, mask, labels = (t.to(device) for t in collate(examples[i:i + micro], pad_id))
+        ids, mask, labels = (t.to(device) for t in collate(examples[i : i + micro], pad_id))
         with autocast(device, bf16):
             loss, n = lm_loss_sum(model, ids, mask, labels)
         total, count = total + float(loss), count + n
@@ -129,12 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     else:
         init_path, parents = job.base_model()
     tokenizer = load_tokenizer(init_path)
-    train = [encode_example(tokenizer, d["prompt_text"], d["response"], cfg.max_tokens)
-             for d in job.read(args.snapshot, "train", "demonstrations")]
+    train = [
+        encode_example(tokenizer, d["prompt_text"], d["response"], cfg.max_tokens)
+        for d in job.read(args.snapshot, "train", "demonstrations")
+    ]
     if not train:
         raise JobError(f"snapshot {args.snapshot} has no train demonstrations; SFT needs at least 1")
-    val = [encode_example(tokenizer, d["prompt_text"], d["response"], cfg.max_tokens)
-           for d in job.read(args.snapshot, "validation", "demonstrations")][: cfg.max_val_examples]
+    val = [
+        encode_example(tokenizer, d["prompt_text"], d["response"], cfg.max_tokens)
+        for d in job.read(args.snapshot, "validation", "demonstrations")
+    ][: cfg.max_val_examples]
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.epochs * steps_per_epoch if cfg.max_steps <= 0 else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
     eval_every = cfg.eval_every or steps_per_epoch
@@ -164,27 +229,44 @@ def main(argv: list[str] | None = None) -> int:
         lr = lr_at(step, total, cfg.lr, cfg.warmup_steps, cfg.min_lr_ratio)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        batch = [train[i] for i in job.rank_slice(global_batch(lambda e: epoch_order(len(train), cfg.seed, e), len(train), cfg.batch_size,
-                                                              step, job.world))]
+        batch = [
+            train[i]
+            for i in job.rank_slice(
+                global_batch(
+                    lambda e: epoch_order(len(train), cfg.seed, e), len(train), cfg.batch_size, step, job.world
+                )
+            )
+        ]
         n_tokens = sum(len(ids) - n_prompt for ids, n_prompt in batch)
         # DDP averages gradients over ranks; dividing by the mean token count per rank makes that the step's token mean
         n_tokens_mean = float(all_reduce_(torch.tensor(float(n_tokens), device=device))) / job.world
         optimizer.zero_grad(set_to_none=True)
         loss_total = 0.0
         for i in range(0, len(batch), cfg.micro_batch_size):
-            ids, mask, labels = (t.to(device) for t in collate(batch[i:i + cfg.micro_batch_size], tokenizer.pad_token_id))
+            ids, mask, labels = (
+                t.to(device) for t in collate(batch[i : i + cfg.micro_batch_size], tokenizer.pad_token_id)
+            )
             with autocast(device, cfg.bf16):
                 loss_sum, _ = lm_loss_sum(model, ids, mask, labels)
             (loss_sum / n_tokens_mean).backward()  # mean over the step's response tokens
             loss_total += loss_sum.item()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
-        loss_total, n_tokens = sum_over_ranks([loss_total, float(n_tokens)], device)  # the whole step, not rank 0's share
-        metrics = {"train_loss": loss_total / n_tokens, "lr": lr, "grad_norm": float(grad_norm), "tokens": int(n_tokens)}
+        loss_total, n_tokens = sum_over_ranks(
+            [loss_total, float(n_tokens)], device
+        )  # the whole step, not rank 0's share
+        metrics = {
+            "train_loss": loss_total / n_tokens,
+            "lr": lr,
+            "grad_norm": float(grad_norm),
+            "tokens": int(n_tokens),
+        }
 
         done = step + 1
         if job.is_main and val and (done % eval_every == 0 or done == total):  # other ranks wait at the next all-reduce
-            metrics["val_loss"] = evaluate_loss(unwrap(model).eval(), val, tokenizer.pad_token_id, cfg.micro_batch_size, device, cfg.bf16)
+            metrics["val_loss"] = evaluate_loss(
+                unwrap(model).eval(), val, tokenizer.pad_token_id, cfg.micro_batch_size, device, cfg.bf16
+            )
             unwrap(model).train()
             if metrics["val_loss"] < best_val:
                 best_val = metrics["val_loss"]
@@ -199,8 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     model = unwrap(model)
     if best_path.exists() and job.is_main:
         load_trainable_state(model, torch.load(best_path, map_location=device))
-    summary = {"train_loss": metrics.get("train_loss", _last(job, "train_loss")), "best_val_loss": best_val if val else None,
-               "steps": total, "train_examples": len(train), "val_examples": len(val), "peak_rss_gb": round(peak_rss_gb(), 2)}
+    summary = {
+        "train_loss": metrics.get("train_loss", _last(job, "train_loss")),
+        "best_val_loss": best_val if val else None,
+        "steps": total,
+        "train_examples": len(train),
+        "val_examples": len(val),
+        "peak_rss_gb": round(peak_rss_gb(), 2),
+    }
     merged = merge_lora(model)
 
     def write(folder):
@@ -208,9 +296,13 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer.save_pretrained(folder)
 
     announced = job.publish("sft", version, write, parents=parents, snapshot=args.snapshot, metrics=summary)
-    job.finish({"version": version, "kind": "sft", "metrics": summary, "announced": announced},
-               curves=["train_loss", "val_loss", "lr", "grad_norm"],
-               report=markdown_report(f"SFT run {version}", summary, cfg, notes=f"Snapshot `{args.snapshot}`, init `{parents}`."))
+    job.finish(
+        {"version": version, "kind": "sft", "metrics": summary, "announced": announced},
+        curves=["train_loss", "val_loss", "lr", "grad_norm"],
+        report=markdown_report(
+            f"SFT run {version}", summary, cfg, notes=f"Snapshot `{args.snapshot}`, init `{parents}`."
+        ),
+    )
     return 0
 
 

@@ -26,8 +26,16 @@ def response_with(rng: random.Random, n_good: int, length: int) -> str:
     return " ".join(words)
 
 
-def records(n_prompts: int, k_min: int = 4, k_max: int = 9, ties: bool = True, seed: int = 0, length: int = 8,
-            users: int = 10, val_fraction: float = 0.2) -> dict:
+def records(
+    n_prompts: int,
+    k_min: int = 4,
+    k_max: int = 9,
+    ties: bool = True,
+    seed: int = 0,
+    length: int = 8,
+    users: int = 10,
+    val_fraction: float = 0.2,
+) -> dict:
     """{split: {kind: [records]}} with prompts, demonstrations and K-way comparisons."""
     rng = random.Random(seed)
     n_val_users = max(1, round(users * val_fraction))
@@ -38,13 +46,25 @@ def records(n_prompts: int, k_min: int = 4, k_max: int = 9, ties: bool = True, s
         text = f"Write a short note about {rng.choice(TOPICS)} ({i})."
         base = {"prompt_id": f"p{i}", "user_id": user}
         data[split]["prompts"].append({**base, "event_id": f"e{i}", "text": text, "source": "synthetic"})
-        data[split]["demonstrations"].append({**base, "event_id": f"d{i}", "labeler_id": "l0", "prompt_text": text,
-                                              "response": response_with(rng, length, length)})
+        data[split]["demonstrations"].append(
+            {
+                **base,
+                "event_id": f"d{i}",
+                "labeler_id": "l0",
+                "prompt_text": text,
+                "response": response_with(rng, length, length),
+            }
+        )
         k = rng.randint(k_min, k_max)
         goods = [rng.randint(0, length) for _ in range(k)] if ties else rng.sample(range(length + 1), k)
         order = sorted(set(goods), reverse=True)
-        responses = [{"text": response_with(rng, g, length), "policy_version": "synthetic", "rank": order.index(g) + 1} for g in goods]
-        data[split]["comparisons"].append({**base, "event_id": f"c{i}", "labeler_id": "l0", "prompt_text": text, "responses": responses})
+        responses = [
+            {"text": response_with(rng, g, length), "policy_version": "synthetic", "rank": order.index(g) + 1}
+            for g in goods
+        ]
+        data[split]["comparisons"].append(
+            {**base, "event_id": f"c{i}", "labeler_id": "l0", "prompt_text": text, "responses": responses}
+        )
     return data
 
 

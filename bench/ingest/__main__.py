@@ -28,9 +28,9 @@ import uuid
 from pathlib import Path
 
 import grpc
+from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 
 from bench.common import percentile, print_table, run_threads, write_results
-from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 from services.common import bus
 from services.common.auth import Identity, bearer
 from services.common.broker import free_port, start_broker
@@ -47,10 +47,16 @@ ROOT = Path(__file__).resolve().parents[2]
 def comparison(run: str, i: int) -> feedback_pb2.SubmitComparisonRequest:
     """A typical labeling record: a prompt and K=4 ranked responses (~600 bytes)."""
     responses = [
-        events_pb2.RankedResponse(text=f"Response {k} to prompt {i}: " + "a plausible answer sentence. " * 4, policy_version="ppo-3", rank=k + 1)
+        events_pb2.RankedResponse(
+            text=f"Response {k} to prompt {i}: " + "a plausible answer sentence. " * 4,
+            policy_version="ppo-3",
+            rank=k + 1,
+        )
         for k in range(4)
     ]
-    return feedback_pb2.SubmitComparisonRequest(request_id=f"{run}-{i}", prompt_id=f"ev-prompt-{i % 997}", responses=responses)
+    return feedback_pb2.SubmitComparisonRequest(
+        request_id=f"{run}-{i}", prompt_id=f"ev-prompt-{i % 997}", responses=responses
+    )
 
 
 def baseline_records(requests: list, labelers: list[str]) -> list[tuple[bytes, bytes, list]]:
@@ -64,8 +70,14 @@ def baseline_records(requests: list, labelers: list[str]) -> list[tuple[bytes, b
 
 def row(path: str, who: str, n: int, wall: float, latencies: list[float], baseline: float | None = None) -> dict:
     rate = n / wall
-    out = {"path": path, "client": who, "events": n, "events_per_s": rate,
-           "p50_ms": percentile(latencies, 50) * 1000, "p99_ms": percentile(latencies, 99) * 1000}
+    out = {
+        "path": path,
+        "client": who,
+        "events": n,
+        "events_per_s": rate,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+    }
     out["ratio_to_baseline"] = rate / baseline if baseline else 1.0
     return out
 
@@ -133,7 +145,9 @@ def bulk_kafka(producer, topic: str, records: list) -> tuple[float, list[float]]
     started = time.perf_counter()
     for key, value, headers in records:
         sent = time.perf_counter()
-        producer.send(topic, key=key, value=value, headers=headers).add_callback(lambda _md, s=sent: latencies.append(time.perf_counter() - s))
+        producer.send(topic, key=key, value=value, headers=headers).add_callback(
+            lambda _md, s=sent: latencies.append(time.perf_counter() - s)
+        )
     producer.flush(timeout=120)
     wall = time.perf_counter() - started
     return wall, latencies
@@ -175,7 +189,9 @@ def paced(rate: float, seconds: float, submit) -> list[float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (small counts)")
     parser.add_argument("--rate", type=float, default=500.0, help="events/s of the paced run")
     args = parser.parse_args(argv)
@@ -185,15 +201,21 @@ def main(argv: list[str] | None = None) -> int:
     port, grpc_port = free_port(), free_port()
     broker = start_broker(port, log_path=work / "tansu.log")
     env = {
-        "RLHF_HOME": str(work / "home"), "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}", "RLHF_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:6]}",
-        "RLHF_FEEDBACK_PORT": str(grpc_port), "RLHF_LOG_LEVEL": "WARNING",
+        "RLHF_HOME": str(work / "home"),
+        "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
+        "RLHF_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:6]}",
+        "RLHF_FEEDBACK_PORT": str(grpc_port),
+        "RLHF_LOG_LEVEL": "WARNING",
         "RLHF_TOKENS": ",".join(f"tok-{lab}={lab}:labeler" for lab in LABELERS),
     }
     settings = load_settings(env)
     server = subprocess.Popen(
-        [sys.executable, "-m", "services.feedback"], cwd=ROOT, stdin=subprocess.DEVNULL,
+        [sys.executable, "-m", "services.feedback"],
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
         env={**{k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}, **env},
-        stdout=open(work / "feedback.log", "wb"), stderr=subprocess.STDOUT,
+        stdout=open(work / "feedback.log", "wb"),
+        stderr=subprocess.STDOUT,
     )
     target = f"127.0.0.1:{grpc_port}"
     rows: list[dict] = []
@@ -216,7 +238,10 @@ def main(argv: list[str] | None = None) -> int:
         runs: dict[tuple[str, str], list[tuple[int, float, list[float]]]] = {}
         for r in range(rounds):
             for (path, who), measure in (
-                (("per-event", "kafka-python send().get() x16"), lambda: per_event_kafka(producer, topic, per_event_records)),
+                (
+                    ("per-event", "kafka-python send().get() x16"),
+                    lambda: per_event_kafka(producer, topic, per_event_records),
+                ),
                 (("per-event", "FeedbackService x16 clients"), lambda: per_event_grpc(target, f"grpc-pe{r}", n_event)),
                 (("bulk", "kafka-python send()+flush"), lambda: bulk_kafka(producer, topic, bulk_records)),
                 (("bulk", "FeedbackService BulkSubmit"), lambda: bulk_grpc(target, f"grpc-bulk{r}", n_bulk)),
@@ -231,12 +256,26 @@ def main(argv: list[str] | None = None) -> int:
             total = sum(n for n, _, _ in results)
             rows.append(row(path, who, total, total / rate, latencies, baseline_rate.setdefault(path, rate)))
 
-        records_by_i = baseline_records([comparison("kafka-paced", i) for i in range(int(args.rate * paced_s))], labelers)
-        lat = paced(args.rate, paced_s, lambda t, i: producer.send(topic, key=records_by_i[i][0], value=records_by_i[i][1], headers=records_by_i[i][2]).get(timeout=30))
+        records_by_i = baseline_records(
+            [comparison("kafka-paced", i) for i in range(int(args.rate * paced_s))], labelers
+        )
+        lat = paced(
+            args.rate,
+            paced_s,
+            lambda t, i: producer.send(
+                topic, key=records_by_i[i][0], value=records_by_i[i][1], headers=records_by_i[i][2]
+            ).get(timeout=30),
+        )
         base = row(f"paced {args.rate:.0f}/s", "kafka-python send().get()", len(lat), paced_s, lat)
         channels = [grpc.insecure_channel(target) for _ in range(CLIENTS)]
         stubs = [feedback_pb2_grpc.FeedbackServiceStub(c) for c in channels]
-        lat = paced(args.rate, paced_s, lambda t, i: stubs[t].SubmitComparison(comparison("grpc-paced", i), metadata=bearer(f"tok-{LABELERS[t]}"), timeout=30))
+        lat = paced(
+            args.rate,
+            paced_s,
+            lambda t, i: stubs[t].SubmitComparison(
+                comparison("grpc-paced", i), metadata=bearer(f"tok-{LABELERS[t]}"), timeout=30
+            ),
+        )
         for c in channels:
             c.close()
         rows += [base, row(f"paced {args.rate:.0f}/s", "FeedbackService", len(lat), paced_s, lat, base["events_per_s"])]
@@ -253,13 +292,28 @@ def main(argv: list[str] | None = None) -> int:
     print_table("bench/ingest: FeedbackService vs direct kafka-python (same records, same broker)", rows)
     per_event, bulk, paced_row = rows[1], rows[3], rows[5]
     verdict = {
-        "per_event_ratio": per_event["ratio_to_baseline"], "bulk_ratio": bulk["ratio_to_baseline"],
+        "per_event_ratio": per_event["ratio_to_baseline"],
+        "bulk_ratio": bulk["ratio_to_baseline"],
         "paced_p99_ms": paced_row["p99_ms"],
-        "pass": per_event["ratio_to_baseline"] >= 0.5 and bulk["ratio_to_baseline"] >= 0.5 and paced_row["p99_ms"] <= 50,
+        "pass": per_event["ratio_to_baseline"] >= 0.5
+        and bulk["ratio_to_baseline"] >= 0.5
+        and paced_row["p99_ms"] <= 50,
     }
-    print(f"targets: per-event >= 50% ({per_event['ratio_to_baseline']:.0%}), bulk >= 50% ({bulk['ratio_to_baseline']:.0%}), "
-          f"paced p99 <= 50 ms ({paced_row['p99_ms']:.1f} ms): {'PASS' if verdict['pass'] else 'FAIL'}")
-    write_results("ingest", {"quick": args.quick, "clients": CLIENTS, "rounds": rounds, "rows": rows, "targets": verdict, "cpu_count": os.cpu_count()})
+    print(
+        f"targets: per-event >= 50% ({per_event['ratio_to_baseline']:.0%}), bulk >= 50% ({bulk['ratio_to_baseline']:.0%}), "
+        f"paced p99 <= 50 ms ({paced_row['p99_ms']:.1f} ms): {'PASS' if verdict['pass'] else 'FAIL'}"
+    )
+    write_results(
+        "ingest",
+        {
+            "quick": args.quick,
+            "clients": CLIENTS,
+            "rounds": rounds,
+            "rows": rows,
+            "targets": verdict,
+            "cpu_count": os.cpu_count(),
+        },
+    )
     return 0
 
 

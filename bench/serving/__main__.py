@@ -31,10 +31,10 @@ from pathlib import Path
 import grpc
 import psutil
 import torch
+from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from tqdm import tqdm
 
 from bench.common import percentile, print_table, run_threads, write_results
-from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from services.common.bootstrap import ensure_seeded
 from services.common.broker import free_port, start_broker, stop_process
 from services.common.bus import create_topics, promote_checkpoint
@@ -54,7 +54,7 @@ PROMPTS = [
     "Give me advice on starting a vegetable garden on a balcony.",
 ]
 CONCURRENCY = (1, 4, 16, 32)
-GB = 1024 ** 3
+GB = 1024**3
 
 
 class RssSampler:
@@ -104,28 +104,44 @@ def baseline(preset_dir: Path, prompts: list[str], new_tokens: int, device: str 
     """HF generate, fp32, one request at a time: what serving must beat."""
     model = load_causal_lm(preset_dir, device=device)
     tok = load_tokenizer(preset_dir)
-    encoded = [torch.tensor([tok(render_prompt(tok, p), add_special_tokens=False).input_ids], device=device) for p in prompts]
+    encoded = [
+        torch.tensor([tok(render_prompt(tok, p), add_special_tokens=False).input_ids], device=device) for p in prompts
+    ]
     with torch.inference_mode():
-        model.generate(encoded[0], attention_mask=torch.ones_like(encoded[0]), max_new_tokens=4, do_sample=False)  # warm up
+        model.generate(
+            encoded[0], attention_mask=torch.ones_like(encoded[0]), max_new_tokens=4, do_sample=False
+        )  # warm up
         tokens, ttfts = 0, []
         started = time.perf_counter()
         for ids in tqdm(encoded, desc="baseline HF generate", leave=False):
             streamer = _FirstToken()
             t0 = time.perf_counter()
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                                 streamer=streamer, pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                max_new_tokens=new_tokens,
+                do_sample=False,
+                streamer=streamer,
+                pad_token_id=tok.pad_token_id,
+            )
             ttfts.append((streamer.first_at or time.perf_counter()) - t0)
             tokens += out.shape[1] - ids.shape[1]
         wall = time.perf_counter() - started
     del model
-    return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50),
-            "ttft_p99_ms": 1000 * percentile(ttfts, 99)}
+    return {
+        "tokens": tokens,
+        "wall_s": wall,
+        "tok_s": tokens / wall,
+        "ttft_p50_ms": 1000 * percentile(ttfts, 50),
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99),
+    }
 
 
 def stream_once(stub, prompt: str, new_tokens: int, timeout: float = 300) -> tuple[int, float, set[str], float]:
     """One streaming request: (tokens, ttft seconds, versions seen, when the first message came)."""
-    request = policy_pb2.GenerateRequest(prompt=prompt, parameters=policy_pb2.GenerationParameters(
-        max_new_tokens=new_tokens, temperature=0.0))
+    request = policy_pb2.GenerateRequest(
+        prompt=prompt, parameters=policy_pb2.GenerationParameters(max_new_tokens=new_tokens, temperature=0.0)
+    )
     t0 = time.perf_counter()
     first, first_wall, count, versions = None, 0.0, 0, set()
     for message in stub.GenerateStream(request, timeout=timeout):
@@ -156,9 +172,16 @@ def closed_loop(target: str, clients: int, rounds: int, new_tokens: int) -> dict
                     ttfts.append(ttft)
 
     wall = run_threads(clients, client)
-    return {"clients": clients, "requests": clients * rounds, "tokens": sum(tokens), "wall_s": wall,
-            "tok_s": sum(tokens) / wall, "ttft_p50_ms": 1000 * percentile(ttfts, 50), "ttft_p99_ms": 1000 * percentile(ttfts, 99),
-            "failed": len(failures)}
+    return {
+        "clients": clients,
+        "requests": clients * rounds,
+        "tokens": sum(tokens),
+        "wall_s": wall,
+        "tok_s": sum(tokens) / wall,
+        "ttft_p50_ms": 1000 * percentile(ttfts, 50),
+        "ttft_p99_ms": 1000 * percentile(ttfts, 99),
+        "failed": len(failures),
+    }
 
 
 def swap_under_load(settings, target: str, store: CheckpointStore, source: Path, streams: int, new_tokens: int) -> dict:
@@ -202,8 +225,14 @@ def swap_under_load(settings, target: str, store: CheckpointStore, source: Path,
     for t in threads:
         t.join(timeout=300)
     latency = (min(seen_new) - announced) if seen_new else float("nan")
-    return {"streams": streams, "new_version": new, "swap_latency_s": latency, "requests": counts["requests"],
-            "failed": len(failures), "failures": failures[:5]}
+    return {
+        "streams": streams,
+        "new_version": new,
+        "swap_latency_s": latency,
+        "requests": counts["requests"],
+        "failed": len(failures),
+        "failures": failures[:5],
+    }
 
 
 def llama_cpp_reference(prompts: list[str], new_tokens: int) -> dict | None:
@@ -215,7 +244,9 @@ def llama_cpp_reference(prompts: list[str], new_tokens: int) -> dict | None:
     tokens = 0
     started = time.perf_counter()
     for prompt in prompts:
-        out = llm.create_chat_completion(messages=[{"role": "user", "content": prompt}], max_tokens=new_tokens, temperature=0.0)
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": prompt}], max_tokens=new_tokens, temperature=0.0
+        )
         tokens += out["usage"]["completion_tokens"]
     wall = time.perf_counter() - started
     return {"tokens": tokens, "wall_s": wall, "tok_s": tokens / wall}
@@ -224,8 +255,12 @@ def llama_cpp_reference(prompts: list[str], new_tokens: int) -> dict | None:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="short run: fewer tokens and rounds")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="weights dtype of the served model")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the baseline and the server run")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32", help="weights dtype of the served model"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="where the baseline and the server run"
+    )
     args = parser.parse_args(argv)
     new_tokens = 16 if args.quick else 64
     rounds = 1 if args.quick else 2
@@ -261,7 +296,9 @@ def main(argv: list[str]) -> int:
         ensure_seeded(settings, store)  # here, so the server's RSS holds only what serving needs
         env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")} | env_values
         log = open(home / "policy.log", "wb")
-        server = subprocess.Popen([sys.executable, "-m", "services.policy"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        server = subprocess.Popen(
+            [sys.executable, "-m", "services.policy"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
         sampler = RssSampler(server.pid)
         target = f"127.0.0.1:{grpc_port}"
         try:
@@ -270,7 +307,10 @@ def main(argv: list[str]) -> int:
             log.flush()
             print((home / "policy.log").read_text(errors="replace")[-4000:], file=sys.stderr)
             raise
-        print(f"policy service up (pid {server.pid}, dtype {args.dtype}); RSS {sampler.take_peak() / GB:.2f} GB", flush=True)
+        print(
+            f"policy service up (pid {server.pid}, dtype {args.dtype}); RSS {sampler.take_peak() / GB:.2f} GB",
+            flush=True,
+        )
 
         base_before = baseline(preset_dir, baseline_prompts, new_tokens, args.device)
         with grpc.insecure_channel(target) as channel:  # warm the server's code paths
@@ -284,28 +324,65 @@ def main(argv: list[str]) -> int:
             results.append(r)
         base_after = baseline(preset_dir, baseline_prompts, new_tokens, args.device)
         base = max(base_before, base_after, key=lambda b: b["tok_s"])
-        rows = [{"setup": f"HF generate fp32, 1 at a time (baseline, {name})", "clients": 1, "requests": len(baseline_prompts),
-                 "tokens": b["tokens"], "tok_s": b["tok_s"], "x_baseline": b["tok_s"] / base["tok_s"],
-                 "ttft_p50_ms": b["ttft_p50_ms"], "ttft_p99_ms": b["ttft_p99_ms"], "failed": 0, "peak_rss_gb": ""}
-                for name, b in (("before", base_before), ("after", base_after))]
+        rows = [
+            {
+                "setup": f"HF generate fp32, 1 at a time (baseline, {name})",
+                "clients": 1,
+                "requests": len(baseline_prompts),
+                "tokens": b["tokens"],
+                "tok_s": b["tok_s"],
+                "x_baseline": b["tok_s"] / base["tok_s"],
+                "ttft_p50_ms": b["ttft_p50_ms"],
+                "ttft_p99_ms": b["ttft_p99_ms"],
+                "failed": 0,
+                "peak_rss_gb": "",
+            }
+            for name, b in (("before", base_before), ("after", base_after))
+        ]
         for r in results:
-            rows.append({"setup": f"PolicyService gRPC ({args.dtype})", "clients": r["clients"], "requests": r["requests"],
-                         "tokens": r["tokens"], "tok_s": r["tok_s"], "x_baseline": r["tok_s"] / base["tok_s"],
-                         "ttft_p50_ms": r["ttft_p50_ms"], "ttft_p99_ms": r["ttft_p99_ms"], "failed": r["failed"],
-                         "peak_rss_gb": r["peak_rss_gb"]})
+            rows.append(
+                {
+                    "setup": f"PolicyService gRPC ({args.dtype})",
+                    "clients": r["clients"],
+                    "requests": r["requests"],
+                    "tokens": r["tokens"],
+                    "tok_s": r["tok_s"],
+                    "x_baseline": r["tok_s"] / base["tok_s"],
+                    "ttft_p50_ms": r["ttft_p50_ms"],
+                    "ttft_p99_ms": r["ttft_p99_ms"],
+                    "failed": r["failed"],
+                    "peak_rss_gb": r["peak_rss_gb"],
+                }
+            )
         llama = llama_cpp_reference(baseline_prompts, new_tokens)
         if llama:
-            rows.append({"setup": "llama.cpp (same GGUF), 1 at a time", "clients": 1, "tokens": llama["tokens"],
-                         "tok_s": llama["tok_s"], "x_baseline": llama["tok_s"] / base["tok_s"]})
+            rows.append(
+                {
+                    "setup": "llama.cpp (same GGUF), 1 at a time",
+                    "clients": 1,
+                    "tokens": llama["tokens"],
+                    "tok_s": llama["tok_s"],
+                    "x_baseline": llama["tok_s"] / base["tok_s"],
+                }
+            )
         print_table(f"Serving throughput, {new_tokens} new tokens per request (aggregate generated tokens/s)", rows)
         if not llama:
             print("llama.cpp reference: skipped (llama_cpp is not installed)")
 
         swap = swap_under_load(settings, target, store, preset_dir, streams=8, new_tokens=new_tokens)
         swap_rss = sampler.take_peak() / GB
-        print_table("Hot swap under load (8 streams)", [{
-            "swap_latency_s": swap["swap_latency_s"], "requests": swap["requests"], "failed": swap["failed"],
-            "new_version": swap["new_version"], "peak_rss_gb": swap_rss}])
+        print_table(
+            "Hot swap under load (8 streams)",
+            [
+                {
+                    "swap_latency_s": swap["swap_latency_s"],
+                    "requests": swap["requests"],
+                    "failed": swap["failed"],
+                    "new_version": swap["new_version"],
+                    "peak_rss_gb": swap_rss,
+                }
+            ],
+        )
         if swap["failures"]:
             print("failures:", swap["failures"])
 
@@ -318,13 +395,27 @@ def main(argv: list[str]) -> int:
         }
         for name, ok in checks.items():
             print(f"  [{'n/a' if ok is None else 'PASS' if ok else 'FAIL'}] {name}")
-        name = "serving" + ("" if args.dtype == "float32" else f"-{args.dtype}") + ("" if args.device == "cpu" else f"-{args.device}")
-        write_results(name, {
-            "quick": args.quick, "dtype": args.dtype, "device": args.device,
-            "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu", "new_tokens": new_tokens, "baseline": base,
-            "baseline_runs": [base_before, base_after], "levels": results,
-            "llama_cpp": llama, "swap": {**swap, "peak_rss_gb": swap_rss}, "checks": checks,
-        })
+        name = (
+            "serving"
+            + ("" if args.dtype == "float32" else f"-{args.dtype}")
+            + ("" if args.device == "cpu" else f"-{args.device}")
+        )
+        write_results(
+            name,
+            {
+                "quick": args.quick,
+                "dtype": args.dtype,
+                "device": args.device,
+                "device_name": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+                "new_tokens": new_tokens,
+                "baseline": base,
+                "baseline_runs": [base_before, base_after],
+                "levels": results,
+                "llama_cpp": llama,
+                "swap": {**swap, "peak_rss_gb": swap_rss},
+                "checks": checks,
+            },
+        )
         return 0
     finally:
         if sampler:

@@ -51,16 +51,44 @@ def bench_model(kind: str, layers: int, out: Path) -> Path:
     return out
 
 
-def run_ours(work: Path, snapshot: str, sft: str, batch_prompts: int, micro_prompts: int, lr: float, max_tokens: int) -> dict:
+def run_ours(
+    work: Path, snapshot: str, sft: str, batch_prompts: int, micro_prompts: int, lr: float, max_tokens: int
+) -> dict:
     import json
 
     from trainers import rm
 
-    sets = {"epochs": 1, "max_steps": 0, "batch_size": batch_prompts, "micro_batch_size": micro_prompts, "lr": lr, "min_lr_ratio": 1.0,
-            "warmup_steps": 0, "weight_decay": 0.0, "max_grad_norm": 1.0, "max_tokens": max_tokens, "lora_rank": 0, "bf16": False,
-            "max_val_prompts": 100000, "save_every": 100000, "eval_every": 0, "seed": 0}
-    argv = ["--snapshot", snapshot, "--sft", sft, "--run-dir", str(work / "ours"), "--result-file", str(work / "ours.json"),
-            "--preset", "tiny", *[a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")]]
+    sets = {
+        "epochs": 1,
+        "max_steps": 0,
+        "batch_size": batch_prompts,
+        "micro_batch_size": micro_prompts,
+        "lr": lr,
+        "min_lr_ratio": 1.0,
+        "warmup_steps": 0,
+        "weight_decay": 0.0,
+        "max_grad_norm": 1.0,
+        "max_tokens": max_tokens,
+        "lora_rank": 0,
+        "bf16": False,
+        "max_val_prompts": 100000,
+        "save_every": 100000,
+        "eval_every": 0,
+        "seed": 0,
+    }
+    argv = [
+        "--snapshot",
+        snapshot,
+        "--sft",
+        sft,
+        "--run-dir",
+        str(work / "ours"),
+        "--result-file",
+        str(work / "ours.json"),
+        "--preset",
+        "tiny",
+        *[a for k, v in sets.items() for a in ("--set", f"{k}={json.dumps(v)}")],
+    ]
     assert rm.main(argv) == 0
     return json.loads((work / "ours.json").read_text())["metrics"]
 
@@ -81,11 +109,28 @@ def run_trl(work: Path, model_dir: Path, train, val, batch_prompts: int, micro_p
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=torch.float32)
     model.config.pad_token_id = tokenizer.pad_token_id
-    config = RewardConfig(output_dir=str(work / "trl"), per_device_train_batch_size=micro_prompts * PAIRS_PER_PROMPT,
-                          gradient_accumulation_steps=batch_prompts // micro_prompts, num_train_epochs=1,
-                          learning_rate=lr, lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
-                          gradient_checkpointing=False, bf16=False, use_cpu=True, save_strategy="no", report_to=[], logging_strategy="no",
-                          disable_tqdm=True, max_length=None, seed=0, data_seed=0, dataloader_num_workers=0)
+    config = RewardConfig(
+        output_dir=str(work / "trl"),
+        per_device_train_batch_size=micro_prompts * PAIRS_PER_PROMPT,
+        gradient_accumulation_steps=batch_prompts // micro_prompts,
+        num_train_epochs=1,
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        gradient_checkpointing=False,
+        bf16=False,
+        use_cpu=True,
+        save_strategy="no",
+        report_to=[],
+        logging_strategy="no",
+        disable_tqdm=True,
+        max_length=None,
+        seed=0,
+        data_seed=0,
+        dataloader_num_workers=0,
+    )
     trainer = RewardTrainer(model=model, args=config, train_dataset=Dataset.from_list(rows), processing_class=tokenizer)
     start = time.perf_counter()
     trainer.train()
@@ -100,17 +145,30 @@ def run_trl(work: Path, model_dir: Path, train, val, batch_prompts: int, micro_p
             winners, losers, _, _ = ranking_pairs([ranks])
             correct += int((scores[winners] > scores[losers]).sum())
             total += len(winners)
-    return {"train_seconds": seconds, "val_pair_accuracy": correct / max(1, total), "train_pairs": len(rows), "val_pairs": total}
+    return {
+        "train_seconds": seconds,
+        "val_pair_accuracy": correct / max(1, total),
+        "train_pairs": len(rows),
+        "val_pairs": total,
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, few prompts: a smoke run in well under a minute")
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny model, few prompts: a smoke run in well under a minute"
+    )
     parser.add_argument("--model", choices=("tiny", "base"), help="default: base (tiny with --quick)")
     parser.add_argument("--layers", type=int, default=4, help="layers of the base model kept (default 4)")
-    parser.add_argument("--prompts", type=int, help="prompts in all (default 160, 40 with --quick); 20%% are held-out users")
-    parser.add_argument("--batch-prompts", type=int, default=8, help="prompts per step (ours) = 28x that many pairs per step (TRL)")
-    parser.add_argument("--micro-prompts", type=int, default=4, help="prompts per forward (TRL: 28x that many pairs, accumulated)")
+    parser.add_argument(
+        "--prompts", type=int, help="prompts in all (default 160, 40 with --quick); 20%% are held-out users"
+    )
+    parser.add_argument(
+        "--batch-prompts", type=int, default=8, help="prompts per step (ours) = 28x that many pairs per step (TRL)"
+    )
+    parser.add_argument(
+        "--micro-prompts", type=int, default=4, help="prompts per forward (TRL: 28x that many pairs, accumulated)"
+    )
     parser.add_argument("--lr", type=float, help="default 1e-3 (tiny) / 1e-4 (base)")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()
@@ -123,9 +181,16 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     port = free_port()
     broker = start_broker(port, log_path=work / "tansu.log")  # the trainer announces its checkpoint as in production
-    os.environ.update({"RLHF_HOME": str(work / "home"), "RLHF_MODEL": "tiny", "RLHF_MODEL_CACHE": str(MODEL_CACHE),
-                       "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}", "RLHF_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:6]}",
-                       "RLHF_TOPIC_PARTITIONS": "1"})
+    os.environ.update(
+        {
+            "RLHF_HOME": str(work / "home"),
+            "RLHF_MODEL": "tiny",
+            "RLHF_MODEL_CACHE": str(MODEL_CACHE),
+            "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
+            "RLHF_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:6]}",
+            "RLHF_TOPIC_PARTITIONS": "1",
+        }
+    )
     try:
         from services.common.checkpoints import CheckpointStore
         from services.common.config import load_settings
@@ -154,19 +219,49 @@ def main() -> int:
     gap = 100 * (ours["val_pair_accuracy"] - trl_result["val_pair_accuracy"])
     model_name = "tiny preset" if kind == "tiny" else f"SmolLM2-135M, first {args.layers} layers"
     rows = [
-        {"trainer": "ours: K-way (1 elem/prompt)", "train_s": ours["train_seconds"], "forwards/prompt": 8,
-         "held-out pair acc": ours["val_pair_accuracy"], "val pairs": ours["val_pairs"]},
-        {"trainer": f"TRL {trl.__version__} RewardTrainer (pairwise)", "train_s": trl_result["train_seconds"], "forwards/prompt": 56,
-         "held-out pair acc": trl_result["val_pair_accuracy"], "val pairs": trl_result["val_pairs"]},
+        {
+            "trainer": "ours: K-way (1 elem/prompt)",
+            "train_s": ours["train_seconds"],
+            "forwards/prompt": 8,
+            "held-out pair acc": ours["val_pair_accuracy"],
+            "val pairs": ours["val_pairs"],
+        },
+        {
+            "trainer": f"TRL {trl.__version__} RewardTrainer (pairwise)",
+            "train_s": trl_result["train_seconds"],
+            "forwards/prompt": 56,
+            "held-out pair acc": trl_result["val_pair_accuracy"],
+            "val pairs": trl_result["val_pairs"],
+        },
     ]
-    print_table(f"bench/train: {model_name}, {len(train)} train prompts x 28 pairs, 1 epoch, {args.batch_prompts} prompts/step", rows)
+    print_table(
+        f"bench/train: {model_name}, {len(train)} train prompts x 28 pairs, 1 epoch, {args.batch_prompts} prompts/step",
+        rows,
+    )
     verdict = speedup >= 4 and gap >= -2
-    print(f"speedup (TRL time / ours): {speedup:.2f}x   accuracy difference (ours - TRL): {gap:+.1f} points   "
-          f"target >= 4x and >= -2 points: {'MET' if verdict else 'NOT MET'}", flush=True)
-    write_results("train", {"quick": args.quick, "model": model_name, "train_prompts": len(train), "pairs_per_prompt": PAIRS_PER_PROMPT,
-                            "batch_prompts": args.batch_prompts, "micro_prompts": args.micro_prompts, "lr": lr, "trl_version": trl.__version__,
-                            "ours": {k: ours[k] for k in ("train_seconds", "val_pair_accuracy", "val_prompt_accuracy", "val_pairs")},
-                            "trl": trl_result, "speedup": speedup, "accuracy_gap_points": gap, "target_met": verdict})
+    print(
+        f"speedup (TRL time / ours): {speedup:.2f}x   accuracy difference (ours - TRL): {gap:+.1f} points   "
+        f"target >= 4x and >= -2 points: {'MET' if verdict else 'NOT MET'}",
+        flush=True,
+    )
+    write_results(
+        "train",
+        {
+            "quick": args.quick,
+            "model": model_name,
+            "train_prompts": len(train),
+            "pairs_per_prompt": PAIRS_PER_PROMPT,
+            "batch_prompts": args.batch_prompts,
+            "micro_prompts": args.micro_prompts,
+            "lr": lr,
+            "trl_version": trl.__version__,
+            "ours": {k: ours[k] for k in ("train_seconds", "val_pair_accuracy", "val_prompt_accuracy", "val_pairs")},
+            "trl": trl_result,
+            "speedup": speedup,
+            "accuracy_gap_points": gap,
+            "target_met": verdict,
+        },
+    )
     return 0
 
 

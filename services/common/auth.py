@@ -11,9 +11,9 @@ pinning versions.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import grpc
 
@@ -64,7 +64,9 @@ def load_tokens(settings: Settings) -> dict[str, Identity]:
         for token, entry in data.items():
             role = entry.get("role")
             if role not in ROLES or not entry.get("user_id"):
-                raise ConfigError(f"RLHF_TOKENS_FILE={path}: entry for user {entry.get('user_id')!r} needs user_id and a role in {ROLES}")
+                raise ConfigError(
+                    f"RLHF_TOKENS_FILE={path}: entry for user {entry.get('user_id')!r} needs user_id and a role in {ROLES}"
+                )
             tokens[token] = Identity(entry["user_id"], role)
     tokens.update(parse_inline_tokens(settings.tokens))
     return tokens
@@ -83,7 +85,9 @@ class Authenticator:
     def identify(self, authorization: str | None, need: str) -> Identity:
         """Resolve an `authorization: Bearer <token>` value; raise AuthError."""
         if not authorization:
-            raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "missing bearer token (metadata 'authorization: Bearer <token>')")
+            raise AuthError(
+                grpc.StatusCode.UNAUTHENTICATED, "missing bearer token (metadata 'authorization: Bearer <token>')"
+            )
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "authorization must be 'Bearer <token>'")
@@ -91,7 +95,9 @@ class Authenticator:
         if identity is None:
             raise AuthError(grpc.StatusCode.UNAUTHENTICATED, "unknown bearer token")
         if not identity.may(need):
-            raise AuthError(grpc.StatusCode.PERMISSION_DENIED, f"role {identity.role!r} may not do this; needs {need!r}")
+            raise AuthError(
+                grpc.StatusCode.PERMISSION_DENIED, f"role {identity.role!r} may not do this; needs {need!r}"
+            )
         return identity
 
     def require(self, context: grpc.ServicerContext, need: str) -> Identity:
@@ -120,7 +126,9 @@ def bearer(token: str) -> list[tuple[str, str]]:
     return [("authorization", f"Bearer {token}")]
 
 
-def dev_tokens(users: Iterable[str] = ("alice", "bob"), labelers: Iterable[str] = ("lab1", "lab2")) -> dict[str, Identity]:
+def dev_tokens(
+    users: Iterable[str] = ("alice", "bob"), labelers: Iterable[str] = ("lab1", "lab2")
+) -> dict[str, Identity]:
     """Well-known tokens for the local stack and tests: `dev-<name>`."""
     out = {f"dev-{u}": Identity(u, "user") for u in users}
     out.update({f"dev-{l}": Identity(l, "labeler") for l in labelers})

@@ -36,8 +36,12 @@ def ensure_seeded(settings: Settings, store: CheckpointStore | None = None) -> d
                 store.import_dir(preset_dir, "base", version=version, hyperparameters={"preset": settings.model})
             else:
                 model = RewardModel.from_causal_lm(preset_dir)
-                with store.stage("rm", version=version, parents=[seed_version(settings, "policy")],
-                                 hyperparameters={"preset": settings.model}) as (folder, manifest):
+                with store.stage(
+                    "rm",
+                    version=version,
+                    parents=[seed_version(settings, "policy")],
+                    hyperparameters={"preset": settings.model},
+                ) as (folder, manifest):
                     model.save_pretrained(folder, tokenizer=load_tokenizer(preset_dir))
                     manifest.metrics = {"untrained": True}
         store.set_promoted(role, version, reason="seed")

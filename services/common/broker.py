@@ -49,7 +49,9 @@ def port_open(host: str, port: int, timeout: float = 0.5) -> bool:
         return False
 
 
-def start_broker(port: int, log_path: Path | None = None, host: str = "127.0.0.1", timeout: float = 30.0) -> subprocess.Popen:
+def start_broker(
+    port: int, log_path: Path | None = None, host: str = "127.0.0.1", timeout: float = 30.0
+) -> subprocess.Popen:
     """Start Tansu on host:port and wait until it accepts Kafka connections."""
     url = f"tcp://{host}:{port}"
     out = open(log_path, "ab") if log_path else subprocess.DEVNULL

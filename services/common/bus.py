@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 from google.protobuf.message import DecodeError, Message
-
 from rlhf.v1 import events_pb2
+
 from services.common.config import Settings
 from services.common.logs import get_logger, log_fields
 
@@ -52,7 +52,7 @@ class Topics:
         raise KeyError(f"{topic!r} is not one of the platform's topics")
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Topics":
+    def from_settings(cls, settings: Settings) -> Topics:
         return cls(settings.topic_prefix)
 
 
@@ -136,7 +136,9 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides):
 def publish(producer, topics: Topics, key: str, record_key: str, message: Message, timeout: float):
     """Send one event and wait for the broker's acknowledgement; return RecordMetadata."""
     raw_key = record_key.encode() if isinstance(record_key, str) else record_key
-    future = producer.send(topics.name(key), key=raw_key, value=message.SerializeToString(), headers=headers_for(message))
+    future = producer.send(
+        topics.name(key), key=raw_key, value=message.SerializeToString(), headers=headers_for(message)
+    )
     return future.get(timeout=timeout)
 
 
@@ -147,8 +149,22 @@ def announce_checkpoint(settings: Settings, event: events_pb2.CheckpointEvent, p
     try:
         if not event.created_unix_ms:
             event.created_unix_ms = int(time.time() * 1000)
-        publish(producer, Topics.from_settings(settings), "checkpoints", event.role or event.version, event, settings.kafka_timeout_s)
-        log_fields(log, 20, "checkpoint announced", version=event.version, type=events_pb2.CheckpointEvent.Type.Name(event.type), role=event.role)
+        publish(
+            producer,
+            Topics.from_settings(settings),
+            "checkpoints",
+            event.role or event.version,
+            event,
+            settings.kafka_timeout_s,
+        )
+        log_fields(
+            log,
+            20,
+            "checkpoint announced",
+            version=event.version,
+            type=events_pb2.CheckpointEvent.Type.Name(event.type),
+            role=event.role,
+        )
     finally:
         if own:
             producer.close()
@@ -163,7 +179,13 @@ class CheckpointFollower:
     away.
     """
 
-    def __init__(self, settings: Settings, role: str, on_event: Callable[[events_pb2.CheckpointEvent], None], from_beginning: bool = False):
+    def __init__(
+        self,
+        settings: Settings,
+        role: str,
+        on_event: Callable[[events_pb2.CheckpointEvent], None],
+        from_beginning: bool = False,
+    ):
         self.settings = settings
         self.role = role
         self.on_event = on_event
@@ -172,7 +194,7 @@ class CheckpointFollower:
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"ckpt-follow-{role}", daemon=True)
 
-    def start(self, wait: float = 15.0) -> "CheckpointFollower":
+    def start(self, wait: float = 15.0) -> CheckpointFollower:
         self._thread.start()
         self._ready.wait(wait)
         return self
@@ -300,7 +322,9 @@ def topic_records(settings: Settings, key: str, timeout: float = 30.0) -> list:
         out = []
         while any(consumer.position(tp) < end[tp] for tp in tps):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"read {len(out)} records from {topic} but the end offsets {end} were not reached in {timeout:.0f}s")
+                raise TimeoutError(
+                    f"read {len(out)} records from {topic} but the end offsets {end} were not reached in {timeout:.0f}s"
+                )
             for records in consumer.poll(timeout_ms=500).values():
                 out += records
         return out

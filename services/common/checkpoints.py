@@ -22,9 +22,10 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 MANIFEST = "manifest.json"
 KINDS = {"base": "policy", "sft": "policy", "ppo": "policy", "rm": "reward"}
@@ -53,7 +54,7 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Manifest":
+    def from_dict(cls, data: dict) -> Manifest:
         known = {f for f in cls.__dataclass_fields__}
         return cls(**{k: v for k, v in data.items() if k in known})
 
@@ -171,7 +172,9 @@ class CheckpointStore:
                 raise CheckpointError(f"checkpoint {version}: file {rel} is missing")
             actual = sha256_file(path)
             if actual != expected:
-                raise CheckpointError(f"checkpoint {version}: sha256 mismatch for {rel} (manifest {expected[:12]}, file {actual[:12]})")
+                raise CheckpointError(
+                    f"checkpoint {version}: sha256 mismatch for {rel} (manifest {expected[:12]}, file {actual[:12]})"
+                )
         return manifest
 
     def list(self, role: str | None = None, kind: str | None = None) -> list[Manifest]:

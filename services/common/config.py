@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 
 class ConfigError(ValueError):
@@ -129,7 +130,9 @@ def _dns_label(name: str, raw: str) -> str:
     import re
 
     if not re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", raw):
-        raise ConfigError(f"{name}={raw!r} must be a DNS label: lowercase letters, digits and '-', at most 63 characters")
+        raise ConfigError(
+            f"{name}={raw!r} must be a DNS label: lowercase letters, digits and '-', at most 63 characters"
+        )
     return raw
 
 
@@ -154,103 +157,346 @@ class Settings:
     """Every setting of the platform. Build it with `load_settings()`."""
 
     # --- state and models --------------------------------------------------
-    home: Path = _setting("RLHF_HOME", "./var", _nonempty, "Root for local state: checkpoints, datasets, logs, pid files.")
-    checkpoint_dir: Path = _setting("RLHF_CHECKPOINT_DIR", "", _str, "Checkpoint store (default: $RLHF_HOME/checkpoints).")
+    home: Path = _setting(
+        "RLHF_HOME", "./var", _nonempty, "Root for local state: checkpoints, datasets, logs, pid files."
+    )
+    checkpoint_dir: Path = _setting(
+        "RLHF_CHECKPOINT_DIR", "", _str, "Checkpoint store (default: $RLHF_HOME/checkpoints)."
+    )
     dataset_dir: Path = _setting("RLHF_DATASET_DIR", "", _str, "Dataset snapshots (default: $RLHF_HOME/datasets).")
-    model: str = _setting("RLHF_MODEL", "base", _choice("base", "tiny"), "Model preset: `base` (SmolLM2-135M-Instruct) or `tiny` (random init, for tests).")
-    model_cache: Path = _setting("RLHF_MODEL_CACHE", "~/.cache/rlhf-platform", _nonempty, "Where converted presets (safetensors + tokenizer) are cached.")
-    device: str = _setting("RLHF_DEVICE", "cpu", _choice("cpu", "cuda", "auto"), "Torch device for serving and training.")
-    torch_threads: int = _setting("RLHF_TORCH_THREADS", "0", _int(0, 1024), "Torch intra-op threads (0 = torch default).")
+    model: str = _setting(
+        "RLHF_MODEL",
+        "base",
+        _choice("base", "tiny"),
+        "Model preset: `base` (SmolLM2-135M-Instruct) or `tiny` (random init, for tests).",
+    )
+    model_cache: Path = _setting(
+        "RLHF_MODEL_CACHE",
+        "~/.cache/rlhf-platform",
+        _nonempty,
+        "Where converted presets (safetensors + tokenizer) are cached.",
+    )
+    device: str = _setting(
+        "RLHF_DEVICE", "cpu", _choice("cpu", "cuda", "auto"), "Torch device for serving and training."
+    )
+    torch_threads: int = _setting(
+        "RLHF_TORCH_THREADS", "0", _int(0, 1024), "Torch intra-op threads (0 = torch default)."
+    )
 
     # --- Kafka ---------------------------------------------------------------
-    kafka_bootstrap: str = _setting("RLHF_KAFKA_BOOTSTRAP", "127.0.0.1:9092", _bootstrap, "Kafka bootstrap servers, host:port[,host:port].")
-    topic_prefix: str = _setting("RLHF_TOPIC_PREFIX", "rlhf", _nonempty, "Prefix of every topic name (`<prefix>.prompts.v1`, ...).")
-    topic_partitions: int = _setting("RLHF_TOPIC_PARTITIONS", "3", _int(1, 1024), "Partitions per topic when the platform creates them.")
-    topic_replication: int = _setting("RLHF_TOPIC_REPLICATION", "1", _int(1, 16), "Replication factor when the platform creates topics.")
-    kafka_timeout_s: float = _setting("RLHF_KAFKA_TIMEOUT_S", "5", _float(0.1, 600), "How long a write may wait for the broker's acknowledgement.")
+    kafka_bootstrap: str = _setting(
+        "RLHF_KAFKA_BOOTSTRAP", "127.0.0.1:9092", _bootstrap, "Kafka bootstrap servers, host:port[,host:port]."
+    )
+    topic_prefix: str = _setting(
+        "RLHF_TOPIC_PREFIX", "rlhf", _nonempty, "Prefix of every topic name (`<prefix>.prompts.v1`, ...)."
+    )
+    topic_partitions: int = _setting(
+        "RLHF_TOPIC_PARTITIONS", "3", _int(1, 1024), "Partitions per topic when the platform creates them."
+    )
+    topic_replication: int = _setting(
+        "RLHF_TOPIC_REPLICATION", "1", _int(1, 16), "Replication factor when the platform creates topics."
+    )
+    kafka_timeout_s: float = _setting(
+        "RLHF_KAFKA_TIMEOUT_S", "5", _float(0.1, 600), "How long a write may wait for the broker's acknowledgement."
+    )
 
     # --- network -------------------------------------------------------------
-    bind_host: str = _setting("RLHF_BIND_HOST", "127.0.0.1", _nonempty, "Address the servers listen on (0.0.0.0 in a cluster).")
+    bind_host: str = _setting(
+        "RLHF_BIND_HOST", "127.0.0.1", _nonempty, "Address the servers listen on (0.0.0.0 in a cluster)."
+    )
     policy_port: int = _setting("RLHF_POLICY_PORT", "50051", _port, "PolicyService gRPC port.")
     reward_port: int = _setting("RLHF_REWARD_PORT", "50052", _port, "RewardService gRPC port.")
     feedback_port: int = _setting("RLHF_FEEDBACK_PORT", "50053", _port, "FeedbackService gRPC port.")
     http_port: int = _setting("RLHF_HTTP_PORT", "8080", _port, "TGI-compatible HTTP port of the policy service.")
     playground_port: int = _setting("RLHF_PLAYGROUND_PORT", "8000", _port, "Playground web UI port.")
-    metrics_port: int = _setting("RLHF_METRICS_PORT", "0", _port, "Prometheus /metrics port for this process (0 = off; the policy service also serves it on its HTTP port).")
-    policy_target: str = _setting("RLHF_POLICY_TARGET", "127.0.0.1:50051", _nonempty, "Where clients reach the PolicyService.")
-    reward_target: str = _setting("RLHF_REWARD_TARGET", "127.0.0.1:50052", _nonempty, "Where clients reach the RewardService.")
-    feedback_target: str = _setting("RLHF_FEEDBACK_TARGET", "127.0.0.1:50053", _nonempty, "Where clients reach the FeedbackService.")
+    metrics_port: int = _setting(
+        "RLHF_METRICS_PORT",
+        "0",
+        _port,
+        "Prometheus /metrics port for this process (0 = off; the policy service also serves it on its HTTP port).",
+    )
+    policy_target: str = _setting(
+        "RLHF_POLICY_TARGET", "127.0.0.1:50051", _nonempty, "Where clients reach the PolicyService."
+    )
+    reward_target: str = _setting(
+        "RLHF_REWARD_TARGET", "127.0.0.1:50052", _nonempty, "Where clients reach the RewardService."
+    )
+    feedback_target: str = _setting(
+        "RLHF_FEEDBACK_TARGET", "127.0.0.1:50053", _nonempty, "Where clients reach the FeedbackService."
+    )
 
     # --- gRPC servers --------------------------------------------------------
-    grpc_max_message_bytes: int = _setting("RLHF_GRPC_MAX_MESSAGE_BYTES", "16777216", _int(1024, 1 << 30), "Largest gRPC message accepted or sent.")
-    grpc_workers: int = _setting("RLHF_GRPC_WORKERS", "64", _int(1, 4096), "Threads handling gRPC calls per thread-pool server (policy, reward, controller; the FeedbackService is asynchronous).")
-    grpc_grace_s: float = _setting("RLHF_GRPC_GRACE_S", "10", _float(0, 600), "On SIGTERM: how long in-flight calls may drain.")
+    grpc_max_message_bytes: int = _setting(
+        "RLHF_GRPC_MAX_MESSAGE_BYTES", "16777216", _int(1024, 1 << 30), "Largest gRPC message accepted or sent."
+    )
+    grpc_workers: int = _setting(
+        "RLHF_GRPC_WORKERS",
+        "64",
+        _int(1, 4096),
+        "Threads handling gRPC calls per thread-pool server (policy, reward, controller; the FeedbackService is asynchronous).",
+    )
+    grpc_grace_s: float = _setting(
+        "RLHF_GRPC_GRACE_S", "10", _float(0, 600), "On SIGTERM: how long in-flight calls may drain."
+    )
 
     # --- auth ----------------------------------------------------------------
     tokens_file: str = _setting("RLHF_TOKENS_FILE", "", _str, "JSON file mapping bearer tokens to {user_id, role}.")
-    tokens: str = _setting("RLHF_TOKENS", "", _str, "Inline tokens, `token=user_id:role,...` (role: user, labeler, admin).")
+    tokens: str = _setting(
+        "RLHF_TOKENS", "", _str, "Inline tokens, `token=user_id:role,...` (role: user, labeler, admin)."
+    )
 
     # --- serving -------------------------------------------------------------
     max_batch: int = _setting("RLHF_MAX_BATCH", "16", _int(1, 1024), "Most sequences decoded together in one step.")
-    max_queue: int = _setting("RLHF_MAX_QUEUE", "64", _int(1, 100000), "Waiting requests before RESOURCE_EXHAUSTED / HTTP 429.")
-    max_prompt_tokens: int = _setting("RLHF_MAX_PROMPT_TOKENS", "512", _int(1, 1 << 20), "Longest prompt accepted, in tokens.")
-    max_new_tokens_limit: int = _setting("RLHF_MAX_NEW_TOKENS_LIMIT", "512", _int(1, 1 << 20), "Largest max_new_tokens a request may ask for.")
-    default_max_new_tokens: int = _setting("RLHF_DEFAULT_MAX_NEW_TOKENS", "64", _int(1, 1 << 20), "max_new_tokens when a request leaves it unset.")
+    max_queue: int = _setting(
+        "RLHF_MAX_QUEUE", "64", _int(1, 100000), "Waiting requests before RESOURCE_EXHAUSTED / HTTP 429."
+    )
+    max_prompt_tokens: int = _setting(
+        "RLHF_MAX_PROMPT_TOKENS", "512", _int(1, 1 << 20), "Longest prompt accepted, in tokens."
+    )
+    max_new_tokens_limit: int = _setting(
+        "RLHF_MAX_NEW_TOKENS_LIMIT", "512", _int(1, 1 << 20), "Largest max_new_tokens a request may ask for."
+    )
+    default_max_new_tokens: int = _setting(
+        "RLHF_DEFAULT_MAX_NEW_TOKENS", "64", _int(1, 1 << 20), "max_new_tokens when a request leaves it unset."
+    )
     max_samples: int = _setting("RLHF_MAX_SAMPLES", "16", _int(1, 64), "Largest num_samples (K) per request.")
-    kv_budget_tokens: int = _setting("RLHF_KV_BUDGET_TOKENS", "24576", _int(64, 1 << 24), "Total tokens (prompt + generated) the running batch may hold in its KV cache.")
-    tgi_url: str = _setting("RLHF_TGI_URL", "", _str, "When set, the policy generates through this TGI server instead of local transformers.")
-    serve_version: str = _setting("RLHF_SERVE_VERSION", "", _str, "Pin serving to this checkpoint version at start (empty = latest promoted).")
+    kv_budget_tokens: int = _setting(
+        "RLHF_KV_BUDGET_TOKENS",
+        "24576",
+        _int(64, 1 << 24),
+        "Total tokens (prompt + generated) the running batch may hold in its KV cache.",
+    )
+    tgi_url: str = _setting(
+        "RLHF_TGI_URL",
+        "",
+        _str,
+        "When set, the policy generates through this TGI server instead of local transformers.",
+    )
+    serve_version: str = _setting(
+        "RLHF_SERVE_VERSION", "", _str, "Pin serving to this checkpoint version at start (empty = latest promoted)."
+    )
     reward_batch: int = _setting("RLHF_REWARD_BATCH", "16", _int(1, 4096), "Responses scored in one forward pass.")
     # --- serving (added by the serving team) ---------------------------------
-    serve_dtype: str = _setting("RLHF_SERVE_DTYPE", "float32", _choice("float32", "bfloat16"), "Weights dtype of the served policy and reward models (bfloat16 is faster on CPUs with AVX-512-bf16).")
-    reward_max_responses: int = _setting("RLHF_REWARD_MAX_RESPONSES", "64", _int(1, 4096), "Most responses one Score request may carry.")
+    serve_dtype: str = _setting(
+        "RLHF_SERVE_DTYPE",
+        "float32",
+        _choice("float32", "bfloat16"),
+        "Weights dtype of the served policy and reward models (bfloat16 is faster on CPUs with AVX-512-bf16).",
+    )
+    reward_max_responses: int = _setting(
+        "RLHF_REWARD_MAX_RESPONSES", "64", _int(1, 4096), "Most responses one Score request may carry."
+    )
 
     # --- trainer controller ----------------------------------------------------
-    controller_port: int = _setting("RLHF_CONTROLLER_PORT", "50054", _port, "Trainer controller gRPC port (health only).")
-    executor: str = _setting("RLHF_EXECUTOR", "local", _choice("local", "kubernetes"), "Where trainer jobs run: local subprocesses or Kubernetes Jobs.")
-    trainer_preset: str = _setting("RLHF_TRAINER_PRESET", "cpu", _choice("tiny", "cpu", "gpu"), "Hyperparameter preset passed to every trainer job.")
-    trainer_overrides: str = _setting("RLHF_TRAINER_OVERRIDES", "{}", _json_object, 'Per-trainer `--set` overrides as JSON, e.g. {"ppo": {"total_steps": 4}}.')
-    controller_interval_s: float = _setting("RLHF_CONTROLLER_INTERVAL_S", "60", _float(1, 86400), "How often the controller checks how the datasets grew.")
-    controller_schedule_s: float = _setting("RLHF_CONTROLLER_SCHEDULE_S", "0", _float(0, 604800), "Also start a round on this schedule when any new data arrived (0 = growth triggers only).")
-    min_new_demonstrations: int = _setting("RLHF_MIN_NEW_DEMONSTRATIONS", "50", _int(1, 10**9), "New demonstrations that trigger an SFT round.")
-    min_new_comparisons: int = _setting("RLHF_MIN_NEW_COMPARISONS", "50", _int(1, 10**9), "New comparisons that trigger an RM + PPO round.")
-    job_retries: int = _setting("RLHF_JOB_RETRIES", "2", _int(0, 100), "Times a failed trainer job is retried (it resumes from its run folder).")
-    job_timeout_s: float = _setting("RLHF_JOB_TIMEOUT_S", "7200", _float(1, 604800), "A trainer job running longer than this is stopped and counted as failed.")
-    gate_min_reward_gain: float = _setting("RLHF_GATE_MIN_REWARD_GAIN", "0.0", _float(-1e9, 1e9), "Promote a PPO policy only if its held-out RM score beats the serving policy's by more than this.")
-    gate_max_kl: float = _setting("RLHF_GATE_MAX_KL", "20.0", _float(0, 1e9), "...and only if its KL to SFT (nats per response) stays within this budget.")
+    controller_port: int = _setting(
+        "RLHF_CONTROLLER_PORT", "50054", _port, "Trainer controller gRPC port (health only)."
+    )
+    executor: str = _setting(
+        "RLHF_EXECUTOR",
+        "local",
+        _choice("local", "kubernetes"),
+        "Where trainer jobs run: local subprocesses or Kubernetes Jobs.",
+    )
+    trainer_preset: str = _setting(
+        "RLHF_TRAINER_PRESET",
+        "cpu",
+        _choice("tiny", "cpu", "gpu"),
+        "Hyperparameter preset passed to every trainer job.",
+    )
+    trainer_overrides: str = _setting(
+        "RLHF_TRAINER_OVERRIDES",
+        "{}",
+        _json_object,
+        'Per-trainer `--set` overrides as JSON, e.g. {"ppo": {"total_steps": 4}}.',
+    )
+    controller_interval_s: float = _setting(
+        "RLHF_CONTROLLER_INTERVAL_S", "60", _float(1, 86400), "How often the controller checks how the datasets grew."
+    )
+    controller_schedule_s: float = _setting(
+        "RLHF_CONTROLLER_SCHEDULE_S",
+        "0",
+        _float(0, 604800),
+        "Also start a round on this schedule when any new data arrived (0 = growth triggers only).",
+    )
+    min_new_demonstrations: int = _setting(
+        "RLHF_MIN_NEW_DEMONSTRATIONS", "50", _int(1, 10**9), "New demonstrations that trigger an SFT round."
+    )
+    min_new_comparisons: int = _setting(
+        "RLHF_MIN_NEW_COMPARISONS", "50", _int(1, 10**9), "New comparisons that trigger an RM + PPO round."
+    )
+    job_retries: int = _setting(
+        "RLHF_JOB_RETRIES", "2", _int(0, 100), "Times a failed trainer job is retried (it resumes from its run folder)."
+    )
+    job_timeout_s: float = _setting(
+        "RLHF_JOB_TIMEOUT_S",
+        "7200",
+        _float(1, 604800),
+        "A trainer job running longer than this is stopped and counted as failed.",
+    )
+    gate_min_reward_gain: float = _setting(
+        "RLHF_GATE_MIN_REWARD_GAIN",
+        "0.0",
+        _float(-1e9, 1e9),
+        "Promote a PPO policy only if its held-out RM score beats the serving policy's by more than this.",
+    )
+    gate_max_kl: float = _setting(
+        "RLHF_GATE_MAX_KL",
+        "20.0",
+        _float(0, 1e9),
+        "...and only if its KL to SFT (nats per response) stays within this budget.",
+    )
 
     # --- feedback ingestion and the dataset builder (owner: feedback) ----------
-    feedback_max_text_bytes: int = _setting("RLHF_FEEDBACK_MAX_TEXT_BYTES", "32768", _int(1, 1 << 24), "Largest prompt, message or response text the FeedbackService accepts, in UTF-8 bytes.")
-    feedback_max_metadata_bytes: int = _setting("RLHF_FEEDBACK_MAX_METADATA_BYTES", "4096", _int(0, 1 << 20), "Largest prompt metadata map (keys + values), in UTF-8 bytes.")
-    feedback_idempotency_entries: int = _setting("RLHF_FEEDBACK_IDEMPOTENCY_ENTRIES", "100000", _int(1, 10**8), "Request ids each FeedbackService replica remembers, so a retry returns the first reply.")
-    feedback_producer: str = _setting("RLHF_FEEDBACK_PRODUCER", "librdkafka", _choice("librdkafka", "kafka-python"), "Kafka client of the FeedbackService's write path: `librdkafka` (confluent-kafka, fast) or `kafka-python`.")
-    feedback_max_calls: int = _setting("RLHF_FEEDBACK_MAX_CALLS", "4096", _int(1, 1 << 20), "Feedback calls the FeedbackService handles at once (a BulkSubmit stream counts as one); more get RESOURCE_EXHAUSTED. Health checks are not counted.")
-    feedback_bulk_window: int = _setting("RLHF_FEEDBACK_BULK_WINDOW", "1024", _int(1, 1 << 20), "BulkSubmit items awaiting the broker's acknowledgement at once, per stream.")
-    dataset_group: str = _setting("RLHF_DATASET_GROUP", "dataset-builder", _nonempty, "Consumer group of `python -m services.datasets build` (offsets committed after each snapshot).")
-    dataset_max_prompts_per_user: int = _setting("RLHF_DATASET_MAX_PROMPTS_PER_USER", "200", _int(1, 10**9), "Prompts kept per user ID in a snapshot (InstructGPT: 200).")
-    dataset_dedup_prefix_chars: int = _setting("RLHF_DATASET_DEDUP_PREFIX_CHARS", "100", _int(8, 1 << 20), "Prompts whose normalised text shares this many leading characters count as duplicates.")
-    dataset_validation_fraction: float = _setting("RLHF_DATASET_VALIDATION_FRACTION", "0.1", _float(0, 0.45), "Share of user IDs (by hash) whose data goes to the validation split.")
-    dataset_test_fraction: float = _setting("RLHF_DATASET_TEST_FRACTION", "0.1", _float(0, 0.45), "Share of user IDs (by hash) whose data goes to the test split.")
+    feedback_max_text_bytes: int = _setting(
+        "RLHF_FEEDBACK_MAX_TEXT_BYTES",
+        "32768",
+        _int(1, 1 << 24),
+        "Largest prompt, message or response text the FeedbackService accepts, in UTF-8 bytes.",
+    )
+    feedback_max_metadata_bytes: int = _setting(
+        "RLHF_FEEDBACK_MAX_METADATA_BYTES",
+        "4096",
+        _int(0, 1 << 20),
+        "Largest prompt metadata map (keys + values), in UTF-8 bytes.",
+    )
+    feedback_idempotency_entries: int = _setting(
+        "RLHF_FEEDBACK_IDEMPOTENCY_ENTRIES",
+        "100000",
+        _int(1, 10**8),
+        "Request ids each FeedbackService replica remembers, so a retry returns the first reply.",
+    )
+    feedback_producer: str = _setting(
+        "RLHF_FEEDBACK_PRODUCER",
+        "librdkafka",
+        _choice("librdkafka", "kafka-python"),
+        "Kafka client of the FeedbackService's write path: `librdkafka` (confluent-kafka, fast) or `kafka-python`.",
+    )
+    feedback_max_calls: int = _setting(
+        "RLHF_FEEDBACK_MAX_CALLS",
+        "4096",
+        _int(1, 1 << 20),
+        "Feedback calls the FeedbackService handles at once (a BulkSubmit stream counts as one); more get RESOURCE_EXHAUSTED. Health checks are not counted.",
+    )
+    feedback_bulk_window: int = _setting(
+        "RLHF_FEEDBACK_BULK_WINDOW",
+        "1024",
+        _int(1, 1 << 20),
+        "BulkSubmit items awaiting the broker's acknowledgement at once, per stream.",
+    )
+    dataset_group: str = _setting(
+        "RLHF_DATASET_GROUP",
+        "dataset-builder",
+        _nonempty,
+        "Consumer group of `python -m services.datasets build` (offsets committed after each snapshot).",
+    )
+    dataset_max_prompts_per_user: int = _setting(
+        "RLHF_DATASET_MAX_PROMPTS_PER_USER",
+        "200",
+        _int(1, 10**9),
+        "Prompts kept per user ID in a snapshot (InstructGPT: 200).",
+    )
+    dataset_dedup_prefix_chars: int = _setting(
+        "RLHF_DATASET_DEDUP_PREFIX_CHARS",
+        "100",
+        _int(8, 1 << 20),
+        "Prompts whose normalised text shares this many leading characters count as duplicates.",
+    )
+    dataset_validation_fraction: float = _setting(
+        "RLHF_DATASET_VALIDATION_FRACTION",
+        "0.1",
+        _float(0, 0.45),
+        "Share of user IDs (by hash) whose data goes to the validation split.",
+    )
+    dataset_test_fraction: float = _setting(
+        "RLHF_DATASET_TEST_FRACTION",
+        "0.1",
+        _float(0, 0.45),
+        "Share of user IDs (by hash) whose data goes to the test split.",
+    )
 
     # --- kubernetes executor (services/controller/k8s_executor.py; RLHF_EXECUTOR=kubernetes)
-    tgi_deployment: str = _setting("RLHF_TGI_DEPLOYMENT", "", _optional_dns_label, "Kubernetes Deployment running TGI for the policy (k8s/overlays/tgi: `tgi`): after each policy promotion the controller points its --model-id at the new version and Kubernetes rolls it. Empty: TGI keeps its checkpoint.")
-    k8s_namespace: str = _setting("RLHF_K8S_NAMESPACE", "default", _dns_label, "Namespace trainer Jobs are created in (k8s/ sets the controller's own).")
-    trainer_job_kind: str = _setting("RLHF_TRAINER_JOB_KIND", "job", _choice("job", "pytorchjob"), "Trainer jobs as batch/v1 Jobs, or as Kubeflow PyTorchJobs (needs the training operator).")
-    trainer_image: str = _setting("RLHF_TRAINER_IMAGE", "rlhf-platform:0.1.0", _nonempty, "Container image of trainer Jobs.")
+    tgi_deployment: str = _setting(
+        "RLHF_TGI_DEPLOYMENT",
+        "",
+        _optional_dns_label,
+        "Kubernetes Deployment running TGI for the policy (k8s/overlays/tgi: `tgi`): after each policy promotion the controller points its --model-id at the new version and Kubernetes rolls it. Empty: TGI keeps its checkpoint.",
+    )
+    k8s_namespace: str = _setting(
+        "RLHF_K8S_NAMESPACE",
+        "default",
+        _dns_label,
+        "Namespace trainer Jobs are created in (k8s/ sets the controller's own).",
+    )
+    trainer_job_kind: str = _setting(
+        "RLHF_TRAINER_JOB_KIND",
+        "job",
+        _choice("job", "pytorchjob"),
+        "Trainer jobs as batch/v1 Jobs, or as Kubeflow PyTorchJobs (needs the training operator).",
+    )
+    trainer_image: str = _setting(
+        "RLHF_TRAINER_IMAGE", "rlhf-platform:0.1.0", _nonempty, "Container image of trainer Jobs."
+    )
     trainer_cpu: str = _setting("RLHF_TRAINER_CPU", "2", _k8s_quantity, "CPU request and limit of each trainer pod.")
-    trainer_memory: str = _setting("RLHF_TRAINER_MEMORY", "8Gi", _k8s_quantity, "Memory request and limit of each trainer pod.")
-    trainer_gpu_resource: str = _setting("RLHF_TRAINER_GPU_RESOURCE", "nvidia.com/gpu", _nonempty, "Extended resource a trainer pod requests for its GPUs.")
-    trainer_node_selector: dict = _setting("RLHF_TRAINER_NODE_SELECTOR", "{}", _string_map, 'nodeSelector of trainer pods, JSON, e.g. {"nvidia.com/gpu.present": "true"}.')
-    trainer_tolerations: tuple = _setting("RLHF_TRAINER_TOLERATIONS", "[]", _json_array, "Tolerations of trainer pods, a JSON list of Kubernetes toleration objects.")
-    trainer_service_account: str = _setting("RLHF_TRAINER_SERVICE_ACCOUNT", "rlhf-trainer", _dns_label, "ServiceAccount of trainer pods.")
-    trainer_config_map: str = _setting("RLHF_TRAINER_CONFIG_MAP", "", _str, "ConfigMap trainer pods take their RLHF_* settings from (empty: copy this process's settings into the Job).")
-    trainer_ttl_s: int = _setting("RLHF_TRAINER_TTL_S", "86400", _int(0, 10**8), "Finished trainer Jobs are deleted this many seconds later.")
-    checkpoint_pvc: str = _setting("RLHF_CHECKPOINT_PVC", "rlhf-data", _dns_label, "ReadWriteMany PersistentVolumeClaim holding RLHF_HOME: checkpoints, dataset snapshots, run folders.")
-    data_mount: str = _setting("RLHF_DATA_MOUNT", "/data", _nonempty, "Where trainer pods mount that claim; RLHF_HOME, RLHF_CHECKPOINT_DIR and RLHF_DATASET_DIR must lie under it.")
-    torchrun_port: int = _setting("RLHF_TORCHRUN_PORT", "29500", _port, "Rendezvous port of multi-node (torchrun) trainer Jobs.")
-    trainer_gpus: int = _setting("RLHF_TRAINER_GPUS", "0", _int(0, 64), "GPUs per trainer process (JobSpec.gpus); 0 trains on CPU.")
-    trainer_nodes: int = _setting("RLHF_TRAINER_NODES", "1", _int(1, 1024), "Nodes per trainer job (JobSpec.nodes); >1 runs torchrun across an Indexed Job.")
-    trainer_procs_per_node: int = _setting("RLHF_TRAINER_PROCS_PER_NODE", "1", _int(1, 64), "torchrun processes per node (JobSpec.procs_per_node).")
+    trainer_memory: str = _setting(
+        "RLHF_TRAINER_MEMORY", "8Gi", _k8s_quantity, "Memory request and limit of each trainer pod."
+    )
+    trainer_gpu_resource: str = _setting(
+        "RLHF_TRAINER_GPU_RESOURCE",
+        "nvidia.com/gpu",
+        _nonempty,
+        "Extended resource a trainer pod requests for its GPUs.",
+    )
+    trainer_node_selector: dict = _setting(
+        "RLHF_TRAINER_NODE_SELECTOR",
+        "{}",
+        _string_map,
+        'nodeSelector of trainer pods, JSON, e.g. {"nvidia.com/gpu.present": "true"}.',
+    )
+    trainer_tolerations: tuple = _setting(
+        "RLHF_TRAINER_TOLERATIONS",
+        "[]",
+        _json_array,
+        "Tolerations of trainer pods, a JSON list of Kubernetes toleration objects.",
+    )
+    trainer_service_account: str = _setting(
+        "RLHF_TRAINER_SERVICE_ACCOUNT", "rlhf-trainer", _dns_label, "ServiceAccount of trainer pods."
+    )
+    trainer_config_map: str = _setting(
+        "RLHF_TRAINER_CONFIG_MAP",
+        "",
+        _str,
+        "ConfigMap trainer pods take their RLHF_* settings from (empty: copy this process's settings into the Job).",
+    )
+    trainer_ttl_s: int = _setting(
+        "RLHF_TRAINER_TTL_S", "86400", _int(0, 10**8), "Finished trainer Jobs are deleted this many seconds later."
+    )
+    checkpoint_pvc: str = _setting(
+        "RLHF_CHECKPOINT_PVC",
+        "rlhf-data",
+        _dns_label,
+        "ReadWriteMany PersistentVolumeClaim holding RLHF_HOME: checkpoints, dataset snapshots, run folders.",
+    )
+    data_mount: str = _setting(
+        "RLHF_DATA_MOUNT",
+        "/data",
+        _nonempty,
+        "Where trainer pods mount that claim; RLHF_HOME, RLHF_CHECKPOINT_DIR and RLHF_DATASET_DIR must lie under it.",
+    )
+    torchrun_port: int = _setting(
+        "RLHF_TORCHRUN_PORT", "29500", _port, "Rendezvous port of multi-node (torchrun) trainer Jobs."
+    )
+    trainer_gpus: int = _setting(
+        "RLHF_TRAINER_GPUS", "0", _int(0, 64), "GPUs per trainer process (JobSpec.gpus); 0 trains on CPU."
+    )
+    trainer_nodes: int = _setting(
+        "RLHF_TRAINER_NODES",
+        "1",
+        _int(1, 1024),
+        "Nodes per trainer job (JobSpec.nodes); >1 runs torchrun across an Indexed Job.",
+    )
+    trainer_procs_per_node: int = _setting(
+        "RLHF_TRAINER_PROCS_PER_NODE", "1", _int(1, 64), "torchrun processes per node (JobSpec.procs_per_node)."
+    )
 
     # --- logging -------------------------------------------------------------
     log_level: str = _setting("RLHF_LOG_LEVEL", "INFO", _choice("DEBUG", "INFO", "WARNING", "ERROR"), "Log level.")
@@ -259,10 +505,16 @@ class Settings:
         home = Path(self.home).expanduser()
         object.__setattr__(self, "home", home)
         object.__setattr__(self, "model_cache", Path(self.model_cache).expanduser())
-        object.__setattr__(self, "checkpoint_dir", Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir else home / "checkpoints")
-        object.__setattr__(self, "dataset_dir", Path(self.dataset_dir).expanduser() if self.dataset_dir else home / "datasets")
+        object.__setattr__(
+            self,
+            "checkpoint_dir",
+            Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir else home / "checkpoints",
+        )
+        object.__setattr__(
+            self, "dataset_dir", Path(self.dataset_dir).expanduser() if self.dataset_dir else home / "datasets"
+        )
 
-    def with_overrides(self, **values: Any) -> "Settings":
+    def with_overrides(self, **values: Any) -> Settings:
         return dataclasses.replace(self, **values)
 
 

@@ -33,8 +33,9 @@ import os
 import secrets
 import shutil
 import time
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 SPLITS = ("train", "validation", "test")
 KINDS = ("prompts", "demonstrations", "comparisons", "labels")

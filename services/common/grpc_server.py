@@ -20,9 +20,9 @@ import asyncio
 import signal
 import threading
 import time
+from collections.abc import Awaitable, Callable, Iterable
 from concurrent import futures
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Iterable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -86,7 +86,9 @@ def start_server(
     return running
 
 
-def _add_standard_services(settings: Settings, service: str, server, health_servicer, names: list[str], port: int) -> int:
+def _add_standard_services(
+    settings: Settings, service: str, server, health_servicer, names: list[str], port: int
+) -> int:
     """Health and reflection on `server`, bound to bind_host:port; return the port."""
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -101,20 +103,31 @@ def _add_standard_services(settings: Settings, service: str, server, health_serv
 class AioRunningServer:
     """A grpc.aio server running on its own event-loop thread; RunningServer's interface."""
 
-    def __init__(self, settings: Settings, service: str, register: Iterable[Callable[[grpc.aio.Server], str]], port: int,
-                 drain: Callable[[float], Awaitable[None]] | None = None):
+    def __init__(
+        self,
+        settings: Settings,
+        service: str,
+        register: Iterable[Callable[[grpc.aio.Server], str]],
+        port: int,
+        drain: Callable[[float], Awaitable[None]] | None = None,
+    ):
         self.drain = drain
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name=f"{service}-aio", daemon=True)
         self._thread.start()
         try:
-            self.server, self.health, self.port, self.service_names = self._call(self._start(settings, service, register, port))
+            self.server, self.health, self.port, self.service_names = self._call(
+                self._start(settings, service, register, port)
+            )
         except BaseException:
             self._close_loop()
             raise
 
     async def _start(self, settings, service, register, port):
-        server = grpc.aio.server(interceptors=[AioMetricsInterceptor(service)], options=channel_options(settings) + [("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(
+            interceptors=[AioMetricsInterceptor(service)],
+            options=channel_options(settings) + [("grpc.so_reuseport", 0)],
+        )
         names = [reg(server) for reg in register]
         health_servicer = health.aio.HealthServicer()
         bound = _add_standard_services(settings, service, server, health_servicer, names, port)
@@ -153,17 +166,32 @@ class AioRunningServer:
         self.loop.close()
 
 
-def start_aio_server(settings: Settings, service: str, register: Iterable[Callable[[grpc.aio.Server], str]], port: int,
-                     drain: Callable[[float], Awaitable[None]] | None = None) -> AioRunningServer:
+def start_aio_server(
+    settings: Settings,
+    service: str,
+    register: Iterable[Callable[[grpc.aio.Server], str]],
+    port: int,
+    drain: Callable[[float], Awaitable[None]] | None = None,
+) -> AioRunningServer:
     """Like start_server, for async handlers; each `register` gets a grpc.aio.Server.
     `drain(grace)`: see AioRunningServer.stop."""
     running = AioRunningServer(settings, service, register, port, drain)
     running.set_serving(True)
-    log_fields(log, 20, "grpc server started", component=service, port=running.port, services=running.service_names, flavour="aio")
+    log_fields(
+        log,
+        20,
+        "grpc server started",
+        component=service,
+        port=running.port,
+        services=running.service_names,
+        flavour="aio",
+    )
     return running
 
 
-def serve_until_signal(running: RunningServer | AioRunningServer, grace: float, on_stop: Callable[[], None] | None = None) -> None:
+def serve_until_signal(
+    running: RunningServer | AioRunningServer, grace: float, on_stop: Callable[[], None] | None = None
+) -> None:
     """Block until SIGTERM or SIGINT, then drain for `grace` seconds and return."""
     stop = threading.Event()
 
@@ -192,7 +220,9 @@ def wait_for_serving(target: str, timeout: float = 60.0, service: str = "", whil
         stub = health_pb2_grpc.HealthStub(channel)
         while time.monotonic() < deadline:
             if while_alive is not None and while_alive.poll() is not None:
-                raise RuntimeError(f"the server process exited with status {while_alive.returncode} before {target} was SERVING")
+                raise RuntimeError(
+                    f"the server process exited with status {while_alive.returncode} before {target} was SERVING"
+                )
             try:
                 reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=2)
                 if reply.status == health_pb2.HealthCheckResponse.SERVING:

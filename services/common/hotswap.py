@@ -27,13 +27,14 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import grpc
-
 from rlhf.v1 import events_pb2
+
 from services.common.bootstrap import ensure_seeded
 from services.common.bus import CheckpointFollower
 from services.common.checkpoints import CheckpointError, CheckpointStore, Manifest
@@ -146,8 +147,17 @@ class ModelSwitcher:
             self._follower = CheckpointFollower(self.settings, self.role, self._on_event)
             # Wait for the follower so no announcement is missed, but not forever when the
             # broker is down: the promoted-pointer poll covers that gap.
-            self._follower.start(wait=follow_wait if follow_wait is not None else min(15.0, 2 * self.settings.kafka_timeout_s))
-            log_fields(log, 20, "following checkpoint announcements", service=self.service, role=self.role, ready=self.following)
+            self._follower.start(
+                wait=follow_wait if follow_wait is not None else min(15.0, 2 * self.settings.kafka_timeout_s)
+            )
+            log_fields(
+                log,
+                20,
+                "following checkpoint announcements",
+                service=self.service,
+                role=self.role,
+                ready=self.following,
+            )
         return self.current
 
     def stop(self) -> None:
@@ -252,8 +262,15 @@ class ModelSwitcher:
                 raise CheckpointError(f"incompatible checkpoint {version}: {why} ({self._current.version})")
         loaded = Loaded(version, manifest, path, self._load_model(path, manifest), tokenizer)
         self._warmup(loaded)
-        log_fields(log, 20, "checkpoint ready", service=self.service, version=version, kind=manifest.kind,
-                   load_s=round(time.monotonic() - started, 3))
+        log_fields(
+            log,
+            20,
+            "checkpoint ready",
+            service=self.service,
+            version=version,
+            kind=manifest.kind,
+            load_s=round(time.monotonic() - started, 3),
+        )
         return loaded
 
     def _switch(self, loaded: Loaded) -> None:
@@ -262,14 +279,27 @@ class ModelSwitcher:
         self._on_switch(loaded)
         SERVING_VERSION.labels(self.service).info({"version": loaded.version, "kind": loaded.kind})
         SWAPS.labels(self.service, "switched").inc()
-        log_fields(log, 20, "serving version switched", service=self.service, version=loaded.version,
-                   previous=previous.version if previous else None)
+        log_fields(
+            log,
+            20,
+            "serving version switched",
+            service=self.service,
+            version=loaded.version,
+            previous=previous.version if previous else None,
+        )
 
     def _reject(self, version: str, reason: str) -> None:
         self.rejected[version] = reason
         SWAPS.labels(self.service, "rejected").inc()
-        log_fields(log, 30, "checkpoint rejected; keeping the serving version", service=self.service, version=version,
-                   reason=reason, serving=self._current.version if self._current else None)
+        log_fields(
+            log,
+            30,
+            "checkpoint rejected; keeping the serving version",
+            service=self.service,
+            version=version,
+            reason=reason,
+            serving=self._current.version if self._current else None,
+        )
 
     def model_info(self, backend: str = "local") -> dict:
         """The fields of rlhf.v1.ModelInfo."""

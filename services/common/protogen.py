@@ -5,7 +5,6 @@ regenerates into a temporary folder and fails if the committed code differs."""
 from __future__ import annotations
 
 import filecmp
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -19,7 +18,15 @@ SUFFIXES = ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py")
 def generate(out: Path) -> None:
     protos = sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*.proto"))
     include = Path(protoc.__file__).parent / "_proto"
-    args = ["protoc", f"--proto_path={ROOT}", f"--proto_path={include}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *protos]
+    args = [
+        "protoc",
+        f"--proto_path={ROOT}",
+        f"--proto_path={include}",
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        *protos,
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
 

@@ -19,7 +19,9 @@ def main() -> int:
     if not missing:
         return 0
     if os.geteuid() != 0 or not shutil.which("apt-get"):
-        print(f"note: {' '.join(missing)} missing; install them for the browser test (apt-get install {' '.join(missing)})")
+        print(
+            f"note: {' '.join(missing)} missing; install them for the browser test (apt-get install {' '.join(missing)})"
+        )
         return 0
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)

@@ -22,11 +22,11 @@ import json
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable
 
 from rlhf.v1 import events_pb2
+
 from services.common import bus
 from services.common.checkpoints import CheckpointStore
 from services.common.config import Settings, to_env
@@ -63,7 +63,9 @@ class RoundReport:
 
 
 class Controller:
-    def __init__(self, settings: Settings, executor: Executor, build_snapshot: Callable[[], str] | None = None, tgi_rollout=None):
+    def __init__(
+        self, settings: Settings, executor: Executor, build_snapshot: Callable[[], str] | None = None, tgi_rollout=None
+    ):
         self.settings = settings
         self.executor = executor
         self.tgi_rollout = tgi_rollout  # TgiRollout: TGI follows each promoted policy (RLHF_TGI_DEPLOYMENT)
@@ -125,7 +127,16 @@ class Controller:
         spec = JobSpec(
             name=name,
             trainer=trainer,
-            args=[*args, "--run-dir", str(run_dir), "--result-file", str(result_file), "--preset", self.settings.trainer_preset, *self._overrides(trainer)],
+            args=[
+                *args,
+                "--run-dir",
+                str(run_dir),
+                "--result-file",
+                str(result_file),
+                "--preset",
+                self.settings.trainer_preset,
+                *self._overrides(trainer),
+            ],
             result_file=str(result_file),
             env=to_env(self.settings),  # a job sees exactly the controller's configuration
             gpus=self.settings.trainer_gpus,
@@ -144,7 +155,9 @@ class Controller:
             if status.state == JobState.SUCCEEDED and result_file.exists():
                 result = json.loads(result_file.read_text())
                 result["run_dir"] = str(run_dir)
-                self.record("job_succeeded", job=name, trainer=trainer, attempt=attempt, version=result.get("version", ""))
+                self.record(
+                    "job_succeeded", job=name, trainer=trainer, attempt=attempt, version=result.get("version", "")
+                )
                 return result
             message = status.message or "finished without a result file"
             self.record("job_failed", job=name, trainer=trainer, attempt=attempt, of=attempts, reason=message)
@@ -153,7 +166,18 @@ class Controller:
     def evaluate(self, policy: str, snapshot: str) -> Evaluation:
         result = self.run_job(
             "evaluate",
-            ["--policy", policy, "--reference", self.state.sft, "--reward", self.state.rm, "--snapshot", snapshot, "--split", "validation"],
+            [
+                "--policy",
+                policy,
+                "--reference",
+                self.state.sft,
+                "--reward",
+                self.state.rm,
+                "--snapshot",
+                snapshot,
+                "--split",
+                "validation",
+            ],
             tag=f"eval-{policy.split('-')[0]}",
         )
         return Evaluation(policy, float(result["mean_reward"]), float(result["kl_to_reference"]), int(result["n"]))
@@ -167,13 +191,18 @@ class Controller:
             # moved; a TGI that could not be rolled keeps its older weights.
             try:
                 rolled = self.tgi_rollout.roll(version)
-                self.record("tgi_rolled" if rolled else "tgi_unchanged", version=version, deployment=self.tgi_rollout.name)
+                self.record(
+                    "tgi_rolled" if rolled else "tgi_unchanged", version=version, deployment=self.tgi_rollout.name
+                )
             except Exception as err:  # noqa: BLE001 - recorded; the next promotion tries again
                 self.record("tgi_roll_failed", version=version, deployment=self.tgi_rollout.name, error=str(err))
 
     def reject(self, version: str, reason: str) -> None:
         try:
-            bus.announce_checkpoint(self.settings, bus.checkpoint_event(self.settings, version, events_pb2.CheckpointEvent.TYPE_REJECTED, reason))
+            bus.announce_checkpoint(
+                self.settings,
+                bus.checkpoint_event(self.settings, version, events_pb2.CheckpointEvent.TYPE_REJECTED, reason),
+            )
         except Exception as err:  # noqa: BLE001 - the rejection is recorded locally either way
             log_fields(log, 30, "could not announce the rejection", error=str(err))
         self.record("rejected", version=version, reason=reason)
@@ -184,9 +213,13 @@ class Controller:
         new_demos = counts["demonstrations"] - self.state.demonstrations_at_sft
         new_comps = counts["comparisons"] - self.state.comparisons_at_rm
         scheduled = s.controller_schedule_s > 0 and time.time() - self.state.last_round_unix >= s.controller_schedule_s
-        want_sft = counts["demonstrations"] > 0 and (not self.state.sft or new_demos >= s.min_new_demonstrations or (scheduled and new_demos > 0))
-        want_rl = (bool(self.state.sft) or want_sft) and counts["comparisons"] > 0 and (
-            new_comps >= s.min_new_comparisons or (scheduled and new_comps > 0)
+        want_sft = counts["demonstrations"] > 0 and (
+            not self.state.sft or new_demos >= s.min_new_demonstrations or (scheduled and new_demos > 0)
+        )
+        want_rl = (
+            (bool(self.state.sft) or want_sft)
+            and counts["comparisons"] > 0
+            and (new_comps >= s.min_new_comparisons or (scheduled and new_comps > 0))
         )
         return want_sft, want_rl
 
@@ -238,14 +271,18 @@ class Controller:
         self.promote(rm["version"], f"new reward model; validation metrics {rm.get('metrics', {})}")
         self._save_state()
 
-        ppo = self.run_job("ppo", ["--snapshot", snapshot, "--sft", self.state.sft, "--reward", self.state.rm], tag="ppo")
+        ppo = self.run_job(
+            "ppo", ["--snapshot", snapshot, "--sft", self.state.sft, "--reward", self.state.rm], tag="ppo"
+        )
         report.trained["ppo"] = ppo["version"]
         report.run_dirs["ppo"] = ppo["run_dir"]
         serving = self.store.promoted("policy") or self.state.sft
         candidate = self.evaluate(ppo["version"], snapshot)
         incumbent = self.evaluate(serving, snapshot)
         report.evaluations = {"candidate": asdict(candidate), "incumbent": asdict(incumbent)}
-        decision: GateDecision = decide(candidate, incumbent, self.settings.gate_min_reward_gain, self.settings.gate_max_kl)
+        decision: GateDecision = decide(
+            candidate, incumbent, self.settings.gate_min_reward_gain, self.settings.gate_max_kl
+        )
         report.decision = asdict(decision)
         if decision.promote:
             self.promote(ppo["version"], decision.reason)

@@ -26,15 +26,15 @@ class JobState(str, enum.Enum):
 
 @dataclass
 class JobSpec:
-    name: str                      # unique, DNS-1123 friendly: e.g. "rm-r2-a1b2c3"
-    trainer: str                   # "sft" | "rm" | "ppo"
-    args: list[str]                # CLI arguments after `python -m trainers.<trainer>`
+    name: str  # unique, DNS-1123 friendly: e.g. "rm-r2-a1b2c3"
+    trainer: str  # "sft" | "rm" | "ppo"
+    args: list[str]  # CLI arguments after `python -m trainers.<trainer>`
     env: dict[str, str] = field(default_factory=dict)
-    gpus: int = 0                  # GPUs per process (0 = CPU)
-    nodes: int = 1                 # >1: multi-node torchrun (Indexed Job + headless Service)
-    procs_per_node: int = 1        # torchrun --nproc-per-node
-    result_file: str = ""          # where the trainer writes {"version": ..., "metrics": ...}
-    module: str = ""               # defaults to trainers.<trainer>
+    gpus: int = 0  # GPUs per process (0 = CPU)
+    nodes: int = 1  # >1: multi-node torchrun (Indexed Job + headless Service)
+    procs_per_node: int = 1  # torchrun --nproc-per-node
+    result_file: str = ""  # where the trainer writes {"version": ..., "metrics": ...}
+    module: str = ""  # defaults to trainers.<trainer>
 
     def __post_init__(self) -> None:
         self.module = self.module or f"trainers.{self.trainer}"

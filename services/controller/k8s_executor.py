@@ -63,19 +63,26 @@ _NOT_FOR_TRAINERS = {"RLHF_TOKENS", "RLHF_TOKENS_FILE"}
 
 # --- checks --------------------------------------------------------------------------
 
+
 def check_settings(settings: Settings) -> None:
     """Trainer pods see only the data claim; the state they share must lie on it."""
     mount = PurePosixPath(settings.data_mount)
     if not mount.is_absolute():
         raise ConfigError(f"RLHF_DATA_MOUNT={settings.data_mount!r} must be an absolute path")
-    for env, path in (("RLHF_HOME", settings.home), ("RLHF_CHECKPOINT_DIR", settings.checkpoint_dir), ("RLHF_DATASET_DIR", settings.dataset_dir)):
+    for env, path in (
+        ("RLHF_HOME", settings.home),
+        ("RLHF_CHECKPOINT_DIR", settings.checkpoint_dir),
+        ("RLHF_DATASET_DIR", settings.dataset_dir),
+    ):
         if not PurePosixPath(path).is_relative_to(mount):
             raise ConfigError(f"{env}={path} is not under RLHF_DATA_MOUNT={mount}; trainer pods could not see it")
 
 
 def _check_spec(spec: JobSpec, settings: Settings) -> None:
     if not _DNS_LABEL.fullmatch(spec.name):
-        raise ValueError(f"job name {spec.name!r} must be a DNS label: lowercase letters, digits and '-', starting with a letter")
+        raise ValueError(
+            f"job name {spec.name!r} must be a DNS label: lowercase letters, digits and '-', starting with a letter"
+        )
     # Pods are named "<job>-<index>" (Indexed Job) or "<job>-worker-<index>"
     # (PyTorchJob), and those names must stay DNS labels.
     suffix = len(f"-worker-{spec.nodes}") if settings.trainer_job_kind == "pytorchjob" else len(f"-{spec.nodes}")
@@ -88,10 +95,13 @@ def _check_spec(spec: JobSpec, settings: Settings) -> None:
     if spec.gpus < 0:
         raise ValueError(f"gpus={spec.gpus} must not be negative")
     if spec.result_file and not PurePosixPath(spec.result_file).is_relative_to(settings.data_mount):
-        raise ValueError(f"result_file={spec.result_file} is not under RLHF_DATA_MOUNT={settings.data_mount}; the controller could not read it")
+        raise ValueError(
+            f"result_file={spec.result_file} is not under RLHF_DATA_MOUNT={settings.data_mount}; the controller could not read it"
+        )
 
 
 # --- manifests ---------------------------------------------------------------------
+
 
 def _env_value(value: Any) -> str:
     if isinstance(value, bool):
@@ -120,11 +130,16 @@ def _command(spec: JobSpec, settings: Settings) -> list[str]:
         return ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", str(spec.procs_per_node), *target]
     return [
         "torchrun",
-        "--nnodes", str(spec.nodes),
-        "--nproc-per-node", str(spec.procs_per_node),
-        "--node-rank", "$(JOB_COMPLETION_INDEX)",  # expanded by the kubelet from the container's env
-        "--master-addr", f"{spec.name}-0.{spec.name}",
-        "--master-port", str(settings.torchrun_port),
+        "--nnodes",
+        str(spec.nodes),
+        "--nproc-per-node",
+        str(spec.procs_per_node),
+        "--node-rank",
+        "$(JOB_COMPLETION_INDEX)",  # expanded by the kubelet from the container's env
+        "--master-addr",
+        f"{spec.name}-0.{spec.name}",
+        "--master-port",
+        str(settings.torchrun_port),
         *target,
     ]
 
@@ -143,10 +158,14 @@ def _pod_template(spec: JobSpec, settings: Settings) -> dict:
     indexed = settings.trainer_job_kind == "job" and spec.nodes > 1
     env = [{"name": k, "value": v} for k, v in SCRATCH_ENV.items()]
     if indexed:
-        env.append({
-            "name": "JOB_COMPLETION_INDEX",
-            "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}},
-        })
+        env.append(
+            {
+                "name": "JOB_COMPLETION_INDEX",
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}
+                },
+            }
+        )
     if spec.gpus:
         env.append({"name": "RLHF_DEVICE", "value": "cuda"})
     env += [{"name": k, "value": v} for k, v in spec.env.items()]
@@ -267,6 +286,7 @@ def build_job_manifests(spec: JobSpec, settings: Settings) -> list[dict]:
 
 # --- status ----------------------------------------------------------------------------
 
+
 def job_status(job: dict) -> JobStatus:
     """The state of a Job or PyTorchJob, given as a dict (its API JSON)."""
     status = job.get("status") or {}
@@ -276,15 +296,20 @@ def job_status(job: dict) -> JobStatus:
         if cond.get("type") in ("Complete", "SuccessCriteriaMet", "Succeeded"):
             return JobStatus(JobState.SUCCEEDED, cond.get("message") or "", 0)
         if cond.get("type") in ("Failed", "FailureTarget"):
-            return JobStatus(JobState.FAILED, f"{cond.get('reason') or 'Failed'}: {cond.get('message') or ''}".rstrip(": "))
-    if status.get("active") or status.get("ready") or any(
-        c.get("type") == "Running" and c.get("status") == "True" for c in status.get("conditions") or []
+            return JobStatus(
+                JobState.FAILED, f"{cond.get('reason') or 'Failed'}: {cond.get('message') or ''}".rstrip(": ")
+            )
+    if (
+        status.get("active")
+        or status.get("ready")
+        or any(c.get("type") == "Running" and c.get("status") == "True" for c in status.get("conditions") or [])
     ):
         return JobStatus(JobState.RUNNING)
     return JobStatus(JobState.PENDING)
 
 
 # --- executor ----------------------------------------------------------------------------
+
 
 def kube_client():
     """A client for the Kubernetes API: in-cluster, else the local kubeconfig."""
@@ -335,7 +360,9 @@ class KubernetesExecutor(Executor):
 
     def _delete(self, name: str, propagation: str) -> None:
         if self.pytorchjob:
-            self.custom.delete_namespaced_custom_object(*PYTORCHJOB[:2], self.namespace, PYTORCHJOB[2], name, propagation_policy=propagation)
+            self.custom.delete_namespaced_custom_object(
+                *PYTORCHJOB[:2], self.namespace, PYTORCHJOB[2], name, propagation_policy=propagation
+            )
         else:
             self.batch.delete_namespaced_job(name, self.namespace, propagation_policy=propagation)
 
@@ -374,12 +401,29 @@ class KubernetesExecutor(Executor):
             self._create(job)
         if rest:
             uid = self._read(spec.name)["metadata"]["uid"]
-            owner = {"apiVersion": "batch/v1", "kind": "Job", "name": spec.name, "uid": uid, "controller": True, "blockOwnerDeletion": True}
+            owner = {
+                "apiVersion": "batch/v1",
+                "kind": "Job",
+                "name": spec.name,
+                "uid": uid,
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
             for service in rest:
                 service["metadata"]["ownerReferences"] = [owner]  # deleting the Job deletes it
                 self.core.create_namespaced_service(self.namespace, service)
-        log_fields(log, 20, "trainer job created", job=spec.name, kind=job["kind"], trainer=spec.trainer, nodes=spec.nodes,
-                   gpus=spec.gpus, image=self.settings.trainer_image, namespace=self.namespace)
+        log_fields(
+            log,
+            20,
+            "trainer job created",
+            job=spec.name,
+            kind=job["kind"],
+            trainer=spec.trainer,
+            nodes=spec.nodes,
+            gpus=spec.gpus,
+            image=self.settings.trainer_image,
+            namespace=self.namespace,
+        )
         return spec.name
 
     def status(self, handle: str) -> JobStatus:
@@ -389,7 +433,9 @@ class KubernetesExecutor(Executor):
             current = job_status(self._read(handle))
         except ApiException as err:
             if err.status == 404:
-                return JobStatus(JobState.FAILED, f"job {handle} not found (deleted, or removed after RLHF_TRAINER_TTL_S)")
+                return JobStatus(
+                    JobState.FAILED, f"job {handle} not found (deleted, or removed after RLHF_TRAINER_TTL_S)"
+                )
             raise
         return self._with_failure_detail(handle, current)
 
@@ -458,7 +504,9 @@ class KubernetesExecutor(Executor):
                 for cs in (pod.status.container_statuses or []) if pod.status else []:
                     term = cs.state.terminated if cs.state else None
                     if term and term.exit_code:
-                        tail = self.core.read_namespaced_pod_log(pod.metadata.name, self.namespace, tail_lines=self.LOG_LINES)
+                        tail = self.core.read_namespaced_pod_log(
+                            pod.metadata.name, self.namespace, tail_lines=self.LOG_LINES
+                        )
                         return JobStatus(JobState.FAILED, f"{status.message}\n{tail}".strip(), term.exit_code)
         except ApiException as err:
             log_fields(log, 30, "could not read the failed job's pods", job=handle, error=str(err.reason))

@@ -39,8 +39,12 @@ class LocalExecutor(Executor):
         env = {**self.base_env, **spec.env, "PYTHONUNBUFFERED": "1"}
         logfile = open(self.log_dir / f"{spec.name}.log", "ab")
         proc = subprocess.Popen(
-            argv, stdout=subprocess.PIPE if self.echo else logfile, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            argv,
+            stdout=subprocess.PIPE if self.echo else logfile,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
         )
         if self.echo:
             threading.Thread(target=self._tee, args=(proc, logfile), daemon=True).start()
@@ -82,8 +86,10 @@ class LocalExecutor(Executor):
             return JobStatus(JobState.RUNNING)
         if code == 0:
             return JobStatus(JobState.SUCCEEDED, exit_code=0)
-        reason = "cancelled" if handle in self._cancelled else (
-            f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
+        reason = (
+            "cancelled"
+            if handle in self._cancelled
+            else (f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}")
         )
         return JobStatus(JobState.FAILED, f"{reason}; log: {self.log_path(handle)}", exit_code=code)
 

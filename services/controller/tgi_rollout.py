@@ -66,7 +66,9 @@ class TgiRollout:
         try:
             deployment = self.apps.read_namespaced_deployment(self.name, self.namespace)
         except ApiException as err:
-            raise RolloutError(f"cannot read Deployment {self.namespace}/{self.name} (RLHF_TGI_DEPLOYMENT): {err.status} {err.reason}") from None
+            raise RolloutError(
+                f"cannot read Deployment {self.namespace}/{self.name} (RLHF_TGI_DEPLOYMENT): {err.status} {err.reason}"
+            ) from None
         containers = deployment.spec.template.spec.containers
         container = next((c for c in containers if any(_is_model_id(a) for a in c.args or [])), None)
         if container is None:
@@ -78,6 +80,15 @@ class TgiRollout:
         try:
             self.apps.patch_namespaced_deployment(self.name, self.namespace, patch)
         except ApiException as err:
-            raise RolloutError(f"cannot patch Deployment {self.namespace}/{self.name}: {err.status} {err.reason}") from None
-        log_fields(log, 20, "TGI deployment rolled to the promoted policy", deployment=self.name, version=version, model_id=path)
+            raise RolloutError(
+                f"cannot patch Deployment {self.namespace}/{self.name}: {err.status} {err.reason}"
+            ) from None
+        log_fields(
+            log,
+            20,
+            "TGI deployment rolled to the promoted policy",
+            deployment=self.name,
+            version=version,
+            model_id=path,
+        )
         return True

@@ -1,12 +1,12 @@
 """`python -m services.datasets`: build and inspect dataset snapshots.
 
-    build [--group G] [--timeout S]     consume what is new, write the cumulative
-                                        snapshot, commit; the last stdout line is its id
-    inspect topics [--group G] [--json] records per topic/partition (and the group's
-                                        lag), events per user, histogram of K
-    inspect snapshot [ID] [--json]      counts per split and kind, prompts per user,
-                                        histogram of K, what the rules dropped
-    list [--json]                       every snapshot, oldest first
+build [--group G] [--timeout S]     consume what is new, write the cumulative
+                                    snapshot, commit; the last stdout line is its id
+inspect topics [--group G] [--json] records per topic/partition (and the group's
+                                    lag), events per user, histogram of K
+inspect snapshot [ID] [--json]      counts per split and kind, prompts per user,
+                                    histogram of K, what the rules dropped
+list [--json]                       every snapshot, oldest first
 """
 
 from __future__ import annotations
@@ -22,13 +22,18 @@ from services.common.logs import configure_logging
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m services.datasets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m services.datasets", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     build = sub.add_parser("build", help="consume new events and write a snapshot")
     build.add_argument("--group", default=None, help="consumer group (default RLHF_DATASET_GROUP)")
     build.add_argument("--timeout", type=float, default=120.0, help="seconds to read before writing what was read")
     build.add_argument(
-        "--pause-before-commit", type=Path, default=None, metavar="FILE",
+        "--pause-before-commit",
+        type=Path,
+        default=None,
+        metavar="FILE",
         help="for crash tests: once the snapshot is durable, write its id to FILE and wait before committing offsets",
     )
     inspect = sub.add_parser("inspect", help="inspect the topics or a snapshot")
@@ -53,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             args.pause_before_commit.write_text(snapshot_id)
             time.sleep(3600)
 
-        snapshot_id = build_snapshot(settings, args.group, args.timeout, before_commit=pause if args.pause_before_commit else None)
+        snapshot_id = build_snapshot(
+            settings, args.group, args.timeout, before_commit=pause if args.pause_before_commit else None
+        )
         print(snapshot_id, flush=True)
         return 0
     if args.command == "inspect":
@@ -80,7 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     else:
         for m in manifests:
             train = m["counts"]["train"]
-            print(f"{m['snapshot_id']}  parent={m.get('parent') or '-'}  train: " + ", ".join(f"{k}={n}" for k, n in train.items()))
+            print(
+                f"{m['snapshot_id']}  parent={m.get('parent') or '-'}  train: "
+                + ", ".join(f"{k}={n}" for k, n in train.items())
+            )
     return 0
 
 

@@ -31,14 +31,15 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from google.protobuf.message import DecodeError, Message
-
 from rlhf.v1 import events_pb2
+
 from services.common import bus
 from services.common.config import Settings
 from services.common.datasets import KINDS, SnapshotStore
@@ -57,14 +58,24 @@ class BuildError(RuntimeError):
 
 def record_from_event(kind: str, event: Message) -> dict[str, Any]:
     """The builder's raw record of an event (the snapshot shape plus created_unix_ms)."""
-    base = {"event_id": event.event_id, "prompt_id": event.prompt_id, "user_id": event.user_id, "created_unix_ms": event.created_unix_ms}
+    base = {
+        "event_id": event.event_id,
+        "prompt_id": event.prompt_id,
+        "user_id": event.user_id,
+        "created_unix_ms": event.created_unix_ms,
+    }
     if kind == "prompts":
         return {**base, "text": event.text, "source": event.source}
     base.update(labeler_id=event.labeler_id, prompt_text=event.prompt_text)
     if kind == "demonstrations":
         return {**base, "response": event.response}
     if kind == "comparisons":
-        return {**base, "responses": [{"text": r.text, "policy_version": r.policy_version, "rank": r.rank} for r in event.responses]}
+        return {
+            **base,
+            "responses": [
+                {"text": r.text, "policy_version": r.policy_version, "rank": r.rank} for r in event.responses
+            ],
+        }
     return {
         **base,
         "response": event.response,
@@ -85,7 +96,7 @@ class BuilderState:
     snapshot_id: str = ""
 
     @classmethod
-    def load(cls, path: Path) -> "BuilderState":
+    def load(cls, path: Path) -> BuilderState:
         if not path.exists():
             return cls()
         data = json.loads(path.read_text())
@@ -97,7 +108,15 @@ class BuilderState:
     def save(self, path: Path) -> None:
         tmp = path.with_name(path.name + ".tmp")
         with open(tmp, "w") as fh:
-            json.dump({"offsets": self.offsets, "events": self.events, "deadlettered": self.deadlettered, "snapshot_id": self.snapshot_id}, fh)
+            json.dump(
+                {
+                    "offsets": self.offsets,
+                    "events": self.events,
+                    "deadlettered": self.deadlettered,
+                    "snapshot_id": self.snapshot_id,
+                },
+                fh,
+            )
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -161,13 +180,25 @@ class _Reader:
         if self.producer is None:
             self.producer = bus.make_producer(self.settings)
         event = events_pb2.DeadLetterEvent(
-            source_topic=record.topic, partition=record.partition, offset=record.offset, reason=reason,
-            payload=record.value or b"", created_unix_ms=int(time.time() * 1000),
+            source_topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+            payload=record.value or b"",
+            created_unix_ms=int(time.time() * 1000),
         )
         bus.publish(self.producer, self.topics, "deadletter", record.key or b"", event, self.settings.kafka_timeout_s)
         self.state.deadlettered.append(position)
         self.dead += 1
-        log_fields(log, 30, "record sent to the dead-letter topic", topic=record.topic, partition=record.partition, offset=record.offset, reason=reason)
+        log_fields(
+            log,
+            30,
+            "record sent to the dead-letter topic",
+            topic=record.topic,
+            partition=record.partition,
+            offset=record.offset,
+            reason=reason,
+        )
 
     def close(self) -> None:
         if self.producer is not None:
@@ -194,7 +225,9 @@ def build_snapshot(
     with _exclusive(path):
         state = BuilderState.load(path)
         bus.create_topics(settings)
-        consumer = bus.make_consumer(settings, group_id, request_timeout_ms=int(max(settings.kafka_timeout_s, 5) * 1000) + 1000)
+        consumer = bus.make_consumer(
+            settings, group_id, request_timeout_ms=int(max(settings.kafka_timeout_s, 5) * 1000) + 1000
+        )
         reader = _Reader(settings, state, Limits.from_settings(settings), topics)
         try:
             kind_of: dict[str, str] = {}
@@ -224,7 +257,12 @@ def build_snapshot(
                     for record in records:
                         reader.handle(kind_of[tp.topic], record)
             if not caught_up:
-                log_fields(log, 30, "build timed out before reaching the end offsets; snapshot covers what was read", timeout_s=timeout)
+                log_fields(
+                    log,
+                    30,
+                    "build timed out before reaching the end offsets; snapshot covers what was read",
+                    timeout_s=timeout,
+                )
             positions = {tp: consumer.position(tp) for tp in partitions}
             for tp, offset in positions.items():
                 state.offsets.setdefault(tp.topic, {})[str(tp.partition)] = offset
@@ -245,8 +283,16 @@ def build_snapshot(
                 before_commit(snapshot_id)
             consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in positions.items()})
             log_fields(
-                log, 20, "dataset snapshot built", snapshot=snapshot_id, group=group_id, read=reader.read, added=reader.added,
-                duplicates=reader.duplicates, dead_lettered=reader.dead, counts=manifest["counts"],
+                log,
+                20,
+                "dataset snapshot built",
+                snapshot=snapshot_id,
+                group=group_id,
+                read=reader.read,
+                added=reader.added,
+                duplicates=reader.duplicates,
+                dead_lettered=reader.dead,
+                counts=manifest["counts"],
             )
             return snapshot_id
         finally:

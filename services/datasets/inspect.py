@@ -101,7 +101,8 @@ def format_topics(report: dict[str, Any]) -> str:
     lines = ["topic                       records  undecodable  partitions (end offset / lag)"]
     for key, entry in report["topics"].items():
         parts = ", ".join(
-            f"{p}:{v['end_offset']}" + (f"/lag {v['lag']}" if "lag" in v else "") for p, v in entry["partitions"].items()
+            f"{p}:{v['end_offset']}" + (f"/lag {v['lag']}" if "lag" in v else "")
+            for p, v in entry["partitions"].items()
         )
         lines.append(f"{entry['name']:<27} {entry['records']:>7}  {entry['undecodable']:>11}  {parts}")
     lines.append("events per user (prompts by author, feedback by labeler):")
@@ -113,19 +114,28 @@ def format_topics(report: dict[str, Any]) -> str:
 
 
 def format_snapshot(report: dict[str, Any]) -> str:
-    lines = [f"snapshot {report['snapshot_id']} (parent {report['parent'] or '-'})", "split       users  " + "  ".join(f"{k:>14}" for k in KINDS)]
+    lines = [
+        f"snapshot {report['snapshot_id']} (parent {report['parent'] or '-'})",
+        "split       users  " + "  ".join(f"{k:>14}" for k in KINDS),
+    ]
     for split in SPLITS:
         counts = report["counts"][split]
-        lines.append(f"{split:<10} {report['users_per_split'][split]:>6}  " + "  ".join(f"{counts[k]:>14}" for k in KINDS))
+        lines.append(
+            f"{split:<10} {report['users_per_split'][split]:>6}  " + "  ".join(f"{counts[k]:>14}" for k in KINDS)
+        )
     lines.append("prompts per user:")
     for split in SPLITS:
         top = report["prompts_per_user"][split]
         lines.append(f"  {split}: " + (", ".join(f"{u}={n}" for u, n in top.items()) or "-"))
-    lines.append("K histogram: " + _hist(report["k_histogram"]) + f"  (comparisons with ties: {report['comparisons_with_ties']})")
+    lines.append(
+        "K histogram: " + _hist(report["k_histogram"]) + f"  (comparisons with ties: {report['comparisons_with_ties']})"
+    )
     rules = report["rules"]
     if rules:
-        lines.append(f"dropped: {rules.get('dropped', {})}  pending (prompt not yet seen): {rules.get('pending_unknown_prompt', {})}"
-                     f"  PII replacements in train: {rules.get('pii_replacements', 0)}")
+        lines.append(
+            f"dropped: {rules.get('dropped', {})}  pending (prompt not yet seen): {rules.get('pending_unknown_prompt', {})}"
+            f"  PII replacements in train: {rules.get('pii_replacements', 0)}"
+        )
     return "\n".join(lines)
 
 

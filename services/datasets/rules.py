@@ -21,8 +21,9 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter, defaultdict
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from services.common.config import Settings
 from services.common.datasets import KINDS, SPLITS
@@ -39,7 +40,7 @@ class RuleParams:
     test_fraction: float = 0.1
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "RuleParams":
+    def from_settings(cls, settings: Settings) -> RuleParams:
         return cls(
             settings.dataset_max_prompts_per_user,
             settings.dataset_dedup_prefix_chars,
@@ -49,6 +50,7 @@ class RuleParams:
 
 
 # --- split --------------------------------------------------------------------
+
 
 def split_of(user_id: str, params: RuleParams) -> str:
     """The split of a user: a pure function of the user ID and the fractions."""
@@ -78,8 +80,8 @@ _CARD = re.compile(r"(?<![\d-])\d(?:[ -]?\d){12,18}(?![\d-])")
 _SSN = re.compile(r"(?<![\d-])\d{3}-\d{2}-\d{4}(?![\d-])")
 _PHONE = re.compile(
     r"(?<![\w+])(?:"
-    r"\+\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){2,5}"                 # international: +44 20 7946 0958
-    r"|(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}"           # North American: (555) 123-4567
+    r"\+\d{1,3}(?:[\s.-]?\(?\d{1,4}\)?){2,5}"  # international: +44 20 7946 0958
+    r"|(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}"  # North American: (555) 123-4567
     r")(?!\w)"
 )
 _IPV4 = re.compile(r"(?<![\d.])(?:(?:25[0-5]|2[0-4]\d|1?\d?\d)\.){3}(?:25[0-5]|2[0-4]\d|1?\d?\d)(?![\d.])")
@@ -134,6 +136,7 @@ def scrub_record(kind: str, record: Record) -> tuple[Record, int]:
 
 # --- the whole pipeline -------------------------------------------------------------
 
+
 def _order(record: Record) -> tuple:
     return (record.get("created_unix_ms", 0), record["event_id"])
 
@@ -143,7 +146,9 @@ def _public(record: Record) -> Record:
     return {k: v for k, v in record.items() if k != "created_unix_ms"}
 
 
-def apply_rules(events: Mapping[str, Iterable[Record]], params: RuleParams) -> tuple[dict[str, dict[str, list[Record]]], dict[str, Any]]:
+def apply_rules(
+    events: Mapping[str, Iterable[Record]], params: RuleParams
+) -> tuple[dict[str, dict[str, list[Record]]], dict[str, Any]]:
     """Accumulated records per kind -> ({split: {kind: [records]}}, report).
 
     Input records carry `created_unix_ms`; feedback records carry the
@@ -160,8 +165,12 @@ def apply_rules(events: Mapping[str, Iterable[Record]], params: RuleParams) -> t
         for record in feedback[kind]:
             if record["prompt_id"] not in prompts and record.get("user_id"):
                 prompts[record["prompt_id"]] = {
-                    "event_id": record["event_id"], "prompt_id": record["prompt_id"], "user_id": record["user_id"],
-                    "text": record["prompt_text"], "source": "labeler", "created_unix_ms": record.get("created_unix_ms", 0),
+                    "event_id": record["event_id"],
+                    "prompt_id": record["prompt_id"],
+                    "user_id": record["user_id"],
+                    "text": record["prompt_text"],
+                    "source": "labeler",
+                    "created_unix_ms": record.get("created_unix_ms", 0),
                 }
 
     # 2. prefix de-duplication, earliest first; 3. the per-user cap

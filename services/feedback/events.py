@@ -19,8 +19,8 @@ import uuid
 from dataclasses import dataclass
 
 from google.protobuf.message import Message
-
 from rlhf.v1 import events_pb2, feedback_pb2
+
 from services.common.auth import Identity
 from services.feedback import validation as v
 
@@ -97,7 +97,11 @@ def prepare(kind: str, request: Message, identity: Identity, limits: v.Limits) -
             v.check_likert(request.likert)
             v.check_flags(request.flags)
             event = events_pb2.LabelEvent(
-                response=request.response, policy_version=request.policy_version, likert=request.likert, flags=request.flags, **common
+                response=request.response,
+                policy_version=request.policy_version,
+                likert=request.likert,
+                flags=request.flags,
+                **common,
             )
         else:
             raise KeyError(kind)
@@ -109,7 +113,9 @@ def prepare(kind: str, request: Message, identity: Identity, limits: v.Limits) -
     return Prepared(kind, event, request_fingerprint(kind, request))
 
 
-def _prompt_event(request: feedback_pb2.LogPromptRequest, identity: Identity, limits: v.Limits) -> events_pb2.PromptEvent:
+def _prompt_event(
+    request: feedback_pb2.LogPromptRequest, identity: Identity, limits: v.Limits
+) -> events_pb2.PromptEvent:
     v.check_messages(request.messages, limits)
     v.check_text(request.text, "text", limits, required=False)
     if not request.text.strip() and not request.messages:

@@ -82,11 +82,11 @@ class LibrdkafkaProducer:
     def __init__(self, settings: Settings):
         self._config = {
             "bootstrap.servers": settings.kafka_bootstrap,
-            "enable.idempotence": True,        # implies acks=all, bounded in-flight, retries
+            "enable.idempotence": True,  # implies acks=all, bounded in-flight, retries
             "acks": "all",
             "linger.ms": 1,
-            "partitioner": "murmur2_random",   # same partition per key as Java / kafka-python clients
-            "socket.nagle.disable": True,      # acks are latency-bound: send small requests at once
+            "partitioner": "murmur2_random",  # same partition per key as Java / kafka-python clients
+            "socket.nagle.disable": True,  # acks are latency-bound: send small requests at once
             # Give up on a record about when its caller gives up on it, so a
             # record we reported UNAVAILABLE is rarely written much later.
             "message.timeout.ms": int(settings.kafka_timeout_s * 1000),
@@ -141,13 +141,17 @@ class LibrdkafkaProducer:
         left = self._producer.flush(timeout)  # serves the last callbacks on this thread
         self._dispatch()
         if left:
-            log_fields(log, 30, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", records=left)
+            log_fields(
+                log, 30, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", records=left
+            )
 
     def _on_error(self, err) -> None:
         """librdkafka's error callback (inside poll): log; note fatal errors."""
         if err.fatal():
             self._broken = self._producer
-        log_fields(log, 40 if err.fatal() else 30, "kafka client error", code=err.name(), error=err.str(), fatal=err.fatal())
+        log_fields(
+            log, 40 if err.fatal() else 30, "kafka client error", code=err.name(), error=err.str(), fatal=err.fatal()
+        )
 
     def _dispatch(self) -> None:
         batch = []

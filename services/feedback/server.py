@@ -19,13 +19,13 @@ waits without a thread per call (see services/common/grpc_server.py).
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import grpc
 from google.protobuf.message import DecodeError, Message
-
 from rlhf.v1 import feedback_pb2
+
 from services.common import bus
 from services.common.auth import Authenticator, Identity, load_tokens
 from services.common.config import Settings
@@ -41,7 +41,12 @@ from services.feedback.validation import InvalidField, Limits, locate_bad_utf8
 log = get_logger(__name__)
 
 SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
-UNARY_METHODS = {"LogPrompt": "prompts", "SubmitDemonstration": "demonstrations", "SubmitComparison": "comparisons", "SubmitLabels": "labels"}
+UNARY_METHODS = {
+    "LogPrompt": "prompts",
+    "SubmitDemonstration": "demonstrations",
+    "SubmitComparison": "comparisons",
+    "SubmitLabels": "labels",
+}
 
 
 _END = object()  # the bulk request stream ended
@@ -117,7 +122,9 @@ class FeedbackServicer:
         return handle
 
     # --- bulk import --------------------------------------------------------------
-    async def BulkSubmit(self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> AsyncIterator[feedback_pb2.SubmitReply]:
+    async def BulkSubmit(
+        self, request_iterator: AsyncIterator[bytes], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[feedback_pb2.SubmitReply]:
         """One reply per item, in order, each after the broker acknowledged it.
 
         A reader task receives, validates and sends items while this one
@@ -134,7 +141,11 @@ class FeedbackServicer:
         await self._admit(context, identity, "bulk")
         validate_first = VALIDATE_FIRST in (context.invocation_metadata() or ())
         try:
-            replies = self._whole(request_iterator, context, identity) if validate_first else self._bulk(request_iterator, context, identity)
+            replies = (
+                self._whole(request_iterator, context, identity)
+                if validate_first
+                else self._bulk(request_iterator, context, identity)
+            )
             async for reply in replies:
                 yield reply
         finally:
@@ -147,7 +158,9 @@ class FeedbackServicer:
         try:
             async for raw in request_iterator:
                 if len(prepared) == window:
-                    raise InvalidField("items", f"a validate-first stream holds at most {window} items (RLHF_FEEDBACK_BULK_WINDOW)")
+                    raise InvalidField(
+                        "items", f"a validate-first stream holds at most {window} items (RLHF_FEEDBACK_BULK_WINDOW)"
+                    )
                 prepared.append(self._prepare_item(len(prepared), raw, identity))
         except InvalidField as err:
             await self._refuse(context, Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)), identity, "bulk")
@@ -182,12 +195,22 @@ class FeedbackServicer:
     async def _admit(self, context, identity: Identity, kind: str) -> None:
         """Count the call in, or refuse it: shutting down, or RLHF_FEEDBACK_MAX_CALLS in progress."""
         if self.draining:
-            await self._refuse(context, Refusal(grpc.StatusCode.UNAVAILABLE, "the feedback service is shutting down; retry"), identity, kind)
+            await self._refuse(
+                context,
+                Refusal(grpc.StatusCode.UNAVAILABLE, "the feedback service is shutting down; retry"),
+                identity,
+                kind,
+            )
         if self.calls >= self.settings.feedback_max_calls:
-            await self._refuse(context, Refusal(
-                grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"{self.calls} feedback calls in progress (RLHF_FEEDBACK_MAX_CALLS={self.settings.feedback_max_calls}); retry with backoff",
-            ), identity, kind)
+            await self._refuse(
+                context,
+                Refusal(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{self.calls} feedback calls in progress (RLHF_FEEDBACK_MAX_CALLS={self.settings.feedback_max_calls}); retry with backoff",
+                ),
+                identity,
+                kind,
+            )
         self.calls += 1
 
     async def _bulk(self, request_iterator, context, identity: Identity) -> AsyncIterator[feedback_pb2.SubmitReply]:
@@ -239,7 +262,11 @@ class FeedbackServicer:
 
     def _abandon(self, item: _Pending) -> None:
         if item.owner and not item.entry.done.is_set():
-            self.cache.fail(item.prepared.event_id, item.entry, Refusal(grpc.StatusCode.UNAVAILABLE, "bulk stream ended before the ack"))
+            self.cache.fail(
+                item.prepared.event_id,
+                item.entry,
+                Refusal(grpc.StatusCode.UNAVAILABLE, "bulk stream ended before the ack"),
+            )
 
     def _prepare_item(self, index: int, raw: bytes, identity: Identity) -> Prepared:
         item = parse(raw, feedback_pb2.BulkItem, f"items[{index}]")
@@ -249,7 +276,10 @@ class FeedbackServicer:
         kind = BULK_KINDS[which]
         role = KINDS[kind][2]
         if not identity.may(role):
-            raise Refusal(grpc.StatusCode.PERMISSION_DENIED, f"items[{index}].{which}: role {identity.role!r} may not submit this; needs {role!r}")
+            raise Refusal(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"items[{index}].{which}: role {identity.role!r} may not submit this; needs {role!r}",
+            )
         try:
             return prepare(kind, getattr(item, which), identity, self.limits)
         except InvalidField as err:
@@ -290,7 +320,9 @@ class FeedbackServicer:
             except Refusal:
                 raise
             except Exception as err:
-                raise Refusal(grpc.StatusCode.UNAVAILABLE, f"the first request with this request_id was not acknowledged: {err}") from None
+                raise Refusal(
+                    grpc.StatusCode.UNAVAILABLE, f"the first request with this request_id was not acknowledged: {err}"
+                ) from None
         try:
             if item.future.done():  # common in bulk imports: acked while earlier replies were written
                 written = item.future.result()
@@ -319,7 +351,15 @@ class FeedbackServicer:
         return max(0.01, limit)
 
     async def _refuse(self, context, err: Refusal, identity: Identity | None, kind: str) -> None:
-        log_fields(log, 20, "feedback refused", code=err.code.name, error=str(err), kind=kind, user_id=identity.user_id if identity else "")
+        log_fields(
+            log,
+            20,
+            "feedback refused",
+            code=err.code.name,
+            error=str(err),
+            kind=kind,
+            user_id=identity.user_id if identity else "",
+        )
         await context.abort(err.code, str(err))
 
 

@@ -9,20 +9,20 @@ dead-letter topic). Every failure names the field and the limit.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
-
 from rlhf.v1 import events_pb2
+
 from services.common.config import Settings
 
 # InstructGPT's labeling interface: K = 4..9 ranked outputs; we accept 2..9 so
 # a pairwise comparison is possible too.
 MIN_K, MAX_K = 2, 9
 MIN_LIKERT, MAX_LIKERT = 1, 7
-MAX_ID_CHARS = 128          # request ids, prompt ids, policy versions, sources
-MAX_MESSAGES = 64           # chat turns in one logged prompt
+MAX_ID_CHARS = 128  # request ids, prompt ids, policy versions, sources
+MAX_MESSAGES = 64  # chat turns in one logged prompt
 CHAT_ROLES = ("system", "user", "assistant")
 # ids: no whitespace, no control characters (C0, DEL, C1)
 _PRINTABLE_TOKEN = re.compile(r"[^\s\x00-\x1f\x7f-\x9f]*")
@@ -37,7 +37,7 @@ class InvalidField(ValueError):
         self.field = field
         self.message = message
 
-    def within(self, prefix: str) -> "InvalidField":
+    def within(self, prefix: str) -> InvalidField:
         """The same error, its field seen from an enclosing message (`items[3].comparison`)."""
         return InvalidField(f"{prefix}.{self.field}", self.message)
 
@@ -48,7 +48,7 @@ class Limits:
     max_metadata_bytes: int = 4096
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> "Limits":
+    def from_settings(cls, settings: Settings) -> Limits:
         return cls(settings.feedback_max_text_bytes, settings.feedback_max_metadata_bytes)
 
 
@@ -57,7 +57,9 @@ def check_text(value: str, field: str, limits: Limits, required: bool = True) ->
         raise InvalidField(field, "must not be empty")
     size = len(value.encode("utf-8", "surrogatepass"))
     if size > limits.max_text_bytes:
-        raise InvalidField(field, f"is {size} bytes; the limit is {limits.max_text_bytes} (RLHF_FEEDBACK_MAX_TEXT_BYTES)")
+        raise InvalidField(
+            field, f"is {size} bytes; the limit is {limits.max_text_bytes} (RLHF_FEEDBACK_MAX_TEXT_BYTES)"
+        )
     if "\x00" in value:  # NUL breaks tokenizers and most downstream tools
         raise InvalidField(field, "must not contain NUL characters")
 
@@ -93,7 +95,9 @@ def check_messages(messages: Sequence, limits: Limits) -> None:
 def check_metadata(metadata: dict[str, str], limits: Limits) -> None:
     size = sum(len(k.encode()) + len(v.encode()) for k, v in metadata.items())
     if size > limits.max_metadata_bytes:
-        raise InvalidField("metadata", f"is {size} bytes; the limit is {limits.max_metadata_bytes} (RLHF_FEEDBACK_MAX_METADATA_BYTES)")
+        raise InvalidField(
+            "metadata", f"is {size} bytes; the limit is {limits.max_metadata_bytes} (RLHF_FEEDBACK_MAX_METADATA_BYTES)"
+        )
 
 
 def check_ranked_responses(responses: Sequence[events_pb2.RankedResponse], limits: Limits) -> None:
@@ -110,7 +114,8 @@ def check_ranked_responses(responses: Sequence[events_pb2.RankedResponse], limit
         check_id(response.policy_version, f"responses[{i}].policy_version", required=True)
         if not 1 <= response.rank <= k:
             raise InvalidField(
-                f"responses[{i}].rank", f"is {response.rank}; every response needs a rank between 1 (best) and K={k}; equal ranks are ties"
+                f"responses[{i}].rank",
+                f"is {response.rank}; every response needs a rank between 1 (best) and K={k}; equal ranks are ties",
             )
     if min(r.rank for r in responses) != 1:
         raise InvalidField("responses", "the ranking has no best response (no rank 1)")
@@ -132,6 +137,7 @@ def check_flags(flags: Iterable[int]) -> None:
 
 
 # --- events (what the dataset builder reads back) ------------------------------
+
 
 def check_event(kind: str, event, limits: Limits) -> None:
     """Raise InvalidField if an event read from `kind`'s topic breaks the rules."""
@@ -157,6 +163,7 @@ def check_event(kind: str, event, limits: Limits) -> None:
 
 
 # --- undecodable requests --------------------------------------------------------
+
 
 def locate_bad_utf8(data: bytes, descriptor: Descriptor, path: str = "") -> str | None:
     """Walk protobuf wire bytes and name the first string field that is not

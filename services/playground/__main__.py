@@ -13,11 +13,24 @@ from services.playground.app import create_app
 def main() -> None:
     settings = exit_on_config_error(load_settings)
     configure_logging("playground", settings.log_level)
-    log_fields(get_logger(__name__), 20, "playground starting", host=settings.bind_host, port=settings.playground_port,
-               policy=settings.policy_target, feedback=settings.feedback_target)
+    log_fields(
+        get_logger(__name__),
+        20,
+        "playground starting",
+        host=settings.bind_host,
+        port=settings.playground_port,
+        policy=settings.policy_target,
+        feedback=settings.feedback_target,
+    )
     # uvicorn drains open requests on SIGTERM; log_config=None keeps our JSON logs.
-    uvicorn.run(create_app(settings), host=settings.bind_host, port=settings.playground_port,
-                log_config=None, access_log=False, timeout_graceful_shutdown=10)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.bind_host,
+        port=settings.playground_port,
+        log_config=None,
+        access_log=False,
+        timeout_graceful_shutdown=10,
+    )
 
 
 if __name__ == "__main__":

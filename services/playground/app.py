@@ -35,9 +35,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
-
 from rlhf.v1 import feedback_pb2, policy_pb2
-from services.common.auth import AuthError, Authenticator, load_tokens
+
+from services.common.auth import Authenticator, AuthError, load_tokens
 from services.common.config import Settings
 from services.common.logs import get_logger, log_fields
 from services.playground.client import (
@@ -252,20 +252,24 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
                     if message.token.text and not message.token.special:
                         yield sse("token", {"text": message.token.text, "model_version": message.model_version})
                     if message.finish_reason:
-                        yield sse("done", {
-                            "text": message.generated_text,
-                            "model_version": message.model_version,
-                            "finish_reason": policy_pb2.FinishReason.Name(message.finish_reason),
-                            "completion_tokens": message.usage.completion_tokens,
-                        })
+                        yield sse(
+                            "done",
+                            {
+                                "text": message.generated_text,
+                                "model_version": message.model_version,
+                                "finish_reason": policy_pb2.FinishReason.Name(message.finish_reason),
+                                "completion_tokens": message.usage.completion_tokens,
+                            },
+                        )
                     message = await run_in_threadpool(next_or_error, call)
             except PlaygroundError as err:
                 yield sse("error", error_body(err)["error"])
             finally:
                 call.cancel()  # the reader left (or we are done): free the policy's slot at once
 
-        return StreamingResponse(events(), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        )
 
     @app.post("/api/samples")
     async def samples(body: SamplesBody, request: Request):
@@ -281,17 +285,29 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
     async def comparison(body: ComparisonBody, request: Request):
         token = identify(request)
         return await run_in_threadpool(
-            client.submit_comparison, token, body.request_id, body.prompt_text,
-            [r.text for r in body.responses], [r.rank for r in body.responses],
-            [r.policy_version for r in body.responses], body.prompt_id,
+            client.submit_comparison,
+            token,
+            body.request_id,
+            body.prompt_text,
+            [r.text for r in body.responses],
+            [r.rank for r in body.responses],
+            [r.policy_version for r in body.responses],
+            body.prompt_id,
         )
 
     @app.post("/api/labels")
     async def labels(body: LabelsBody, request: Request):
         token = identify(request)
         return await run_in_threadpool(
-            client.submit_labels, token, body.request_id, body.prompt_text, body.response,
-            body.policy_version, body.likert, body.flags, body.prompt_id,
+            client.submit_labels,
+            token,
+            body.request_id,
+            body.prompt_text,
+            body.response,
+            body.policy_version,
+            body.likert,
+            body.flags,
+            body.prompt_id,
         )
 
     @app.post("/api/submission")
@@ -302,17 +318,43 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
         items = []
         if body.comparison:
             c = body.comparison
-            items.append(feedback_pb2.BulkItem(comparison=comparison_request(
-                c.request_id, c.prompt_text, [r.text for r in c.responses], [r.rank for r in c.responses],
-                [r.policy_version for r in c.responses], c.prompt_id)))
+            items.append(
+                feedback_pb2.BulkItem(
+                    comparison=comparison_request(
+                        c.request_id,
+                        c.prompt_text,
+                        [r.text for r in c.responses],
+                        [r.rank for r in c.responses],
+                        [r.policy_version for r in c.responses],
+                        c.prompt_id,
+                    )
+                )
+            )
         for lab in body.labels:
-            items.append(feedback_pb2.BulkItem(labels=labels_request(
-                lab.request_id, lab.prompt_text, lab.response, lab.policy_version, lab.likert, lab.flags, lab.prompt_id)))
+            items.append(
+                feedback_pb2.BulkItem(
+                    labels=labels_request(
+                        lab.request_id,
+                        lab.prompt_text,
+                        lab.response,
+                        lab.policy_version,
+                        lab.likert,
+                        lab.flags,
+                        lab.prompt_id,
+                    )
+                )
+            )
         if body.demonstration:
             d = body.demonstration
-            items.append(feedback_pb2.BulkItem(demonstration=demonstration_request(d.request_id, d.prompt_text, d.response, d.prompt_id)))
+            items.append(
+                feedback_pb2.BulkItem(
+                    demonstration=demonstration_request(d.request_id, d.prompt_text, d.response, d.prompt_id)
+                )
+            )
         if not items:
-            raise PlaygroundError(grpc.StatusCode.INVALID_ARGUMENT, "nothing to submit: give a comparison, labels or a demonstration")
+            raise PlaygroundError(
+                grpc.StatusCode.INVALID_ARGUMENT, "nothing to submit: give a comparison, labels or a demonstration"
+            )
         return {"replies": await run_in_threadpool(client.submit_together, token, items)}
 
     @app.post("/api/demonstration")

@@ -15,12 +15,13 @@ import getpass
 import json
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 import grpc
-
 from rlhf.v1 import policy_pb2
+
 from services.common.config import exit_on_config_error, load_settings
 from services.common.logs import configure_logging
 from services.playground.client import (
@@ -155,8 +156,9 @@ def ask_until_valid(term: Terminal, prompt: str, parse: Callable[[str], object],
 
 
 # --------------------------------------------------------------- modes
-def stream_answer(client: PlaygroundClient, term: Terminal, prompt: str, messages: list[dict] | None,
-                  options: GenerationOptions) -> str | None:
+def stream_answer(
+    client: PlaygroundClient, term: Terminal, prompt: str, messages: list[dict] | None, options: GenerationOptions
+) -> str | None:
     """Print one answer as it streams; return its final text (None if stopped or refused)."""
     call = client.stream(prompt, messages, options)
     final = None
@@ -202,7 +204,9 @@ def run_chat(client: PlaygroundClient, term: Terminal, token: str, options: Gene
             continue
         messages = history + [{"role": "user", "content": text}] if chat else None
         try:
-            logged = client.log_prompt(token, prompt="" if chat else text, messages=messages, mode="chat" if chat else "prompt")
+            logged = client.log_prompt(
+                token, prompt="" if chat else text, messages=messages, mode="chat" if chat else "prompt"
+            )
         except PlaygroundError as err:
             term.error(err)
             if err.code in FATAL:
@@ -229,7 +233,7 @@ def read_batch(path: Path) -> list[tuple[int, dict]]:
         except json.JSONDecodeError as err:
             raise InputError(f"{path}:{number}: not JSON ({err.msg})") from None
         if not isinstance(record, dict) or not (record.get("prompt") or record.get("messages")):
-            raise InputError(f"{path}:{number}: each line needs a \"prompt\" string or a \"messages\" list")
+            raise InputError(f'{path}:{number}: each line needs a "prompt" string or a "messages" list')
         items.append((number, {"prompt": record.get("prompt", ""), "messages": record.get("messages")}))
     return items
 
@@ -250,7 +254,9 @@ def run_batch(client: PlaygroundClient, term: Terminal, token: str, path: Path) 
         # same file records nothing twice.
         request_id = request_id_for("batch", content_key, str(number))
         try:
-            reply = client.log_prompt(token, prompt=item["prompt"], messages=item.get("messages"), mode="batch", request_id=request_id)
+            reply = client.log_prompt(
+                token, prompt=item["prompt"], messages=item.get("messages"), mode="batch", request_id=request_id
+            )
         except PlaygroundError as err:
             failed += 1
             bar.write(f"error: {path.name}:{number}: {term.describe(err)}", file=term.err)
@@ -259,13 +265,17 @@ def run_batch(client: PlaygroundClient, term: Terminal, token: str, path: Path) 
             continue
         logged += 1
         duplicates += reply["duplicate"]
-        bar.write(json.dumps({"line": number, "event_id": reply["event_id"], "duplicate": reply["duplicate"]}), file=term.out)
+        bar.write(
+            json.dumps({"line": number, "event_id": reply["event_id"], "duplicate": reply["duplicate"]}), file=term.out
+        )
     bar.close()
     term.say(f"logged {logged} prompt(s) from {path} ({duplicates} already recorded), {failed} failed")
     return 1 if failed else 0
 
 
-def label_one(client: PlaygroundClient, term: Terminal, token: str, prompt: str, k: int, options: GenerationOptions) -> bool:
+def label_one(
+    client: PlaygroundClient, term: Terminal, token: str, prompt: str, k: int, options: GenerationOptions
+) -> bool:
     """Label one prompt; False when input ended."""
     try:
         batch = client.samples(token, prompt, k, options)
@@ -285,30 +295,61 @@ def label_one(client: PlaygroundClient, term: Terminal, token: str, prompt: str,
     # The ranking goes to the service as typed; if it refuses (a sample left
     # out, a bad K) its message is shown and the labeler tries again.
     while True:
-        ranks = ask_until_valid(term, f"ranking, best first ({LETTERS[0]}..{LETTERS[k - 1]}, '=' marks a tie)> ",
-                                lambda s: parse_ranking(s, k))
+        ranks = ask_until_valid(
+            term,
+            f"ranking, best first ({LETTERS[0]}..{LETTERS[k - 1]}, '=' marks a tie)> ",
+            lambda s: parse_ranking(s, k),
+        )
         if ranks is None:
             return False
         try:
-            submitted("ranking", client.submit_comparison(
-                token, batch_id + "-cmp", prompt, batch.texts, ranks, batch.model_version, prompt_id=batch.prompt_event_id))
+            submitted(
+                "ranking",
+                client.submit_comparison(
+                    token,
+                    batch_id + "-cmp",
+                    prompt,
+                    batch.texts,
+                    ranks,
+                    batch.model_version,
+                    prompt_id=batch.prompt_event_id,
+                ),
+            )
             break
         except PlaygroundError as err:
             term.error(err)
             if err.code in FATAL:
                 return True
 
-    likert = ask_until_valid(term, f"Likert scores {LIKERT_MIN}-{LIKERT_MAX}, e.g. 'A=6 C=2' (blank skips)> ",
-                             lambda s: parse_likert(s, k), allow_blank=True)
-    flags = ask_until_valid(term, "flags, e.g. 'B:hallucination,harmful_advice' (blank skips)> ",
-                            lambda s: parse_flags(s, k), allow_blank=True)
+    likert = ask_until_valid(
+        term,
+        f"Likert scores {LIKERT_MIN}-{LIKERT_MAX}, e.g. 'A=6 C=2' (blank skips)> ",
+        lambda s: parse_likert(s, k),
+        allow_blank=True,
+    )
+    flags = ask_until_valid(
+        term,
+        "flags, e.g. 'B:hallucination,harmful_advice' (blank skips)> ",
+        lambda s: parse_flags(s, k),
+        allow_blank=True,
+    )
     if likert is None or flags is None:
         return False
     for i in sorted(set(likert) | set(flags)):
         try:
-            submitted(f"labels for {LETTERS[i]}", client.submit_labels(
-                token, f"{batch_id}-lab-{i}", prompt, batch.texts[i], batch.model_version, likert.get(i, 0), flags.get(i, []),
-                prompt_id=batch.prompt_event_id))
+            submitted(
+                f"labels for {LETTERS[i]}",
+                client.submit_labels(
+                    token,
+                    f"{batch_id}-lab-{i}",
+                    prompt,
+                    batch.texts[i],
+                    batch.model_version,
+                    likert.get(i, 0),
+                    flags.get(i, []),
+                    prompt_id=batch.prompt_event_id,
+                ),
+            )
         except PlaygroundError as err:
             term.error(err)
 
@@ -325,7 +366,10 @@ def label_one(client: PlaygroundClient, term: Terminal, token: str, prompt: str,
         demo = (batch.texts[index] + demo[2:]).strip()
     if demo:
         try:
-            submitted("demonstration", client.submit_demonstration(token, batch_id + "-demo", prompt, demo, prompt_id=batch.prompt_event_id))
+            submitted(
+                "demonstration",
+                client.submit_demonstration(token, batch_id + "-demo", prompt, demo, prompt_id=batch.prompt_event_id),
+            )
         except PlaygroundError as err:
             term.error(err)
     return True
@@ -348,7 +392,9 @@ def run_label(client: PlaygroundClient, term: Terminal, token: str, k: int, opti
 
 # --------------------------------------------------------------- entry point
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="rlhf-playground", description="Prompt the policy and label its answers from a terminal.")
+    parser = argparse.ArgumentParser(
+        prog="rlhf-playground", description="Prompt the policy and label its answers from a terminal."
+    )
     parser.add_argument("--token", help="bearer token (asked for without echo when left out)")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0: the server's default")
     parser.add_argument("--temperature", type=float, default=None, help="default: the server's (labeling: 1.0)")

@@ -14,12 +14,12 @@ rank K = 4..9 samples per prompt.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator, Sequence
 
 import grpc
-
 from rlhf.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
+
 from services.common.auth import bearer
 from services.common.config import Settings
 from services.common.grpc_server import channel_options
@@ -52,7 +52,7 @@ class PlaygroundError(Exception):
         self.service = service
 
     @classmethod
-    def from_rpc(cls, err: grpc.RpcError, service: str) -> "PlaygroundError":
+    def from_rpc(cls, err: grpc.RpcError, service: str) -> PlaygroundError:
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         details = err.details() if hasattr(err, "details") else str(err)
         return cls(code or grpc.StatusCode.UNKNOWN, details or (code.name if code else "unknown error"), service)
@@ -87,8 +87,8 @@ def request_id_for(*parts: str) -> str:
 
 @dataclass
 class GenerationOptions:
-    max_new_tokens: int = 0            # 0: the server's default
-    temperature: float | None = None   # None: the server's default
+    max_new_tokens: int = 0  # 0: the server's default
+    temperature: float | None = None  # None: the server's default
     top_p: float | None = None
     seed: int | None = None
 
@@ -152,12 +152,14 @@ class PlaygroundClient:
 
         Iterating raises grpc.RpcError; `next_or_error` converts it.
         """
-        request = policy_pb2.GenerateRequest(prompt=prompt, messages=_messages(messages),
-                                             parameters=(options or GenerationOptions()).to_proto(1))
+        request = policy_pb2.GenerateRequest(
+            prompt=prompt, messages=_messages(messages), parameters=(options or GenerationOptions()).to_proto(1)
+        )
         return self.policy.GenerateStream(request, timeout=GENERATE_TIMEOUT_S)
 
-    def samples(self, token: str, prompt: str, k: int, options: GenerationOptions | None = None,
-                request_id: str = "") -> Samples:
+    def samples(
+        self, token: str, prompt: str, k: int, options: GenerationOptions | None = None, request_id: str = ""
+    ) -> Samples:
         """Log the prompt, then ask the policy for K samples to rank."""
         check_k(k)
         logged = self.log_prompt(token, prompt=prompt, mode="label", request_id=request_id)
@@ -167,7 +169,9 @@ class PlaygroundClient:
         except grpc.RpcError as err:
             raise PlaygroundError.from_rpc(err, "policy") from None
         if len(reply.samples) != k:
-            raise PlaygroundError(grpc.StatusCode.INTERNAL, f"asked the policy for {k} samples, got {len(reply.samples)}", "policy")
+            raise PlaygroundError(
+                grpc.StatusCode.INTERNAL, f"asked the policy for {k} samples, got {len(reply.samples)}", "policy"
+            )
         return Samples(
             prompt_event_id=logged["event_id"],
             model_version=reply.model_version,
@@ -181,13 +185,16 @@ class PlaygroundClient:
             reply = getattr(self.feedback, method)(request, metadata=bearer(token), timeout=SUBMIT_TIMEOUT_S)
         except grpc.RpcError as err:
             error = PlaygroundError.from_rpc(err, "feedback")
-            log_fields(log, 20, "feedback refused a submission", method=method, code=error.code.name, error=error.message)
+            log_fields(
+                log, 20, "feedback refused a submission", method=method, code=error.code.name, error=error.message
+            )
             raise error from None
         log_fields(log, 20, "submitted", method=method, event_id=reply.event_id, duplicate=reply.duplicate)
         return reply_dict(reply)
 
-    def log_prompt(self, token: str, prompt: str = "", messages: list[dict] | None = None, mode: str = "chat",
-                   request_id: str = "") -> dict:
+    def log_prompt(
+        self, token: str, prompt: str = "", messages: list[dict] | None = None, mode: str = "chat", request_id: str = ""
+    ) -> dict:
         request = feedback_pb2.LogPromptRequest(
             request_id=request_id or new_request_id(),
             text=prompt,
@@ -211,31 +218,54 @@ class PlaygroundClient:
         """One labeling submission (ranking, labels, demonstration) as one
         validate-first BulkSubmit: a bad item writes none of them."""
         try:
-            replies = list(self.feedback.BulkSubmit(iter(items), metadata=[*bearer(token), VALIDATE_FIRST], timeout=SUBMIT_TIMEOUT_S))
+            replies = list(
+                self.feedback.BulkSubmit(
+                    iter(items), metadata=[*bearer(token), VALIDATE_FIRST], timeout=SUBMIT_TIMEOUT_S
+                )
+            )
         except grpc.RpcError as err:
             error = PlaygroundError.from_rpc(err, "feedback")
-            log_fields(log, 20, "feedback refused a submission", method="BulkSubmit", code=error.code.name, error=error.message)
+            log_fields(
+                log, 20, "feedback refused a submission", method="BulkSubmit", code=error.code.name, error=error.message
+            )
             raise error from None
         log_fields(log, 20, "submitted", method="BulkSubmit", event_ids=[r.event_id for r in replies])
         return [reply_dict(r) for r in replies]
 
 
-def comparison_request(request_id: str, prompt_text: str, texts: Sequence[str], ranks: Sequence[int],
-                       policy_version: str | Sequence[str], prompt_id: str = "") -> feedback_pb2.SubmitComparisonRequest:
+def comparison_request(
+    request_id: str,
+    prompt_text: str,
+    texts: Sequence[str],
+    ranks: Sequence[int],
+    policy_version: str | Sequence[str],
+    prompt_id: str = "",
+) -> feedback_pb2.SubmitComparisonRequest:
     versions = [policy_version] * len(texts) if isinstance(policy_version, str) else list(policy_version)
     return feedback_pb2.SubmitComparisonRequest(
         request_id=request_id,
         prompt_id=prompt_id,
         prompt_text=prompt_text,
-        responses=[events_pb2.RankedResponse(text=t, policy_version=v, rank=r) for t, v, r in zip(texts, versions, ranks)],
+        responses=[
+            events_pb2.RankedResponse(text=t, policy_version=v, rank=r) for t, v, r in zip(texts, versions, ranks)
+        ],
     )
 
 
-def labels_request(request_id: str, prompt_text: str, response: str, policy_version: str, likert: int = 0,
-                   flags: Sequence[str] = (), prompt_id: str = "") -> feedback_pb2.SubmitLabelsRequest:
+def labels_request(
+    request_id: str,
+    prompt_text: str,
+    response: str,
+    policy_version: str,
+    likert: int = 0,
+    flags: Sequence[str] = (),
+    prompt_id: str = "",
+) -> feedback_pb2.SubmitLabelsRequest:
     unknown = [f for f in flags if f not in FLAG_NAMES]
     if unknown:
-        raise PlaygroundError(grpc.StatusCode.INVALID_ARGUMENT, f"flags: unknown flag {unknown[0]!r}; known: {', '.join(FLAG_NAMES)}")
+        raise PlaygroundError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"flags: unknown flag {unknown[0]!r}; known: {', '.join(FLAG_NAMES)}"
+        )
     return feedback_pb2.SubmitLabelsRequest(
         request_id=request_id,
         prompt_id=prompt_id,
@@ -247,13 +277,19 @@ def labels_request(request_id: str, prompt_text: str, response: str, policy_vers
     )
 
 
-def demonstration_request(request_id: str, prompt_text: str, response: str, prompt_id: str = "") -> feedback_pb2.SubmitDemonstrationRequest:
-    return feedback_pb2.SubmitDemonstrationRequest(request_id=request_id, prompt_id=prompt_id, prompt_text=prompt_text, response=response)
+def demonstration_request(
+    request_id: str, prompt_text: str, response: str, prompt_id: str = ""
+) -> feedback_pb2.SubmitDemonstrationRequest:
+    return feedback_pb2.SubmitDemonstrationRequest(
+        request_id=request_id, prompt_id=prompt_id, prompt_text=prompt_text, response=response
+    )
 
 
 def check_k(k: int) -> None:
     if not MIN_K <= k <= MAX_K:
-        raise PlaygroundError(grpc.StatusCode.INVALID_ARGUMENT, f"k (num_samples) must be between {MIN_K} and {MAX_K}, got {k}")
+        raise PlaygroundError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"k (num_samples) must be between {MIN_K} and {MAX_K}, got {k}"
+        )
 
 
 def new_request_id() -> str:

@@ -98,7 +98,9 @@ class Cohort:
         horizon = max([r.horizon for r in self.rows] + [extra_horizon, 0])
         return (len(self.rows) + extra_rows) * horizon
 
-    def merge(self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, rows: list[_Row], last: torch.Tensor) -> None:
+    def merge(
+        self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, rows: list[_Row], last: torch.Tensor
+    ) -> None:
         """Add prefilled rows, left-padding whichever side is shorter."""
         if not self.rows:
             self.cache, self.mask, self.rows, self.last = DynamicCache(ddp_cache_data=kv), mask, list(rows), last
@@ -238,7 +240,7 @@ class Engine:
         except Exception as err:
             log.exception("generation step failed", extra={"fields": {"version": cohort.version, "error": str(err)}})
             reqs = {id(r.req): r.req for r in cohort.rows}
-            for req in (args[0] if args else []):
+            for req in args[0] if args else []:
                 reqs[id(req)] = req
             for req in reqs.values():
                 req.fail(grpc.StatusCode.INTERNAL, f"generation failed: {err}")
@@ -299,7 +301,10 @@ class Engine:
         prefills = {i: self._score_prompt(cohort, reqs[i].prompt_ids, out.hidden_states[-1][i]) for i in scored}
         reps = torch.tensor([r.params.num_samples for r in reqs], device=cohort.device)
         logits = out.logits[:, -1].float().repeat_interleave(reps, 0)
-        kv = [(k.repeat_interleave(reps, 0), v.repeat_interleave(reps, 0)) for k, v in out.past_key_values.to_legacy_cache()]
+        kv = [
+            (k.repeat_interleave(reps, 0), v.repeat_interleave(reps, 0))
+            for k, v in out.past_key_values.to_legacy_cache()
+        ]
         mask = mask.repeat_interleave(reps, 0)
         rows = []
         for n, req in enumerate(reqs):
@@ -322,9 +327,13 @@ class Engine:
         logits = cohort.model.get_output_embeddings()(hidden[-n:-1]).float()
         targets = torch.tensor(prompt_ids[1:], device=logits.device)
         scores = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1).tolist()
-        texts = cohort.tokenizer.batch_decode([[t] for t in prompt_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        texts = cohort.tokenizer.batch_decode(
+            [[t] for t in prompt_ids], skip_special_tokens=False, clean_up_tokenization_spaces=False
+        )
         special = cohort.special_ids
-        return [TokenOut(t, texts[j], None if j == 0 else scores[j - 1], t in special) for j, t in enumerate(prompt_ids)]
+        return [
+            TokenOut(t, texts[j], None if j == 0 else scores[j - 1], t in special) for j, t in enumerate(prompt_ids)
+        ]
 
     def _decode(self, cohort: Cohort) -> None:
         self._drop_abandoned(cohort)
@@ -367,9 +376,14 @@ class Engine:
         cohort.keep(keep)
 
     # --- sampling -----------------------------------------------------------
-    def _sample_and_advance(self, cohort: Cohort, rows: list[_Row], logits: torch.Tensor) -> tuple[torch.Tensor, list[bool]]:
+    def _sample_and_advance(
+        self, cohort: Cohort, rows: list[_Row], logits: torch.Tensor
+    ) -> tuple[torch.Tensor, list[bool]]:
         next_ids, logprobs = sample(logits, rows)
-        done = [self._advance(cohort, row, int(next_ids[i]), logprobs[i] if logprobs is not None else None) for i, row in enumerate(rows)]
+        done = [
+            self._advance(cohort, row, int(next_ids[i]), logprobs[i] if logprobs is not None else None)
+            for i, row in enumerate(rows)
+        ]
         return next_ids, done
 
     def _advance(self, cohort: Cohort, row: _Row, token: int, logprobs: torch.Tensor | None) -> bool:
@@ -385,7 +399,7 @@ class Engine:
         else:
             full = cohort.tokenizer.decode(row.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
             # Hold back an incomplete UTF-8 character until its last byte arrives.
-            piece = "" if full.endswith("\ufffd") else full[len(row.text):]
+            piece = "" if full.endswith("\ufffd") else full[len(row.text) :]
             old_len = len(row.text)
             if piece:
                 row.text = row.text + piece

@@ -12,8 +12,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Union
+from typing import Union
 
 import grpc
 
@@ -106,7 +107,7 @@ class EventQueue:
     """A blocking sink for threads (gRPC handlers, the TGI backend's tests)."""
 
     def __init__(self) -> None:
-        self._q: "queue.Queue[Event]" = queue.Queue()
+        self._q: queue.Queue[Event] = queue.Queue()
 
     def __call__(self, event: Event) -> None:
         self._q.put(event)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import grpc
 import torch
-
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+
 from services.common.auth import Authenticator, load_tokens
 from services.common.checkpoints import Manifest
 from services.common.config import Settings
@@ -60,7 +60,9 @@ class LocalBackend:
         def warmup(loaded: Loaded) -> None:
             # One tiny prefill + decode, so the first real request pays no first-call cost.
             with torch.inference_mode():
-                ids = torch.tensor([loaded.tokenizer("Hello", add_special_tokens=False).input_ids or [0]], device=device)
+                ids = torch.tensor(
+                    [loaded.tokenizer("Hello", add_special_tokens=False).input_ids or [0]], device=device
+                )
                 out = loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1)
                 loaded.model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
 
@@ -98,7 +100,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.auth = auth
 
     # --- request building ---------------------------------------------------
-    def _build(self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext, stream: bool) -> tuple[GenRequest, EventQueue]:
+    def _build(
+        self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext, stream: bool
+    ) -> tuple[GenRequest, EventQueue]:
         p = request.parameters
         params = validate(
             self.settings,
@@ -114,7 +118,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             prompt_logprobs=p.return_prompt_logprobs,
         )
         if stream and params.prompt_logprobs:
-            raise invalid("parameters.return_prompt_logprobs is for Generate; GenerateStream does not return prompt scores")
+            raise invalid(
+                "parameters.return_prompt_logprobs is for Generate; GenerateStream does not return prompt scores"
+            )
         messages = None
         if request.messages:
             if request.prompt:
@@ -159,7 +165,9 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                 return policy_pb2.GenerateResponse(
                     samples=[_sample_pb(samples[i]) for i in sorted(samples)],
                     model_version=event.version,
-                    usage=policy_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+                    usage=policy_pb2.Usage(
+                        prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens
+                    ),
                     prompt_tokens=[_token_pb(t) for t in event.prefill],
                 )
         context.abort(grpc.StatusCode.INTERNAL, "generation ended without a result")
@@ -274,6 +282,13 @@ def start(settings: Settings, port: int = 0, http_port: int | None = 0, follow: 
         from services.policy.tgi_http import HttpServer
 
         http = HttpServer(settings, backend, http_port).start()
-    log_fields(log, 20, "policy service ready", port=running.port, http_port=http.port if http else None,
-               version=backend.version, backend=backend.name)
+    log_fields(
+        log,
+        20,
+        "policy service ready",
+        port=running.port,
+        http_port=http.port if http else None,
+        version=backend.version,
+        backend=backend.name,
+    )
     return PolicyHandle(running, backend, http)

@@ -16,8 +16,8 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import httpx
@@ -83,7 +83,9 @@ class TgiBackend:
                 self._info, self._info_at = reply.json(), now
             except (httpx.HTTPError, ValueError) as err:
                 if not self._info:
-                    raise ServingError(grpc.StatusCode.UNAVAILABLE, f"TGI at RLHF_TGI_URL={self.url} is unavailable: {err}") from None
+                    raise ServingError(
+                        grpc.StatusCode.UNAVAILABLE, f"TGI at RLHF_TGI_URL={self.url} is unavailable: {err}"
+                    ) from None
         return self._info
 
     @property
@@ -92,17 +94,24 @@ class TgiBackend:
 
     def model_info(self) -> dict:
         info = self.info()
-        return dict(version=self.version, kind="", manifest_json="", pinned_version="",
-                    available_versions=[], backend=self.name) | ({"kind": info["kind"]} if "kind" in info else {})
+        return dict(
+            version=self.version, kind="", manifest_json="", pinned_version="", available_versions=[], backend=self.name
+        ) | ({"kind": info["kind"]} if "kind" in info else {})
 
     def pin(self, version: str):
-        raise ServingError(grpc.StatusCode.FAILED_PRECONDITION, "this policy service generates through TGI (RLHF_TGI_URL); pin versions on the TGI server")
+        raise ServingError(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            "this policy service generates through TGI (RLHF_TGI_URL); pin versions on the TGI server",
+        )
 
     # --- generation ---------------------------------------------------------
     def submit(self, req: GenRequest) -> None:
         with self._lock:
             if self._pending >= self.settings.max_batch + self.settings.max_queue:
-                raise ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"the request queue is full ({self.settings.max_queue} waiting, RLHF_MAX_QUEUE); retry later")
+                raise ServingError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the request queue is full ({self.settings.max_queue} waiting, RLHF_MAX_QUEUE); retry later",
+                )
             self._pending += 1
         self._pool.submit(self._run, req)
 
@@ -129,7 +138,10 @@ class TgiBackend:
         version = self.version
         timeout = 600 if req.deadline is None else max(1, int(req.deadline - time.monotonic()) + 1)
         client = AsyncClient(self.url, timeout=timeout)
-        tasks = [asyncio.create_task(self._sample(client, req, index, seed, version)) for index, seed in enumerate(req.params.sample_seeds())]
+        tasks = [
+            asyncio.create_task(self._sample(client, req, index, seed, version))
+            for index, seed in enumerate(req.params.sample_seeds())
+        ]
         if req.params.prompt_logprobs:  # TGI scores the prompt only in a non-streaming reply
             tasks.append(asyncio.create_task(self._prefill(client, req)))
         try:

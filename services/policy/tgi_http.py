@@ -32,7 +32,17 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from services.common.config import Settings
 from services.common.logs import get_logger
 from services.common.metrics import RPC_LATENCY, RPC_REQUESTS
-from services.policy.params import FINISH_EOS, FINISH_STOP, MAX_STOP_SEQUENCES, SampleOut, ServingError, TokenOut, check_prompt, invalid, validate
+from services.policy.params import (
+    FINISH_EOS,
+    FINISH_STOP,
+    MAX_STOP_SEQUENCES,
+    SampleOut,
+    ServingError,
+    TokenOut,
+    check_prompt,
+    invalid,
+    validate,
+)
 from services.policy.request import Failed, Finished, GenRequest, SampleDone, Token
 
 log = get_logger(__name__)
@@ -48,7 +58,9 @@ _UNSUPPORTED = ("typical_p", "frequency_penalty", "top_n_tokens", "grammar")
 
 def _error(err: ServingError, version: str = "") -> JSONResponse:
     status, kind = _ERRORS.get(err.code, (424, "generation"))
-    return JSONResponse({"error": err.message, "error_type": kind}, status_code=status, headers={"x-model-version": version})
+    return JSONResponse(
+        {"error": err.message, "error_type": kind}, status_code=status, headers={"x-model-version": version}
+    )
 
 
 class _Parsed:
@@ -73,7 +85,11 @@ class _Parsed:
             value = params.get(name)
             if value is None:
                 return None
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or (kind is int and not float(value).is_integer())
+            ):
                 raise invalid(f"`{name}` must be a{'n integer' if kind is int else ' number'}; got {value!r}")
             return kind(value)
 
@@ -86,7 +102,13 @@ class _Parsed:
         truncate = number("truncate", int)
         best_of = number("best_of", int) or 1
         # TGI's rules: these must be strictly positive when given.
-        for name, value in (("temperature", temperature), ("top_k", top_k), ("truncate", truncate), ("best_of", best_of), ("max_new_tokens", max_new)):
+        for name, value in (
+            ("temperature", temperature),
+            ("top_k", top_k),
+            ("truncate", truncate),
+            ("best_of", best_of),
+            ("max_new_tokens", max_new),
+        ):
             if value is not None and value <= 0:
                 raise invalid(f"`{name}` must be strictly positive; got {value}")
         if top_p is not None and not 0.0 < top_p <= 1.0:
@@ -97,7 +119,13 @@ class _Parsed:
         if len(stop) > MAX_STOP_SEQUENCES:
             raise invalid(f"`stop` has {len(stop)} sequences; the limit is {MAX_STOP_SEQUENCES}")
         # TGI samples when asked to, or when any sampling knob moves off neutral.
-        sampling = bool(params.get("do_sample")) or best_of > 1 or (temperature not in (None, 1.0)) or bool(top_k) or (top_p not in (None, 1.0))
+        sampling = (
+            bool(params.get("do_sample"))
+            or best_of > 1
+            or (temperature not in (None, 1.0))
+            or bool(top_k)
+            or (top_p not in (None, 1.0))
+        )
         if best_of > 1 and seed is not None:
             raise invalid("`seed` must not be set when `best_of` is > 1")
         self.stream = bool(body.get("stream"))
@@ -179,8 +207,13 @@ def build_app(settings: Settings, backend) -> FastAPI:
     def submit(parsed: _Parsed, stream: bool) -> tuple[GenRequest, asyncio.Queue]:
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req = GenRequest(parsed.prompt_ids, parsed.params, lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-                         stream=stream, prompt_text=parsed.inputs)
+        req = GenRequest(
+            parsed.prompt_ids,
+            parsed.params,
+            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            stream=stream,
+            prompt_text=parsed.inputs,
+        )
         backend.submit(req)
         return req, events
 
@@ -198,7 +231,7 @@ def build_app(settings: Settings, backend) -> FastAPI:
             while True:
                 try:
                     event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     if await request.is_disconnected():
                         return Response(status_code=499)
                     continue
@@ -237,8 +270,13 @@ def build_app(settings: Settings, backend) -> FastAPI:
                 while True:
                     event = await events.get()
                     if isinstance(event, Token):
-                        message: dict[str, Any] = {"index": 0, "token": _token_json(event.token), "top_tokens": None,
-                                                   "generated_text": None, "details": None}
+                        message: dict[str, Any] = {
+                            "index": 0,
+                            "token": _token_json(event.token),
+                            "top_tokens": None,
+                            "generated_text": None,
+                            "details": None,
+                        }
                         if event.final is not None:
                             message["generated_text"] = parsed.text(event.final)
                             message["details"] = {
@@ -332,12 +370,19 @@ class HttpServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((settings.bind_host, port))
         self.port = self.sock.getsockname()[1]
-        config = uvicorn.Config(build_app(settings, backend), log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=int(settings.grpc_grace_s))
+        config = uvicorn.Config(
+            build_app(settings, backend),
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=int(settings.grpc_grace_s),
+        )
         self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, name="policy-http", daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [self.sock]}, name="policy-http", daemon=True
+        )
 
-    def start(self, timeout: float = 30.0) -> "HttpServer":
+    def start(self, timeout: float = 30.0) -> HttpServer:
         self.thread.start()
         deadline = time.monotonic() + timeout
         while not self.server.started:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import grpc
 import torch
-
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+
 from services.common.auth import Authenticator, load_tokens
 from services.common.checkpoints import Manifest
 from services.common.config import Settings
@@ -86,8 +86,10 @@ class Scorer:
             if self._stopping:
                 raise ScoreError(grpc.StatusCode.UNAVAILABLE, "the reward service is shutting down")
             if len(self._jobs) >= self.settings.max_queue:
-                raise ScoreError(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                 f"the scoring queue is full ({self.settings.max_queue} waiting, RLHF_MAX_QUEUE); retry later")
+                raise ScoreError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the scoring queue is full ({self.settings.max_queue} waiting, RLHF_MAX_QUEUE); retry later",
+                )
             self._jobs.append(job)
             QUEUE_DEPTH.labels(SERVICE).set(len(self._jobs))
             self._cv.notify()
@@ -152,7 +154,7 @@ class Scorer:
         items.sort(key=lambda item: len(item[2]))  # similar lengths together: less padding
         step = self.settings.reward_batch
         for start in range(0, len(items), step):
-            chunk = items[start:start + step]
+            chunk = items[start : start + step]
             scores = score_sequences(loaded.model, [seq for _, _, seq in chunk], loaded.tokenizer.pad_token_id)
             self.forward_passes += 1
             BATCH_SIZE.labels(SERVICE).observe(len(chunk))
@@ -172,13 +174,18 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         if not request.responses:
             raise ScoreError(grpc.StatusCode.INVALID_ARGUMENT, "responses is empty; send at least one response")
         if len(request.responses) > s.reward_max_responses:
-            raise ScoreError(grpc.StatusCode.INVALID_ARGUMENT,
-                             f"responses has {len(request.responses)} entries; the limit is {s.reward_max_responses} (RLHF_REWARD_MAX_RESPONSES)")
+            raise ScoreError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"responses has {len(request.responses)} entries; the limit is {s.reward_max_responses} (RLHF_REWARD_MAX_RESPONSES)",
+            )
         messages = None
         if request.messages:
             for i, m in enumerate(request.messages):
                 if m.role not in CHAT_ROLES:
-                    raise ScoreError(grpc.StatusCode.INVALID_ARGUMENT, f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {m.role!r}")
+                    raise ScoreError(
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {m.role!r}",
+                    )
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
         elif not request.prompt.strip():
             raise ScoreError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty (set prompt or messages)")

@@ -18,14 +18,14 @@ from __future__ import annotations
 
 import random
 import zlib
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import grpc
+from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 from tqdm import tqdm
 
-from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
 from services.common.auth import bearer
 from services.common.bus import read_topic
 from services.common.config import Settings
@@ -87,8 +87,15 @@ class LabelerPool:
     """The simulated labelling team. Each call takes fresh prompts from the
     queue, so demonstrations and comparisons label different prompts."""
 
-    def __init__(self, population: Population, feedback: grpc.Channel, policy: grpc.Channel | None = None,
-                 prompts: Sequence[QueuedPrompt] = (), seed: int = 0, timeout: float = 120.0):
+    def __init__(
+        self,
+        population: Population,
+        feedback: grpc.Channel,
+        policy: grpc.Channel | None = None,
+        prompts: Sequence[QueuedPrompt] = (),
+        seed: int = 0,
+        timeout: float = 120.0,
+    ):
         if not population.labelers:
             raise ValueError("the population has no labelers (n_labelers=0)")
         self.labelers: list[SimUser] = population.labelers
@@ -108,7 +115,7 @@ class LabelerPool:
         return len(self.queue) - self.cursor
 
     def _take(self, n: int) -> list[QueuedPrompt]:
-        batch = self.queue[self.cursor:self.cursor + n]
+        batch = self.queue[self.cursor : self.cursor + n]
         self.cursor += len(batch)
         return batch
 
@@ -124,8 +131,11 @@ class LabelerPool:
             labeler = self._labeler(i)
             reply = self.feedback.SubmitDemonstration(
                 feedback_pb2.SubmitDemonstrationRequest(
-                    request_id=f"sim-demo-{p.prompt_id}", prompt_id=p.prompt_id, prompt_text=p.text, response=response),
-                metadata=bearer(labeler.token), timeout=self.timeout)
+                    request_id=f"sim-demo-{p.prompt_id}", prompt_id=p.prompt_id, prompt_text=p.text, response=response
+                ),
+                metadata=bearer(labeler.token),
+                timeout=self.timeout,
+            )
             stats.submitted += 1
             stats.duplicates += reply.duplicate
             scores.append(gold_score(p.text, response))
@@ -133,8 +143,17 @@ class LabelerPool:
         log_fields(log, 20, "demonstrations submitted", submitted=stats.submitted, duplicates=stats.duplicates)
         return stats
 
-    def compare(self, n: int, k: int = 4, *, max_new_tokens: int = 48, temperature: float = 1.0, top_p: float = 1.0,
-                concurrency: int = 4, progress: bool = True) -> LabelStats:
+    def compare(
+        self,
+        n: int,
+        k: int = 4,
+        *,
+        max_new_tokens: int = 48,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        concurrency: int = 4,
+        progress: bool = True,
+    ) -> LabelStats:
         """Rank K policy samples for each of the next n prompts by gold score.
 
         Empty and repeated samples are dropped first. A prompt left with
@@ -153,13 +172,26 @@ class LabelerPool:
 
         def sample(i_p: tuple[int, QueuedPrompt]):
             i, p = i_p
-            params = policy_pb2.GenerationParameters(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                                     num_samples=k, seed=zlib.crc32(f"{self.seed}:{p.prompt_id}".encode()))
-            return i, p, self.policy.Generate(policy_pb2.GenerateRequest(prompt=p.text, parameters=params), timeout=self.timeout)
+            params = policy_pb2.GenerationParameters(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                num_samples=k,
+                seed=zlib.crc32(f"{self.seed}:{p.prompt_id}".encode()),
+            )
+            return (
+                i,
+                p,
+                self.policy.Generate(
+                    policy_pb2.GenerateRequest(prompt=p.text, parameters=params), timeout=self.timeout
+                ),
+            )
 
         with ThreadPoolExecutor(max_workers=max(1, concurrency)) as pool:
             results = pool.map(sample, enumerate(prompts))
-            for i, p, generated in tqdm(results, total=len(prompts), desc="labelers: rank samples", unit="prompt", disable=not progress):
+            for i, p, generated in tqdm(
+                results, total=len(prompts), desc="labelers: rank samples", unit="prompt", disable=not progress
+            ):
                 # The service refuses empty or repeated responses in a ranking; a
                 # labeler would only see distinct answers anyway.
                 texts = list({s.text.strip(): s.text for s in generated.samples if s.text.strip()}.values())
@@ -168,15 +200,31 @@ class LabelerPool:
                 if len(texts) < 2 or len(set(ranks)) == 1:
                     stats.skipped_all_tied += 1
                     continue
-                responses = [events_pb2.RankedResponse(text=t, policy_version=generated.model_version, rank=r) for t, r in zip(texts, ranks)]
+                responses = [
+                    events_pb2.RankedResponse(text=t, policy_version=generated.model_version, rank=r)
+                    for t, r in zip(texts, ranks)
+                ]
                 reply = self.feedback.SubmitComparison(
                     feedback_pb2.SubmitComparisonRequest(
-                        request_id=f"sim-cmp-{p.prompt_id}-k{k}", prompt_id=p.prompt_id, prompt_text=p.text, responses=responses),
-                    metadata=bearer(self._labeler(i).token), timeout=self.timeout)
+                        request_id=f"sim-cmp-{p.prompt_id}-k{k}",
+                        prompt_id=p.prompt_id,
+                        prompt_text=p.text,
+                        responses=responses,
+                    ),
+                    metadata=bearer(self._labeler(i).token),
+                    timeout=self.timeout,
+                )
                 stats.submitted += 1
                 stats.duplicates += reply.duplicate
                 ranked_scores += [gold_score(p.text, t) for t in texts]
         stats.mean_gold = sum(ranked_scores) / len(ranked_scores) if ranked_scores else 0.0
-        log_fields(log, 20, "comparisons submitted", submitted=stats.submitted, skipped_all_tied=stats.skipped_all_tied,
-                   mean_gold=round(stats.mean_gold, 4), policy_versions=sorted(stats.policy_versions))
+        log_fields(
+            log,
+            20,
+            "comparisons submitted",
+            submitted=stats.submitted,
+            skipped_all_tied=stats.skipped_all_tied,
+            mean_gold=round(stats.mean_gold, 4),
+            policy_versions=sorted(stats.policy_versions),
+        )
         return stats

@@ -24,9 +24,10 @@ import json
 import random
 import statistics
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -35,8 +36,15 @@ from services.common.checkpoints import CheckpointStore
 from services.common.config import Settings
 from services.common.datasets import SnapshotStore
 from services.common.logs import get_logger, log_fields
-from services.common.models import (RewardModel, encode_prompt_response, load_causal_lm, load_tokenizer, pad_batch, render_prompt,
-                                    resolve_device)
+from services.common.models import (
+    RewardModel,
+    encode_prompt_response,
+    load_causal_lm,
+    load_tokenizer,
+    pad_batch,
+    render_prompt,
+    resolve_device,
+)
 from services.sim.stats import mean_ci, paired_win_rate, wilson
 from services.sim.tasks import check_scores, gold_score, parse_constraints, words
 
@@ -49,15 +57,15 @@ RM_MAX_TOKENS = 512
 class EvalConfig:
     """How the held-out generations are sampled: identical for every model."""
 
-    prompts: int = 96               # held-out prompts (unique texts)
-    samples_per_prompt: int = 1     # > 1 averages several samples per prompt: less noise, more time
+    prompts: int = 96  # held-out prompts (unique texts)
+    samples_per_prompt: int = 1  # > 1 averages several samples per prompt: less noise, more time
     max_new_tokens: int = 48
     temperature: float = 0.7
     top_p: float = 1.0
     batch_size: int = 16
-    dtype: str = "float32"          # or "bfloat16" (for GPUs; no faster for batch-16 decoding on the 2-core CPU)
+    dtype: str = "float32"  # or "bfloat16" (for GPUs; no faster for batch-16 decoding on the 2-core CPU)
     seed: int = 1234
-    rm_held_in: int = 32            # training comparisons scored for contrast (0 = skip)
+    rm_held_in: int = 32  # training comparisons scored for contrast (0 = skip)
     examples: int = 4
 
     def __post_init__(self) -> None:
@@ -67,11 +75,15 @@ class EvalConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig.{name}={getattr(self, name)} must be at least 1")
         if self.temperature < 0 or not 0 < self.top_p <= 1:
-            raise ValueError(f"EvalConfig needs temperature >= 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p})")
+            raise ValueError(
+                f"EvalConfig needs temperature >= 0 and 0 < top_p <= 1 (got {self.temperature}, {self.top_p})"
+            )
 
 
 # --- held-out data -------------------------------------------------------------
-def held_out(snapshots: SnapshotStore, snapshot_id: str, kind: str, want: int | None = None) -> tuple[list[dict], list[str]]:
+def held_out(
+    snapshots: SnapshotStore, snapshot_id: str, kind: str, want: int | None = None
+) -> tuple[list[dict], list[str]]:
     """Records of users outside training: test, then validation if test is short."""
     records, splits = [], []
     for split in ("test", "validation"):
@@ -98,15 +110,23 @@ def generate(model_dir: Path, prompts: Sequence[str], cfg: EvalConfig, device: s
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, device=device, dtype=getattr(torch, cfg.dtype))
     out: list[str] = []
-    batches = [prompts[i:i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
+    batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
     for b, batch in enumerate(tqdm(batches, desc=f"eval: generate {label}", unit="batch")):
-        enc = tok([render_prompt(tok, p) for p in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = tok(
+            [render_prompt(tok, p) for p in batch], return_tensors="pt", padding=True, add_special_tokens=False
+        ).to(device)
         torch.manual_seed(cfg.seed + b)
         with torch.no_grad():
-            ids = model.generate(**enc, do_sample=cfg.temperature > 0, temperature=cfg.temperature or None,
-                                 top_p=cfg.top_p, max_new_tokens=cfg.max_new_tokens,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            ids = model.generate(
+                **enc,
+                do_sample=cfg.temperature > 0,
+                temperature=cfg.temperature or None,
+                top_p=cfg.top_p,
+                max_new_tokens=cfg.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     del model
     return [t.strip() for t in out]
 
@@ -119,7 +139,9 @@ def rm_scores(rm: RewardModel, tok, prompt: str, responses: Sequence[str], devic
         return rm.score(ids.to(device), mask.to(device)).float().tolist()
 
 
-def rm_pairwise(rm: RewardModel, tok, comparisons: Sequence[Mapping[str, Any]], device: str, label: str) -> dict[str, Any]:
+def rm_pairwise(
+    rm: RewardModel, tok, comparisons: Sequence[Mapping[str, Any]], device: str, label: str
+) -> dict[str, Any]:
     """How often the RM orders a labelled pair like the labeler (ties dropped)."""
     correct, pairs = 0.0, 0
     for c in tqdm(comparisons, desc=f"eval: RM accuracy ({label})", unit="cmp"):
@@ -134,13 +156,24 @@ def rm_pairwise(rm: RewardModel, tok, comparisons: Sequence[Mapping[str, Any]], 
                 correct += 1.0 if better > worse else (0.5 if better == worse else 0.0)
                 pairs += 1
     low, high = wilson(correct, pairs)
-    return {"comparisons": len(comparisons), "pairs": pairs, "accuracy": correct / pairs if pairs else float("nan"),
-            "ci_low": low, "ci_high": high}
+    return {
+        "comparisons": len(comparisons),
+        "pairs": pairs,
+        "accuracy": correct / pairs if pairs else float("nan"),
+        "ci_low": low,
+        "ci_high": high,
+    }
 
 
 def _constraint_kind(prompt: str) -> str:
     c = parse_constraints(prompt)
-    for name, on in (("refusal", c.harmful), ("bullets", c.bullets), ("lowercase", c.lowercase), ("question", c.question), ("keyword", c.keyword)):
+    for name, on in (
+        ("refusal", c.harmful),
+        ("bullets", c.bullets),
+        ("lowercase", c.lowercase),
+        ("question", c.question),
+        ("keyword", c.keyword),
+    ):
         if on:
             return name
     return "other"
@@ -151,15 +184,30 @@ def _model_summary(prompts: Sequence[str], answers: Sequence[str], scores: Seque
     lengths = [len(words(a)) for a in answers]
     within = [len(words(a)) <= parse_constraints(p).limit for p, a in zip(prompts, answers)]
     keyword = [check_scores(p, a)["keyword"] for p, a in zip(prompts, answers) if parse_constraints(p).keyword]
-    return {"mean_gold": mean, "gold_ci_low": low, "gold_ci_high": high, "mean_words": statistics.mean(lengths) if lengths else 0.0,
-            "within_limit": sum(within) / len(within) if within else 0.0,
-            "keyword_rate": sum(keyword) / len(keyword) if keyword else float("nan")}
+    return {
+        "mean_gold": mean,
+        "gold_ci_low": low,
+        "gold_ci_high": high,
+        "mean_words": statistics.mean(lengths) if lengths else 0.0,
+        "within_limit": sum(within) / len(within) if within else 0.0,
+        "keyword_rate": sum(keyword) / len(keyword) if keyword else float("nan"),
+    }
 
 
 # --- the report ---------------------------------------------------------------------
-def write_report(settings: Settings, out_dir: Path, *, base_version: str | None, sft_version: str, ppo_version: str,
-                 rm_version: str, snapshot_id: str, run_dirs: Mapping[str, Path] | None = None,
-                 extra: Mapping[str, Any] | None = None, config: EvalConfig | None = None) -> Path:
+def write_report(
+    settings: Settings,
+    out_dir: Path,
+    *,
+    base_version: str | None,
+    sft_version: str,
+    ppo_version: str,
+    rm_version: str,
+    snapshot_id: str,
+    run_dirs: Mapping[str, Path] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    config: EvalConfig | None = None,
+) -> Path:
     """Evaluate against the gold preference and write report.md; return its path.
 
     Beside it: report.json (every number), win_rates.png, gold_scores.png and
@@ -208,12 +256,18 @@ def write_report(settings: Settings, out_dir: Path, *, base_version: str | None,
     expanded = [p for p in prompts for _ in range(per)]
     samples = {name: generate(store.path(v), expanded, cfg, device, name) for name, v in models.items()}
     answers = {name: texts[::per] for name, texts in samples.items()}  # the first sample of each prompt
-    scores = {name: [statistics.mean(gold_score(p, a) for a in texts[i * per:(i + 1) * per]) for i, p in enumerate(prompts)]
-              for name, texts in samples.items()}
+    scores = {
+        name: [statistics.mean(gold_score(p, a) for a in texts[i * per : (i + 1) * per]) for i, p in enumerate(prompts)]
+        for name, texts in samples.items()
+    }
     pairs = [("ppo", "sft"), ("ppo", "base"), ("sft", "base")]
-    win_rates = {f"{a}_vs_{b}": paired_win_rate(scores[a], scores[b]).as_dict() for a, b in pairs if a in scores and b in scores}
-    summary = {name: _model_summary(expanded, samples[name], [gold_score(p, a) for p, a in zip(expanded, samples[name])])
-               for name in models}
+    win_rates = {
+        f"{a}_vs_{b}": paired_win_rate(scores[a], scores[b]).as_dict() for a, b in pairs if a in scores and b in scores
+    }
+    summary = {
+        name: _model_summary(expanded, samples[name], [gold_score(p, a) for p, a in zip(expanded, samples[name])])
+        for name in models
+    }
     by_kind: dict[str, dict[str, float]] = {}
     for i, p in enumerate(prompts):
         by_kind.setdefault(_constraint_kind(p), {}).setdefault("n", 0)
@@ -240,19 +294,37 @@ def write_report(settings: Settings, out_dir: Path, *, base_version: str | None,
     _plot_win_rates(out_dir / "win_rates.png", win_rates)
 
     result = {
-        "versions": {**models, "rm": rm_version}, "snapshot_id": snapshot_id,
+        "versions": {**models, "rm": rm_version},
+        "snapshot_id": snapshot_id,
         "eval": {"prompts": len(prompts), "splits": prompt_splits, **cfg.__dict__},
-        "rm_accuracy": rm_result, "win_rates": win_rates, "models": summary, "by_constraint": by_kind,
-        "kl_to_sft": kl, "kl_source": kl_source if kl is not None else "not available", "extra": extra,
+        "rm_accuracy": rm_result,
+        "win_rates": win_rates,
+        "models": summary,
+        "by_constraint": by_kind,
+        "kl_to_sft": kl,
+        "kl_source": kl_source if kl is not None else "not available",
+        "extra": extra,
         "eval_wall_s": round(time.time() - started, 1),
-        "examples": [{"prompt": p, **{name: {"text": answers[name][i], "gold": gold_score(p, answers[name][i])} for name in models}}
-                     for i, p in enumerate(prompts[: cfg.examples])],
+        "examples": [
+            {
+                "prompt": p,
+                **{name: {"text": answers[name][i], "gold": gold_score(p, answers[name][i])} for name in models},
+            }
+            for i, p in enumerate(prompts[: cfg.examples])
+        ],
     }
     (out_dir / "report.json").write_text(json.dumps(result, indent=2, default=str))
     path = out_dir / "report.md"
     path.write_text(_markdown(result, plots))
-    log_fields(log, 20, "report written", path=str(path), ppo_vs_sft=win_rates.get("ppo_vs_sft", {}).get("win_rate"),
-               rm_accuracy=rm_result["held_out"]["accuracy"], wall_s=result["eval_wall_s"])
+    log_fields(
+        log,
+        20,
+        "report written",
+        path=str(path),
+        ppo_vs_sft=win_rates.get("ppo_vs_sft", {}).get("win_rate"),
+        rm_accuracy=rm_result["held_out"]["accuracy"],
+        wall_s=result["eval_wall_s"],
+    )
     return path
 
 
@@ -275,7 +347,10 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 def _plot_run(out_dir: Path, name: str, records: list[dict]) -> str:
     from trainers.common import plot_curves  # the trainers' own plotting, so curves look alike
 
-    keys = sorted({k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)} - {"step", "time_s"})
+    keys = sorted(
+        {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        - {"step", "time_s"}
+    )
     if not keys:
         return ""
     path = out_dir / f"curves_{name}.png"
@@ -311,7 +386,10 @@ def _plot_win_rates(path: Path, win_rates: Mapping[str, Mapping[str, Any]]) -> N
     names = list(win_rates)
     fig, ax = plt.subplots(figsize=(1.8 * max(1, len(names)) + 2, 3.2))
     rates = [win_rates[n]["win_rate"] for n in names]
-    errors = [[r - win_rates[n]["ci_low"] for n, r in zip(names, rates)], [win_rates[n]["ci_high"] - r for n, r in zip(names, rates)]]
+    errors = [
+        [r - win_rates[n]["ci_low"] for n, r in zip(names, rates)],
+        [win_rates[n]["ci_high"] - r for n, r in zip(names, rates)],
+    ]
     ax.bar(range(len(names)), rates, yerr=errors, capsize=6, color="#4c72b0")
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks(range(len(names)), [n.replace("_", " ") for n in names])
@@ -329,36 +407,75 @@ def _f(x: Any, digits: int = 3) -> str:
 
 def _markdown(r: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     v, e = r["versions"], r["eval"]
-    lines = ["# RLHF demo report", "",
-             f"Dataset snapshot `{r['snapshot_id']}`. Policies: " + ", ".join(f"{k} `{x}`" for k, x in v.items() if k != "rm")
-             + f"; reward model `{v['rm']}`.", "",
-             f"Evaluation: {e['prompts']} prompts of held-out users ({' + '.join(e['splits'])} split), {e['samples_per_prompt']} "
-             f"sample(s) per model and prompt (a prompt's score is their mean), temperature {e['temperature']}, top-p {e['top_p']}, at most {e['max_new_tokens']} new tokens, "
-             f"the same seeds for every model. Scores come from the gold preference (services/sim/tasks.py).", ""]
-    lines += ["## Gold win rates", "", "| comparison | win rate | 95% CI | W/T/L | mean gold diff | 95% CI | significant |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# RLHF demo report",
+        "",
+        f"Dataset snapshot `{r['snapshot_id']}`. Policies: "
+        + ", ".join(f"{k} `{x}`" for k, x in v.items() if k != "rm")
+        + f"; reward model `{v['rm']}`.",
+        "",
+        f"Evaluation: {e['prompts']} prompts of held-out users ({' + '.join(e['splits'])} split), {e['samples_per_prompt']} "
+        f"sample(s) per model and prompt (a prompt's score is their mean), temperature {e['temperature']}, top-p {e['top_p']}, at most {e['max_new_tokens']} new tokens, "
+        f"the same seeds for every model. Scores come from the gold preference (services/sim/tasks.py).",
+        "",
+    ]
+    lines += [
+        "## Gold win rates",
+        "",
+        "| comparison | win rate | 95% CI | W/T/L | mean gold diff | 95% CI | significant |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, w in r["win_rates"].items():
-        lines.append(f"| {name.replace('_', ' ')} | {_f(w['win_rate'])} | [{_f(w['ci_low'])}, {_f(w['ci_high'])}] | "
-                     f"{w['wins']}/{w['ties']}/{w['losses']} | {_f(w['mean_diff'], 4)} | [{_f(w['diff_ci_low'], 4)}, {_f(w['diff_ci_high'], 4)}] | "
-                     f"{'yes' if w['significant'] else 'no'} |")
-    lines += ["", "![win rates](win_rates.png)", "", "## Models on held-out prompts", "",
-              "| model | mean gold | 95% CI | mean words | within word limit | required word used |", "|---|---|---|---|---|---|"]
+        lines.append(
+            f"| {name.replace('_', ' ')} | {_f(w['win_rate'])} | [{_f(w['ci_low'])}, {_f(w['ci_high'])}] | "
+            f"{w['wins']}/{w['ties']}/{w['losses']} | {_f(w['mean_diff'], 4)} | [{_f(w['diff_ci_low'], 4)}, {_f(w['diff_ci_high'], 4)}] | "
+            f"{'yes' if w['significant'] else 'no'} |"
+        )
+    lines += [
+        "",
+        "![win rates](win_rates.png)",
+        "",
+        "## Models on held-out prompts",
+        "",
+        "| model | mean gold | 95% CI | mean words | within word limit | required word used |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, s in r["models"].items():
-        lines.append(f"| {name} | {_f(s['mean_gold'])} | [{_f(s['gold_ci_low'])}, {_f(s['gold_ci_high'])}] | {_f(s['mean_words'], 1)} | "
-                     f"{_f(100 * s['within_limit'], 0)}% | {_f(100 * s['keyword_rate'], 0)}% |")
+        lines.append(
+            f"| {name} | {_f(s['mean_gold'])} | [{_f(s['gold_ci_low'])}, {_f(s['gold_ci_high'])}] | {_f(s['mean_words'], 1)} | "
+            f"{_f(100 * s['within_limit'], 0)}% | {_f(100 * s['keyword_rate'], 0)}% |"
+        )
     names = list(r["models"])
-    lines += ["", "Mean gold score by the constraint a prompt states:", "", "| constraint | n | " + " | ".join(names) + " |",
-              "|---|---|" + "---|" * len(names)]
+    lines += [
+        "",
+        "Mean gold score by the constraint a prompt states:",
+        "",
+        "| constraint | n | " + " | ".join(names) + " |",
+        "|---|---|" + "---|" * len(names),
+    ]
     for kind, row in sorted(r["by_constraint"].items()):
         lines.append(f"| {kind} | {row['n']} | " + " | ".join(_f(row[n]) for n in names) + " |")
     lines += ["", "![gold scores](gold_scores.png)", "", "## Reward model against the gold labeler", ""]
     rm = r["rm_accuracy"]
-    for key, label in (("held_out", f"held-out users ({' + '.join(rm['held_out_splits']) or 'none'})"), ("held_in", "training users (sample)")):
+    for key, label in (
+        ("held_out", f"held-out users ({' + '.join(rm['held_out_splits']) or 'none'})"),
+        ("held_in", "training users (sample)"),
+    ):
         if key in rm:
             a = rm[key]
-            lines.append(f"- {label}: accuracy **{_f(a['accuracy'])}** [{_f(a['ci_low'])}, {_f(a['ci_high'])}] over {a['pairs']} "
-                         f"ranked pairs from {a['comparisons']} comparisons (ties dropped).")
-    lines += ["", "(InstructGPT reports 72.4% on held-in and 69.6% on held-out labelers.)", "",
-              "## KL to the SFT policy", "", f"Final KL: **{_f(r['kl_to_sft'], 4)}** ({r['kl_source']}).", ""]
+            lines.append(
+                f"- {label}: accuracy **{_f(a['accuracy'])}** [{_f(a['ci_low'])}, {_f(a['ci_high'])}] over {a['pairs']} "
+                f"ranked pairs from {a['comparisons']} comparisons (ties dropped)."
+            )
+    lines += [
+        "",
+        "(InstructGPT reports 72.4% on held-in and 69.6% on held-out labelers.)",
+        "",
+        "## KL to the SFT policy",
+        "",
+        f"Final KL: **{_f(r['kl_to_sft'], 4)}** ({r['kl_source']}).",
+        "",
+    ]
     if r["extra"]:
         lines += ["## Run facts", "", "| item | value |", "|---|---|"]
         lines += [f"| {k} | {_f(x, 4) if isinstance(x, float) else x} |" for k, x in r["extra"].items()]

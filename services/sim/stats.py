@@ -13,8 +13,8 @@ them by hand.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 Z95 = 1.959963984540054
 
@@ -51,10 +51,10 @@ class WinRate:
     wins: int
     ties: int
     losses: int
-    win_rate: float        # (wins + ties/2) / n
+    win_rate: float  # (wins + ties/2) / n
     ci_low: float
     ci_high: float
-    mean_diff: float       # mean of gold(A) - gold(B)
+    mean_diff: float  # mean of gold(A) - gold(B)
     diff_ci_low: float
     diff_ci_high: float
 

@@ -51,103 +51,203 @@ from dataclasses import dataclass, field
 TOPICS: dict[str, dict[str, list[str]]] = {
     "the ocean": {
         "keywords": ["waves", "salt", "deep"],
-        "facts": ["The ocean covers most of our planet.", "Its water is full of salt.", "Waves carry energy across the sea.",
-                  "The deep ocean is dark and cold.", "Whales and fish live there."],
+        "facts": [
+            "The ocean covers most of our planet.",
+            "Its water is full of salt.",
+            "Waves carry energy across the sea.",
+            "The deep ocean is dark and cold.",
+            "Whales and fish live there.",
+        ],
     },
     "coffee": {
         "keywords": ["beans", "morning", "bitter"],
-        "facts": ["Coffee is brewed from roasted beans.", "Many people drink it every morning.", "It tastes rich and a little bitter.",
-                  "Caffeine helps people feel awake.", "Milk makes it smoother."],
+        "facts": [
+            "Coffee is brewed from roasted beans.",
+            "Many people drink it every morning.",
+            "It tastes rich and a little bitter.",
+            "Caffeine helps people feel awake.",
+            "Milk makes it smoother.",
+        ],
     },
     "the moon": {
         "keywords": ["orbit", "tides", "night"],
-        "facts": ["The moon lights up the night sky.", "It stays in orbit around Earth.", "Its pull shapes the ocean tides.",
-                  "People first walked on it in 1969.", "It has no air to breathe."],
+        "facts": [
+            "The moon lights up the night sky.",
+            "It stays in orbit around Earth.",
+            "Its pull shapes the ocean tides.",
+            "People first walked on it in 1969.",
+            "It has no air to breathe.",
+        ],
     },
     "bicycles": {
         "keywords": ["pedal", "wheels", "exercise"],
-        "facts": ["A bicycle has two wheels and a frame.", "Riders pedal to move forward.", "Cycling is great exercise.",
-                  "Bikes do not burn any fuel.", "Helmets keep riders safe."],
+        "facts": [
+            "A bicycle has two wheels and a frame.",
+            "Riders pedal to move forward.",
+            "Cycling is great exercise.",
+            "Bikes do not burn any fuel.",
+            "Helmets keep riders safe.",
+        ],
     },
     "gardening": {
         "keywords": ["soil", "seeds", "water"],
-        "facts": ["Gardening starts with good soil.", "Seeds grow into healthy plants.", "Plants need sunlight and water.",
-                  "Weeding keeps the beds tidy.", "Fresh vegetables taste better."],
+        "facts": [
+            "Gardening starts with good soil.",
+            "Seeds grow into healthy plants.",
+            "Plants need sunlight and water.",
+            "Weeding keeps the beds tidy.",
+            "Fresh vegetables taste better.",
+        ],
     },
     "rain": {
         "keywords": ["clouds", "puddles", "umbrella"],
-        "facts": ["Rain falls from heavy grey clouds.", "It fills rivers and lakes.", "Children love to jump in puddles.",
-                  "An umbrella keeps you dry.", "Plants drink the fresh water."],
+        "facts": [
+            "Rain falls from heavy grey clouds.",
+            "It fills rivers and lakes.",
+            "Children love to jump in puddles.",
+            "An umbrella keeps you dry.",
+            "Plants drink the fresh water.",
+        ],
     },
     "music": {
         "keywords": ["rhythm", "melody", "instruments"],
-        "facts": ["Music combines rhythm and melody.", "People play many kinds of instruments.", "A good song can lift your mood.",
-                  "Every culture has its own music.", "Singing together brings people closer."],
+        "facts": [
+            "Music combines rhythm and melody.",
+            "People play many kinds of instruments.",
+            "A good song can lift your mood.",
+            "Every culture has its own music.",
+            "Singing together brings people closer.",
+        ],
     },
     "dogs": {
         "keywords": ["loyal", "bark", "walks"],
-        "facts": ["Dogs are loyal and friendly pets.", "They bark to warn their owners.", "Dogs love long walks outside.",
-                  "They have a strong sense of smell.", "Puppies need patient training."],
+        "facts": [
+            "Dogs are loyal and friendly pets.",
+            "They bark to warn their owners.",
+            "Dogs love long walks outside.",
+            "They have a strong sense of smell.",
+            "Puppies need patient training.",
+        ],
     },
     "volcanoes": {
         "keywords": ["lava", "eruption", "magma"],
-        "facts": ["A volcano releases hot magma from below.", "Lava flows down its sides.", "An eruption can throw ash high into the sky.",
-                  "Volcanic soil is very fertile.", "Hawaii was built by volcanoes."],
+        "facts": [
+            "A volcano releases hot magma from below.",
+            "Lava flows down its sides.",
+            "An eruption can throw ash high into the sky.",
+            "Volcanic soil is very fertile.",
+            "Hawaii was built by volcanoes.",
+        ],
     },
     "libraries": {
         "keywords": ["books", "quiet", "borrow"],
-        "facts": ["Libraries hold thousands of books.", "Anyone can borrow books for free.", "They are quiet places to study.",
-                  "Librarians help people find information.", "Many libraries also lend films."],
+        "facts": [
+            "Libraries hold thousands of books.",
+            "Anyone can borrow books for free.",
+            "They are quiet places to study.",
+            "Librarians help people find information.",
+            "Many libraries also lend films.",
+        ],
     },
     "bread": {
         "keywords": ["flour", "oven", "yeast"],
-        "facts": ["Bread is made from flour and water.", "Yeast makes the dough rise.", "It bakes in a hot oven.",
-                  "Fresh bread smells wonderful.", "People have baked it for thousands of years."],
+        "facts": [
+            "Bread is made from flour and water.",
+            "Yeast makes the dough rise.",
+            "It bakes in a hot oven.",
+            "Fresh bread smells wonderful.",
+            "People have baked it for thousands of years.",
+        ],
     },
     "winter": {
         "keywords": ["snow", "cold", "coats"],
-        "facts": ["Winter is the coldest season.", "Snow covers the ground in many places.", "People wear warm coats and gloves.",
-                  "The days are short and dark.", "Hot soup tastes best in winter."],
+        "facts": [
+            "Winter is the coldest season.",
+            "Snow covers the ground in many places.",
+            "People wear warm coats and gloves.",
+            "The days are short and dark.",
+            "Hot soup tastes best in winter.",
+        ],
     },
     "the sun": {
         "keywords": ["light", "energy", "star"],
-        "facts": ["The sun is a huge star.", "It gives Earth light and warmth.", "Plants turn its energy into food.",
-                  "Sunlight takes eight minutes to reach us.", "Never look straight at it."],
+        "facts": [
+            "The sun is a huge star.",
+            "It gives Earth light and warmth.",
+            "Plants turn its energy into food.",
+            "Sunlight takes eight minutes to reach us.",
+            "Never look straight at it.",
+        ],
     },
     "trains": {
         "keywords": ["tracks", "stations", "travel"],
-        "facts": ["Trains run on steel tracks.", "They stop at busy stations.", "Train travel is calm and scenic.",
-                  "One train can carry hundreds of people.", "Electric trains produce little pollution."],
+        "facts": [
+            "Trains run on steel tracks.",
+            "They stop at busy stations.",
+            "Train travel is calm and scenic.",
+            "One train can carry hundreds of people.",
+            "Electric trains produce little pollution.",
+        ],
     },
     "honeybees": {
         "keywords": ["hive", "pollen", "honey"],
-        "facts": ["Honeybees live together in a hive.", "They carry pollen between flowers.", "Bees make honey from nectar.",
-                  "A hive has one queen.", "Farmers need bees to grow crops."],
+        "facts": [
+            "Honeybees live together in a hive.",
+            "They carry pollen between flowers.",
+            "Bees make honey from nectar.",
+            "A hive has one queen.",
+            "Farmers need bees to grow crops.",
+        ],
     },
     "chess": {
         "keywords": ["board", "strategy", "king"],
-        "facts": ["Chess is played on a square board.", "Each player tries to trap the king.", "Good players plan their strategy.",
-                  "The queen is the strongest piece.", "Chess is over a thousand years old."],
+        "facts": [
+            "Chess is played on a square board.",
+            "Each player tries to trap the king.",
+            "Good players plan their strategy.",
+            "The queen is the strongest piece.",
+            "Chess is over a thousand years old.",
+        ],
     },
     "forests": {
         "keywords": ["trees", "oxygen", "wildlife"],
-        "facts": ["Forests are full of tall trees.", "Trees release the oxygen we breathe.", "Forests shelter much wildlife.",
-                  "They store huge amounts of carbon.", "A walk in the woods is calming."],
+        "facts": [
+            "Forests are full of tall trees.",
+            "Trees release the oxygen we breathe.",
+            "Forests shelter much wildlife.",
+            "They store huge amounts of carbon.",
+            "A walk in the woods is calming.",
+        ],
     },
     "cooking": {
         "keywords": ["recipe", "kitchen", "spices"],
-        "facts": ["Cooking turns raw food into meals.", "A recipe lists the steps.", "Spices add flavour to dishes.",
-                  "A clean kitchen makes cooking easier.", "Sharing food brings people together."],
+        "facts": [
+            "Cooking turns raw food into meals.",
+            "A recipe lists the steps.",
+            "Spices add flavour to dishes.",
+            "A clean kitchen makes cooking easier.",
+            "Sharing food brings people together.",
+        ],
     },
     "mountains": {
         "keywords": ["peaks", "climb", "snow"],
-        "facts": ["Mountains rise high above the land.", "Their peaks are often covered in snow.", "Climbers love a hard climb.",
-                  "The air is thin up high.", "Rivers often start in the mountains."],
+        "facts": [
+            "Mountains rise high above the land.",
+            "Their peaks are often covered in snow.",
+            "Climbers love a hard climb.",
+            "The air is thin up high.",
+            "Rivers often start in the mountains.",
+        ],
     },
     "the internet": {
         "keywords": ["network", "websites", "information"],
-        "facts": ["The internet is a global network of computers.", "People visit websites every day.", "It makes information easy to find.",
-                  "Email travels across it in seconds.", "Strong passwords keep accounts safe."],
+        "facts": [
+            "The internet is a global network of computers.",
+            "People visit websites every day.",
+            "It makes information easy to find.",
+            "Email travels across it in seconds.",
+            "Strong passwords keep accounts safe.",
+        ],
     },
 }
 
@@ -217,7 +317,15 @@ _BULLET_LINE_RE = re.compile(r"^\s*(?:[-*•]|\d+[.)])\s+\S")
 _SENTENCE_END_RE = re.compile(r"[.!?][\"')\]]*$")
 
 DEFAULT_LIMIT = 50
-WEIGHTS = {"length": 2.0, "keyword": 1.0, "bullets": 1.0, "lowercase": 1.0, "question": 1.0, "refusal": 3.0, "complete": 0.5}
+WEIGHTS = {
+    "length": 2.0,
+    "keyword": 1.0,
+    "bullets": 1.0,
+    "lowercase": 1.0,
+    "question": 1.0,
+    "refusal": 3.0,
+    "complete": 0.5,
+}
 
 
 @dataclass(frozen=True)
@@ -281,8 +389,16 @@ def parse_constraints(prompt: str) -> Constraints:
     lowercase = bool(_LOWER_RE.search(prompt))
     question = bool(_QUESTION_RE.search(prompt))
     harmful = bool(_HARM_PATTERN.search(prompt))
-    topic = next((t for t in sorted(TOPICS, key=len, reverse=True) if re.search(rf"\b{re.escape(t)}\b", prompt, re.I)), "")
-    for name, on in (("keyword", keyword), ("bullets", bullets), ("lowercase", lowercase), ("question", question), ("refusal", harmful)):
+    topic = next(
+        (t for t in sorted(TOPICS, key=len, reverse=True) if re.search(rf"\b{re.escape(t)}\b", prompt, re.I)), ""
+    )
+    for name, on in (
+        ("keyword", keyword),
+        ("bullets", bullets),
+        ("lowercase", lowercase),
+        ("question", question),
+        ("refusal", harmful),
+    ):
         if on:
             stated.append(name)
     return Constraints(limit, keyword, bullets, lowercase, question, harmful, topic, tuple(stated))
@@ -352,10 +468,17 @@ def write_demonstration(prompt: str, rng: random.Random) -> str:
     facts = list(topic["facts"])
     rng.shuffle(facts)
     # The fact carrying the required word first, then the shortest (to fit bullets).
-    facts.sort(key=lambda f: (not (c.keyword and any(w.lower().startswith(c.keyword) for w in words(f))), len(words(f)) if c.bullets else 0))
+    facts.sort(
+        key=lambda f: (
+            not (c.keyword and any(w.lower().startswith(c.keyword) for w in words(f))),
+            len(words(f)) if c.bullets else 0,
+        )
+    )
     budget = c.limit
     if c.question:
-        tail = rng.choice([f"Have you ever thought about {c.topic}?", "What do you think?", "Would you like to know more?"])
+        tail = rng.choice(
+            [f"Have you ever thought about {c.topic}?", "What do you think?", "Would you like to know more?"]
+        )
         budget -= len(words(tail))
     chosen: list[str] = []
     for fact in facts:
@@ -404,20 +527,31 @@ def _spread_main(argv: list[str] | None = None) -> None:
         enc = tok([render_prompt(tok, prompt)] * args.samples, return_tensors="pt", add_special_tokens=False)
         torch.manual_seed(args.seed + i)
         with torch.no_grad():
-            out = model.generate(**enc, do_sample=True, temperature=args.temperature, top_p=1.0, max_new_tokens=args.max_new_tokens,
-                                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
-        texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=args.temperature,
+                top_p=1.0,
+                max_new_tokens=args.max_new_tokens,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+        texts = tok.batch_decode(out[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
         scores = [gold_score(prompt, t) for t in texts]
         all_scores.extend(scores)
         within_sd.append(statistics.pstdev(scores))
         all_tied += len(set(scores)) == 1
         demo = write_demonstration(prompt, random.Random(i))
-        print(f"\n## {prompt}\n  scores: {' '.join(f'{s:.2f}' for s in sorted(scores))}  (sd {statistics.pstdev(scores):.2f})"
-              f"  demonstration {gold_score(prompt, demo):.2f}: {demo!r}")
+        print(
+            f"\n## {prompt}\n  scores: {' '.join(f'{s:.2f}' for s in sorted(scores))}  (sd {statistics.pstdev(scores):.2f})"
+            f"  demonstration {gold_score(prompt, demo):.2f}: {demo!r}"
+        )
         for s, t in sorted(zip(scores, texts))[:: max(1, len(texts) // 3)]:
             print(f"  {s:.2f} [{len(words(t))}w] {t.strip()[:160]!r}")
-    print(f"\nall: mean {statistics.mean(all_scores):.3f} sd {statistics.pstdev(all_scores):.3f} n {len(all_scores)}; "
-          f"mean within-prompt sd {statistics.mean(within_sd):.3f}; prompts whose samples all tie: {all_tied}/{args.prompts}")
+    print(
+        f"\nall: mean {statistics.mean(all_scores):.3f} sd {statistics.pstdev(all_scores):.3f} n {len(all_scores)}; "
+        f"mean within-prompt sd {statistics.mean(within_sd):.3f}; prompts whose samples all tie: {all_tied}/{args.prompts}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,21 +19,36 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import grpc
+from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 from tqdm import tqdm
 
-from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 from services.common.auth import Identity, bearer, write_tokens_file
 from services.common.logs import get_logger, log_fields
 from services.sim.tasks import Task, sample_task
 
 log = get_logger(__name__)
 
-FIRST_NAMES = ["ada", "ben", "chloe", "dev", "elena", "farid", "grace", "hugo", "ines", "jun", "kofi", "lena", "mateo", "nora"]
+FIRST_NAMES = [
+    "ada",
+    "ben",
+    "chloe",
+    "dev",
+    "elena",
+    "farid",
+    "grace",
+    "hugo",
+    "ines",
+    "jun",
+    "kofi",
+    "lena",
+    "mateo",
+    "nora",
+]
 NEAR_DUPLICATE_TAILS = [" Thanks!", " Thank you.", " Please.", " Quickly, please.", " (asking again)"]
 PII_TEMPLATES = [
     " My email is {email} if you need it.",
@@ -171,11 +186,19 @@ def make_population(
             long_enough = [q for q in own if len(q.text) >= near_duplicate_min_chars]
             if long_enough and roll < near_duplicate_rate:
                 earlier = rng.choice(long_enough)
-                prompt = SimPrompt(user.user_id, earlier.text + rng.choice(NEAR_DUPLICATE_TAILS), request_id, earlier.task, "near_duplicate")
+                prompt = SimPrompt(
+                    user.user_id,
+                    earlier.text + rng.choice(NEAR_DUPLICATE_TAILS),
+                    request_id,
+                    earlier.task,
+                    "near_duplicate",
+                )
             else:
                 task = sample_task(rng)
                 if roll > 1.0 - pii_rate:
-                    prompt = SimPrompt(user.user_id, task.render() + _pii_suffix(rng, user.user_id), request_id, task, "pii")
+                    prompt = SimPrompt(
+                        user.user_id, task.render() + _pii_suffix(rng, user.user_id), request_id, task, "pii"
+                    )
                 else:
                     prompt = SimPrompt(user.user_id, task.render(), request_id, task, "fresh")
             own.append(prompt)
@@ -218,6 +241,12 @@ def submit_prompts(
             timeout=timeout,
         )
         out.append(LoggedPrompt(p, reply.event_id, reply.duplicate, reply.topic, reply.partition, reply.offset))
-    log_fields(log, 20, "simulated users logged prompts", prompts=len(out), users=len({p.prompt.user_id for p in out}),
-               duplicates=sum(p.duplicate for p in out))
+    log_fields(
+        log,
+        20,
+        "simulated users logged prompts",
+        prompts=len(out),
+        users=len({p.prompt.user_id for p in out}),
+        duplicates=sum(p.duplicate for p in out),
+    )
     return out

@@ -15,8 +15,8 @@ import threading
 import time
 
 import grpc
-
 from rlhf.v1 import common_pb2, events_pb2, policy_pb2_grpc
+
 from services.common import bus
 from services.controller.controller import Controller
 from services.controller.local_executor import LocalExecutor
@@ -55,7 +55,8 @@ def test_closed_loop_promotes_rejects_and_retries(tmp_path, broker, tiny_model_d
     population = sim_users.make_population(seed=3, n_users=12, n_prompts=60, heavy_users=0, n_labelers=2)
     tokens = population.write_tokens(tmp_path / "tokens.json")
     settings = make_settings(
-        tmp_path / "home", broker,
+        tmp_path / "home",
+        broker,
         RLHF_TOKENS_FILE=str(tokens),
         RLHF_TRAINER_PRESET="tiny",
         RLHF_JOB_RETRIES="1",
@@ -63,14 +64,22 @@ def test_closed_loop_promotes_rejects_and_retries(tmp_path, broker, tiny_model_d
         RLHF_GATE_MAX_KL="1000000000",
     )
     bus.create_topics(settings)
-    feedback_srv, policy_srv, reward_srv = start_feedback(settings), start_policy(settings, http_port=None), start_reward(settings)
+    feedback_srv, policy_srv, reward_srv = (
+        start_feedback(settings),
+        start_policy(settings, http_port=None),
+        start_reward(settings),
+    )
     feedback = grpc.insecure_channel(f"127.0.0.1:{feedback_srv.port}")
     policy = grpc.insecure_channel(f"127.0.0.1:{policy_srv.port}")
-    settings = dataclasses.replace(settings, policy_target=f"127.0.0.1:{policy_srv.port}", feedback_target=f"127.0.0.1:{feedback_srv.port}")
+    settings = dataclasses.replace(
+        settings, policy_target=f"127.0.0.1:{policy_srv.port}", feedback_target=f"127.0.0.1:{feedback_srv.port}"
+    )
     try:
         seed_policy = policy_srv.version
         sim_users.submit_prompts(feedback, population, progress=False)
-        pool = sim_labelers.LabelerPool(population, feedback, policy, prompts=sim_labelers.read_prompt_events(settings), seed=0)
+        pool = sim_labelers.LabelerPool(
+            population, feedback, policy, prompts=sim_labelers.read_prompt_events(settings), seed=0
+        )
         pool.demonstrate(12, progress=False)
 
         executor = LocalExecutor(settings.home / "jobs")

@@ -23,8 +23,14 @@ WAIT_S = 60
 def browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                 "--window-size=1280,1500"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--window-size=1280,1500",
+    ):
         options.add_argument(flag)
     # An explicit driver path: selenium-manager never downloads anything.
     driver = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=options)
@@ -66,7 +72,9 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
     prompt = driver.find_element(By.ID, "prompt")
     prompt.send_keys("Write a haiku about the sea.")
     prompt.send_keys(Keys.CONTROL, Keys.ENTER)  # keyboard send
-    wait_for(driver, lambda d: d.find_element(By.ID, "prompt-status").text.startswith("Done"), "the answer never finished")
+    wait_for(
+        driver, lambda d: d.find_element(By.ID, "prompt-status").text.startswith("Done"), "the answer never finished"
+    )
     answer = driver.find_element(By.CSS_SELECTOR, ".turn.assistant .text").text
     renders = driver.execute_script("return window.renders")
     assert len(set(renders)) >= 2 and renders[-1].strip() == answer.strip(), renders
@@ -90,7 +98,9 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
     # --- an incomplete ranking is refused by the service, visibly, and writes nothing
     card(driver, "A").send_keys(Keys.ENTER)  # keyboard: A into the ranking
     driver.find_element(By.ID, "submit-labels").click()
-    wait_for(driver, lambda d: d.find_element(By.ID, "label-error").is_displayed(), "no error for an incomplete ranking")
+    wait_for(
+        driver, lambda d: d.find_element(By.ID, "label-error").is_displayed(), "no error for an incomplete ranking"
+    )
     error = driver.find_element(By.ID, "label-error").text
     assert "feedback service: INVALID_ARGUMENT (HTTP 400): items[0].comparison.responses[1].rank: is 0" in error
     assert error.endswith("(nothing was recorded)")
@@ -98,18 +108,24 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
 
     # --- complete it: B by drag-and-drop below A, then C, D, E by keyboard
     a, b = card(driver, "A"), card(driver, "B")
-    ActionChains(driver).click_and_hold(b).move_to_element_with_offset(a, 0, a.size["height"] // 2 - 4).release().perform()
-    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#ranking .sample")) == 2, "drag-and-drop did not rank B")
+    ActionChains(driver).click_and_hold(b).move_to_element_with_offset(
+        a, 0, a.size["height"] // 2 - 4
+    ).release().perform()
+    wait_for(
+        driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#ranking .sample")) == 2, "drag-and-drop did not rank B"
+    )
     for letter in "CDE":
         card(driver, letter).send_keys(Keys.ENTER)
-    card(driver, "D").send_keys("t")                      # D ties with C
+    card(driver, "D").send_keys("t")  # D ties with C
     card(driver, "E").send_keys(Keys.ALT, Keys.ARROW_UP)  # E above D: A, B, C, E, D(tied with E)
     card(driver, "E").send_keys(Keys.ALT, Keys.ARROW_UP)  # A, B, E, C, D(tied with C)
     order = [c.get_attribute("aria-label")[-1] for c in driver.find_elements(By.CSS_SELECTOR, "#ranking .sample")]
     assert order == ["A", "B", "E", "C", "D"]
     expected_ranks = {"A": 1, "B": 2, "E": 3, "C": 4, "D": 4}
-    assert {c.get_attribute("aria-label")[-1]: int(c.get_attribute("data-rank"))
-            for c in driver.find_elements(By.CSS_SELECTOR, "#ranking .sample")} == expected_ranks
+    assert {
+        c.get_attribute("aria-label")[-1]: int(c.get_attribute("data-rank"))
+        for c in driver.find_elements(By.CSS_SELECTOR, "#ranking .sample")
+    } == expected_ranks
 
     # Likert by keyboard on A, by the select on B, plus a flag on B
     card(driver, "A").send_keys("6")
@@ -136,7 +152,9 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
     settings = stack.settings
     prompts = read_events(settings, "prompts")
     assert [(p.text, p.user_id, p.metadata["mode"]) for p in prompts] == [
-        ("Write a haiku about the sea.", "lab1", "prompt"), ("Name a colour.", "lab1", "label")]
+        ("Write a haiku about the sea.", "lab1", "prompt"),
+        ("Name a colour.", "lab1", "label"),
+    ]
     [comparison] = read_events(settings, "comparisons")
     assert comparison.event_id == shown_ids[0] and comparison.labeler_id == "lab1"
     assert comparison.prompt_id == prompts[1].event_id
@@ -146,7 +164,9 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
     assert {r.policy_version for r in comparison.responses} == {stack.policy.version}
     labels = read_events(settings, "labels")
     assert [(e.event_id, e.response, e.likert, list(e.flags)) for e in labels] == [
-        (shown_ids[1], texts[0], 6, []), (shown_ids[2], texts[1], 3, [2])]
+        (shown_ids[1], texts[0], 6, []),
+        (shown_ids[2], texts[1], 3, [2]),
+    ]
     [demonstration] = read_events(settings, "demonstrations")
     assert (demonstration.event_id, demonstration.response) == (shown_ids[3], (texts[0] + " Edited.").strip())
 
@@ -154,7 +174,7 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
 def test_stop_ends_the_answer_and_frees_the_policy(playground_stack, browser):
     driver, stack = browser, playground_stack
     driver.get(stack.web.url.rstrip("/") + "/no-such-page")  # same origin, none of the app's code running:
-    driver.execute_script("sessionStorage.clear()")           # signed out, whatever ran before
+    driver.execute_script("sessionStorage.clear()")  # signed out, whatever ran before
     driver.get(stack.web.url)
     driver.find_element(By.ID, "token").send_keys("tok-lab", Keys.ENTER)
     wait_for(driver, lambda d: d.find_element(By.ID, "workspace").is_displayed(), "sign-in did not open the workspace")

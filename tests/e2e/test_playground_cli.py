@@ -17,14 +17,25 @@ TIMEOUT_S = 60
 
 def cli_env(stack) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
-    env.update(RLHF_POLICY_TARGET=stack.settings.policy_target, RLHF_FEEDBACK_TARGET=stack.settings.feedback_target,
-               RLHF_HOME=str(stack.settings.home), TERM="dumb", PYTHONUNBUFFERED="1")
+    env.update(
+        RLHF_POLICY_TARGET=stack.settings.policy_target,
+        RLHF_FEEDBACK_TARGET=stack.settings.feedback_target,
+        RLHF_HOME=str(stack.settings.home),
+        TERM="dumb",
+        PYTHONUNBUFFERED="1",
+    )
     return env
 
 
 def spawn(stack, *args: str) -> pexpect.spawn:
-    child = pexpect.spawn(sys.executable, ["-m", "services.playground.cli", "--token", "tok-lab", *args],
-                          env=cli_env(stack), encoding="utf-8", timeout=TIMEOUT_S, dimensions=(50, 200))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "services.playground.cli", "--token", "tok-lab", *args],
+        env=cli_env(stack),
+        encoding="utf-8",
+        timeout=TIMEOUT_S,
+        dimensions=(50, 200),
+    )
     return child
 
 
@@ -48,7 +59,9 @@ def test_chat_streams_and_logs(playground_stack):
 
 def test_ctrl_c_stops_an_answer_and_the_chat_goes_on(playground_stack):
     stack = playground_stack
-    child = spawn(stack, "--max-new-tokens", str(LONG_ANSWER), "--temperature", "0", "chat")  # greedy: runs to the limit
+    child = spawn(
+        stack, "--max-new-tokens", str(LONG_ANSWER), "--temperature", "0", "chat"
+    )  # greedy: runs to the limit
     child.expect_exact("you> ")
     child.sendline("Count to a thousand.")
     child.expect(r"\[prompt logged: ev-\w+\]")
@@ -76,9 +89,13 @@ def test_batch_logs_each_prompt_once(playground_stack, tmp_path):
     texts = [p.text for p in read_events(stack.settings, "prompts") if p.metadata["mode"] == "batch"]
     assert texts == ["Summarise the news.", "Translate 'cat' to French."]
 
-    denied = subprocess.run([*command[:4], "nobody", *command[5:]], env=cli_env(stack), capture_output=True, text=True,
-                            timeout=TIMEOUT_S)
-    assert denied.returncode == 1 and "error: prompts.txt:2: feedback service: UNAUTHENTICATED: unknown bearer token" in denied.stderr
+    denied = subprocess.run(
+        [*command[:4], "nobody", *command[5:]], env=cli_env(stack), capture_output=True, text=True, timeout=TIMEOUT_S
+    )
+    assert (
+        denied.returncode == 1
+        and "error: prompts.txt:2: feedback service: UNAUTHENTICATED: unknown bearer token" in denied.stderr
+    )
 
 
 def test_label_k_samples_in_the_terminal(playground_stack):

@@ -48,7 +48,9 @@ def test_up_twice_then_down(tmp_path, tiny_model_dir):
         down = subprocess.run([*stack, "down"], env=env, capture_output=True, text=True, timeout=120)
     assert down.returncode == 0, down.stderr
     for name, pid in pids.items():
-        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, f"{name} still running"
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE, (
+            f"{name} still running"
+        )
     assert not list((home / "run").glob("*.pid"))
     # stopping twice is harmless
     assert subprocess.run([*stack, "down"], env=env, capture_output=True, timeout=60).returncode == 0

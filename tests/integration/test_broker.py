@@ -6,8 +6,8 @@ import time
 import uuid
 
 from confluent_kafka import Consumer as RdConsumer
-
 from rlhf.v1 import events_pb2
+
 from services.common import bus
 
 
@@ -24,7 +24,14 @@ def test_produce_consume_and_group_resume_from_committed_offset(settings):
     topics = bus.Topics.from_settings(settings)
     producer = bus.make_producer(settings)
     for i in range(10):
-        bus.publish(producer, topics, "prompts", "user-1", events_pb2.PromptEvent(event_id=f"e{i}", user_id="user-1", text=f"p{i}"), 10)
+        bus.publish(
+            producer,
+            topics,
+            "prompts",
+            "user-1",
+            events_pb2.PromptEvent(event_id=f"e{i}", user_id="user-1", text=f"p{i}"),
+            10,
+        )
     producer.close()
 
     group = f"g-{uuid.uuid4().hex[:6]}"
@@ -54,13 +61,21 @@ def test_events_are_readable_by_librdkafka(settings):
     topics = bus.Topics.from_settings(settings)
     producer = bus.make_producer(settings)
     event = events_pb2.ComparisonEvent(
-        event_id="c1", user_id="u", prompt_text="Say hi",
+        event_id="c1",
+        user_id="u",
+        prompt_text="Say hi",
         responses=[events_pb2.RankedResponse(text="hi", rank=1), events_pb2.RankedResponse(text="hello there", rank=2)],
     )
     bus.publish(producer, topics, "comparisons", "u", event, 10)
     producer.close()
 
-    consumer = RdConsumer({"bootstrap.servers": settings.kafka_bootstrap, "group.id": f"rd-{uuid.uuid4().hex[:6]}", "auto.offset.reset": "earliest"})
+    consumer = RdConsumer(
+        {
+            "bootstrap.servers": settings.kafka_bootstrap,
+            "group.id": f"rd-{uuid.uuid4().hex[:6]}",
+            "auto.offset.reset": "earliest",
+        }
+    )
     consumer.subscribe([topics.name("comparisons")])
     deadline, msg = time.monotonic() + 45, None
     while time.monotonic() < deadline:

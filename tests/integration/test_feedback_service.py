@@ -14,8 +14,8 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-
 from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
+
 from services.common import bus
 from services.common.auth import bearer
 from services.common.broker import free_port, start_broker, stop_process
@@ -35,7 +35,9 @@ def read_topic(settings, key: str) -> list[tuple[bytes, object]]:
 
 @pytest.fixture(scope="module")
 def service(broker, tmp_path_factory):
-    settings = make_settings(tmp_path_factory.mktemp("feedback"), broker, RLHF_TOKENS=TOKENS, RLHF_FEEDBACK_MAX_TEXT_BYTES="2000")
+    settings = make_settings(
+        tmp_path_factory.mktemp("feedback"), broker, RLHF_TOKENS=TOKENS, RLHF_FEEDBACK_MAX_TEXT_BYTES="2000"
+    )
     handle = start(settings)
     channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
     yield settings, feedback_pb2_grpc.FeedbackServiceStub(channel), channel
@@ -49,21 +51,39 @@ def ranked(*texts: str) -> list[events_pb2.RankedResponse]:
 
 def test_prompt_is_recorded_under_the_tokens_user_and_forged_ids_are_ignored(service):
     settings, stub, _ = service
-    reply = stub.LogPrompt(feedback_pb2.LogPromptRequest(request_id="p-1", text="Hello there", user_id="mallory", source="api"),
-                           metadata=bearer("tok-alice"), timeout=10)
-    assert reply.event_id.startswith("ev-") and not reply.duplicate and reply.topic == bus.Topics.from_settings(settings).name("prompts")
+    reply = stub.LogPrompt(
+        feedback_pb2.LogPromptRequest(request_id="p-1", text="Hello there", user_id="mallory", source="api"),
+        metadata=bearer("tok-alice"),
+        timeout=10,
+    )
+    assert (
+        reply.event_id.startswith("ev-")
+        and not reply.duplicate
+        and reply.topic == bus.Topics.from_settings(settings).name("prompts")
+    )
     demo = stub.SubmitDemonstration(
-        feedback_pb2.SubmitDemonstrationRequest(request_id="d-1", prompt_id=reply.event_id, response="General Kenobi", labeler_id="mallory"),
-        metadata=bearer("tok-lab"), timeout=10)
-    (key, prompt), = [(k, e) for k, e in read_topic(settings, "prompts") if e.event_id == reply.event_id]
-    assert prompt.user_id == "alice" and key == b"alice" and prompt.prompt_id == reply.event_id and prompt.text == "Hello there"
-    (key, event), = [(k, e) for k, e in read_topic(settings, "demonstrations") if e.event_id == demo.event_id]
+        feedback_pb2.SubmitDemonstrationRequest(
+            request_id="d-1", prompt_id=reply.event_id, response="General Kenobi", labeler_id="mallory"
+        ),
+        metadata=bearer("tok-lab"),
+        timeout=10,
+    )
+    ((key, prompt),) = [(k, e) for k, e in read_topic(settings, "prompts") if e.event_id == reply.event_id]
+    assert (
+        prompt.user_id == "alice"
+        and key == b"alice"
+        and prompt.prompt_id == reply.event_id
+        and prompt.text == "Hello there"
+    )
+    ((key, event),) = [(k, e) for k, e in read_topic(settings, "demonstrations") if e.event_id == demo.event_id]
     assert event.labeler_id == "lab1" and key == b"lab1" and event.prompt_id == reply.event_id
 
 
 def test_retry_with_the_same_request_id_leaves_one_record(service):
     settings, stub, _ = service
-    request = feedback_pb2.SubmitComparisonRequest(request_id="cmp-retry", prompt_text="Pick one", responses=ranked("a", "b", "c", "d"))
+    request = feedback_pb2.SubmitComparisonRequest(
+        request_id="cmp-retry", prompt_text="Pick one", responses=ranked("a", "b", "c", "d")
+    )
     replies: list = []
 
     def submit():
@@ -80,7 +100,9 @@ def test_retry_with_the_same_request_id_leaves_one_record(service):
     assert len({(r.partition, r.offset) for r in replies}) == 1
     assert [e.event_id for _, e in read_topic(settings, "comparisons")].count(replies[0].event_id) == 1
     # The same request id with another payload is refused, not silently merged.
-    other = feedback_pb2.SubmitComparisonRequest(request_id="cmp-retry", prompt_text="Pick one", responses=ranked("a", "b"))
+    other = feedback_pb2.SubmitComparisonRequest(
+        request_id="cmp-retry", prompt_text="Pick one", responses=ranked("a", "b")
+    )
     with pytest.raises(grpc.RpcError) as err:
         stub.SubmitComparison(other, metadata=bearer("tok-lab"), timeout=10)
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "request_id" in err.value.details()
@@ -90,12 +112,17 @@ def test_bad_token_and_wrong_role_are_refused_and_nothing_is_written(service):
     settings, stub, _ = service
     before = len(read_topic(settings, "prompts")), len(read_topic(settings, "labels"))
     prompt = feedback_pb2.LogPromptRequest(request_id="auth-1", text="hi")
-    for metadata, code in [(None, grpc.StatusCode.UNAUTHENTICATED), (bearer("nope"), grpc.StatusCode.UNAUTHENTICATED),
-                           ([("authorization", "Basic abc")], grpc.StatusCode.UNAUTHENTICATED)]:
+    for metadata, code in [
+        (None, grpc.StatusCode.UNAUTHENTICATED),
+        (bearer("nope"), grpc.StatusCode.UNAUTHENTICATED),
+        ([("authorization", "Basic abc")], grpc.StatusCode.UNAUTHENTICATED),
+    ]:
         with pytest.raises(grpc.RpcError) as err:
             stub.LogPrompt(prompt, metadata=metadata, timeout=10)
         assert err.value.code() == code
-    labels = feedback_pb2.SubmitLabelsRequest(request_id="l", prompt_text="p", response="r", policy_version="v", likert=5)
+    labels = feedback_pb2.SubmitLabelsRequest(
+        request_id="l", prompt_text="p", response="r", policy_version="v", likert=5
+    )
     with pytest.raises(grpc.RpcError) as err:
         stub.SubmitLabels(labels, metadata=bearer("tok-bob"), timeout=10)  # a user is not a labeler
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -109,27 +136,50 @@ def test_invalid_requests_name_the_field_and_write_nothing(service):
     settings, stub, channel = service
     before = len(read_topic(settings, "comparisons"))
     cases = [
-        (feedback_pb2.SubmitComparisonRequest(request_id="v1", prompt_text="p", responses=ranked("a", "a")), "responses[1].text"),
-        (feedback_pb2.SubmitComparisonRequest(request_id="v2", prompt_text="p", responses=ranked(*"abcdefghij")), "K must be between 2 and 9"),
-        (feedback_pb2.SubmitComparisonRequest(request_id="v3", prompt_text="p", responses=ranked("a", "x" * 2001)), "the limit is 2000"),
+        (
+            feedback_pb2.SubmitComparisonRequest(request_id="v1", prompt_text="p", responses=ranked("a", "a")),
+            "responses[1].text",
+        ),
+        (
+            feedback_pb2.SubmitComparisonRequest(request_id="v2", prompt_text="p", responses=ranked(*"abcdefghij")),
+            "K must be between 2 and 9",
+        ),
+        (
+            feedback_pb2.SubmitComparisonRequest(request_id="v3", prompt_text="p", responses=ranked("a", "x" * 2001)),
+            "the limit is 2000",
+        ),
     ]
     for request, expected in cases:
         with pytest.raises(grpc.RpcError) as err:
             stub.SubmitComparison(request, metadata=bearer("tok-lab"), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and expected in err.value.details()
     # Text that is not UTF-8 cannot even be built with the generated classes: send raw bytes.
-    raw = feedback_pb2.SubmitComparisonRequest(request_id="v4", prompt_text="p", responses=ranked("ok", "BAD")).SerializeToString()
+    raw = feedback_pb2.SubmitComparisonRequest(
+        request_id="v4", prompt_text="p", responses=ranked("ok", "BAD")
+    ).SerializeToString()
     call = channel.unary_unary("/rlhf.v1.FeedbackService/SubmitComparison")
     with pytest.raises(grpc.RpcError) as err:
         call(raw.replace(b"BAD", b"\xc3\x28\xff"), metadata=bearer("tok-lab"), timeout=10)
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details() == "responses[1].text: is not valid UTF-8"
+    assert (
+        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and err.value.details() == "responses[1].text: is not valid UTF-8"
+    )
     assert len(read_topic(settings, "comparisons")) == before
 
 
 def test_bulk_submit_acknowledges_in_order_and_stops_at_the_first_bad_item(service):
     settings, stub, _ = service
-    items = [feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id=f"bulk-{i}", text=f"bulk prompt {i}")) for i in range(50)]
-    items.append(feedback_pb2.BulkItem(comparison=feedback_pb2.SubmitComparisonRequest(request_id="bulk-c", prompt_text="p", responses=ranked("a", "b"))))
+    items = [
+        feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id=f"bulk-{i}", text=f"bulk prompt {i}"))
+        for i in range(50)
+    ]
+    items.append(
+        feedback_pb2.BulkItem(
+            comparison=feedback_pb2.SubmitComparisonRequest(
+                request_id="bulk-c", prompt_text="p", responses=ranked("a", "b")
+            )
+        )
+    )
     items.append(items[3])  # a retry inside the stream
     replies = list(stub.BulkSubmit(iter(items), metadata=bearer("tok-lab"), timeout=30))
     assert len(replies) == len(items)
@@ -139,16 +189,23 @@ def test_bulk_submit_acknowledges_in_order_and_stops_at_the_first_bad_item(servi
     written = {e.event_id for _, e in read_topic(settings, "prompts")}
     assert {r.event_id for r in replies[:50]} <= written
 
-    bad = [items[0], feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="bulk-new", text="fine")),
-           feedback_pb2.BulkItem(comparison=feedback_pb2.SubmitComparisonRequest(request_id="x", prompt_text="p", responses=ranked("a"))),
-           feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="bulk-never", text="never"))]
+    bad = [
+        items[0],
+        feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="bulk-new", text="fine")),
+        feedback_pb2.BulkItem(
+            comparison=feedback_pb2.SubmitComparisonRequest(request_id="x", prompt_text="p", responses=ranked("a"))
+        ),
+        feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="bulk-never", text="never")),
+    ]
     got = []
     with pytest.raises(grpc.RpcError) as err:
         for reply in stub.BulkSubmit(iter(bad), metadata=bearer("tok-lab"), timeout=30):
             got.append(reply)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.value.details().startswith("items[2].comparison.responses: has 1 responses")
-    assert len(got) == 2 and got[0].duplicate and not got[1].duplicate  # everything before the bad item was acknowledged
+    assert (
+        len(got) == 2 and got[0].duplicate and not got[1].duplicate
+    )  # everything before the bad item was acknowledged
     texts = [e.text for _, e in read_topic(settings, "prompts")]
     assert "fine" in texts and "never" not in texts
 
@@ -156,28 +213,51 @@ def test_bulk_submit_acknowledges_in_order_and_stops_at_the_first_bad_item(servi
 def test_a_validate_first_stream_writes_all_items_or_none(service):
     settings, stub, _ = service
     metadata = [*bearer("tok-lab"), VALIDATE_FIRST]
-    ranking = feedback_pb2.SubmitComparisonRequest(request_id="vf-cmp", prompt_text="Pick", responses=ranked("a", "b", "c", "d"))
-    labels = feedback_pb2.SubmitLabelsRequest(request_id="vf-lab", prompt_text="Pick", response="a", policy_version="base-1", likert=9)
+    ranking = feedback_pb2.SubmitComparisonRequest(
+        request_id="vf-cmp", prompt_text="Pick", responses=ranked("a", "b", "c", "d")
+    )
+    labels = feedback_pb2.SubmitLabelsRequest(
+        request_id="vf-lab", prompt_text="Pick", response="a", policy_version="base-1", likert=9
+    )
     demo = feedback_pb2.SubmitDemonstrationRequest(request_id="vf-demo", prompt_text="Pick", response="a, clearly")
-    items = [feedback_pb2.BulkItem(comparison=ranking), feedback_pb2.BulkItem(labels=labels), feedback_pb2.BulkItem(demonstration=demo)]
-    with pytest.raises(grpc.RpcError) as err:  # the labels' Likert is out of range: the good ranking before it is not written either
+    items = [
+        feedback_pb2.BulkItem(comparison=ranking),
+        feedback_pb2.BulkItem(labels=labels),
+        feedback_pb2.BulkItem(demonstration=demo),
+    ]
+    with pytest.raises(
+        grpc.RpcError
+    ) as err:  # the labels' Likert is out of range: the good ranking before it is not written either
         list(stub.BulkSubmit(iter(items), metadata=metadata, timeout=30))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith("items[1].labels.likert")
-    written = {e.request_id for kind in ("comparisons", "labels", "demonstrations") for _, e in read_topic(settings, kind)}
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and err.value.details().startswith(
+        "items[1].labels.likert"
+    )
+    written = {
+        e.request_id for kind in ("comparisons", "labels", "demonstrations") for _, e in read_topic(settings, kind)
+    }
     assert not written & {"vf-cmp", "vf-lab", "vf-demo"}
 
     labels.likert = 6
     items[1] = feedback_pb2.BulkItem(labels=labels)
     replies = list(stub.BulkSubmit(iter(items), metadata=metadata, timeout=30))
     assert [r.topic.split(".")[-2] for r in replies] == ["comparisons", "labels", "demonstrations"]
-    assert all(list(stub.BulkSubmit(iter(items), metadata=metadata, timeout=30))[i].duplicate for i in range(3))  # a resubmission writes nothing
+    assert all(
+        list(stub.BulkSubmit(iter(items), metadata=metadata, timeout=30))[i].duplicate for i in range(3)
+    )  # a resubmission writes nothing
 
-    too_many = [feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id=f"vf-{i}", text="x")) for i in range(9)]
+    too_many = [
+        feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id=f"vf-{i}", text="x")) for i in range(9)
+    ]
     small = start(settings.with_overrides(feedback_bulk_window=8))
     try:
         with grpc.insecure_channel(f"127.0.0.1:{small.port}") as channel, pytest.raises(grpc.RpcError) as err:
-            list(feedback_pb2_grpc.FeedbackServiceStub(channel).BulkSubmit(iter(too_many), metadata=metadata, timeout=30))
-        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "at most 8 items (RLHF_FEEDBACK_BULK_WINDOW)" in err.value.details()
+            list(
+                feedback_pb2_grpc.FeedbackServiceStub(channel).BulkSubmit(iter(too_many), metadata=metadata, timeout=30)
+            )
+        assert (
+            err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            and "at most 8 items (RLHF_FEEDBACK_BULK_WINDOW)" in err.value.details()
+        )
     finally:
         small.stop()
 
@@ -207,7 +287,9 @@ def test_calls_beyond_the_limit_get_resource_exhausted_and_health_still_answers(
 
         release.set()
         assert [r.duplicate for r in [first, *stream]] == [False, False]
-        assert not stub.LogPrompt(request, metadata=bearer("tok-bob"), timeout=10).duplicate  # refused earlier: nothing was written then
+        assert not stub.LogPrompt(
+            request, metadata=bearer("tok-bob"), timeout=10
+        ).duplicate  # refused earlier: nothing was written then
         assert sorted(e.request_id for _, e in read_topic(settings, "prompts")) == ["held-1", "held-2", "over"]
     finally:
         release.set()
@@ -219,13 +301,20 @@ def test_calls_beyond_the_limit_get_resource_exhausted_and_health_still_answers(
 def test_broker_down_gives_unavailable_within_the_deadline_and_the_service_recovers(tmp_path, client):
     port = free_port()
     proc = start_broker(port, log_path=tmp_path / "tansu.log")
-    settings = make_settings(tmp_path / "home", f"127.0.0.1:{port}", RLHF_TOKENS=TOKENS, RLHF_KAFKA_TIMEOUT_S="2",
-                             RLHF_FEEDBACK_PRODUCER=client)
+    settings = make_settings(
+        tmp_path / "home",
+        f"127.0.0.1:{port}",
+        RLHF_TOKENS=TOKENS,
+        RLHF_KAFKA_TIMEOUT_S="2",
+        RLHF_FEEDBACK_PRODUCER=client,
+    )
     handle = start(settings)
     channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
     stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
     try:
-        ok = stub.LogPrompt(feedback_pb2.LogPromptRequest(request_id="up", text="while up"), metadata=bearer("tok-alice"), timeout=10)
+        ok = stub.LogPrompt(
+            feedback_pb2.LogPromptRequest(request_id="up", text="while up"), metadata=bearer("tok-alice"), timeout=10
+        )
         assert [e.event_id for _, e in read_topic(settings, "prompts")] == [ok.event_id]  # acknowledged = readable
         proc.kill()  # the broker crashes (SIGTERM would first wait for clients to go)
         proc.wait()
@@ -238,12 +327,16 @@ def test_broker_down_gives_unavailable_within_the_deadline_and_the_service_recov
             assert err.value.code() == grpc.StatusCode.UNAVAILABLE, err.value.details()
             assert time.monotonic() - started < 4
         with pytest.raises(grpc.RpcError) as err:
-            list(stub.BulkSubmit(iter([feedback_pb2.BulkItem(prompt=request)]), metadata=bearer("tok-alice"), timeout=8))
+            list(
+                stub.BulkSubmit(iter([feedback_pb2.BulkItem(prompt=request)]), metadata=bearer("tok-alice"), timeout=8)
+            )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         # A deadline shorter than the broker timeout is honoured too.
         started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
-            stub.LogPrompt(feedback_pb2.LogPromptRequest(request_id="short", text="x"), metadata=bearer("tok-alice"), timeout=0.8)
+            stub.LogPrompt(
+                feedback_pb2.LogPromptRequest(request_id="short", text="x"), metadata=bearer("tok-alice"), timeout=0.8
+            )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and time.monotonic() - started < 1.0
 
         # The broker comes back without its state (Tansu keeps it in memory):
@@ -285,7 +378,9 @@ def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(broker, tmp_pa
         with grpc.insecure_channel(target) as channel:
             stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
             stream = stub.BulkSubmit(iter(items.get, None), metadata=bearer("tok-alice"), timeout=30)
-            items.put(feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="drain-1", text="before SIGTERM")))
+            items.put(
+                feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="drain-1", text="before SIGTERM"))
+            )
             first = next(stream)
 
             proc.send_signal(signal.SIGTERM)
@@ -296,13 +391,19 @@ def test_sigterm_lets_calls_in_flight_finish_and_refuses_new_ones(broker, tmp_pa
                     try:
                         feedback_pb2_grpc.FeedbackServiceStub(fresh).LogPrompt(
                             feedback_pb2.LogPromptRequest(request_id=f"late-{time.monotonic()}", text="after SIGTERM"),
-                            metadata=bearer("tok-alice"), timeout=2)
+                            metadata=bearer("tok-alice"),
+                            timeout=2,
+                        )
                         time.sleep(0.05)  # the signal may not have landed yet
                     except grpc.RpcError as err:
                         refused = err.code()
             assert refused == grpc.StatusCode.UNAVAILABLE
 
-            items.put(feedback_pb2.BulkItem(prompt=feedback_pb2.LogPromptRequest(request_id="drain-2", text="during the drain")))
+            items.put(
+                feedback_pb2.BulkItem(
+                    prompt=feedback_pb2.LogPromptRequest(request_id="drain-2", text="during the drain")
+                )
+            )
             items.put(None)  # the client ends its stream
             rest = list(stream)
         assert len(rest) == 1 and proc.wait(timeout=20) == 0

@@ -11,8 +11,8 @@ import time
 
 import grpc
 import pytest
-
 from rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
+
 from services.common.bus import announce_checkpoint, checkpoint_event, promote_checkpoint
 from services.common.checkpoints import CheckpointStore
 from services.common.models import RewardModel, load_tokenizer
@@ -68,8 +68,13 @@ def test_swap_under_streaming_load_has_no_failures(policy, tiny_model_dir):
 
     def stream():
         try:
-            it = stub.GenerateStream(policy_pb2.GenerateRequest(prompt="Tell me a story", parameters=policy_pb2.GenerationParameters(
-                max_new_tokens=150, temperature=0.0)), timeout=60)
+            it = stub.GenerateStream(
+                policy_pb2.GenerateRequest(
+                    prompt="Tell me a story",
+                    parameters=policy_pb2.GenerationParameters(max_new_tokens=150, temperature=0.0),
+                ),
+                timeout=60,
+            )
             first = next(it)
             started.wait()
             results.append({first.model_version} | {m.model_version for m in it})
@@ -83,8 +88,16 @@ def test_swap_under_streaming_load_has_no_failures(policy, tiny_model_dir):
     started.wait(timeout=30)
     announced = time.monotonic()
     promote_checkpoint(settings, new, reason="test")
-    assert wait_for(lambda: stub.Generate(policy_pb2.GenerateRequest(prompt="x", parameters=policy_pb2.GenerationParameters(
-        max_new_tokens=1)), timeout=30).model_version == new, timeout=15)
+    assert wait_for(
+        lambda: (
+            stub.Generate(
+                policy_pb2.GenerateRequest(prompt="x", parameters=policy_pb2.GenerationParameters(max_new_tokens=1)),
+                timeout=30,
+            ).model_version
+            == new
+        ),
+        timeout=15,
+    )
     swap_s = time.monotonic() - announced
     for t in threads:
         t.join(timeout=60)
@@ -115,7 +128,10 @@ def test_corrupt_and_incompatible_checkpoints_are_rejected(policy, tiny_model_di
     assert wait_for(lambda: alien in switcher.rejected)
     assert "tokenizer" in switcher.rejected[alien]
 
-    reply = stub.Generate(policy_pb2.GenerateRequest(prompt="Hi", parameters=policy_pb2.GenerationParameters(max_new_tokens=3)), timeout=30)
+    reply = stub.Generate(
+        policy_pb2.GenerateRequest(prompt="Hi", parameters=policy_pb2.GenerationParameters(max_new_tokens=3)),
+        timeout=30,
+    )
     assert reply.model_version == old == handle.version
     # A good checkpoint is still followed afterwards.
     good = copy_policy(store, store.path(old), kind="ppo")
@@ -137,8 +153,13 @@ def test_reward_service_follows_reward_promotions_only(tmp_path, broker, tiny_mo
         promote_checkpoint(settings, manifest.version, reason="test")
         with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
             stub = reward_pb2_grpc.RewardServiceStub(channel)
-            assert wait_for(lambda: stub.Score(reward_pb2.ScoreRequest(prompt="Hi", responses=["a"]), timeout=30).model_version
-                            == manifest.version, 15)
+            assert wait_for(
+                lambda: (
+                    stub.Score(reward_pb2.ScoreRequest(prompt="Hi", responses=["a"]), timeout=30).model_version
+                    == manifest.version
+                ),
+                15,
+            )
         assert policy_copy not in handle.switcher.rejected
     finally:
         handle.stop()

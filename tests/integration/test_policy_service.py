@@ -9,8 +9,8 @@ import time
 import grpc
 import pytest
 import torch
-
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
+
 from services.common.auth import bearer
 from services.common.models import load_causal_lm, load_tokenizer, render_prompt
 from services.policy.server import start
@@ -21,8 +21,14 @@ ADMIN = "adm-token"
 
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory, broker, tiny_model_dir):
-    settings = make_settings(tmp_path_factory.mktemp("policy"), broker, RLHF_MAX_PROMPT_TOKENS="64",
-                             RLHF_MAX_NEW_TOKENS_LIMIT="512", RLHF_KV_BUDGET_TOKENS="8192", RLHF_TOKENS=f"{ADMIN}=root:admin,usr=u1:user")
+    settings = make_settings(
+        tmp_path_factory.mktemp("policy"),
+        broker,
+        RLHF_MAX_PROMPT_TOKENS="64",
+        RLHF_MAX_NEW_TOKENS_LIMIT="512",
+        RLHF_KV_BUDGET_TOKENS="8192",
+        RLHF_TOKENS=f"{ADMIN}=root:admin,usr=u1:user",
+    )
     handle = start(settings, port=0, http_port=None)
     channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
     yield handle, policy_pb2_grpc.PolicyServiceStub(channel)
@@ -36,7 +42,9 @@ def gen(prompt="Hello there", **params):
 
 def test_generate_k_samples_names_version_and_usage(policy):
     handle, stub = policy
-    reply = stub.Generate(gen(max_new_tokens=8, num_samples=4, seed=11, temperature=0.8, return_logprobs=True), timeout=30)
+    reply = stub.Generate(
+        gen(max_new_tokens=8, num_samples=4, seed=11, temperature=0.8, return_logprobs=True), timeout=30
+    )
     assert reply.model_version == handle.version == "base-tiny-seed"
     assert len(reply.samples) == 4
     assert [s.seed for s in reply.samples] == [11, 12, 13, 14]
@@ -53,7 +61,10 @@ def test_generate_k_samples_names_version_and_usage(policy):
 def test_chat_messages_and_streaming(policy):
     _, stub = policy
     request = policy_pb2.GenerateRequest(
-        messages=[common_pb2.ChatMessage(role="system", content="Be brief."), common_pb2.ChatMessage(role="user", content="Hi")],
+        messages=[
+            common_pb2.ChatMessage(role="system", content="Be brief."),
+            common_pb2.ChatMessage(role="user", content="Hi"),
+        ],
         parameters=policy_pb2.GenerationParameters(max_new_tokens=6, temperature=0.0, num_samples=2),
     )
     unary = stub.Generate(request, timeout=30)
@@ -81,7 +92,10 @@ def test_chat_messages_and_streaming(policy):
         (gen(top_p=1.5), ["top_p", "(0, 1]"]),
         (gen(prompt="word " * 200), ["prompt has", "limit is 64", "RLHF_MAX_PROMPT_TOKENS"]),
         (gen(max_new_tokens=513), ["max_new_tokens", "512"]),
-        (policy_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="robot", content="x")]), ["messages[0].role"]),
+        (
+            policy_pb2.GenerateRequest(messages=[common_pb2.ChatMessage(role="robot", content="x")]),
+            ["messages[0].role"],
+        ),
     ],
 )
 def test_invalid_arguments_name_the_field_and_limit(policy, request_, words):
@@ -135,7 +149,9 @@ def test_pin_needs_admin_and_unknown_version_is_invalid(policy):
         stub.PinVersion(common_pb2.PinVersionRequest(version="rm-tiny-seed"), metadata=bearer(ADMIN), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "reward checkpoint" in err.value.details()
     info = stub.PinVersion(common_pb2.PinVersionRequest(version="base-tiny-seed"), metadata=bearer(ADMIN), timeout=30)
-    assert info.pinned_version == "base-tiny-seed" and info.backend == "local" and '"kind": "base"' in info.manifest_json
+    assert (
+        info.pinned_version == "base-tiny-seed" and info.backend == "local" and '"kind": "base"' in info.manifest_json
+    )
     info = stub.PinVersion(common_pb2.PinVersionRequest(version=""), metadata=bearer(ADMIN), timeout=30)
     assert info.pinned_version == "" and info.version == "base-tiny-seed"
     assert "base-tiny-seed" in stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).available_versions
@@ -173,9 +189,14 @@ def test_prompt_logprobs_score_the_rendered_prompt(policy, tiny_model_dir):
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
     assert [t.id for t in tokens] == ids and tokens[0].logprob == 0.0
-    assert [t.logprob for t in tokens[1:]] == pytest.approx([float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4)
+    assert [t.logprob for t in tokens[1:]] == pytest.approx(
+        [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4
+    )
     assert not stub.Generate(gen(max_new_tokens=2), timeout=30).prompt_tokens  # only when asked
 
     with pytest.raises(grpc.RpcError) as err:
         list(stub.GenerateStream(gen(max_new_tokens=2, return_prompt_logprobs=True), timeout=30))
-    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "parameters.return_prompt_logprobs" in err.value.details()
+    assert (
+        err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        and "parameters.return_prompt_logprobs" in err.value.details()
+    )

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import grpc
 import pytest
-
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
+
 from services.common.auth import bearer
 from services.common.checkpoints import CheckpointStore
 from services.common.models import RewardModel, encode_prompt_response, load_tokenizer, render_prompt
@@ -19,7 +19,9 @@ RESPONSES = ["Blue.", "It is blue because of Rayleigh scattering of sunlight.", 
 
 @pytest.fixture(scope="module")
 def reward(tmp_path_factory, broker, tiny_model_dir):
-    settings = make_settings(tmp_path_factory.mktemp("reward"), broker, RLHF_REWARD_BATCH="3", RLHF_TOKENS="adm=root:admin")
+    settings = make_settings(
+        tmp_path_factory.mktemp("reward"), broker, RLHF_REWARD_BATCH="3", RLHF_TOKENS="adm=root:admin"
+    )
     handle = start(settings, port=0, follow=False)
     channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
     yield settings, handle, reward_pb2_grpc.RewardServiceStub(channel)
@@ -48,7 +50,10 @@ def test_scores_match_the_model_at_the_last_real_token(reward):
 def test_chat_messages_are_rendered_like_a_prompt(reward):
     _, _, stub = reward
     as_prompt = stub.Score(reward_pb2.ScoreRequest(prompt="Hello", responses=["Hi!"]), timeout=30)
-    as_chat = stub.Score(reward_pb2.ScoreRequest(messages=[common_pb2.ChatMessage(role="user", content="Hello")], responses=["Hi!"]), timeout=30)
+    as_chat = stub.Score(
+        reward_pb2.ScoreRequest(messages=[common_pb2.ChatMessage(role="user", content="Hello")], responses=["Hi!"]),
+        timeout=30,
+    )
     assert as_chat.scores[0] == pytest.approx(as_prompt.scores[0], abs=1e-5)
 
 
@@ -57,8 +62,14 @@ def test_chat_messages_are_rendered_like_a_prompt(reward):
     [
         (reward_pb2.ScoreRequest(prompt="Hi", responses=[]), ["responses", "empty"]),
         (reward_pb2.ScoreRequest(prompt=" ", responses=["a"]), ["prompt", "empty"]),
-        (reward_pb2.ScoreRequest(prompt="Hi", responses=["a"] * 65), ["responses", "limit is 64", "RLHF_REWARD_MAX_RESPONSES"]),
-        (reward_pb2.ScoreRequest(messages=[common_pb2.ChatMessage(role="bot", content="x")], responses=["a"]), ["messages[0].role"]),
+        (
+            reward_pb2.ScoreRequest(prompt="Hi", responses=["a"] * 65),
+            ["responses", "limit is 64", "RLHF_REWARD_MAX_RESPONSES"],
+        ),
+        (
+            reward_pb2.ScoreRequest(messages=[common_pb2.ChatMessage(role="bot", content="x")], responses=["a"]),
+            ["messages[0].role"],
+        ),
     ],
 )
 def test_invalid_requests_name_the_field(reward, request_, words):

@@ -10,9 +10,9 @@ from collections import Counter
 import grpc
 import pytest
 
+from services.common.bus import read_topic
 from services.feedback import server as feedback_server
 from services.policy import server as policy_server
-from services.common.bus import read_topic
 from services.sim.labelers import LabelerPool, QueuedPrompt, read_prompt_events
 from services.sim.tasks import gold_ranks, gold_score
 from services.sim.users import make_population, submit_prompts

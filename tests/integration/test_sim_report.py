@@ -21,8 +21,16 @@ PNG = b"\x89PNG\r\n\x1a\n"
 def _comparison(rng: random.Random, i: int, user: str) -> dict:
     prompt = sample_task(rng, family="describe").render()
     texts = [write_demonstration(prompt, random.Random(i)), "The thing is big " * 6, "ok"]
-    return {"event_id": f"c{i}", "prompt_id": f"p{i}", "user_id": user, "labeler_id": "labeler-0", "prompt_text": prompt,
-            "responses": [{"text": t, "policy_version": "sft-x", "rank": r} for t, r in zip(texts, gold_ranks(prompt, texts))]}
+    return {
+        "event_id": f"c{i}",
+        "prompt_id": f"p{i}",
+        "user_id": user,
+        "labeler_id": "labeler-0",
+        "prompt_text": prompt,
+        "responses": [
+            {"text": t, "policy_version": "sft-x", "rank": r} for t, r in zip(texts, gold_ranks(prompt, texts))
+        ],
+    }
 
 
 @pytest.fixture
@@ -38,29 +46,71 @@ def tiny_run(tmp_path, tiny_model_dir):
     rng = random.Random(0)
     data = {
         "train": {"comparisons": [_comparison(rng, i, "user-000") for i in range(3)]},
-        "validation": {"prompts": [{"event_id": "v1", "prompt_id": "v1", "user_id": "user-007", "text": sample_task(rng).render(), "source": "sim"}]},
-        "test": {"prompts": [{"event_id": f"t{i}", "prompt_id": f"t{i}", "user_id": "user-009", "text": sample_task(rng).render(), "source": "sim"}
-                             for i in range(5)],
-                 "comparisons": [_comparison(rng, 10 + i, "user-009") for i in range(3)]},
+        "validation": {
+            "prompts": [
+                {
+                    "event_id": "v1",
+                    "prompt_id": "v1",
+                    "user_id": "user-007",
+                    "text": sample_task(rng).render(),
+                    "source": "sim",
+                }
+            ]
+        },
+        "test": {
+            "prompts": [
+                {
+                    "event_id": f"t{i}",
+                    "prompt_id": f"t{i}",
+                    "user_id": "user-009",
+                    "text": sample_task(rng).render(),
+                    "source": "sim",
+                }
+                for i in range(5)
+            ],
+            "comparisons": [_comparison(rng, 10 + i, "user-009") for i in range(3)],
+        },
     }
     snapshot = SnapshotStore(settings.dataset_dir).write(data)["snapshot_id"]
     runs = tmp_path / "runs"
     for name, keys in (("sft", ["loss"]), ("ppo", ["reward", "kl", "loss"])):
         (runs / name).mkdir(parents=True)
         lines = [json.dumps({"step": s, "time_s": s * 1.5, **{k: 1.0 / (s + 1) for k in keys}}) for s in range(5)]
-        (runs / name / "metrics.jsonl").write_text("\n".join(lines) + "\n{\"step\": 5, \"los")  # last line cut short by a crash
+        (runs / name / "metrics.jsonl").write_text(
+            "\n".join(lines) + '\n{"step": 5, "los'
+        )  # last line cut short by a crash
     (runs / "rm").mkdir()  # no metrics at all: plotted gracefully as nothing
-    return settings, dict(base=base, sft=sft, ppo=ppo, rm=rm, snapshot=snapshot), {n: runs / n for n in ("sft", "rm", "ppo")}, data
+    return (
+        settings,
+        dict(base=base, sft=sft, ppo=ppo, rm=rm, snapshot=snapshot),
+        {n: runs / n for n in ("sft", "rm", "ppo")},
+        data,
+    )
 
 
 def test_report_end_to_end(tmp_path, tiny_run):
     settings, v, run_dirs, data = tiny_run
     cfg = EvalConfig(prompts=6, samples_per_prompt=2, max_new_tokens=8, batch_size=4, rm_held_in=2, examples=2)
-    path = write_report(settings, tmp_path / "report", base_version=v["base"], sft_version=v["sft"], ppo_version=v["ppo"],
-                        rm_version=v["rm"], snapshot_id=v["snapshot"], run_dirs=run_dirs, extra={"demo_wall_s": 12.5}, config=cfg)
+    path = write_report(
+        settings,
+        tmp_path / "report",
+        base_version=v["base"],
+        sft_version=v["sft"],
+        ppo_version=v["ppo"],
+        rm_version=v["rm"],
+        snapshot_id=v["snapshot"],
+        run_dirs=run_dirs,
+        extra={"demo_wall_s": 12.5},
+        config=cfg,
+    )
     out = path.parent
     text = path.read_text()
-    for heading in ("## Gold win rates", "## Reward model against the gold labeler", "## KL to the SFT policy", "## Examples, before and after"):
+    for heading in (
+        "## Gold win rates",
+        "## Reward model against the gold labeler",
+        "## KL to the SFT policy",
+        "## Examples, before and after",
+    ):
         assert heading in text
     for png in ("win_rates.png", "gold_scores.png", "curves_sft.png", "curves_ppo.png"):
         assert (out / png).read_bytes()[:8] == PNG
@@ -74,9 +124,21 @@ def test_report_end_to_end(tmp_path, tiny_run):
     same = result["win_rates"]["ppo_vs_sft"]
     assert (same["ties"], same["win_rate"], same["mean_diff"], same["significant"]) == (6, 0.5, 0.0, False)
     assert set(result["win_rates"]) == {"ppo_vs_sft", "ppo_vs_base", "sft_vs_base"}
-    pairs = sum(1 for c in data["test"]["comparisons"] for i, a in enumerate(c["responses"]) for b in c["responses"][i + 1:] if a["rank"] != b["rank"])
+    pairs = sum(
+        1
+        for c in data["test"]["comparisons"]
+        for i, a in enumerate(c["responses"])
+        for b in c["responses"][i + 1 :]
+        if a["rank"] != b["rank"]
+    )
     assert result["rm_accuracy"]["held_out"]["pairs"] == pairs and result["rm_accuracy"]["held_out"]["comparisons"] == 3
-    assert 0.0 <= result["rm_accuracy"]["held_out"]["ci_low"] <= result["rm_accuracy"]["held_out"]["accuracy"] <= result["rm_accuracy"]["held_out"]["ci_high"] <= 1.0
+    assert (
+        0.0
+        <= result["rm_accuracy"]["held_out"]["ci_low"]
+        <= result["rm_accuracy"]["held_out"]["accuracy"]
+        <= result["rm_accuracy"]["held_out"]["ci_high"]
+        <= 1.0
+    )
     assert result["rm_accuracy"]["held_in"]["comparisons"] == 2
     assert result["kl_to_sft"] == pytest.approx(0.2) and "metrics.jsonl" in result["kl_source"]
     assert len(result["examples"]) == 2 and result["extra"] == {"demo_wall_s": 12.5}
@@ -85,8 +147,16 @@ def test_report_end_to_end(tmp_path, tiny_run):
 def test_missing_checkpoint_is_refused_and_nothing_written(tmp_path, tiny_run):
     settings, v, run_dirs, _ = tiny_run
     with pytest.raises(CheckpointError, match="ppo-missing"):
-        write_report(settings, tmp_path / "nothing", base_version=None, sft_version=v["sft"], ppo_version="ppo-missing",
-                     rm_version=v["rm"], snapshot_id=v["snapshot"], run_dirs=run_dirs)
+        write_report(
+            settings,
+            tmp_path / "nothing",
+            base_version=None,
+            sft_version=v["sft"],
+            ppo_version="ppo-missing",
+            rm_version=v["rm"],
+            snapshot_id=v["snapshot"],
+            run_dirs=run_dirs,
+        )
     assert not (tmp_path / "nothing").exists()
 
 

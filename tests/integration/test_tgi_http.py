@@ -11,10 +11,10 @@ import grpc
 import httpx
 import pytest
 import torch
+from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from text_generation import AsyncClient, Client
 from text_generation.errors import OverloadedError, ValidationError
 
-from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from services.common.models import load_causal_lm, load_tokenizer
 from services.policy.server import start
 from tests.conftest import make_settings
@@ -57,16 +57,27 @@ def test_decoder_input_details_scores_the_prompt(server, tiny_model_dir, tmp_pat
     with torch.no_grad():
         logp = torch.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
     assert [t.id for t in prefill] == ids and prefill[0].logprob is None
-    assert [t.logprob for t in prefill[1:]] == pytest.approx([float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4)
+    assert [t.logprob for t in prefill[1:]] == pytest.approx(
+        [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4
+    )
     assert "".join(t.text for t in prefill) == prompt
     assert Client(url, timeout=30).generate(prompt, max_new_tokens=3).details.prefill == []  # only when asked
-    refused = httpx.post(f"{url}/generate_stream", json={"inputs": prompt, "parameters": {"decoder_input_details": True, "details": True}}, timeout=30)
-    assert refused.status_code == 422 and "`decoder_input_details` == true is not supported when streaming" in refused.json()["error"]
+    refused = httpx.post(
+        f"{url}/generate_stream",
+        json={"inputs": prompt, "parameters": {"decoder_input_details": True, "details": True}},
+        timeout=30,
+    )
+    assert (
+        refused.status_code == 422
+        and "`decoder_input_details` == true is not supported when streaming" in refused.json()["error"]
+    )
 
     # through a second policy server whose backend is TGI (the first server)
     proxy = start(make_settings(tmp_path, broker, RLHF_TGI_URL=url), port=0, http_port=0)
     try:
-        via = Client(f"http://127.0.0.1:{proxy.http_port}", timeout=30).generate(prompt, max_new_tokens=3, decoder_input_details=True)
+        via = Client(f"http://127.0.0.1:{proxy.http_port}", timeout=30).generate(
+            prompt, max_new_tokens=3, decoder_input_details=True
+        )
         assert [(t.id, t.text) for t in via.details.prefill] == [(t.id, t.text) for t in prefill]
         assert [t.logprob for t in via.details.prefill[1:]] == pytest.approx([t.logprob for t in prefill[1:]], abs=1e-5)
     finally:
@@ -111,32 +122,48 @@ def test_validation_errors_are_tgi_422(server):
     with pytest.raises(ValidationError, match="max_new_tokens"):
         asyncio.run(run())
     reply = httpx.post(f"{url}/generate", json={"inputs": "", "parameters": {}})
-    assert reply.status_code == 422 and reply.json() == {"error": "`inputs` cannot be empty", "error_type": "validation"}
+    assert reply.status_code == 422 and reply.json() == {
+        "error": "`inputs` cannot be empty",
+        "error_type": "validation",
+    }
 
 
 def test_root_route_info_health_metrics(server):
     handle, url = server
-    reply = httpx.post(url + "/", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3, "details": True}}, timeout=30)
+    reply = httpx.post(
+        url + "/", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3, "details": True}}, timeout=30
+    )
     assert reply.status_code == 200 and isinstance(reply.json(), list) and len(reply.json()) == 1
     assert reply.headers["x-model-version"] == handle.version
     info = httpx.get(f"{url}/info").json()
     assert info["model_id"] == handle.version and info["max_input_tokens"] == 64
     assert httpx.get(f"{url}/health").status_code == 200
     metrics = httpx.get(f"{url}/metrics").text
-    for name in ("rlhf_generated_tokens_total", "rlhf_queue_depth", "rlhf_batch_size", "rlhf_serving_version_info",
-                 'rlhf_rpc_requests_total{code="200",method="/",service="policy-http"}'):
+    for name in (
+        "rlhf_generated_tokens_total",
+        "rlhf_queue_depth",
+        "rlhf_batch_size",
+        "rlhf_serving_version_info",
+        'rlhf_rpc_requests_total{code="200",method="/",service="policy-http"}',
+    ):
         assert name in metrics
 
 
 def test_overload_is_tgi_429(tmp_path, broker, tiny_model_dir):
-    handle = start(make_settings(tmp_path, broker, RLHF_MAX_BATCH="1", RLHF_MAX_QUEUE="1"), port=0, http_port=0, follow=False)
+    handle = start(
+        make_settings(tmp_path, broker, RLHF_MAX_BATCH="1", RLHF_MAX_QUEUE="1"), port=0, http_port=0, follow=False
+    )
     try:
         url = f"http://127.0.0.1:{handle.http_port}"
         with httpx.Client(timeout=30) as http:
-            with http.stream("POST", f"{url}/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 500}}) as busy:
+            with http.stream(
+                "POST", f"{url}/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 500}}
+            ) as busy:
                 lines = busy.iter_lines()  # keep the iterator: dropping it closes the stream
                 next(lines)
-                with httpx.stream("POST", f"{url}/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}) as queued:
+                with httpx.stream(
+                    "POST", f"{url}/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+                ) as queued:
                     with pytest.raises(OverloadedError):
                         Client(url, timeout=30).generate("Hi", max_new_tokens=2)
         # Both streams were closed by the client: their slots are freed without waiting for 500 tokens.
@@ -152,10 +179,17 @@ def test_tgi_backend_generates_through_a_tgi_endpoint(server, tmp_path, broker):
     upstream, url = server
     proxy = start(make_settings(tmp_path, broker, RLHF_TGI_URL=url), port=0, http_port=None)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{upstream.port}") as a, grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as b:
+        with (
+            grpc.insecure_channel(f"127.0.0.1:{upstream.port}") as a,
+            grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as b,
+        ):
             direct, via = policy_pb2_grpc.PolicyServiceStub(a), policy_pb2_grpc.PolicyServiceStub(b)
-            request = policy_pb2.GenerateRequest(prompt="Hello", parameters=policy_pb2.GenerationParameters(
-                max_new_tokens=6, temperature=0.0, num_samples=2, return_logprobs=True))
+            request = policy_pb2.GenerateRequest(
+                prompt="Hello",
+                parameters=policy_pb2.GenerationParameters(
+                    max_new_tokens=6, temperature=0.0, num_samples=2, return_logprobs=True
+                ),
+            )
             want, got = direct.Generate(request, timeout=30), via.Generate(request, timeout=30)
             assert got.model_version == want.model_version == upstream.version
             assert [s.text for s in got.samples] == [s.text for s in want.samples]
@@ -189,8 +223,10 @@ def test_tgi_backend_sends_k_samples_at_once_and_a_cancel_stops_them_all(server,
         with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as channel:
             via = policy_pb2_grpc.PolicyServiceStub(channel)
             # Greedy decoding of the tiny model runs to the limit: long enough to see all four upstream at once.
-            request = policy_pb2.GenerateRequest(prompt="Count to a thousand.", parameters=policy_pb2.GenerationParameters(
-                max_new_tokens=300, temperature=0.0, num_samples=4))
+            request = policy_pb2.GenerateRequest(
+                prompt="Count to a thousand.",
+                parameters=policy_pb2.GenerationParameters(max_new_tokens=300, temperature=0.0, num_samples=4),
+            )
             future = via.Generate.future(request, timeout=60)
             assert peak_running(30, until=future.done) == 4  # K requests upstream together, batched by the engine
             reply = future.result()

@@ -21,14 +21,21 @@ from pathlib import Path
 
 import pytest
 import torch
+from rlhf.v1 import events_pb2
 from safetensors.torch import load_file
 
-from rlhf.v1 import events_pb2
 from services.common import bus
 from services.common.checkpoints import CheckpointStore
 from services.common.config import load_settings
 from services.common.datasets import SnapshotStore
-from services.common.models import RewardModel, encode_prompt_response, load_causal_lm, load_tokenizer, pad_batch, render_prompt
+from services.common.models import (
+    RewardModel,
+    encode_prompt_response,
+    load_causal_lm,
+    load_tokenizer,
+    pad_batch,
+    render_prompt,
+)
 from tests.conftest import MODEL_CACHE
 from trainers import evaluate
 from trainers import rm as rm_trainer
@@ -50,21 +57,49 @@ class World:
     def __init__(self, root: Path, broker: str):
         self.root = root
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("RLHF_")}
-        self.env.update({"RLHF_HOME": str(root / "home"), "RLHF_MODEL": "tiny", "RLHF_MODEL_CACHE": MODEL_CACHE,
-                         "RLHF_KAFKA_BOOTSTRAP": broker, "RLHF_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}",
-                         "RLHF_TOPIC_PARTITIONS": "1", "RLHF_TORCH_THREADS": "1", "OMP_NUM_THREADS": "1"})
+        self.env.update(
+            {
+                "RLHF_HOME": str(root / "home"),
+                "RLHF_MODEL": "tiny",
+                "RLHF_MODEL_CACHE": MODEL_CACHE,
+                "RLHF_KAFKA_BOOTSTRAP": broker,
+                "RLHF_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}",
+                "RLHF_TOPIC_PARTITIONS": "1",
+                "RLHF_TORCH_THREADS": "1",
+                "OMP_NUM_THREADS": "1",
+            }
+        )
         self.settings = load_settings({k: v for k, v in self.env.items() if k.startswith("RLHF_")})
         self.store = CheckpointStore(self.settings.checkpoint_dir)
         self.snapshot = write_snapshot(self.settings.dataset_dir, 40)
 
     def command(self, trainer: str, args: list[str], name: str, torchrun: int = 0) -> list[str]:
-        launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"] if torchrun else [sys.executable]
+        launcher = (
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={torchrun}"]
+            if torchrun
+            else [sys.executable]
+        )
         run_dir = [] if trainer == "evaluate" else ["--run-dir", str(self.root / name)]
-        return [*launcher, "-m", f"trainers.{trainer}", *args, *run_dir, "--result-file", str(self.root / f"{name}.json"), "--preset", "tiny"]
+        return [
+            *launcher,
+            "-m",
+            f"trainers.{trainer}",
+            *args,
+            *run_dir,
+            "--result-file",
+            str(self.root / f"{name}.json"),
+            "--preset",
+            "tiny",
+        ]
 
     def run(self, trainer: str, args: list[str], name: str, torchrun: int = 0, env: dict | None = None) -> dict:
-        proc = subprocess.run(self.command(trainer, args, name, torchrun), env={**self.env, **(env or {})}, capture_output=True,
-                              text=True, timeout=180)
+        proc = subprocess.run(
+            self.command(trainer, args, name, torchrun),
+            env={**self.env, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         (self.root / f"{name}.stderr").write_text(proc.stderr)
         assert proc.returncode == 0, proc.stderr[-3000:]
         return json.loads((self.root / f"{name}.json").read_text())
@@ -82,7 +117,9 @@ def trained(world):
     """One uninterrupted SFT -> RM -> PPO chain (also the reference for the resume tests)."""
     sft = world.run("sft", ["--snapshot", world.snapshot, *SETS["sft"]], "sft")
     rm = world.run("rm", ["--snapshot", world.snapshot, "--sft", sft["version"], *SETS["rm"]], "rm")
-    ppo = world.run("ppo", ["--snapshot", world.snapshot, "--sft", sft["version"], "--reward", rm["version"], *SETS["ppo"]], "ppo")
+    ppo = world.run(
+        "ppo", ["--snapshot", world.snapshot, "--sft", sft["version"], "--reward", rm["version"], *SETS["ppo"]], "ppo"
+    )
     return {"sft": sft, "rm": rm, "ppo": ppo}
 
 
@@ -124,7 +161,10 @@ def test_chain_publishes_verified_checkpoints_that_load(world, trained):
     assert metrics["val_users_overlapping_train"] == 0 and metrics["val_prompts"] == 8
     model = RewardModel.from_pretrained(world.store.path(rm["version"]))
     tok = load_tokenizer(world.store.path(rm["version"]))
-    demos = [encode_prompt_response(tok, render_prompt(tok, d["prompt_text"]), d["response"], 64) for d in snapshot_train[:16]]
+    demos = [
+        encode_prompt_response(tok, render_prompt(tok, d["prompt_text"]), d["response"], 64)
+        for d in snapshot_train[:16]
+    ]
     with torch.no_grad():
         assert abs(float(model.score(*pad_batch(demos, tok.pad_token_id)).mean())) < 1e-4
 
@@ -164,8 +204,23 @@ def in_process(world, monkeypatch):
 def test_gate_evaluation(world, trained, in_process):
     sft, rm, ppo = (trained[k]["version"] for k in ("sft", "rm", "ppo"))
     for policy in (sft, ppo):
-        in_process(evaluate.main, ["--policy", policy, "--reference", sft, "--reward", rm, "--snapshot", world.snapshot,
-                                   "--result-file", str(world.root / f"eval-{policy}.json"), "--run-dir", str(world.root / f"eval-{policy}")])
+        in_process(
+            evaluate.main,
+            [
+                "--policy",
+                policy,
+                "--reference",
+                sft,
+                "--reward",
+                rm,
+                "--snapshot",
+                world.snapshot,
+                "--result-file",
+                str(world.root / f"eval-{policy}.json"),
+                "--run-dir",
+                str(world.root / f"eval-{policy}"),
+            ],
+        )
     same = json.loads((world.root / f"eval-{sft}.json").read_text())
     moved = json.loads((world.root / f"eval-{ppo}.json").read_text())
     assert same["kl_to_reference"] == 0.0 and same["n"] == 8  # a policy against itself
@@ -194,7 +249,9 @@ def test_killed_job_resumes_to_the_same_result(world, trained, trainer):
     name = f"{trainer}-killed"
     run_dir = world.root / name
     log = open(world.root / f"{name}.log", "w")
-    proc = subprocess.Popen(world.command(trainer, trainer_args(world, trained, trainer), name), env=world.env, stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        world.command(trainer, trainer_args(world, trained, trainer), name), env=world.env, stdout=log, stderr=log
+    )
     metrics, state = run_dir / "metrics.jsonl", run_dir / "state" / "latest.pt"
     deadline = time.time() + 120
     while proc.poll() is None and time.time() < deadline:  # kill once a resume point exists, mid-run
@@ -214,7 +271,9 @@ def test_killed_job_resumes_to_the_same_result(world, trained, trainer):
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
     strip = lambda row: {k: v for k, v in row.items() if k != "time_s"}  # noqa: E731
-    rows = lambda result: [strip(json.loads(x)) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    rows = lambda result: [
+        strip(json.loads(x)) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+    ]  # noqa: E731
     assert rows(resumed) == rows(reference)
     assert '"msg": "resuming from run dir"' in (world.root / f"{name}.stderr").read_text()
 
@@ -233,9 +292,13 @@ def test_under_torchrun_with_two_cpu_processes(world, trained, trainer):
         RewardModel.from_pretrained(world.store.path(result["version"]))
         assert result["metrics"]["val_pair_accuracy"] >= 0.75
     rows = [json.loads(x) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == result["metrics"]["steps"] + (trainer == "rm")  # rank 0 alone writes (RM: + the final validation row)
+    assert len(rows) == result["metrics"]["steps"] + (
+        trainer == "rm"
+    )  # rank 0 alone writes (RM: + the final validation row)
     if trainer == "rm":  # what rank 0 logs covers both ranks' halves of each step, as the single process's log does
         single = [json.loads(x) for x in (Path(trained["rm"]["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
-        assert [(r.get("pairs"), r.get("responses")) for r in rows] == [(r.get("pairs"), r.get("responses")) for r in single]
+        assert [(r.get("pairs"), r.get("responses")) for r in rows] == [
+            (r.get("pairs"), r.get("responses")) for r in single
+        ]
         assert rows[0]["train_loss"] == pytest.approx(single[0]["train_loss"], rel=1e-4)
         assert rows[0]["train_pair_accuracy"] == pytest.approx(single[0]["train_pair_accuracy"])

@@ -26,7 +26,14 @@ DEPLOYMENTS = re.compile(r"/apis/apps/v1/namespaces/([^/]+)/deployments/([^/]+)$
 
 
 def _status(code: int, reason: str, message: str) -> dict:
-    return {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason, "message": message}
+    return {
+        "kind": "Status",
+        "apiVersion": "v1",
+        "status": "Failure",
+        "code": code,
+        "reason": reason,
+        "message": message,
+    }
 
 
 class JobsApi:
@@ -48,7 +55,7 @@ class JobsApi:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.server.server_port}"
 
-    def __enter__(self) -> "JobsApi":
+    def __enter__(self) -> JobsApi:
         self.thread.start()
         return self
 
@@ -127,7 +134,11 @@ class JobsApi:
                     return self._send(200, api.logs.get(m.group(2), ""))
                 if m := DEPLOYMENTS.match(path):
                     deployment = api.deployments.get(m.group(2))
-                    return self._send(200, deployment) if deployment else self._send(404, _status(404, "NotFound", m.group(2)))
+                    return (
+                        self._send(200, deployment)
+                        if deployment
+                        else self._send(404, _status(404, "NotFound", m.group(2)))
+                    )
                 self._send(404, _status(404, "NotFound", path))
 
             def do_PATCH(self):

@@ -87,6 +87,7 @@ def render_all() -> dict[str, list[dict]]:
 
 # --- reading rendered objects ---------------------------------------------------------
 
+
 def find(objects: list[dict], kind: str, name: str | None = None) -> list[dict]:
     return [o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)]
 

@@ -22,7 +22,9 @@ def validate_builtin(obj: dict, version: str) -> None:
         kubernetes_validate.validate(obj, version, strict=True)
     except kubernetes_validate.ValidationError as err:
         path = ".".join(str(p) for p in err.path)
-        raise AssertionError(f"{obj['kind']}/{obj['metadata'].get('name')} invalid for Kubernetes {version} at {path}: {err.message}") from None
+        raise AssertionError(
+            f"{obj['kind']}/{obj['metadata'].get('name')} invalid for Kubernetes {version} at {path}: {err.message}"
+        ) from None
 
 
 def validate_crd(obj: dict, version: str) -> None:
@@ -34,8 +36,12 @@ def validate_crd(obj: dict, version: str) -> None:
         raise AssertionError(f"{obj['kind']}/{obj['metadata'].get('name')} invalid at {path}: {err.message}") from None
     if obj["kind"] == "PyTorchJob":  # its pod templates against the real schema
         for role, replica in obj["spec"]["pytorchReplicaSpecs"].items():
-            wrapper = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": f"{obj['metadata']['name']}-{role.lower()}"},
-                       "template": replica["template"]}
+            wrapper = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": f"{obj['metadata']['name']}-{role.lower()}"},
+                "template": replica["template"],
+            }
             validate_builtin(wrapper, version)
 
 

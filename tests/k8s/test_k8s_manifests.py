@@ -33,8 +33,21 @@ from tests.k8s.schema import CRD_SCHEMAS, validate, validate_builtin
 pytestmark = pytest.mark.unit
 
 # kinds that a bare cluster serves: `kubectl apply -k k8s/` must need no CRD
-BUILTIN_API_VERSIONS = {"v1", "apps/v1", "batch/v1", "rbac.authorization.k8s.io/v1", "networking.k8s.io/v1", "policy/v1", "autoscaling/v2"}
-GRPC_SERVICES = {"policy": "policy_port", "reward": "reward_port", "feedback": "feedback_port", "trainer-controller": "controller_port"}
+BUILTIN_API_VERSIONS = {
+    "v1",
+    "apps/v1",
+    "batch/v1",
+    "rbac.authorization.k8s.io/v1",
+    "networking.k8s.io/v1",
+    "policy/v1",
+    "autoscaling/v2",
+}
+GRPC_SERVICES = {
+    "policy": "policy_port",
+    "reward": "reward_port",
+    "feedback": "feedback_port",
+    "trainer-controller": "controller_port",
+}
 DEFAULTS = load_settings({})
 
 
@@ -49,13 +62,20 @@ def containers(spec: dict) -> list[dict]:
 def controller_job(objects: list[dict], **shape) -> list[dict]:
     """The trainer Job the controller would create, with exactly the settings its Deployment gets."""
     settings = settings_of(objects, "trainer-controller")
-    spec = JobSpec(name="sft-r1-a1b2c3", trainer="sft", args=["--snapshot", "s1"], result_file=f"{settings.home}/runs/sft-r1-a1b2c3/result.json",
-                   gpus=shape.get("gpus", settings.trainer_gpus), nodes=shape.get("nodes", settings.trainer_nodes),
-                   procs_per_node=shape.get("procs_per_node", settings.trainer_procs_per_node))
+    spec = JobSpec(
+        name="sft-r1-a1b2c3",
+        trainer="sft",
+        args=["--snapshot", "s1"],
+        result_file=f"{settings.home}/runs/sft-r1-a1b2c3/result.json",
+        gpus=shape.get("gpus", settings.trainer_gpus),
+        nodes=shape.get("nodes", settings.trainer_nodes),
+        procs_per_node=shape.get("procs_per_node", settings.trainer_procs_per_node),
+    )
     return build_job_manifests(spec, settings)
 
 
 # --- rendering and schemas -----------------------------------------------------------
+
 
 def test_every_overlay_and_component_combination_renders(renders):
     assert {"dev", "gpu", "tgi"} <= set(OVERLAYS)
@@ -77,7 +97,14 @@ def test_base_needs_no_crds(renders):
 
 def test_components_add_their_crd_kinds(renders):
     assert find(renders["base+servicemonitor"], "ServiceMonitor")
-    assert one(renders["base+pytorchjob"], "ConfigMap", settings_of(renders["base+pytorchjob"], "trainer-controller").trainer_config_map)["data"]["RLHF_TRAINER_JOB_KIND"] == "pytorchjob"
+    assert (
+        one(
+            renders["base+pytorchjob"],
+            "ConfigMap",
+            settings_of(renders["base+pytorchjob"], "trainer-controller").trainer_config_map,
+        )["data"]["RLHF_TRAINER_JOB_KIND"]
+        == "pytorchjob"
+    )
     role = one(renders["base+pytorchjob"], "Role", "trainer-controller")
     assert any("pytorchjobs" in rule["resources"] and "watch" in rule["verbs"] for rule in role["rules"])
 
@@ -92,7 +119,9 @@ def test_every_object_validates_against_the_schema(renders, version):
 
 def test_the_validator_rejects_a_typo(renders):
     broken = copy.deepcopy(one(renders["base"], "Deployment", "policy"))
-    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = broken["spec"]["template"]["spec"]["containers"][0].pop("readinessProbe")
+    broken["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = broken["spec"]["template"]["spec"][
+        "containers"
+    ][0].pop("readinessProbe")
     with pytest.raises(AssertionError, match="readinessProbes"):
         validate_builtin(broken, K8S_VERSIONS[-1])
     monitor = copy.deepcopy(find(renders["base+servicemonitor"], "ServiceMonitor")[0])
@@ -103,6 +132,7 @@ def test_the_validator_rejects_a_typo(renders):
 
 # --- pods --------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_every_pod_is_locked_down(renders, variant):
     for obj in workloads(renders[variant]):
@@ -112,12 +142,16 @@ def test_every_pod_is_locked_down(renders, variant):
         pod_sc = spec["securityContext"]
         assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] > 0, where
         assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}, where
-        volumes = {v["name"] for v in spec.get("volumes", [])} | {t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])}
+        volumes = {v["name"] for v in spec.get("volumes", [])} | {
+            t["metadata"]["name"] for t in obj["spec"].get("volumeClaimTemplates", [])
+        }
         for c in containers(spec):
             name, _, tag = c["image"].rpartition(":")
             assert name and tag and tag != "latest" and "/" not in tag, f"{where} {c['name']}: pin the image tag"
             sc = c["securityContext"]
-            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, f"{where} {c['name']}"
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True, (
+                f"{where} {c['name']}"
+            )
             assert sc["capabilities"]["drop"] == ["ALL"], f"{where} {c['name']}"
             for kind in ("requests", "limits"):
                 assert {"cpu", "memory"} <= set(c["resources"][kind]), f"{where} {c['name']}: {kind}"
@@ -183,30 +217,56 @@ def test_the_configmap_loads_and_matches_the_pods(renders, variant):
 
 
 def test_modules_that_pods_run_exist(renders):
-    commands = [c["command"] for objects in renders.values() for obj in workloads(objects) for c in pod_spec(obj)["containers"] if "command" in c]
+    commands = [
+        c["command"]
+        for objects in renders.values()
+        for obj in workloads(objects)
+        for c in pod_spec(obj)["containers"]
+        if "command" in c
+    ]
     modules = {cmd[2] for cmd in commands if cmd[:2] == ["python", "-m"]}
-    assert {"services.policy", "services.reward", "services.feedback", "services.playground", "services.controller"} <= modules
+    assert {
+        "services.policy",
+        "services.reward",
+        "services.feedback",
+        "services.playground",
+        "services.controller",
+    } <= modules
     for module in modules:
         assert importlib.util.find_spec(module) is not None, module
 
 
 # --- images, the controller's Jobs and storage -------------------------------------------
 
+
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_trainer_jobs_match_the_deployments(renders, variant):
     objects = renders[variant]
     controller = one(objects, "Deployment", "trainer-controller")
-    platform_images = {c["image"] for o in workloads(objects) for c in pod_spec(o)["containers"] if image_name(c["image"]) in PLATFORM_IMAGES}
+    platform_images = {
+        c["image"]
+        for o in workloads(objects)
+        for c in pod_spec(o)["containers"]
+        if image_name(c["image"]) in PLATFORM_IMAGES
+    }
     policy_image = pod_spec(one(objects, "Deployment", "policy"))["containers"][0]["image"]
     claim = one(objects, "PersistentVolumeClaim", "rlhf-data")
     for shape in ({}, {"gpus": 1}, {"nodes": 3, "procs_per_node": 2}):
         manifests = controller_job(objects, **shape)
         job = manifests[0]
-        template = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"] if job["kind"] == "PyTorchJob" else job["spec"]["template"]
+        template = (
+            job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]
+            if job["kind"] == "PyTorchJob"
+            else job["spec"]["template"]
+        )
         pod = template["spec"]
         c = pod["containers"][0]
         # The image: the controller's own, or the CUDA image the GPU policy runs.
-        expected = policy_image if image_name(policy_image) == "rlhf-platform-cuda" else pod_spec(controller)["containers"][0]["image"]
+        expected = (
+            policy_image
+            if image_name(policy_image) == "rlhf-platform-cuda"
+            else pod_spec(controller)["containers"][0]["image"]
+        )
         assert c["image"] == expected and c["image"] in platform_images
         # The same claim, mounted where the Deployments mount it.
         data = next(v for v in pod["volumes"] if "persistentVolumeClaim" in v)
@@ -214,7 +274,11 @@ def test_trainer_jobs_match_the_deployments(renders, variant):
         mount = next(m["mountPath"] for m in c["volumeMounts"] if m["name"] == data["name"])
         for deployment in ("policy", "trainer-controller"):
             dep = pod_spec(one(objects, "Deployment", deployment))
-            dep_volume = next(v["name"] for v in dep["volumes"] if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"])
+            dep_volume = next(
+                v["name"]
+                for v in dep["volumes"]
+                if v.get("persistentVolumeClaim", {}).get("claimName") == claim["metadata"]["name"]
+            )
             assert mount in {m["mountPath"] for m in dep["containers"][0]["volumeMounts"] if m["name"] == dep_volume}
         # The same settings, the rendered (hashed) ConfigMap.
         assert c["envFrom"] == pod_spec(controller)["containers"][0]["envFrom"]
@@ -226,9 +290,14 @@ def test_trainer_jobs_match_the_deployments(renders, variant):
 
 
 def test_retargeting_the_images_retargets_the_trainer_jobs():
-    images = [{"name": "rlhf-platform", "newName": "reg.example/ml/rlhf-platform", "newTag": "2.0"},
-              {"name": "rlhf-platform-cuda", "newName": "reg.example/ml/rlhf-platform-cuda", "newTag": "2.0"}]
-    for folder, image in (("base", "reg.example/ml/rlhf-platform:2.0"), ("overlays/gpu", "reg.example/ml/rlhf-platform-cuda:2.0")):
+    images = [
+        {"name": "rlhf-platform", "newName": "reg.example/ml/rlhf-platform", "newTag": "2.0"},
+        {"name": "rlhf-platform-cuda", "newName": "reg.example/ml/rlhf-platform-cuda", "newTag": "2.0"},
+    ]
+    for folder, image in (
+        ("base", "reg.example/ml/rlhf-platform:2.0"),
+        ("overlays/gpu", "reg.example/ml/rlhf-platform-cuda:2.0"),
+    ):
         objects = compose(folder, images=images)
         assert pod_spec(one(objects, "Deployment", "policy"))["containers"][0]["image"] == image
         assert controller_job(objects)[0]["spec"]["template"]["spec"]["containers"][0]["image"] == image
@@ -247,13 +316,19 @@ def test_gpu_overlay_puts_policy_and_trainers_on_gpus(renders):
     assert pod["nodeSelector"] == policy["nodeSelector"]
     assert pod["tolerations"] == policy["tolerations"]
     for name in ("reward", "feedback", "playground"):
-        assert "nvidia.com/gpu" not in pod_spec(one(objects, "Deployment", name))["containers"][0]["resources"]["limits"]
+        assert (
+            "nvidia.com/gpu" not in pod_spec(one(objects, "Deployment", name))["containers"][0]["resources"]["limits"]
+        )
 
 
 def test_tgi_serves_the_seed_policy_from_the_data_claim(renders):
     for variant in ("tgi", "gpu+tgi"):
         objects = renders[variant]
-        policy_env = container_env(objects, one(objects, "Deployment", "policy"), pod_spec(one(objects, "Deployment", "policy"))["containers"][0])
+        policy_env = container_env(
+            objects,
+            one(objects, "Deployment", "policy"),
+            pod_spec(one(objects, "Deployment", "policy"))["containers"][0],
+        )
         service = one(objects, "Service", "tgi")
         assert policy_env["RLHF_TGI_URL"] == f"http://tgi:{service['spec']['ports'][0]['port']}"
         settings = settings_of(objects, "policy")
@@ -268,13 +343,17 @@ def test_dev_overlay_is_small_and_single_node(renders):
     assert settings_of(objects, "policy").model == "tiny"
     assert one(objects, "PersistentVolumeClaim", "rlhf-data")["spec"]["accessModes"] == ["ReadWriteOnce"]
     assert one(objects, "HorizontalPodAutoscaler", "policy")["spec"]["minReplicas"] == 1
-    assert one(objects, "PodDisruptionBudget", "policy")["spec"] == {"maxUnavailable": 1, "selector": {"matchLabels": {"app.kubernetes.io/name": "policy"}}}
+    assert one(objects, "PodDisruptionBudget", "policy")["spec"] == {
+        "maxUnavailable": 1,
+        "selector": {"matchLabels": {"app.kubernetes.io/name": "policy"}},
+    }
     for obj in workloads(objects):
         for c in pod_spec(obj)["containers"]:
             assert "nvidia.com/gpu" not in c["resources"]["limits"]
 
 
 # --- names, RBAC, network, secrets ---------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_no_service_name_injects_settings(renders, variant):
@@ -289,17 +368,37 @@ def test_no_service_name_injects_settings(renders, variant):
 def test_every_namespaced_object_is_in_the_platform_namespace(renders, variant):
     # Components add resources after the base's namespace transformer ran:
     # an object without its own namespace would land in kubectl's default.
-    cluster_scoped = {"Namespace", "CustomResourceDefinition", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass"}
-    stray = [(o["kind"], o["metadata"]["name"]) for o in renders[variant]
-             if o["kind"] not in cluster_scoped and o["metadata"].get("namespace") != "rlhf"]
+    cluster_scoped = {
+        "Namespace",
+        "CustomResourceDefinition",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "PersistentVolume",
+        "StorageClass",
+    }
+    stray = [
+        (o["kind"], o["metadata"]["name"])
+        for o in renders[variant]
+        if o["kind"] not in cluster_scoped and o["metadata"].get("namespace") != "rlhf"
+    ]
     assert stray == []
     for binding in find(renders[variant], "RoleBinding"):
-        assert all(s.get("namespace") == "rlhf" for s in binding["subjects"] if s["kind"] == "ServiceAccount"), binding["metadata"]["name"]
+        assert all(s.get("namespace") == "rlhf" for s in binding["subjects"] if s["kind"] == "ServiceAccount"), binding[
+            "metadata"
+        ]["name"]
 
 
 def test_grpc_services_stop_taking_traffic_then_drain_within_the_grace_period(renders):
     objects = renders["base"]
-    config = one(objects, "ConfigMap", next(o["metadata"]["name"] for o in objects if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("rlhf-config")))
+    config = one(
+        objects,
+        "ConfigMap",
+        next(
+            o["metadata"]["name"]
+            for o in objects
+            if o["kind"] == "ConfigMap" and o["metadata"]["name"].startswith("rlhf-config")
+        ),
+    )
     grace = float(config["data"].get("RLHF_GRPC_GRACE_S", load_settings({}).grpc_grace_s))
     for name in ("policy", "reward", "feedback"):
         spec = pod_spec(one(objects, "Deployment", name))
@@ -357,12 +456,19 @@ def test_network_policies_deny_by_default_and_allow_what_each_needs(renders):
     objects = renders["tgi"]
     policies = find(objects, "NetworkPolicy")
     deny = one(objects, "NetworkPolicy", "default-deny")["spec"]
-    assert deny["podSelector"] == {} and set(deny["policyTypes"]) == {"Ingress", "Egress"} and "ingress" not in deny and "egress" not in deny
+    assert (
+        deny["podSelector"] == {}
+        and set(deny["policyTypes"]) == {"Ingress", "Egress"}
+        and "ingress" not in deny
+        and "egress" not in deny
+    )
     labels = {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"] for o in workloads(objects)}
     trainer = controller_job(objects)[0]["spec"]["template"]["metadata"]["labels"]
     kafka = labels["kafka-broker"]
     for client in ("policy", "reward", "feedback", "trainer-controller", "create-topics"):
-        assert _allows(policies, "Egress", labels[client], kafka, 9092) and _allows(policies, "Ingress", kafka, labels[client], 9092), client
+        assert _allows(policies, "Egress", labels[client], kafka, 9092) and _allows(
+            policies, "Ingress", kafka, labels[client], 9092
+        ), client
     assert _allows(policies, "Egress", trainer, kafka, 9092) and _allows(policies, "Ingress", kafka, trainer, 9092)
     assert not _allows(policies, "Ingress", kafka, labels["playground"], 9092)
     for name in labels:
@@ -372,9 +478,15 @@ def test_network_policies_deny_by_default_and_allow_what_each_needs(renders):
         assert _allows(policies, "Ingress", labels[target], labels["playground"], port)
     assert _allows(policies, "Egress", labels["trainer-controller"], None, 443), "controller -> API server"
     assert not _allows(policies, "Egress", labels["policy"], None, 443)
-    assert _allows(policies, "Ingress", labels["policy"], None, 50051) and not _allows(policies, "Ingress", labels["reward"], None, 50052)
-    assert _allows(policies, "Egress", labels["policy"], labels["tgi"], 8080) and _allows(policies, "Ingress", labels["tgi"], labels["policy"], 8080)
-    assert _allows(policies, "Ingress", trainer, trainer, 29500) and _allows(policies, "Egress", trainer, trainer, 29500)
+    assert _allows(policies, "Ingress", labels["policy"], None, 50051) and not _allows(
+        policies, "Ingress", labels["reward"], None, 50052
+    )
+    assert _allows(policies, "Egress", labels["policy"], labels["tgi"], 8080) and _allows(
+        policies, "Ingress", labels["tgi"], labels["policy"], 8080
+    )
+    assert _allows(policies, "Ingress", trainer, trainer, 29500) and _allows(
+        policies, "Egress", trainer, trainer, 29500
+    )
 
 
 def test_tokens_come_from_a_secret_that_is_never_committed(renders):
@@ -390,7 +502,11 @@ def test_tokens_come_from_a_secret_that_is_never_committed(renders):
         assert volume["secret"]["secretName"] == "rlhf-tokens"
         mount = next(m for m in c["volumeMounts"] if m["name"] == volume["name"])
         assert tokens_file.startswith(mount["mountPath"] + "/") and mount["readOnly"]
-    assert "RLHF_TOKENS_FILE" not in container_env(objects, one(objects, "Deployment", "trainer-controller"), pod_spec(one(objects, "Deployment", "trainer-controller"))["containers"][0])
+    assert "RLHF_TOKENS_FILE" not in container_env(
+        objects,
+        one(objects, "Deployment", "trainer-controller"),
+        pod_spec(one(objects, "Deployment", "trainer-controller"))["containers"][0],
+    )
 
 
 def test_policy_scales_with_an_autoscaler_and_a_disruption_budget(renders):
@@ -413,6 +529,7 @@ def test_labels_do_not_touch_selectors(renders):
 
 # --- the topics Job, run for real against a broker ------------------------------------------
 
+
 def test_the_topics_job_creates_the_topics(renders, broker, tmp_path):
     from kafka import KafkaAdminClient
 
@@ -423,8 +540,14 @@ def test_the_topics_job_creates_the_topics(renders, broker, tmp_path):
     c = pod_spec(job)["containers"][0]
     env = container_env(objects, job, c)
     prefix = f"k{uuid.uuid4().hex[:10]}"
-    env.update(RLHF_KAFKA_BOOTSTRAP=broker, RLHF_TOPIC_PREFIX=prefix, RLHF_HOME=str(tmp_path), HOME=str(tmp_path),
-               XDG_CACHE_HOME=str(tmp_path / "cache"), HF_HOME=str(tmp_path / "hf"))
+    env.update(
+        RLHF_KAFKA_BOOTSTRAP=broker,
+        RLHF_TOPIC_PREFIX=prefix,
+        RLHF_HOME=str(tmp_path),
+        HOME=str(tmp_path),
+        XDG_CACHE_HOME=str(tmp_path / "cache"),
+        HF_HOME=str(tmp_path / "hf"),
+    )
     env = {k: v for k, v in env.items() if not k.startswith(("TRITON", "TORCHINDUCTOR"))}
     env["PATH"] = "/usr/bin:/bin"
     assert c["command"][:2] == ["python", "-c"]

@@ -24,11 +24,19 @@ TGI_ARGS = ["--model-id=/data/checkpoints/base-base-seed", "--port=8080", "--max
 
 
 def deployment(args: list[str]) -> dict:
-    containers = [{"name": "tgi", "image": "ghcr.io/huggingface/text-generation-inference:3.3.0", "args": list(args)},
-                  {"name": "log-shipper", "image": "reg.example/shipper:1", "args": ["--model-id-is-not-mine"]}]
-    return {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "tgi", "namespace": "rlhf"},
-            "spec": {"selector": {"matchLabels": {"app": "tgi"}},
-                     "template": {"metadata": {"labels": {"app": "tgi"}}, "spec": {"containers": containers}}}}
+    containers = [
+        {"name": "tgi", "image": "ghcr.io/huggingface/text-generation-inference:3.3.0", "args": list(args)},
+        {"name": "log-shipper", "image": "reg.example/shipper:1", "args": ["--model-id-is-not-mine"]},
+    ]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "tgi", "namespace": "rlhf"},
+        "spec": {
+            "selector": {"matchLabels": {"app": "tgi"}},
+            "template": {"metadata": {"labels": {"app": "tgi"}}, "spec": {"containers": containers}},
+        },
+    }
 
 
 @pytest.fixture
@@ -45,14 +53,21 @@ def rollout_for(api: JobsApi, settings) -> TgiRollout:
 def test_model_id_is_replaced_in_either_form_and_nothing_else_moves():
     assert with_model_id(TGI_ARGS, "/data/checkpoints/ppo-1") == ["--model-id=/data/checkpoints/ppo-1", *TGI_ARGS[1:]]
     assert with_model_id(["--port", "8080", "--model-id", "/old", "--quantize", "fp8"], "/new") == [
-        "--port", "8080", "--model-id=/new", "--quantize", "fp8"]
+        "--port",
+        "8080",
+        "--model-id=/new",
+        "--quantize",
+        "fp8",
+    ]
     assert with_model_id(["--port=8080"], "/new") == ["--port=8080", "--model-id=/new"]
     assert version_of("/data/checkpoints/ppo-20261127T010203-ab12cd") == "ppo-20261127T010203-ab12cd"
     assert version_of("/data/checkpoints/sft-1/") == "sft-1" and version_of("sft-2") == "sft-2"
 
 
 def test_rollout_patches_only_the_model_id_of_the_tgi_container(api):
-    rollout = rollout_for(api, load_settings({"RLHF_HOME": "/data", "RLHF_TGI_DEPLOYMENT": "tgi", "RLHF_K8S_NAMESPACE": "rlhf"}))
+    rollout = rollout_for(
+        api, load_settings({"RLHF_HOME": "/data", "RLHF_TGI_DEPLOYMENT": "tgi", "RLHF_K8S_NAMESPACE": "rlhf"})
+    )
     assert rollout.roll("ppo-20261127T010203-ab12cd") is True
     [(name, kind, body)] = api.patches
     assert (name, kind) == ("tgi", "application/strategic-merge-patch+json")
@@ -67,7 +82,9 @@ def test_rollout_patches_only_the_model_id_of_the_tgi_container(api):
         rollout.roll("ppo-2")
 
 
-def test_controller_rolls_tgi_after_each_policy_promotion_and_survives_a_failed_roll(api, broker, tmp_path, tiny_model_dir):
+def test_controller_rolls_tgi_after_each_policy_promotion_and_survives_a_failed_roll(
+    api, broker, tmp_path, tiny_model_dir
+):
     settings = make_settings(tmp_path, broker, RLHF_TGI_DEPLOYMENT="tgi")
     store = CheckpointStore(settings.checkpoint_dir)
     rm, ppo, ppo2 = (store.import_dir(tiny_model_dir, kind).version for kind in ("rm", "ppo", "ppo"))
@@ -83,7 +100,13 @@ def test_controller_rolls_tgi_after_each_policy_promotion_and_survives_a_failed_
     controller.promote(ppo2, "gate passed")
     assert store.promoted("policy") == ppo2
     kinds = [(d["kind"], d["version"]) for d in controller.decisions()]
-    assert kinds == [("promoted", rm), ("promoted", ppo), ("tgi_rolled", ppo), ("promoted", ppo2), ("tgi_roll_failed", ppo2)]
+    assert kinds == [
+        ("promoted", rm),
+        ("promoted", ppo),
+        ("tgi_rolled", ppo),
+        ("promoted", ppo2),
+        ("tgi_roll_failed", ppo2),
+    ]
     assert "404" in controller.decisions()[-1]["error"]
 
 
@@ -97,15 +120,33 @@ def test_tgi_variants_let_the_controller_roll_the_tgi_deployment(renders, varian
     # TGI reads the folder the controller names: the claim is mounted at RLHF_HOME in both pods
     tgi = next(c for c in pod_spec(target)["containers"] if any(a.startswith("--model-id") for a in c.get("args", [])))
     mounts = {m["name"]: m["mountPath"] for m in tgi["volumeMounts"]}
-    claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod_spec(target)["volumes"] if "persistentVolumeClaim" in v}
+    claims = {
+        v["name"]: v["persistentVolumeClaim"]["claimName"]
+        for v in pod_spec(target)["volumes"]
+        if "persistentVolumeClaim" in v
+    }
     (data_volume,) = [name for name, claim in claims.items() if claim == "rlhf-data"]
-    assert mounts[data_volume] == "/data" and next(a for a in tgi["args"] if a.startswith("--model-id")).startswith("--model-id=/data/checkpoints/")
+    assert mounts[data_volume] == "/data" and next(a for a in tgi["args"] if a.startswith("--model-id")).startswith(
+        "--model-id=/data/checkpoints/"
+    )
     # RBAC: the controller's account may read and patch that one Deployment, nothing more
     account = spec["serviceAccountName"]
     grants = set()
-    for binding in (o for o in objects if o["kind"] == "RoleBinding" and {"kind": "ServiceAccount", "name": account, "namespace": "rlhf"} in o["subjects"]):
+    for binding in (
+        o
+        for o in objects
+        if o["kind"] == "RoleBinding"
+        and {"kind": "ServiceAccount", "name": account, "namespace": "rlhf"} in o["subjects"]
+    ):
         role = one(objects, "Role", binding["roleRef"]["name"])
         for rule in role["rules"]:
             if "apps" in rule.get("apiGroups", []):
-                grants |= {(res, verb, tuple(rule.get("resourceNames", []))) for res in rule["resources"] for verb in rule["verbs"]}
-    assert grants == {("deployments", "get", (target["metadata"]["name"],)), ("deployments", "patch", (target["metadata"]["name"],))}
+                grants |= {
+                    (res, verb, tuple(rule.get("resourceNames", [])))
+                    for res in rule["resources"]
+                    for verb in rule["verbs"]
+                }
+    assert grants == {
+        ("deployments", "get", (target["metadata"]["name"],)),
+        ("deployments", "patch", (target["metadata"]["name"],)),
+    }

@@ -9,7 +9,12 @@ from services.common.config import ConfigError, load_settings, markdown_table
 def test_defaults_match_documented_ports():
     s = load_settings({})
     assert (s.kafka_bootstrap, s.policy_port, s.reward_port, s.feedback_port, s.http_port, s.playground_port) == (
-        "127.0.0.1:9092", 50051, 50052, 50053, 8080, 8000,
+        "127.0.0.1:9092",
+        50051,
+        50052,
+        50053,
+        8080,
+        8000,
     )
     assert s.checkpoint_dir == s.home / "checkpoints"
 
@@ -36,7 +41,9 @@ def test_bad_value_stops_a_service_at_start_with_a_message():
     proc = subprocess.run(
         [sys.executable, "-m", "services.common.config"],
         env={"RLHF_REWARD_PORT": "-1", "PATH": "/usr/bin:/bin"},
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode == 2
     assert "configuration error: RLHF_REWARD_PORT=-1 is below the minimum 0" in proc.stderr
@@ -51,7 +58,9 @@ def test_markdown_table_lists_every_variable():
 def test_to_env_round_trips():
     from services.common.config import to_env
 
-    s = load_settings({"RLHF_MODEL": "tiny", "RLHF_TRAINER_OVERRIDES": '{"ppo": {"steps": 2}}', "RLHF_POLICY_PORT": "123"})
+    s = load_settings(
+        {"RLHF_MODEL": "tiny", "RLHF_TRAINER_OVERRIDES": '{"ppo": {"steps": 2}}', "RLHF_POLICY_PORT": "123"}
+    )
     assert load_settings(to_env(s)) == s
 
 
@@ -61,7 +70,9 @@ def test_readme_config_table_is_generated_from_the_settings():
     from services.common.config import readme_with_table
 
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-    assert readme == readme_with_table(readme), "README's config table is stale: python -m services.common.config --readme README.md"
+    assert readme == readme_with_table(readme), (
+        "README's config table is stale: python -m services.common.config --readme README.md"
+    )
 
 
 def test_readme_table_generation_keeps_the_text_around_it():

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import sys
 
 from services.controller.jobs import JobSpec, JobState
 from services.controller.local_executor import LocalExecutor

@@ -10,14 +10,26 @@ PARAMS = RuleParams(max_prompts_per_user=200, dedup_prefix_chars=40, validation_
 
 
 def prompt(i: int, user: str, text: str | None = None, t: int | None = None) -> dict:
-    return {"event_id": f"ev-{user}-{i}", "prompt_id": f"ev-{user}-{i}", "user_id": user,
-            "text": text or f"Prompt number {i} from {user}: explain topic {i * 7919}", "source": "api",
-            "created_unix_ms": t if t is not None else i}
+    return {
+        "event_id": f"ev-{user}-{i}",
+        "prompt_id": f"ev-{user}-{i}",
+        "user_id": user,
+        "text": text or f"Prompt number {i} from {user}: explain topic {i * 7919}",
+        "source": "api",
+        "created_unix_ms": t if t is not None else i,
+    }
 
 
 def demo(i: int, prompt_id: str, labeler: str = "lab1", user_id: str = "", prompt_text: str = "") -> dict:
-    return {"event_id": f"ev-demo-{i}", "prompt_id": prompt_id, "user_id": user_id, "labeler_id": labeler,
-            "prompt_text": prompt_text, "response": f"answer {i}", "created_unix_ms": 10_000 + i}
+    return {
+        "event_id": f"ev-demo-{i}",
+        "prompt_id": prompt_id,
+        "user_id": user_id,
+        "labeler_id": labeler,
+        "prompt_text": prompt_text,
+        "response": f"answer {i}",
+        "created_unix_ms": 10_000 + i,
+    }
 
 
 def users_of(data: dict, split: str) -> set[str]:
@@ -52,10 +64,10 @@ def test_prefix_dedup_drops_later_prompts_sharing_a_long_prefix():
     base = "Write a detailed essay about the history of the printing press in Europe"
     records = [
         prompt(1, "a", base + ", focusing on Gutenberg."),
-        prompt(2, "b", base.upper() + "   and its effect on literacy."),   # same prefix: case/space-insensitive
+        prompt(2, "b", base.upper() + "   and its effect on literacy."),  # same prefix: case/space-insensitive
         prompt(3, "c", "Write a detailed essay on rail transport"),  # diverges within the prefix
         prompt(4, "d", "short one"),
-        prompt(5, "e", "Short  one"),                                       # exact duplicate, short
+        prompt(5, "e", "Short  one"),  # exact duplicate, short
     ]
     data, report = apply_rules({"prompts": records}, PARAMS)
     kept = {r["event_id"] for s in data.values() for r in s["prompts"]}
@@ -69,7 +81,7 @@ def test_feedback_inherits_its_prompts_user_and_follows_it():
         "demonstrations": [
             demo(1, "ev-alice-1"),
             demo(2, "ev-bob-2", labeler="lab2"),
-            demo(3, "ev-unknown"),                                    # prompt not seen yet: held back
+            demo(3, "ev-unknown"),  # prompt not seen yet: held back
             demo(4, "lp-x", user_id="lab1", prompt_text="A prompt written by the labeler"),
         ],
     }
@@ -107,7 +119,9 @@ def test_scrub_leaves_ordinary_numbers_alone():
 
 
 def test_same_events_in_any_order_give_the_same_snapshot():
-    records = {"prompts": [prompt(i, f"u{i % 7}") for i in range(50)],
-               "demonstrations": [demo(i, f"ev-u{i % 7}-{i}") for i in range(50)]}
+    records = {
+        "prompts": [prompt(i, f"u{i % 7}") for i in range(50)],
+        "demonstrations": [demo(i, f"ev-u{i % 7}-{i}") for i in range(50)],
+    }
     shuffled = {k: random.Random(1).sample(v, len(v)) for k, v in records.items()}
     assert apply_rules(records, PARAMS)[0] == apply_rules(shuffled, PARAMS)[0]

@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 
 import pytest
-
 from rlhf.v1 import events_pb2, feedback_pb2
+
 from services.common.auth import Identity
 from services.feedback.events import event_id_for, prepare
 from services.feedback.idempotency import IdempotencyCache
@@ -56,15 +56,21 @@ def test_labels_rules():
     assert invalid_field("labels", feedback_pb2.SubmitLabelsRequest(**{**ok, "likert": 0})).startswith("likert: is 0")
     assert invalid_field("labels", feedback_pb2.SubmitLabelsRequest(**ok, flags=[2, 2])).startswith("flags[1]:")
     assert invalid_field("labels", feedback_pb2.SubmitLabelsRequest(**ok, flags=[99])).startswith("flags[0]: 99")
-    assert invalid_field("labels", feedback_pb2.SubmitLabelsRequest(**{**ok, "policy_version": ""})).startswith("policy_version: is required")
+    assert invalid_field("labels", feedback_pb2.SubmitLabelsRequest(**{**ok, "policy_version": ""})).startswith(
+        "policy_version: is required"
+    )
     prepared = prepare("labels", feedback_pb2.SubmitLabelsRequest(**ok, flags=[1, 2]), LABELER, LIMITS)
     assert prepared.event.likert == 4 and list(prepared.event.flags) == [1, 2]
 
 
 def test_prompt_rules():
     user = Identity("alice", "user")
-    assert invalid_field("prompts", feedback_pb2.LogPromptRequest(request_id="r"), user).startswith("text: give the prompt")
-    assert invalid_field("prompts", feedback_pb2.LogPromptRequest(request_id="r" * 129, text="t"), user).startswith("request_id: is 129")
+    assert invalid_field("prompts", feedback_pb2.LogPromptRequest(request_id="r"), user).startswith(
+        "text: give the prompt"
+    )
+    assert invalid_field("prompts", feedback_pb2.LogPromptRequest(request_id="r" * 129, text="t"), user).startswith(
+        "request_id: is 129"
+    )
     big_meta = feedback_pb2.LogPromptRequest(text="t", metadata={"k": "v" * 60})
     assert invalid_field("prompts", big_meta, user).startswith("metadata: is 61 bytes; the limit is 50")
     bad_role = feedback_pb2.LogPromptRequest(messages=[{"role": "robot", "content": "x"}])
@@ -73,21 +79,35 @@ def test_prompt_rules():
 
 def test_identity_comes_from_the_token_not_the_payload():
     user = Identity("alice", "user")
-    prompt = prepare("prompts", feedback_pb2.LogPromptRequest(request_id="r1", text="hello", user_id="mallory"), user, LIMITS)
+    prompt = prepare(
+        "prompts", feedback_pb2.LogPromptRequest(request_id="r1", text="hello", user_id="mallory"), user, LIMITS
+    )
     assert prompt.event.user_id == "alice"
     assert prompt.event.event_id == prompt.event.prompt_id == event_id_for("alice", "r1")
-    demo = prepare("demonstrations", feedback_pb2.SubmitDemonstrationRequest(request_id="r1", prompt_id=prompt.event_id,
-                                                                            response="hi", labeler_id="mallory"), LABELER, LIMITS)
+    demo = prepare(
+        "demonstrations",
+        feedback_pb2.SubmitDemonstrationRequest(
+            request_id="r1", prompt_id=prompt.event_id, response="hi", labeler_id="mallory"
+        ),
+        LABELER,
+        LIMITS,
+    )
     assert demo.event.labeler_id == "lab1" and demo.event.user_id == ""  # the builder joins the prompt's author
     assert demo.event_id != prompt.event_id  # another caller, another event id
     # a forged id does not change the fingerprint: a retry that only differs there is the same request
-    forged = prepare("prompts", feedback_pb2.LogPromptRequest(request_id="r1", text="hello", user_id="eve"), user, LIMITS)
+    forged = prepare(
+        "prompts", feedback_pb2.LogPromptRequest(request_id="r1", text="hello", user_id="eve"), user, LIMITS
+    )
     assert forged.fingerprint == prompt.fingerprint and forged.event_id == prompt.event_id
 
 
 def test_labeler_written_prompt_is_attributed_to_the_labeler():
-    demo = prepare("demonstrations", feedback_pb2.SubmitDemonstrationRequest(request_id="r", prompt_text="Write a poem", response="..."),
-                   LABELER, LIMITS)
+    demo = prepare(
+        "demonstrations",
+        feedback_pb2.SubmitDemonstrationRequest(request_id="r", prompt_text="Write a poem", response="..."),
+        LABELER,
+        LIMITS,
+    )
     assert demo.event.user_id == "lab1" and demo.event.prompt_id.startswith("lp-")
 
 

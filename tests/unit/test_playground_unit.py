@@ -28,7 +28,9 @@ def test_parse_ranking(text, ranks):
     assert parse_ranking(text, 4) == ranks
 
 
-@pytest.mark.parametrize("text, fragment", [("A E", "unknown sample 'E'"), ("A A", "appears twice"), ("  ", "type a ranking")])
+@pytest.mark.parametrize(
+    "text, fragment", [("A E", "unknown sample 'E'"), ("A A", "appears twice"), ("  ", "type a ranking")]
+)
 def test_parse_ranking_rejects_what_it_cannot_read(text, fragment):
     with pytest.raises(InputError, match=fragment):
         parse_ranking(text, 4)
@@ -36,7 +38,9 @@ def test_parse_ranking_rejects_what_it_cannot_read(text, fragment):
 
 def test_parse_likert_and_flags():
     assert parse_likert("A=6 c=2", 4) == {0: 6, 2: 2}
-    assert parse_flags("B:hallucination,harmful-advice", 4) == {1: ["LABEL_FLAG_HALLUCINATION", "LABEL_FLAG_HARMFUL_ADVICE"]}
+    assert parse_flags("B:hallucination,harmful-advice", 4) == {
+        1: ["LABEL_FLAG_HALLUCINATION", "LABEL_FLAG_HARMFUL_ADVICE"]
+    }
     with pytest.raises(InputError, match="write SAMPLE=SCORE"):
         parse_likert("A6", 4)
     with pytest.raises(InputError, match="unknown flag 'rude'"):
@@ -72,19 +76,31 @@ def test_every_grpc_status_maps_to_an_http_error():
 @pytest.fixture
 def web(tmp_path):
     # Targets nobody listens on: these routes must answer without the services.
-    settings = load_settings({"RLHF_HOME": str(tmp_path), "RLHF_TOKENS": "tok-u=u1:user,tok-lab=lab1:labeler",
-                              "RLHF_POLICY_TARGET": "127.0.0.1:9", "RLHF_FEEDBACK_TARGET": "127.0.0.1:9"})
+    settings = load_settings(
+        {
+            "RLHF_HOME": str(tmp_path),
+            "RLHF_TOKENS": "tok-u=u1:user,tok-lab=lab1:labeler",
+            "RLHF_POLICY_TARGET": "127.0.0.1:9",
+            "RLHF_FEEDBACK_TARGET": "127.0.0.1:9",
+        }
+    )
     with TestClient(create_app(settings)) as client:
         yield client
 
 
 def test_sign_in_checks_the_token(web):
     assert web.post("/api/session", headers={"Authorization": "Bearer tok-lab"}).json() == {
-        "user_id": "lab1", "role": "labeler", "labeler": True}
+        "user_id": "lab1",
+        "role": "labeler",
+        "labeler": True,
+    }
     assert web.post("/api/session", headers={"Authorization": "Bearer tok-u"}).json()["labeler"] is False
     bad = web.post("/api/session", headers={"Authorization": "Bearer nope"})
     assert bad.status_code == 401 and bad.json()["error"] == {
-        "code": "UNAUTHENTICATED", "message": "unknown bearer token", "service": "playground"}
+        "code": "UNAUTHENTICATED",
+        "message": "unknown bearer token",
+        "service": "playground",
+    }
     assert web.post("/api/session").status_code == 401
 
 
@@ -95,15 +111,21 @@ def test_wrong_k_is_refused_before_any_service_call(web):
 
 
 def test_bad_body_names_the_field(web):
-    reply = web.post("/api/comparison", json={"request_id": "r", "responses": [{"text": "a", "rank": -1}]},
-                     headers={"Authorization": "Bearer tok-lab"})
+    reply = web.post(
+        "/api/comparison",
+        json={"request_id": "r", "responses": [{"text": "a", "rank": -1}]},
+        headers={"Authorization": "Bearer tok-lab"},
+    )
     assert reply.status_code == 400
     assert reply.json()["error"]["message"].startswith("responses.0.rank:")
 
 
 def test_unreachable_service_is_reported_not_swallowed(web):
-    reply = web.post("/api/demonstration", json={"request_id": "r1", "prompt_text": "p", "response": "r"},
-                     headers={"Authorization": "Bearer tok-lab"})
+    reply = web.post(
+        "/api/demonstration",
+        json={"request_id": "r1", "prompt_text": "p", "response": "r"},
+        headers={"Authorization": "Bearer tok-lab"},
+    )
     assert reply.status_code == 503
     assert reply.json()["error"]["code"] == "UNAVAILABLE" and reply.json()["error"]["service"] == "feedback"
 

@@ -24,7 +24,9 @@ PROMPTS = ["Write a haiku about the sea.", "What is 2+2?", "Tell me a long story
 @pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     model = load_causal_lm(tiny_model_dir)
-    return Loaded("tiny-v1", Manifest("tiny-v1", "base", "policy"), tiny_model_dir, model, load_tokenizer(tiny_model_dir))
+    return Loaded(
+        "tiny-v1", Manifest("tiny-v1", "base", "policy"), tiny_model_dir, model, load_tokenizer(tiny_model_dir)
+    )
 
 
 def make_engine(loaded, **env) -> Engine:
@@ -35,8 +37,17 @@ def make_engine(loaded, **env) -> Engine:
 
 def request(loaded, prompt: str, stream=False, deadline=None, **p):
     settings = load_settings({})
-    values = dict(max_new_tokens=12, temperature=0.0, top_p=None, top_k=0, repetition_penalty=None, stop=[], seed=None,
-                  num_samples=1, return_logprobs=False)
+    values = dict(
+        max_new_tokens=12,
+        temperature=0.0,
+        top_p=None,
+        top_k=0,
+        repetition_penalty=None,
+        stop=[],
+        seed=None,
+        num_samples=1,
+        return_logprobs=False,
+    )
     values.update(p)
     ids = loaded.tokenizer(render_prompt(loaded.tokenizer, prompt), add_special_tokens=False).input_ids
     events = EventQueue()
@@ -59,9 +70,10 @@ def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded):
         for (req, events), prompt in zip(reqs, PROMPTS):
             _, samples, last = collect(req, events)
             ids = torch.tensor([req.prompt_ids])
-            ref = loaded.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.params.max_new_tokens,
-                                        do_sample=False)
-            want = loaded.tokenizer.decode(ref[0, ids.shape[1]:], skip_special_tokens=True)
+            ref = loaded.model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.params.max_new_tokens, do_sample=False
+            )
+            want = loaded.tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
             assert [s.text for s in samples] == [want, want]
             assert isinstance(last, Finished) and last.version == "tiny-v1"
             assert last.completion_tokens == sum(s.generated_tokens for s in samples)
@@ -73,8 +85,10 @@ def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded):
 def test_prompt_logprobs_are_right_for_left_padded_prompts_in_one_batch(loaded):
     engine = make_engine(loaded)
     try:
-        scored = [request(loaded, PROMPTS[2], max_new_tokens=2, prompt_logprobs=True),
-                  request(loaded, PROMPTS[3], max_new_tokens=2, num_samples=2, prompt_logprobs=True)]
+        scored = [
+            request(loaded, PROMPTS[2], max_new_tokens=2, prompt_logprobs=True),
+            request(loaded, PROMPTS[3], max_new_tokens=2, num_samples=2, prompt_logprobs=True),
+        ]
         plain = request(loaded, PROMPTS[0], max_new_tokens=2)
         with engine._cv:  # hold the scheduler: all three join one prefill, the shorter prompts left-padded
             for req, _ in [*scored, plain]:
@@ -85,7 +99,9 @@ def test_prompt_logprobs_are_right_for_left_padded_prompts_in_one_batch(loaded):
             with torch.no_grad():
                 logp = torch.log_softmax(loaded.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
             assert [t.id for t in last.prefill] == ids and last.prefill[0].logprob is None
-            assert [t.logprob for t in last.prefill[1:]] == pytest.approx([float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4)
+            assert [t.logprob for t in last.prefill[1:]] == pytest.approx(
+                [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4
+            )
         assert collect(*plain)[2].prefill == []
     finally:
         engine.stop()
@@ -96,8 +112,9 @@ def test_seeded_samples_are_reproducible_and_distinct(loaded):
     try:
         texts = []
         for _ in range(2):
-            req, events = request(loaded, "Hi", temperature=1.0, top_k=50, top_p=0.9, seed=1234, num_samples=3,
-                                  return_logprobs=True)
+            req, events = request(
+                loaded, "Hi", temperature=1.0, top_k=50, top_p=0.9, seed=1234, num_samples=3, return_logprobs=True
+            )
             engine.submit(req)
             _, samples, _ = collect(req, events)
             texts.append([s.text for s in samples])
@@ -119,7 +136,7 @@ def test_streamed_tokens_add_up_to_the_text_and_stop_sequences_end_it(loaded):
         assert "".join(t.token.text for t in tokens if not t.token.special) == samples[0].text
         assert tokens[-1].final is not None and tokens[-1].final.finish_reason == "length"
         full = samples[0].text
-        stop = full[len(full) // 2:len(full) // 2 + 3]
+        stop = full[len(full) // 2 : len(full) // 2 + 3]
         req, events = request(loaded, "Hi", max_new_tokens=20, stop=[stop])
         engine.submit(req)
         _, samples, _ = collect(req, events)
@@ -151,8 +168,14 @@ def test_cancel_frees_the_slot_at_once_and_deadlines_are_honoured(loaded):
 
 def test_queue_bound_and_batch_and_kv_limits_hold(loaded):
     # 2 rows at most, 1 waiting request, and a KV budget that fits only 2 rows of 128.
-    engine = make_engine(loaded, RLHF_MAX_BATCH="2", RLHF_MAX_QUEUE="1", RLHF_MAX_PROMPT_TOKENS="64",
-                         RLHF_MAX_NEW_TOKENS_LIMIT="64", RLHF_KV_BUDGET_TOKENS="256")
+    engine = make_engine(
+        loaded,
+        RLHF_MAX_BATCH="2",
+        RLHF_MAX_QUEUE="1",
+        RLHF_MAX_PROMPT_TOKENS="64",
+        RLHF_MAX_NEW_TOKENS_LIMIT="64",
+        RLHF_KV_BUDGET_TOKENS="256",
+    )
     try:
         engine._cv.acquire()  # hold the engine still while the queue fills
         try:
@@ -166,8 +189,14 @@ def test_queue_bound_and_batch_and_kv_limits_hold(loaded):
         collect(*reqs[0])
     finally:
         engine.stop()
-    engine = make_engine(loaded, RLHF_MAX_BATCH="4", RLHF_MAX_QUEUE="16", RLHF_MAX_PROMPT_TOKENS="64",
-                         RLHF_MAX_NEW_TOKENS_LIMIT="64", RLHF_KV_BUDGET_TOKENS="256")
+    engine = make_engine(
+        loaded,
+        RLHF_MAX_BATCH="4",
+        RLHF_MAX_QUEUE="16",
+        RLHF_MAX_PROMPT_TOKENS="64",
+        RLHF_MAX_NEW_TOKENS_LIMIT="64",
+        RLHF_KV_BUDGET_TOKENS="256",
+    )
     try:
         reqs = [request(loaded, p, max_new_tokens=64) for p in PROMPTS * 2]
         for req, _ in reqs:
@@ -188,10 +217,14 @@ def test_queue_bound_and_batch_and_kv_limits_hold(loaded):
 
 def test_bfloat16_weights_serve_too(tiny_model_dir):
     model = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16)
-    bf16 = Loaded("tiny-bf16", Manifest("tiny-bf16", "base", "policy"), tiny_model_dir, model, load_tokenizer(tiny_model_dir))
+    bf16 = Loaded(
+        "tiny-bf16", Manifest("tiny-bf16", "base", "policy"), tiny_model_dir, model, load_tokenizer(tiny_model_dir)
+    )
     engine = make_engine(bf16, RLHF_SERVE_DTYPE="bfloat16")
     try:
-        req, events = request(bf16, "Hi", max_new_tokens=7, num_samples=2, temperature=0.7, seed=3, return_logprobs=True)
+        req, events = request(
+            bf16, "Hi", max_new_tokens=7, num_samples=2, temperature=0.7, seed=3, return_logprobs=True
+        )
         engine.submit(req)
         _, samples, last = collect(req, events)
         assert isinstance(last, Finished) and [s.generated_tokens for s in samples] == [7, 7]

@@ -8,20 +8,44 @@ import pytest
 from services.common.config import load_settings
 from services.policy.params import ServingError, check_prompt, validate
 
-SETTINGS = load_settings({"RLHF_MAX_PROMPT_TOKENS": "32", "RLHF_MAX_NEW_TOKENS_LIMIT": "64", "RLHF_DEFAULT_MAX_NEW_TOKENS": "16",
-                          "RLHF_KV_BUDGET_TOKENS": "400", "RLHF_MAX_SAMPLES": "16", "RLHF_MAX_BATCH": "16"})
+SETTINGS = load_settings(
+    {
+        "RLHF_MAX_PROMPT_TOKENS": "32",
+        "RLHF_MAX_NEW_TOKENS_LIMIT": "64",
+        "RLHF_DEFAULT_MAX_NEW_TOKENS": "16",
+        "RLHF_KV_BUDGET_TOKENS": "400",
+        "RLHF_MAX_SAMPLES": "16",
+        "RLHF_MAX_BATCH": "16",
+    }
+)
 
 
 def params(**overrides):
-    values = dict(max_new_tokens=0, temperature=None, top_p=None, top_k=0, repetition_penalty=None, stop=[], seed=None,
-                  num_samples=None, return_logprobs=False)
+    values = dict(
+        max_new_tokens=0,
+        temperature=None,
+        top_p=None,
+        top_k=0,
+        repetition_penalty=None,
+        stop=[],
+        seed=None,
+        num_samples=None,
+        return_logprobs=False,
+    )
     values.update(overrides)
     return validate(SETTINGS, **values)
 
 
 def test_defaults_fill_in_unset_fields():
     p = params()
-    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.num_samples) == (16, 1.0, 1.0, 0, 1.0, 1)
+    assert (p.max_new_tokens, p.temperature, p.top_p, p.top_k, p.repetition_penalty, p.num_samples) == (
+        16,
+        1.0,
+        1.0,
+        0,
+        1.0,
+        1,
+    )
     assert params(temperature=0.0).greedy
 
 

@@ -18,7 +18,9 @@ def test_kl_reward_and_score_placement_with_right_and_left_padding():
     assert kl[0].tolist() == pytest.approx([0.5, -1.0, 0.0, 0.0])
     assert rewards[0].tolist() == pytest.approx([-0.05, 0.1, 0.0 + score, 0.0])  # score on the last REAL token
     # left padding: the same tokens shifted right by one
-    rewards_l, kl_l = kl_penalized_rewards(torch.tensor([score]), logp.roll(1, 1), ref.roll(1, 1), mask.roll(1, 1), beta)
+    rewards_l, kl_l = kl_penalized_rewards(
+        torch.tensor([score]), logp.roll(1, 1), ref.roll(1, 1), mask.roll(1, 1), beta
+    )
     assert rewards_l[0].tolist() == pytest.approx([0.0, -0.05, 0.1, score])
     assert kl_l[0].tolist() == pytest.approx([0.0, 0.5, -1.0, 0.0])
 
@@ -35,7 +37,7 @@ def test_gae_undiscounted_is_returns_minus_values():
     values = torch.tensor([[0.5, 0.4, 0.3]])
     mask = torch.ones(1, 3)
     adv, ret = gae(rewards, values, mask, gamma=1.0, lam=1.0)
-    assert ret[0].tolist() == pytest.approx([0.9, 0.8, 1.0])   # sums of future rewards
+    assert ret[0].tolist() == pytest.approx([0.9, 0.8, 1.0])  # sums of future rewards
     assert adv[0].tolist() == pytest.approx([0.4, 0.4, 0.7])
 
 
@@ -86,7 +88,7 @@ def test_whiten_over_real_tokens_only():
 def test_adaptive_kl_controller():
     control = AdaptiveKL(beta=0.1, target=6.0, horizon=100)
     assert control.update(kl=12.0, n=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # error clipped at +0.2
-    assert control.update(kl=6.0, n=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))   # on target: unchanged
+    assert control.update(kl=6.0, n=10) == pytest.approx(0.1 * (1 + 0.2 * 10 / 100))  # on target: unchanged
 
 
 def test_weight_ema_averages_the_trainable_weights_and_round_trips():

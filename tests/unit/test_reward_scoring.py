@@ -14,7 +14,13 @@ from services.common.hotswap import Loaded
 from services.common.models import RewardModel, encode_prompt_response, load_tokenizer, render_prompt
 from services.reward.server import Scorer, _Job, score_sequences
 
-RESPONSES = ["Yes.", "The sea is wide and deep, and the waves roll on forever.", "", "No, I don't think so at all, sorry!", "4"]
+RESPONSES = [
+    "Yes.",
+    "The sea is wide and deep, and the waves roll on forever.",
+    "",
+    "No, I don't think so at all, sorry!",
+    "4",
+]
 
 
 @pytest.fixture(scope="module")

@@ -18,18 +18,36 @@ def test_pairs_cover_every_non_tie_pair_of_each_prompt_with_mixed_k():
     # prompt A: K=3, no ties; prompt B: K=4, responses 0 and 2 tied; prompt C: K=2, all tied
     winners, losers, weights, n_prompts = ranking_pairs([[1, 2, 3], [2, 1, 2, 3], [1, 1]])
     pairs = set(zip(winners.tolist(), losers.tolist()))
-    assert pairs == {(0, 1), (0, 2), (1, 2),                      # A: C(3,2) = 3
-                     (4, 3), (4, 5), (4, 6), (3, 6), (5, 6)}      # B: C(4,2) - 1 tie = 5
+    assert pairs == {
+        (0, 1),
+        (0, 2),
+        (1, 2),  # A: C(3,2) = 3
+        (4, 3),
+        (4, 5),
+        (4, 6),
+        (3, 6),
+        (5, 6),
+    }  # B: C(4,2) - 1 tie = 5
     assert n_prompts == 2  # C has no non-tie pair and counts for nothing
     assert weights.tolist() == pytest.approx([1 / 3] * 3 + [1 / 5] * 5)
 
 
 def test_loss_matches_hand_computation_and_normalises_per_prompt():
-    scores = torch.tensor([2.0, 1.0, 0.0,           # A (ranks 1, 2, 3)
-                           0.5, 0.0, 1.0, -1.0,     # B (ranks 2, 1, 2, 3)
-                           3.0, -3.0])              # C (tied)
+    scores = torch.tensor(
+        [
+            2.0,
+            1.0,
+            0.0,  # A (ranks 1, 2, 3)
+            0.5,
+            0.0,
+            1.0,
+            -1.0,  # B (ranks 2, 1, 2, 3)
+            3.0,
+            -3.0,
+        ]
+    )  # C (tied)
     w, l, weights, n = ranking_pairs([[1, 2, 3], [2, 1, 2, 3], [1, 1]])
-    loss_a = (nll(1.0) + nll(2.0) + nll(1.0)) / 3                     # 1/C(3,2)
+    loss_a = (nll(1.0) + nll(2.0) + nll(1.0)) / 3  # 1/C(3,2)
     loss_b = (nll(-0.5) + nll(-1.0) + nll(1.0) + nll(1.5) + nll(2.0)) / 5  # 1/(non-tie pairs)
     expected = (loss_a + loss_b) / 2
     assert float(kway_loss(scores, w, l, weights, n)) == pytest.approx(expected, abs=1e-6)
@@ -57,8 +75,10 @@ def test_each_response_is_forwarded_once_and_scored_as_if_alone(tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir)
     torch.manual_seed(0)
     model = RewardModel.from_causal_lm(tiny_model_dir).eval()
-    prompts = [([[5, 6, 7, 2], [5, 6, 2], [5, 9, 9, 9, 9, 2]], [1, 3, 2]),   # K=3
-               ([[8, 2], [8, 8, 2], [8, 1, 1, 2], [8, 3, 2], [8, 4, 4, 4, 2]], [2, 1, 3, 3, 4])]  # K=5, a tie
+    prompts = [
+        ([[5, 6, 7, 2], [5, 6, 2], [5, 9, 9, 9, 9, 2]], [1, 3, 2]),  # K=3
+        ([[8, 2], [8, 8, 2], [8, 1, 1, 2], [8, 3, 2], [8, 4, 4, 4, 2]], [2, 1, 3, 3, 4]),
+    ]  # K=5, a tie
     with torch.no_grad():
         scores, (w, l, weights, n) = forward_prompts(model, prompts, tok.pad_token_id, "cpu", bf16=False)
         alone = torch.cat([model.score(*pad_batch([seq], tok.pad_token_id)) for seqs, _ in prompts for seq in seqs])

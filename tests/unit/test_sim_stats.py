@@ -18,7 +18,7 @@ def test_wilson_matches_hand_computation():
 
 def test_wilson_edges_stay_in_unit_interval():
     low, high = wilson(10, 10)
-    assert high == pytest.approx(1.0) and low == pytest.approx(10 / (10 + 1.959963984540054 ** 2), abs=1e-9)
+    assert high == pytest.approx(1.0) and low == pytest.approx(10 / (10 + 1.959963984540054**2), abs=1e-9)
     assert wilson(0, 10)[0] == 0.0
     assert wilson(0, 0) == (0.0, 1.0)
     with pytest.raises(ValueError, match="successes"):

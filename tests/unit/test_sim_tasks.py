@@ -6,8 +6,15 @@ import random
 
 import pytest
 
-from services.sim.tasks import (TEMPLATES, check_scores, gold_ranks, gold_score, parse_constraints, sample_task,
-                                write_demonstration)
+from services.sim.tasks import (
+    TEMPLATES,
+    check_scores,
+    gold_ranks,
+    gold_score,
+    parse_constraints,
+    sample_task,
+    write_demonstration,
+)
 
 OCEAN = 'Describe the ocean in at most 10 words. Include the word "waves".'
 
@@ -72,7 +79,10 @@ def test_constraints_survive_decoration_and_default_limit():
 
 
 def test_gold_ranks_share_ranks_on_ties():
-    good, bad = "Waves roll across the ocean all day.", "The ocean is a big place with lots of water in it all over the world"
+    good, bad = (
+        "Waves roll across the ocean all day.",
+        "The ocean is a big place with lots of water in it all over the world",
+    )
     assert gold_ranks(OCEAN, [bad, good, good]) == [3, 1, 1]
     assert gold_ranks(OCEAN, [good, good]) == [1, 1]
 
@@ -81,7 +91,10 @@ def test_gold_score_is_deterministic_and_bounded():
     rng = random.Random(7)
     for _ in range(200):
         prompt = sample_task(rng).render()
-        response = " ".join(rng.choice(["Waves", "and", "Sorry,", "I", "can't", "-", "\n-", "salt.", "why?"]) for _ in range(rng.randint(0, 40)))
+        response = " ".join(
+            rng.choice(["Waves", "and", "Sorry,", "I", "can't", "-", "\n-", "salt.", "why?"])
+            for _ in range(rng.randint(0, 40))
+        )
         score = gold_score(prompt, response)
         assert 0.0 <= score <= 1.0
         assert score == gold_score(prompt, response)
@@ -95,7 +108,13 @@ def test_sampled_tasks_round_trip_and_demonstrations_satisfy_them():
         families.add(task.family)
         prompt = task.render()
         c = parse_constraints(prompt)
-        assert (c.limit, c.keyword, c.bullets, c.topic, c.harmful) == (task.limit, task.keyword, task.bullets, task.topic, task.family == "unsafe")
+        assert (c.limit, c.keyword, c.bullets, c.topic, c.harmful) == (
+            task.limit,
+            task.keyword,
+            task.bullets,
+            task.topic,
+            task.family == "unsafe",
+        )
         assert gold_score(prompt, write_demonstration(prompt, random.Random(i))) == 1.0, prompt
     assert families == set(TEMPLATES)
 

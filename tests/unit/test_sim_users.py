@@ -25,7 +25,11 @@ def test_population_has_heavy_users_near_duplicates_and_pii():
     near = [p for p in pop.prompts if p.kind == "near_duplicate"]
     assert len(near) >= 20
     for p in near:
-        earlier = [q for q in pop.prompts[: pop.prompts.index(p)] if q.user_id == p.user_id and p.text.startswith(q.text) and q.text != p.text]
+        earlier = [
+            q
+            for q in pop.prompts[: pop.prompts.index(p)]
+            if q.user_id == p.user_id and p.text.startswith(q.text) and q.text != p.text
+        ]
         assert earlier, f"near-duplicate without an earlier original: {p.text!r}"
         assert len(earlier[0].text) >= 100  # a long shared prefix
     pii = [p for p in pop.prompts if p.kind == "pii"]
@@ -45,7 +49,9 @@ def test_zipf_skew():
 
 def test_deterministic_per_seed():
     a, b, c = make_population(seed=1), make_population(seed=1), make_population(seed=2)
-    assert [(p.user_id, p.text, p.request_id) for p in a.prompts] == [(p.user_id, p.text, p.request_id) for p in b.prompts]
+    assert [(p.user_id, p.text, p.request_id) for p in a.prompts] == [
+        (p.user_id, p.text, p.request_id) for p in b.prompts
+    ]
     assert a.tokens() == b.tokens()
     assert [p.text for p in a.prompts] != [p.text for p in c.prompts]
     assert set(a.tokens()).isdisjoint(c.tokens())

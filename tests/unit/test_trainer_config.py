@@ -6,8 +6,8 @@ import re
 import pytest
 
 from trainers.common import JobError, build_config, epoch_order, global_batch, lr_at
-from trainers.ppo import PPOConfig
 from trainers.ppo import PRESETS as PPO_PRESETS
+from trainers.ppo import PPOConfig
 from trainers.rm import PRESETS as RM_PRESETS
 from trainers.rm import RMConfig
 from trainers.sft import PRESETS as SFT_PRESETS
@@ -20,18 +20,23 @@ def test_layers_apply_in_order(tmp_path):
     cfg = build_config(SFTConfig, SFT_PRESETS, "tiny", str(path), ["epochs=7", "bf16=true", "lora_targets=q_proj"])
     assert (cfg.lr, cfg.epochs, cfg.bf16, cfg.lora_targets) == (0.5, 7, True, "q_proj")
     assert cfg.max_tokens == SFT_PRESETS["tiny"]["max_tokens"]
-    inline = build_config(RMConfig, RM_PRESETS, "cpu", '{"batch_size": 2}', ['lr="0.01"'])  # JSON-encoded, as the controller sends
+    inline = build_config(
+        RMConfig, RM_PRESETS, "cpu", '{"batch_size": 2}', ['lr="0.01"']
+    )  # JSON-encoded, as the controller sends
     assert (inline.batch_size, inline.lr, inline.lora_rank) == (2, 0.01, 8)
 
 
-@pytest.mark.parametrize("sets, message", [
-    (["learning_rate=1"], "unknown config key 'learning_rate' for PPOConfig; known keys:"),
-    (["total_steps=many"], "config key 'total_steps' must be an integer"),
-    (["adaptive_kl=maybe"], "config key 'adaptive_kl' must be a boolean"),
-    (["kl_beta=x"], "config key 'kl_beta' must be a number"),
-    (["mini_batch_size=64"], "mini_batch_size=64 exceeds rollout_batch_size=4"),
-    (["nokey"], "expected key=value"),
-])
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["learning_rate=1"], "unknown config key 'learning_rate' for PPOConfig; known keys:"),
+        (["total_steps=many"], "config key 'total_steps' must be an integer"),
+        (["adaptive_kl=maybe"], "config key 'adaptive_kl' must be a boolean"),
+        (["kl_beta=x"], "config key 'kl_beta' must be a number"),
+        (["mini_batch_size=64"], "mini_batch_size=64 exceeds rollout_batch_size=4"),
+        (["nokey"], "expected key=value"),
+    ],
+)
 def test_bad_values_name_the_key(sets, message):
     with pytest.raises(JobError, match=re.escape(message)):
         build_config(PPOConfig, PPO_PRESETS, "tiny", None, sets)
@@ -53,7 +58,7 @@ def test_every_preset_is_valid():
 def test_batches_cover_each_epoch_once_and_are_reproducible():
     order = lambda e: epoch_order(10, seed=3, epoch=e)  # noqa: E731
     epoch0 = [i for step in range(3) for i in global_batch(order, 10, 4, step)]
-    assert sorted(epoch0) == list(range(10))          # 4 + 4 + 2
+    assert sorted(epoch0) == list(range(10))  # 4 + 4 + 2
     assert global_batch(order, 10, 4, 3) == epoch_order(10, 3, 1)[:4]  # step 3 starts epoch 1
     assert global_batch(order, 10, 4, 5) == global_batch(order, 10, 4, 5)
 
@@ -67,5 +72,5 @@ def test_lr_schedule():
 def test_short_last_batch_is_topped_up_so_every_rank_gets_work():
     order = lambda e: epoch_order(5, seed=0, epoch=e)  # noqa: E731
     first_epoch = epoch_order(5, 0, 0)
-    assert global_batch(order, 5, 4, 1) == first_epoch[4:]                 # one process: the short batch as is
+    assert global_batch(order, 5, 4, 1) == first_epoch[4:]  # one process: the short batch as is
     assert global_batch(order, 5, 4, 1, min_size=2) == [first_epoch[4], first_epoch[0]]  # two ranks: topped up
