@@ -345,6 +345,24 @@ class Settings:
         _float(0, 1e9),
         "...and only if its KL to SFT (nats per response) stays within this budget.",
     )
+    gate_confidence: float = _setting(
+        "RLHF_GATE_CONFIDENCE",
+        "0.9",
+        _float(0.5, 0.9999),
+        "Confidence of the policy gate's one-sided paired test: the gain's lower bound must exceed RLHF_GATE_MIN_REWARD_GAIN.",
+    )
+    gate_rm_tolerance: float = _setting(
+        "RLHF_GATE_RM_TOLERANCE",
+        "0.02",
+        _float(0, 1),
+        "A new RM is promoted if its held-out pair accuracy is at least the serving RM's minus this.",
+    )
+    ppo_init: str = _setting(
+        "RLHF_PPO_INIT",
+        "sft",
+        _choice("sft", "best"),
+        "Where each round's PPO starts: the SFT policy (as in InstructGPT) or the best policy promoted so far.",
+    )
 
     # --- feedback ingestion and the dataset builder (owner: feedback) ----------
     feedback_max_text_bytes: int = _setting(

@@ -154,6 +154,18 @@ def _labels(spec: JobSpec) -> dict[str, str]:
     }
 
 
+def _last_wins(env: list[dict]) -> list[dict]:
+    """One entry per name, the last given winning, in first-seen order.
+
+    A container with a name twice in `env` takes the later one, but which one
+    a reader, a patch or a kustomize merge takes is easy to get wrong; so the
+    Job carries each name once, with the value the trainer will see."""
+    merged: dict[str, dict] = {}
+    for entry in env:
+        merged[entry["name"]] = entry
+    return list(merged.values())
+
+
 def _pod_template(spec: JobSpec, settings: Settings) -> dict:
     indexed = settings.trainer_job_kind == "job" and spec.nodes > 1
     env = [{"name": k, "value": v} for k, v in SCRATCH_ENV.items()]
@@ -166,9 +178,11 @@ def _pod_template(spec: JobSpec, settings: Settings) -> dict:
                 },
             }
         )
-    if spec.gpus:
-        env.append({"name": "RLHF_DEVICE", "value": "cuda"})
     env += [{"name": k, "value": v} for k, v in spec.env.items()]
+    if spec.gpus:
+        # A GPU Job trains on the GPU whatever device the controller itself runs
+        # on (its settings, in spec.env or the ConfigMap, say cpu in k8s/base).
+        env.append({"name": "RLHF_DEVICE", "value": "cuda"})
     resources = {"cpu": settings.trainer_cpu, "memory": settings.trainer_memory}
     if spec.gpus:
         resources[settings.trainer_gpu_resource] = str(spec.gpus * spec.procs_per_node)
@@ -192,9 +206,10 @@ def _pod_template(spec: JobSpec, settings: Settings) -> dict:
         ],
     }
     if settings.trainer_config_map:
-        container["envFrom"] = [{"configMapRef": {"name": settings.trainer_config_map}}]
+        container["envFrom"] = [{"configMapRef": {"name": settings.trainer_config_map}}]  # env entries beat it
     else:
-        container["env"] = settings_env(settings) + env  # later entries win
+        env = settings_env(settings) + env
+    container["env"] = _last_wins(env)
     if indexed:
         container["ports"] = [{"name": "rendezvous", "containerPort": settings.torchrun_port}]
     pod: dict[str, Any] = {

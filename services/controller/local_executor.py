@@ -3,10 +3,20 @@
 Each job gets its own session (so cancel stops it and its children) and a
 log file in the executor's folder. Multi-process jobs run under torchrun
 with the venv's interpreter.
+
+A job outlives the controller that started it: its own session keeps it
+alive if the controller is killed. Each launch leaves `<name>.pid` (pid and
+the process's start time, so a reused pid is not mistaken for it); a
+restarted controller's executor finds a job it did not start by that file,
+reports it RUNNING while that process lives, and can wait for or cancel it.
+Its exit status is then unknown (it is not our child): the controller judges
+the outcome by the job's result file, which trainers write last.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -51,10 +61,16 @@ class LocalExecutor(Executor):
         else:
             logfile.close()
         with self._lock:
-            if spec.name in self._procs and self._procs[spec.name].poll() is None:
-                proc.kill()
+            if (spec.name in self._procs and self._procs[spec.name].poll() is None) or (
+                spec.name not in self._procs and self._adopted_pid(spec.name)
+            ):
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
                 raise RuntimeError(f"job {spec.name} is already running")
             self._procs[spec.name] = proc
+        tmp = self.log_dir / f".{spec.name}.pid.tmp"
+        tmp.write_text(json.dumps({"pid": proc.pid, "start": _start_time(proc.pid)}))
+        os.replace(tmp, self._pid_file(spec.name))
         log_fields(log, 20, "job launched", job=spec.name, pid=proc.pid, argv=argv)
         return spec.name
 
@@ -68,11 +84,23 @@ class LocalExecutor(Executor):
                 sys.stdout.flush()
 
     def running(self) -> dict[str, int]:
-        """{job name: pid} of the jobs still running."""
-        return {name: p.pid for name, p in self._procs.items() if p.poll() is None}
+        """{job name: pid} of the jobs still running (this executor's own)."""
+        return {name: p.pid for name, p in list(self._procs.items()) if p.poll() is None}
 
     def pid(self, handle: str) -> int:
-        return self._procs[handle].pid
+        return self._procs[handle].pid if handle in self._procs else self._adopted_pid(handle)
+
+    def _pid_file(self, handle: str) -> Path:
+        return self.log_dir / f"{handle}.pid"
+
+    def _adopted_pid(self, handle: str) -> int:
+        """The pid of a live job started by an earlier executor (0 if none)."""
+        try:
+            record = json.loads(self._pid_file(handle).read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return 0
+        pid = int(record.get("pid", 0))
+        return pid if pid and _start_time(pid) == record.get("start") else 0
 
     def log_path(self, handle: str) -> Path:
         return self.log_dir / f"{handle}.log"
@@ -80,6 +108,12 @@ class LocalExecutor(Executor):
     def status(self, handle: str) -> JobStatus:
         proc = self._procs.get(handle)
         if proc is None:
+            if self._adopted_pid(handle):
+                return JobStatus(JobState.RUNNING)
+            if self._pid_file(handle).exists():
+                return JobStatus(
+                    JobState.FAILED, f"job {handle} ended while no executor watched it; exit status unknown"
+                )
             return JobStatus(JobState.FAILED, f"unknown job {handle}")
         code = proc.poll()
         if code is None:
@@ -103,7 +137,14 @@ class LocalExecutor(Executor):
 
     def cancel(self, handle: str) -> None:
         proc = self._procs.get(handle)
-        if proc is None or proc.poll() is not None:
+        if proc is None:
+            pid = self._adopted_pid(handle)
+            if pid:
+                self._cancelled.add(handle)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)  # not our child: no wait() to time a SIGTERM against
+            return
+        if proc.poll() is not None:
             return
         self._cancelled.add(handle)
         try:
@@ -114,3 +155,15 @@ class LocalExecutor(Executor):
             proc.wait()
         except ProcessLookupError:
             pass
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (/proc/<pid>/stat field 22); None if gone.
+
+    A zombie (exited, not yet reaped) counts as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rsplit(")", 1)[1].split()  # the command name may hold spaces and parentheses
+    return None if fields[0] == "Z" else fields[19]

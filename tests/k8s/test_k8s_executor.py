@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from kubernetes import client
 
 from services.common.config import ConfigError, load_settings
+from services.controller.controller import Controller, JobFailed
 from services.controller.jobs import JobSpec, JobState
 from services.controller.k8s_executor import (
     JOB_LABEL,
@@ -389,3 +391,53 @@ def test_no_cluster_credentials_is_a_clear_config_error(tmp_path, monkeypatch):
         match="RLHF_EXECUTOR=kubernetes or RLHF_TGI_DEPLOYMENT needs the Kubernetes API, but there is no in-cluster service account",
     ):
         KubernetesExecutor(load_settings(BASE_ENV))
+
+
+def _platform_env() -> dict[str, str]:
+    """k8s/base/platform.env: the ConfigMap the controller and every trainer Job read."""
+    path = Path(__file__).resolve().parents[2] / "k8s" / "base" / "platform.env"
+    pairs = (line.split("=", 1) for line in path.read_text().splitlines() if line.strip() and not line.startswith("#"))
+    return {k: v for k, v in pairs}
+
+
+def _env_the_container_sees(container: dict, config_maps: dict[str, dict[str, str]]) -> dict[str, str]:
+    """As the kubelet resolves it: envFrom first, then env entries over it, a later duplicate winning."""
+    seen: dict[str, str] = {}
+    for source in container.get("envFrom", []):
+        seen.update(config_maps[source["configMapRef"]["name"]])
+    for entry in container["env"]:
+        if "value" in entry:
+            seen[entry["name"]] = entry["value"]
+    return seen
+
+
+@pytest.mark.parametrize("config_map", ["rlhf-config-abc", ""])
+def test_a_gpu_job_built_as_the_controller_builds_it_trains_on_cuda(tmp_path, api, config_map):
+    """The controller runs with the platform's settings (RLHF_DEVICE=cpu); its GPU Jobs must still see cuda."""
+    platform = _platform_env()
+    assert platform["RLHF_DEVICE"] == "cpu"  # the premise: the controller's own device is cpu
+    env = {
+        **{k: v for k, v in platform.items() if k not in ("RLHF_HOME",)},
+        "RLHF_HOME": str(tmp_path / "data"),
+        "RLHF_DATA_MOUNT": str(tmp_path),
+        "RLHF_EXECUTOR": "kubernetes",
+        "RLHF_TRAINER_IMAGE": "reg.example/rlhf-platform:1.2",
+        "RLHF_TRAINER_CONFIG_MAP": config_map,
+        "RLHF_TRAINER_GPUS": "1",
+        "RLHF_JOB_RETRIES": "0",
+        "RLHF_K8S_NAMESPACE": "team-a",
+    }
+    settings = load_settings(env)
+    executor = KubernetesExecutor(settings, api_client=client.ApiClient(client.Configuration(host=api.url)))
+    controller = Controller(settings, executor)
+    api.on_watch = lambda name: api.set_status(
+        name, {"failed": 1, "conditions": [{"type": "Failed", "status": "True"}]}
+    )
+    with pytest.raises(JobFailed):  # the Job "fails" at once: only the Job it created matters here
+        controller.run_job("ppo", ["--snapshot", "s1", "--sft", "sft-1", "--reward", "rm-1"], "ppo-r1")
+    container = only_container(api.jobs["ppo-r1"])
+    seen = _env_the_container_sees(container, {config_map: platform} if config_map else {})
+    assert seen["RLHF_DEVICE"] == "cuda"
+    assert seen["RLHF_TRAINER_GPUS"] == "1" and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    names = [e["name"] for e in container["env"]]
+    assert len(names) == len(set(names)), "an env name appears twice; which one wins is easy to get wrong"
