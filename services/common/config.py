@@ -349,7 +349,7 @@ class Settings:
         "RLHF_GATE_CONFIDENCE",
         "0.9",
         _float(0.5, 0.9999),
-        "Confidence of the policy gate's one-sided paired test: the gain's lower bound must exceed RLHF_GATE_MIN_REWARD_GAIN.",
+        "Confidence of the policy gate's one-sided paired test: the gain's lower bound must beat the minimum gain.",
     )
     gate_rm_tolerance: float = _setting(
         "RLHF_GATE_RM_TOLERANCE",

@@ -64,7 +64,7 @@ def paired_test(
         raise ValueError(f"paired test needs equal lengths, got {len(candidate)} and {len(incumbent)}")
     if not 0.5 <= confidence < 1:
         raise ValueError(f"confidence={confidence} must be in [0.5, 1)")
-    diffs = [c - i for c, i in zip(candidate, incumbent)]
+    diffs = [c - i for c, i in zip(candidate, incumbent, strict=True)]
     n = len(diffs)
     if n == 0:
         return PairedTest(rm, 0, float("nan"), float("nan"), confidence, min_gain)

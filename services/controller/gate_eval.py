@@ -109,8 +109,8 @@ def sample(model, tok, prompts: list[str], cfg: GateEvalConfig, device: str) -> 
             eos_token_id=tok.eos_token_id,
         )
         width = enc["input_ids"].shape[1]
-        for row, mask in zip(ids.tolist(), enc["attention_mask"].tolist()):
-            prompt_ids = [t for t, m in zip(row[:width], mask) if m]
+        for row, mask in zip(ids.tolist(), enc["attention_mask"].tolist(), strict=True):
+            prompt_ids = [t for t, m in zip(row[:width], mask, strict=True) if m]
             response = row[width:]
             if tok.eos_token_id in response:
                 response = response[: response.index(tok.eos_token_id) + 1]
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     reference = load_causal_lm(store.path(args.reference), device=device, dtype=dtype)
     logp_ref = response_logprob(reference, rows["candidate"], tok.pad_token_id, cfg.batch_size, device)
     del reference
-    kl = [a - b for a, b in zip(logp, logp_ref)]
+    kl = [a - b for a, b in zip(logp, logp_ref, strict=True)]
     texts = {
         name: [tok.decode(r, skip_special_tokens=True).strip() for _, r in rows[name]]
         for name in ("candidate", "incumbent")
@@ -229,7 +229,9 @@ def main(argv: list[str] | None = None) -> int:
         rm_tok = load_tokenizer(store.path(version))
         rm = RewardModel.from_pretrained(store.path(version), device=device, dtype=dtype)
         for name in ("candidate", "incumbent"):
-            scores[name][role] = rm_score_texts(rm, rm_tok, list(zip(prompts, texts[name])), cfg.batch_size, device)
+            scores[name][role] = rm_score_texts(
+                rm, rm_tok, list(zip(prompts, texts[name], strict=True)), cfg.batch_size, device
+            )
         rm_accuracy[role] = {"version": version, **pair_accuracy(rm, rm_tok, comparisons, cfg.batch_size, device)}
         del rm
 

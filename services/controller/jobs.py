@@ -13,7 +13,7 @@ import enum
 from dataclasses import dataclass, field
 
 
-class JobState(str, enum.Enum):
+class JobState(enum.StrEnum):
     PENDING = "pending"
     RUNNING = "running"
     SUCCEEDED = "succeeded"

@@ -96,7 +96,8 @@ def _check_spec(spec: JobSpec, settings: Settings) -> None:
         raise ValueError(f"gpus={spec.gpus} must not be negative")
     if spec.result_file and not PurePosixPath(spec.result_file).is_relative_to(settings.data_mount):
         raise ValueError(
-            f"result_file={spec.result_file} is not under RLHF_DATA_MOUNT={settings.data_mount}; the controller could not read it"
+            f"result_file={spec.result_file} is not under RLHF_DATA_MOUNT={settings.data_mount}; "
+            "the controller could not read it"
         )
 
 
@@ -337,7 +338,8 @@ def kube_client():
             config.load_kube_config()  # outside a cluster: $KUBECONFIG or ~/.kube/config
         except (config.ConfigException, OSError) as err:
             raise ConfigError(
-                f"RLHF_EXECUTOR=kubernetes or RLHF_TGI_DEPLOYMENT needs the Kubernetes API, but there is no in-cluster service account "
+                f"RLHF_EXECUTOR=kubernetes or RLHF_TGI_DEPLOYMENT needs the Kubernetes API, "
+                f"but there is no in-cluster service account "
                 f"and no usable kubeconfig ({err})"
             ) from None
     return client.ApiClient()

@@ -97,7 +97,7 @@ def test_multi_node_job_is_an_indexed_job_with_a_rendezvous_service():
     pod = job["spec"]["template"]["spec"]
     c = only_container(job)
     cmd = c["command"]
-    flags = dict(zip(cmd[1:11:2], cmd[2:11:2]))
+    flags = dict(zip(cmd[1:11:2], cmd[2:11:2], strict=True))
     assert cmd[0] == "torchrun" and flags == {
         "--nnodes": "4",
         "--nproc-per-node": "8",
@@ -388,7 +388,8 @@ def test_no_cluster_credentials_is_a_clear_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing"))
     with pytest.raises(
         ConfigError,
-        match="RLHF_EXECUTOR=kubernetes or RLHF_TGI_DEPLOYMENT needs the Kubernetes API, but there is no in-cluster service account",
+        match="RLHF_EXECUTOR=kubernetes or RLHF_TGI_DEPLOYMENT needs the Kubernetes API, "
+        "but there is no in-cluster service account",
     ):
         KubernetesExecutor(load_settings(BASE_ENV))
 
