@@ -1,4 +1,4 @@
-"""`make demo`: one full InstructGPT loop on this machine, through the real
+"""`make demo`: the InstructGPT loop iterated on this machine, through the real
 services and the real broker, ending in an evaluation report.
 
   1. start an isolated local stack (broker, policy, reward, feedback,
@@ -7,11 +7,16 @@ services and the real broker, ending in an evaluation report.
   3. simulated labelers write demonstrations;
   4. the controller builds a snapshot and trains SFT, which is promoted and
      hot-swapped into the policy service;
-  5. labelers rank K samples of the SFT policy (served over gRPC);
-  6. the controller trains the RM, then PPO, evaluates the candidate against
-     the serving SFT policy, and promotes it if the gate passes;
-  7. the new policy is served, and the report is written: RM accuracy vs the
-     gold labeler, gold win rates with 95% CIs, KL, curves, examples.
+  5. then, round after round (DemoPreset.rounds, at least 3):
+     a. labelers rank K samples of the policy being served: SFT in round 1,
+        after that whatever the previous round's gate promoted;
+     b. the controller trains a new RM from SFT on every comparison so far,
+        PPO against it, measures both in the gate job, and the RM gate and
+        the policy gate decide what is promoted;
+  6. the report: the final policy against SFT and the base model on the gold
+     preference, and round by round the served policy's gold score, its win
+     rate against SFT, each RM's accuracy, KL, the gate decisions, the
+     over-optimisation curves and the lineage of each RM's data.
 
 `python -m services.demo --preset cpu|gpu|tiny [--seed N] [--home DIR] [--keep-up]`
 
@@ -36,11 +41,17 @@ from rlhf.v1 import common_pb2, policy_pb2_grpc
 
 from services.common.broker import free_port
 from services.common.config import exit_on_config_error, load_settings
+from services.common.dtypes import cpu_capability
 
 
 @dataclass(frozen=True)
 class DemoPreset:
-    """Sizes of one demo run. `cpu` must finish in about 20 minutes on 2 cores."""
+    """Sizes of one demo run. `cpu` must finish in about 20 minutes on 2 cores.
+
+    comparisons: collected per round, on the policy served at the time; rounds:
+    RM+PPO rounds after SFT; ppo_init: "best" continues PPO from the policy the
+    last round promoted (RLHF_PPO_INIT), which buys more optimisation per CPU
+    minute than restarting from SFT each round as the paper does."""
 
     model: str
     trainer_preset: str
@@ -52,6 +63,8 @@ class DemoPreset:
     sample_tokens: int
     eval_prompts: int
     eval_tokens: int
+    rounds: int = 3
+    ppo_init: str = "best"
     trainer_overrides: dict = field(default_factory=dict)
 
 
@@ -62,12 +75,12 @@ PRESETS = {
         users=80,
         prompts=900,
         demonstrations=96,
-        comparisons=128,
+        comparisons=64,
         k=4,
         sample_tokens=48,
         eval_prompts=64,
         eval_tokens=48,
-        trainer_overrides={"ppo": {"total_steps": 24, "lr": 1e-4}},
+        trainer_overrides={"ppo": {"total_steps": 10, "lr": 1e-4}},
     ),
     "gpu": DemoPreset(
         model="base",
@@ -88,7 +101,7 @@ PRESETS = {
         users=20,
         prompts=320,
         demonstrations=16,
-        comparisons=16,
+        comparisons=12,
         k=4,
         sample_tokens=16,
         eval_prompts=16,
@@ -137,6 +150,7 @@ def configure_environment(preset: DemoPreset, home: Path, seed: int = 0) -> None
     overrides = {
         trainer: {**preset.trainer_overrides.get(trainer, {}), "seed": seed} for trainer in ("sft", "rm", "ppo")
     }
+    overrides["gate"] = {**preset.trainer_overrides.get("gate", {}), "seed": 4321 + seed}
     os.environ.update(
         {
             "RLHF_HOME": str(home),
@@ -146,6 +160,7 @@ def configure_environment(preset: DemoPreset, home: Path, seed: int = 0) -> None
             "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
             "RLHF_TOKENS_FILE": str(home / "tokens.json"),
             "RLHF_JOB_RETRIES": os.environ.get("RLHF_JOB_RETRIES", "1"),
+            "RLHF_PPO_INIT": preset.ppo_init,
         }
     )
     for name in ("POLICY", "REWARD", "FEEDBACK", "HTTP", "PLAYGROUND", "CONTROLLER"):
@@ -154,12 +169,23 @@ def configure_environment(preset: DemoPreset, home: Path, seed: int = 0) -> None
         os.environ[f"RLHF_{name}_TARGET"] = f"127.0.0.1:{os.environ[f'RLHF_{name}_PORT']}"
 
 
+def gate_kl(record) -> float:
+    """The candidate's KL to SFT, as the round's gate job measured it."""
+    return json.loads((Path(record.run_dirs["gate"]) / "result.json").read_text())["policy"]["mean_kl_to_reference"]
+
+
+def collect_comparisons(pool, preset: DemoPreset):
+    """One round of labeling on the policy being served: the demo's only labeling call site."""
+    return pool.compare(preset.comparisons, k=preset.k, max_new_tokens=preset.sample_tokens)
+
+
 def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> Path:
     from services.common.checkpoints import CheckpointStore
     from services.controller.controller import Controller
     from services.controller.local_executor import LocalExecutor
     from services.sim import labelers as sim_labelers
     from services.sim import report as sim_report
+    from services.sim import rounds as sim_rounds
     from services.sim import users as sim_users
     from services.stack import Stack
 
@@ -172,7 +198,7 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
     population.write_tokens(home / "tokens.json")
     configure_environment(preset, home, seed)
     settings = exit_on_config_error(load_settings)
-    step = Step(8)
+    step = Step(5 + 2 * preset.rounds)
     stack = Stack(settings, skip=("controller",))  # the demo drives the controller itself, in the open
     try:
         with step("start the local stack"):
@@ -195,48 +221,72 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
             sft = first.trained["sft"]
             print(f"  SFT policy {sft} promoted; hot-swap took {wait_for_version(settings.policy_target, sft):.1f}s")
 
-        with step(f"labelers rank K={preset.k} SFT samples for {preset.comparisons} prompts"):
-            pool.compare(preset.comparisons, k=preset.k, max_new_tokens=preset.sample_tokens)
-
-        with step("controller: snapshot -> RM -> PPO -> gate"):
-            second = controller.step(force=True)
-            if not second or "ppo" not in second.trained:
-                raise SystemExit(f"RM/PPO round failed: {second and second.decision}")
-            ppo, promoted = second.trained["ppo"], bool(second.decision.get("promote"))
-            print(f"  gate: {second.decision.get('reason')}")
-            if promoted:
-                print(f"  PPO policy {ppo} serving after {wait_for_version(settings.policy_target, ppo):.1f}s")
+        store = CheckpointStore(settings.checkpoint_dir)
+        rounds: list = []
+        last = first
+        for n in range(1, preset.rounds + 1):
+            serving = store.promoted("policy")
+            with step(f"round {n}: labelers rank K={preset.k} samples of {serving} for {preset.comparisons} prompts"):
+                stats = collect_comparisons(pool, preset)
+            with step(f"round {n}: controller: snapshot -> RM -> PPO -> gate job -> RM gate, policy gate"):
+                last = controller.step(force=True)
+                if not last or not last.finished:
+                    raise SystemExit(f"round {n} failed: {last and last.decision}")
+                for d in last.decisions:
+                    print(f"  {d['model']} gate: {d['reason']}")
+                served = store.promoted("policy")
+                print(f"  serving {served} (hot-swap {wait_for_version(settings.policy_target, served):.1f}s)")
+            rounds.append(
+                sim_rounds.RoundRecord(
+                    round=n,
+                    collected_on=sorted(stats.policy_versions),
+                    comparisons=stats.submitted,
+                    rm=last.trained["rm"],
+                    candidate=last.trained["ppo"],
+                    served_after=served,
+                    decisions=last.decisions,
+                    run_dirs=last.run_dirs,
+                )
+            )
 
         with step("evaluate against the gold labeler and write the report"):
-            store = CheckpointStore(settings.checkpoint_dir)
             base = next((m.version for m in store.list(role="policy") if m.kind == "base"), None)
+            final = store.promoted("policy")
+            ppo = final if store.manifest(final).kind == "ppo" else rounds[-1].candidate
+            eval_cfg = sim_report.EvalConfig(
+                prompts=preset.eval_prompts, max_new_tokens=preset.eval_tokens, seed=1234 + seed
+            )
             report = sim_report.write_report(
                 settings,
                 home / "report",
                 base_version=base,
                 sft_version=sft,
                 ppo_version=ppo,
-                rm_version=second.trained["rm"],
-                snapshot_id=second.snapshot,
+                rm_version=store.promoted("reward") or last.trained["rm"],
+                snapshot_id=last.snapshot,
                 run_dirs={
                     **{k: Path(v) for k, v in first.run_dirs.items()},
-                    **{k: Path(v) for k, v in second.run_dirs.items()},
+                    **{k: Path(v) for k, v in last.run_dirs.items() if k != "gate"},
                 },
                 extra={
                     "preset": asdict(preset) | {"name": preset_name, "seed": seed},
-                    "gate": second.decision,
-                    "gate_evaluations": second.evaluations,
-                    "kl_to_sft": second.evaluations.get("candidate", {}).get("kl_to_reference"),
-                    "ppo_promoted": promoted,
+                    "final_policy": final,
+                    "ppo_is_served": ppo == final,
+                    "kl_to_sft": next((gate_kl(r) for r in reversed(rounds) if r.candidate == ppo), None),
                     "timings_s": step.timings,
+                    "cpu_capability": cpu_capability(),
                     "controller_decisions": str(settings.home / "controller" / "decisions.jsonl"),
                 },
-                config=sim_report.EvalConfig(
-                    prompts=preset.eval_prompts, max_new_tokens=preset.eval_tokens, seed=1234 + seed
-                ),
+                config=eval_cfg,
+            )
+            sim_rounds.write_rounds(
+                settings, home / "report", rounds, sft_version=sft, snapshot_id=last.snapshot, config=eval_cfg
             )
         with step("done"):
             print(f"\nreport: {report}\ntotal time: {time.monotonic() - step.started:.0f}s")
+            data = json.loads((home / "report" / "report.json").read_text())
+            data["total_wall_s"] = round(time.monotonic() - step.started, 1)
+            (home / "report" / "report.json").write_text(json.dumps(data, indent=2, default=str))
         return report
     finally:
         if not keep_up:
@@ -244,7 +294,9 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="make demo", description="Run one full RLHF loop and write the report.")
+    parser = argparse.ArgumentParser(
+        prog="make demo", description="Run SFT and iterated RM+PPO rounds, and write the report."
+    )
     parser.add_argument("--preset", choices=sorted(PRESETS), default=os.environ.get("DEMO_PRESET", "cpu"))
     parser.add_argument(
         "--seed", type=int, default=int(os.environ.get("DEMO_SEED", "0")), help="seeds every random choice of the run"

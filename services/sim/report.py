@@ -104,9 +104,23 @@ def eval_prompts(snapshots: SnapshotStore, snapshot_id: str, n: int, seed: int) 
 
 
 # --- generation and scoring ------------------------------------------------------
+_GENERATED: dict[tuple, list[str]] = {}
+
+
 def generate(model_dir: Path, prompts: Sequence[str], cfg: EvalConfig, device: str, label: str = "") -> list[str]:
     """Sample one answer per prompt; batch b always uses seed cfg.seed + b,
-    so every model sees the same random numbers for the same prompts."""
+    so every model sees the same random numbers for the same prompts.
+
+    Checkpoints are immutable and sampling is seeded, so a repeat call (the
+    final report and the per-round report evaluate the same models) is
+    answered from memory."""
+    key = (str(model_dir), tuple(prompts), cfg, device)
+    if key not in _GENERATED:
+        _GENERATED[key] = _generate(model_dir, prompts, cfg, device, label)
+    return list(_GENERATED[key])
+
+
+def _generate(model_dir: Path, prompts: Sequence[str], cfg: EvalConfig, device: str, label: str) -> list[str]:
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, device=device, dtype=getattr(torch, cfg.dtype))
     out: list[str] = []
@@ -182,8 +196,10 @@ def _constraint_kind(prompt: str) -> str:
 def _model_summary(prompts: Sequence[str], answers: Sequence[str], scores: Sequence[float]) -> dict[str, Any]:
     mean, low, high = mean_ci(list(scores))
     lengths = [len(words(a)) for a in answers]
-    within = [len(words(a)) <= parse_constraints(p).limit for p, a in zip(prompts, answers)]
-    keyword = [check_scores(p, a)["keyword"] for p, a in zip(prompts, answers) if parse_constraints(p).keyword]
+    within = [len(words(a)) <= parse_constraints(p).limit for p, a in zip(prompts, answers, strict=True)]
+    keyword = [
+        check_scores(p, a)["keyword"] for p, a in zip(prompts, answers, strict=True) if parse_constraints(p).keyword
+    ]
     return {
         "mean_gold": mean,
         "gold_ci_low": low,
@@ -230,7 +246,7 @@ def write_report(
     # Before to after: the order of every table and example.
     models = {"base": base_version} if base_version else {}
     models.update(sft=sft_version, ppo=ppo_version)
-    for name, version in {**models, "rm": rm_version}.items():
+    for version in {**models, "rm": rm_version}.values():
         store.verify(version)  # never evaluate a corrupt or missing checkpoint
     snapshots.manifest(snapshot_id)  # SnapshotError names a missing snapshot
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -265,11 +281,13 @@ def write_report(
         f"{a}_vs_{b}": paired_win_rate(scores[a], scores[b]).as_dict() for a, b in pairs if a in scores and b in scores
     }
     summary = {
-        name: _model_summary(expanded, samples[name], [gold_score(p, a) for p, a in zip(expanded, samples[name])])
+        name: _model_summary(
+            expanded, samples[name], [gold_score(p, a) for p, a in zip(expanded, samples[name], strict=True)]
+        )
         for name in models
     }
     by_kind: dict[str, dict[str, float]] = {}
-    for i, p in enumerate(prompts):
+    for p in prompts:
         by_kind.setdefault(_constraint_kind(p), {}).setdefault("n", 0)
         by_kind[_constraint_kind(p)]["n"] += 1
     for kind in by_kind:
@@ -387,8 +405,8 @@ def _plot_win_rates(path: Path, win_rates: Mapping[str, Mapping[str, Any]]) -> N
     fig, ax = plt.subplots(figsize=(1.8 * max(1, len(names)) + 2, 3.2))
     rates = [win_rates[n]["win_rate"] for n in names]
     errors = [
-        [r - win_rates[n]["ci_low"] for n, r in zip(names, rates)],
-        [win_rates[n]["ci_high"] - r for n, r in zip(names, rates)],
+        [r - win_rates[n]["ci_low"] for n, r in zip(names, rates, strict=True)],
+        [win_rates[n]["ci_high"] - r for n, r in zip(names, rates, strict=True)],
     ]
     ax.bar(range(len(names)), rates, yerr=errors, capsize=6, color="#4c72b0")
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
@@ -414,8 +432,9 @@ def _markdown(r: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         + ", ".join(f"{k} `{x}`" for k, x in v.items() if k != "rm")
         + f"; reward model `{v['rm']}`.",
         "",
-        f"Evaluation: {e['prompts']} prompts of held-out users ({' + '.join(e['splits'])} split), {e['samples_per_prompt']} "
-        f"sample(s) per model and prompt (a prompt's score is their mean), temperature {e['temperature']}, top-p {e['top_p']}, at most {e['max_new_tokens']} new tokens, "
+        f"Evaluation: {e['prompts']} prompts of held-out users ({' + '.join(e['splits'])} split), "
+        f"{e['samples_per_prompt']} sample(s) per model and prompt (a prompt's score is their mean), "
+        f"temperature {e['temperature']}, top-p {e['top_p']}, at most {e['max_new_tokens']} new tokens, "
         f"the same seeds for every model. Scores come from the gold preference (services/sim/tasks.py).",
         "",
     ]
@@ -428,7 +447,8 @@ def _markdown(r: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     for name, w in r["win_rates"].items():
         lines.append(
             f"| {name.replace('_', ' ')} | {_f(w['win_rate'])} | [{_f(w['ci_low'])}, {_f(w['ci_high'])}] | "
-            f"{w['wins']}/{w['ties']}/{w['losses']} | {_f(w['mean_diff'], 4)} | [{_f(w['diff_ci_low'], 4)}, {_f(w['diff_ci_high'], 4)}] | "
+            f"{w['wins']}/{w['ties']}/{w['losses']} | {_f(w['mean_diff'], 4)} | "
+            f"[{_f(w['diff_ci_low'], 4)}, {_f(w['diff_ci_high'], 4)}] | "
             f"{'yes' if w['significant'] else 'no'} |"
         )
     lines += [
@@ -442,7 +462,8 @@ def _markdown(r: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     ]
     for name, s in r["models"].items():
         lines.append(
-            f"| {name} | {_f(s['mean_gold'])} | [{_f(s['gold_ci_low'])}, {_f(s['gold_ci_high'])}] | {_f(s['mean_words'], 1)} | "
+            f"| {name} | {_f(s['mean_gold'])} | [{_f(s['gold_ci_low'])}, {_f(s['gold_ci_high'])}] | "
+            f"{_f(s['mean_words'], 1)} | "
             f"{_f(100 * s['within_limit'], 0)}% | {_f(100 * s['keyword_rate'], 0)}% |"
         )
     names = list(r["models"])
@@ -464,8 +485,8 @@ def _markdown(r: Mapping[str, Any], plots: Mapping[str, str]) -> str:
         if key in rm:
             a = rm[key]
             lines.append(
-                f"- {label}: accuracy **{_f(a['accuracy'])}** [{_f(a['ci_low'])}, {_f(a['ci_high'])}] over {a['pairs']} "
-                f"ranked pairs from {a['comparisons']} comparisons (ties dropped)."
+                f"- {label}: accuracy **{_f(a['accuracy'])}** [{_f(a['ci_low'])}, {_f(a['ci_high'])}] "
+                f"over {a['pairs']} ranked pairs from {a['comparisons']} comparisons (ties dropped)."
             )
     lines += [
         "",
