@@ -161,6 +161,8 @@ def configure_environment(preset: DemoPreset, home: Path, seed: int = 0) -> None
             "RLHF_TOKENS_FILE": str(home / "tokens.json"),
             "RLHF_JOB_RETRIES": os.environ.get("RLHF_JOB_RETRIES", "1"),
             "RLHF_PPO_INIT": preset.ppo_init,
+            # The gates measure on validation users: enough of them for the cpu preset's 64 prompts.
+            "RLHF_DATASET_VALIDATION_FRACTION": "0.15",
         }
     )
     for name in ("POLICY", "REWARD", "FEEDBACK", "HTTP", "PLAYGROUND", "CONTROLLER"):
@@ -198,7 +200,7 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
     population.write_tokens(home / "tokens.json")
     configure_environment(preset, home, seed)
     settings = exit_on_config_error(load_settings)
-    step = Step(5 + 2 * preset.rounds)
+    step = Step(6 + 2 * preset.rounds)
     stack = Stack(settings, skip=("controller",))  # the demo drives the controller itself, in the open
     try:
         with step("start the local stack"):

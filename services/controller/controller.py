@@ -353,7 +353,7 @@ class Controller:
         ):
             ppo_args += ["--init", serving]
         ppo = self._step_job(rs, "ppo", ppo_args)["version"]
-        serving_rm = self.store.promoted("reward") or ""
+        serving_rm = self.serving_rm()
         gate = self._step_job(
             rs,
             "gate",
@@ -379,6 +379,13 @@ class Controller:
             self._save_state(rs)
         for d in rs.decisions:  # the RM first: the policy may be judged by it next round
             self._apply(rs, d)
+
+    def serving_rm(self) -> str:
+        """The promoted RM, unless it is the store's untrained seed: that one measures nothing."""
+        version = self.store.promoted("reward") or ""
+        if version and self.store.manifest(version).metrics.get("untrained"):
+            return ""
+        return version
 
     def decide(self, gate: dict, rm: str, ppo: str) -> list[GateDecision]:
         """The two gates applied to the gate job's measurements."""

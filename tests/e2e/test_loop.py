@@ -154,12 +154,13 @@ def test_two_rounds_iterate_gate_and_recover(tmp_path, broker, tiny_model_dir):
         assert any(d["kind"] == "job_succeeded" and d["job"] == "ppo-r2" and d["attempt"] == 2 for d in log)
         ppo1, rm1 = first.trained["ppo"], first.trained["rm"]
         store = CheckpointStore(settings.checkpoint_dir)
-        seed_rm = first.decisions[0]["numbers"]["incumbent"]  # the store's seed RM served until now
-        assert seed_rm and seed_rm != rm1
-        _rm_gate_follows_its_numbers(first.decisions[0])
-        serving_rm = rm1 if first.decisions[0]["promote"] else seed_rm
+        # The store's untrained seed RM measures nothing: the first trained RM replaces it, and the
+        # first policy gate has only the new RM to test with, and says so.
+        assert [d["promote"] for d in first.decisions] == [True, True], first.decisions
+        assert "first reward model" in first.decisions[0]["reason"]
+        assert "no previous RM" in first.decisions[1]["reason"]
+        serving_rm = rm1
         assert store.promoted("reward") == serving_rm
-        assert first.decisions[1]["model"] == "policy" and first.decisions[1]["promote"], first.decisions
         assert _serving(policy, ppo1), "round 1's promoted policy is not being served"
 
         # --- RL round 2: comparisons on round 1's policy; its PPO fails every attempt ---
