@@ -442,3 +442,28 @@ def test_a_gpu_job_built_as_the_controller_builds_it_trains_on_cuda(tmp_path, ap
     assert seen["RLHF_TRAINER_GPUS"] == "1" and container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     names = [e["name"] for e in container["env"]]
     assert len(names) == len(set(names)), "an env name appears twice; which one wins is easy to get wrong"
+
+
+def test_a_restarted_controller_adopts_its_running_job_by_name(tmp_path, api):
+    """Job names are deterministic per round and trainer: a new controller follows the Job, never creates a second."""
+    env = {**BASE_ENV, "RLHF_HOME": str(tmp_path / "data"), "RLHF_DATA_MOUNT": str(tmp_path), "RLHF_JOB_RETRIES": "0"}
+    settings = load_settings(env)
+    configuration = client.Configuration(host=api.url)
+    first = Controller(settings, KubernetesExecutor(settings, api_client=client.ApiClient(configuration)))
+    args = ["--snapshot", "s1", "--sft", "sft-1", "--reward", "rm-1"]
+    first.executor.launch(first.job_spec("ppo", args, "ppo-r4"))  # ... and then the controller died
+    api.set_status("ppo-r4", {"active": 1})
+
+    restarted = Controller(settings, KubernetesExecutor(settings, api_client=client.ApiClient(configuration)))
+    result_file = tmp_path / "data" / "runs" / "ppo-r4" / "result.json"
+
+    def finish(name: str) -> None:  # the trainer writes its result, then its pod completes
+        result_file.write_text(json.dumps({"version": "ppo-4"}))
+        api.set_status(name, {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]})
+
+    api.on_watch = finish
+    assert restarted.run_job("ppo", args, "ppo-r4")["version"] == "ppo-4"
+    creates = [path for method, path, _ in api.requests if method == "POST" and path.endswith("/jobs")]
+    assert len(creates) == 1, "the restarted controller created the job again"
+    kinds = [(d["kind"], d.get("state")) for d in restarted.decisions()]
+    assert ("job_adopted", "running") in kinds and ("job_started", None) not in kinds
