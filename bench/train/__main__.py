@@ -70,7 +70,7 @@ def run_ours(
         "max_grad_norm": 1.0,
         "max_tokens": max_tokens,
         "lora_rank": 0,
-        "bf16": False,
+        "dtype": "float32",
         "max_val_prompts": 100000,
         "save_every": 100000,
         "eval_every": 0,

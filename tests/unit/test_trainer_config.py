@@ -17,8 +17,8 @@ from trainers.sft import SFTConfig
 def test_layers_apply_in_order(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"lr": 0.5, "epochs": 3}))
-    cfg = build_config(SFTConfig, SFT_PRESETS, "tiny", str(path), ["epochs=7", "bf16=true", "lora_targets=q_proj"])
-    assert (cfg.lr, cfg.epochs, cfg.bf16, cfg.lora_targets) == (0.5, 7, True, "q_proj")
+    cfg = build_config(SFTConfig, SFT_PRESETS, "tiny", str(path), ["epochs=7", "dtype=bfloat16", "lora_targets=q_proj"])
+    assert (cfg.lr, cfg.epochs, cfg.dtype, cfg.lora_targets) == (0.5, 7, "bfloat16", "q_proj")
     assert cfg.max_tokens == SFT_PRESETS["tiny"]["max_tokens"]
     inline = build_config(
         RMConfig, RM_PRESETS, "cpu", '{"batch_size": 2}', ['lr="0.01"']
@@ -35,6 +35,7 @@ def test_layers_apply_in_order(tmp_path):
         (["kl_beta=x"], "config key 'kl_beta' must be a number"),
         (["mini_batch_size=64"], "mini_batch_size=64 exceeds rollout_batch_size=4"),
         (["nokey"], "expected key=value"),
+        (["dtype=fp16"], "config key 'dtype' must be one of auto, float32, bfloat16; got 'fp16'"),
     ],
 )
 def test_bad_values_name_the_key(sets, message):
