@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from services.common.models import (
@@ -41,7 +40,6 @@ from services.common.models import (
     last_token_index,
     load_causal_lm,
     load_tokenizer,
-    pad_batch,
     position_ids_from_mask,
     render_prompt,
 )
@@ -65,6 +63,7 @@ from trainers.common import (
     trainable_state,
     unwrap,
 )
+from trainers.rollout import ROLLOUT_ENGINES, EngineRollouts, Rollouts, generate_rollouts, rollout_seeds
 from trainers.sft import collate, lm_loss_sum
 
 
@@ -73,8 +72,12 @@ class PPOConfig:
     """PPO / PPO-ptx against a reward model with a per-token KL penalty.
 
     Rollouts: total_steps (PPO steps), rollout_batch_size (prompts per step,
-              global), generation_batch_size (per generate call), max_prompt_tokens,
-              max_new_tokens, temperature.
+              global), rollout_engine ("engine": the policy service's
+              continuous-batching engine on the live policy, the whole local
+              batch at once; "hf": transformers' generate in static batches),
+              generation_batch_size (sequences per generate call with "hf", and
+              per scoring forward with both), max_prompt_tokens, max_new_tokens,
+              temperature.
     Reward:   kl_beta (β), adaptive_kl (adjust β toward kl_target nats per
               response over kl_horizon rollouts; Ziegler et al.), kl_target,
               kl_horizon, missing_eos_penalty (subtracted from the score of a
@@ -96,6 +99,7 @@ class PPOConfig:
 
     total_steps: int = 20
     rollout_batch_size: int = 16
+    rollout_engine: str = "engine"
     generation_batch_size: int = 8
     max_prompt_tokens: int = 256
     max_new_tokens: int = 64
@@ -139,6 +143,10 @@ class PPOConfig:
         require(
             self.mini_batch_size <= self.rollout_batch_size,
             f"mini_batch_size={self.mini_batch_size} exceeds rollout_batch_size={self.rollout_batch_size}",
+        )
+        require(
+            self.rollout_engine in ROLLOUT_ENGINES,
+            f"rollout_engine={self.rollout_engine!r} must be one of {', '.join(ROLLOUT_ENGINES)}",
         )
         require(1 <= self.max_new_tokens <= 4096, f"max_new_tokens={self.max_new_tokens} must be in 1..4096")
         require(self.temperature > 0, f"temperature={self.temperature} must be positive")
@@ -287,68 +295,11 @@ class AdaptiveKL:
 # --- rollouts (shared with trainers/evaluate.py) ----------------------------------------
 
 
-@dataclass
-class Rollouts:
-    """Prompts (left-padded) followed by responses (right-padded after EOS)."""
-
-    ids: torch.Tensor  # [B, P + R]
-    mask: torch.Tensor  # [B, P + R]
-    prompt_width: int  # P
-    response_mask: torch.Tensor  # [B, R]: 1 on real response tokens, EOS included
-    has_eos: torch.Tensor  # [B] bool
-
-
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
     """Chat-templated prompt ids, cut from the left to fit."""
     return [
         tokenizer(render_prompt(tokenizer, p), add_special_tokens=False).input_ids[-max_prompt_tokens:] for p in prompts
     ]
-
-
-@torch.no_grad()
-def generate_rollouts(
-    policy,
-    tokenizer,
-    prompt_ids: list[list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    batch_size: int,
-    device: str,
-    bf16: bool = False,
-) -> Rollouts:
-    """Sample one response per prompt. All chunks share the prompt width and
-    are right-padded to max_new_tokens, so they concatenate into one batch."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    width = max(len(p) for p in prompt_ids)
-    ids, mask = pad_batch(prompt_ids, pad, side="left")
-    responses = []
-    for i in range(0, len(prompt_ids), batch_size):
-        with autocast(device, bf16):
-            out = unwrap(policy).generate(
-                input_ids=ids[i : i + batch_size].to(device),
-                attention_mask=mask[i : i + batch_size].to(device),
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
-        response = out[:, width:].cpu()
-        responses.append(F.pad(response, (0, max_new_tokens - response.shape[1]), value=pad))
-    response = torch.cat(responses)
-    is_eos = response == eos
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    response_mask = (~after_eos).long()
-    response[after_eos] = pad
-    return Rollouts(
-        ids=torch.cat([ids, response], 1).to(device),
-        mask=torch.cat([mask, response_mask], 1).to(device),
-        prompt_width=width,
-        response_mask=response_mask.to(device),
-        has_eos=is_eos.any(1).to(device),
-    )
 
 
 def response_logprobs(
@@ -494,6 +445,18 @@ def main(argv: list[str] | None = None) -> int:
     local_rollouts = cfg.rollout_batch_size // job.world
     local_mini = cfg.mini_batch_size // job.world
     progress = tqdm(total=cfg.total_steps, initial=start, desc="ppo", disable=not job.is_main, dynamic_ncols=True)
+    engine = None
+    if cfg.rollout_engine == "engine":  # decodes with the live policy module: every update is seen at once
+        engine = EngineRollouts(
+            policy,
+            tokenizer,
+            job.settings,
+            rows=local_rollouts,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            max_new_tokens=cfg.max_new_tokens,
+            device=device,
+            bf16=job.bf16,
+        )
     for step in range(start, cfg.total_steps):
         step_seed(cfg.seed, job.rank, step)
         chosen = job.rank_slice(
@@ -504,16 +467,20 @@ def main(argv: list[str] | None = None) -> int:
         chosen = (chosen * local_rollouts)[:local_rollouts]  # fewer prompts than a batch: repeat them
         # 1. rollouts and their rewards
         unwrap(policy).eval()
-        rollouts = generate_rollouts(
-            policy,
-            tokenizer,
-            encode_prompts(tokenizer, [prompts[i] for i in chosen], cfg.max_prompt_tokens),
-            cfg.max_new_tokens,
-            cfg.temperature,
-            cfg.generation_batch_size,
-            device,
-            job.bf16,
-        )
+        prompt_ids = encode_prompts(tokenizer, [prompts[i] for i in chosen], cfg.max_prompt_tokens)
+        if engine is not None:
+            rollouts = engine.generate(prompt_ids, cfg.temperature, rollout_seeds(len(prompt_ids)))
+        else:
+            rollouts = generate_rollouts(
+                policy,
+                tokenizer,
+                prompt_ids,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                cfg.generation_batch_size,
+                device,
+                job.bf16,
+            )
         stats = rollout_stats(
             policy, reference, reward_model, rollouts, cfg.temperature, cfg.generation_batch_size, device, job.bf16
         )
@@ -624,7 +591,7 @@ def main(argv: list[str] | None = None) -> int:
         means = sum_over_ranks(
             [v / max(1, updates) for v in sums.values()], device
         )  # every rank's updates, not rank 0's
-        metrics.update({k: v / job.world for k, v in zip(sums, means) if k != "ptx_loss" or ptx})
+        metrics.update({k: v / job.world for k, v in zip(sums, means, strict=True) if k != "ptx_loss" or ptx})
         if cfg.adaptive_kl:
             kl_control.update(metrics["kl"], int(n))
         job.log(step, metrics, progress)
@@ -640,6 +607,8 @@ def main(argv: list[str] | None = None) -> int:
                 ema=ema.state_dict() if ema else None,
             )
     progress.close()
+    if engine is not None:
+        engine.close()
 
     # --- publish the policy (LoRA merged) ----------------------------------------------
     history = job.metrics_history() or job.records
