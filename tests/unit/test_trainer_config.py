@@ -5,7 +5,8 @@ import re
 
 import pytest
 
-from trainers.common import JobError, build_config, epoch_order, global_batch, lr_at
+from services.common.dtypes import cpu_has_native_bf16
+from trainers.common import JobError, build_config, epoch_order, global_batch, lr_at, resolve_autocast
 from trainers.ppo import PRESETS as PPO_PRESETS
 from trainers.ppo import PPOConfig
 from trainers.rm import PRESETS as RM_PRESETS
@@ -41,6 +42,15 @@ def test_layers_apply_in_order(tmp_path):
 def test_bad_values_name_the_key(sets, message):
     with pytest.raises(JobError, match=re.escape(message)):
         build_config(PPOConfig, PPO_PRESETS, "tiny", None, sets)
+
+
+def test_dtype_auto_trains_in_bf16_only_where_it_is_native():
+    assert resolve_autocast("auto", "cpu") is cpu_has_native_bf16()
+    assert resolve_autocast("auto", "cuda:0") is True
+    assert resolve_autocast("float32", "cuda:0") is False and resolve_autocast("bfloat16", "cpu") is True
+    for cls, presets in ((SFTConfig, SFT_PRESETS), (RMConfig, RM_PRESETS), (PPOConfig, PPO_PRESETS)):
+        assert build_config(cls, presets, "cpu").dtype == "auto"  # the demo preset follows the machine
+        assert build_config(cls, presets, "tiny").dtype == "float32"  # tests: the same numbers on every CPU
 
 
 def test_unknown_preset_and_bad_json():
