@@ -76,15 +76,18 @@ def assemble(
     device: str,
     sampler_logprobs: torch.Tensor | None = None,
 ) -> Rollouts:
-    """Left-padded prompts + responses [B, R]; everything after a row's first EOS becomes padding."""
+    """Left-padded prompts + responses [B, R]; everything after a row's first EOS
+    becomes padding, and columns that are padding in every row are dropped, so
+    scoring and updates never compute on them."""
     ids, mask = pad_batch(prompt_ids, pad, side="left")
-    responses = responses.clone()
     is_eos = responses == eos
     after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
     response_mask = (~after_eos).long()
-    responses[after_eos] = pad
+    width = max(1, int(response_mask.sum(1).max()))
+    responses = responses.masked_fill(after_eos, pad)[:, :width]
+    response_mask, is_eos = response_mask[:, :width], is_eos[:, :width]
     if sampler_logprobs is not None:
-        sampler_logprobs = (sampler_logprobs * response_mask).to(device)
+        sampler_logprobs = (sampler_logprobs[:, :width] * response_mask).to(device)
     return Rollouts(
         ids=torch.cat([ids, responses], 1).to(device),
         mask=torch.cat([mask, response_mask], 1).to(device),
@@ -107,7 +110,8 @@ def generate_rollouts(
     bf16: bool = False,
 ) -> Rollouts:
     """transformers' `generate` in static batches. All chunks share the prompt
-    width and are right-padded to max_new_tokens, so they concatenate."""
+    width and are right-padded to max_new_tokens, so they concatenate (`assemble`
+    then drops the all-padding columns)."""
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     width = max(len(p) for p in prompt_ids)
     ids, mask = pad_batch(prompt_ids, pad, side="left")

@@ -37,7 +37,13 @@ def tokenizer(tiny_model_dir):
 @pytest.fixture(scope="module")
 def engine(policy, tokenizer):
     rollouts = EngineRollouts(
-        policy, tokenizer, load_settings({}), rows=len(PROMPTS), max_prompt_tokens=48, max_new_tokens=MAX_NEW, device="cpu"
+        policy,
+        tokenizer,
+        load_settings({}),
+        rows=len(PROMPTS),
+        max_prompt_tokens=48,
+        max_new_tokens=MAX_NEW,
+        device="cpu",
     )
     yield rollouts
     rollouts.close()
@@ -98,5 +104,8 @@ def test_tokens_after_the_first_eos_are_padding():
     assert rollouts.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
     assert rollouts.ids.tolist() == [[1, 2, 5, 9, 0, 0], [0, 3, 5, 6, 7, 8]]
     assert rollouts.has_eos.tolist() == [True, False]
-    single = assemble([[4]], responses[2:], pad, eos, "cpu", torch.ones(1, 4))
-    assert single.response_mask.tolist() == [[1, 0, 0, 0]] and single.sampler_logprobs.tolist() == [[1, 0, 0, 0]]
+    short = assemble(
+        [[4], [5]], responses[[0, 2]], pad, eos, "cpu", torch.ones(2, 4)
+    )  # columns of padding only: dropped
+    assert short.ids.tolist() == [[4, 5, 9], [5, 9, 0]] and short.prompt_width == 1
+    assert short.response_mask.tolist() == [[1, 1], [1, 0]] and short.sampler_logprobs.tolist() == [[1, 1], [1, 0]]
