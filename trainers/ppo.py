@@ -77,7 +77,9 @@ class PPOConfig:
               batch at once; "hf": transformers' generate in static batches),
               generation_batch_size (sequences per generate call with "hf", and
               per scoring forward with both), max_prompt_tokens, max_new_tokens,
-              temperature.
+              temperature, reuse_rollout_logprobs (take π_old from the engine's
+              sampled-token log-probs instead of one more policy forward, where
+              they are the same quantity: engine rollouts, fp32, temperature 1).
     Reward:   kl_beta (β), adaptive_kl (adjust β toward kl_target nats per
               response over kl_horizon rollouts; Ziegler et al.), kl_target,
               kl_horizon, missing_eos_penalty (subtracted from the score of a
@@ -100,6 +102,7 @@ class PPOConfig:
     total_steps: int = 20
     rollout_batch_size: int = 16
     rollout_engine: str = "engine"
+    reuse_rollout_logprobs: bool = True
     generation_batch_size: int = 8
     max_prompt_tokens: int = 256
     max_new_tokens: int = 64
@@ -345,13 +348,19 @@ def rollout_stats(
     batch_size: int,
     device: str,
     bf16: bool = False,
+    policy_logprobs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Log-probs under policy and reference, per-token KL and RM scores, in chunks."""
+    """Log-probs under policy and reference, per-token KL and RM scores, in chunks.
+    `policy_logprobs`: the policy's, already known (from the sampler); not recomputed."""
     out: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "scores": []}
     for i in range(0, len(rollouts.ids), batch_size):
         ids, mask = rollouts.ids[i : i + batch_size], rollouts.mask[i : i + batch_size]
         with autocast(device, bf16):
-            out["logprobs"].append(response_logprobs(unwrap(policy), ids, mask, rollouts.prompt_width, temperature)[0])
+            if policy_logprobs is None:
+                logp = response_logprobs(unwrap(policy), ids, mask, rollouts.prompt_width, temperature)[0]
+                out["logprobs"].append(logp)
+            else:
+                out["logprobs"].append(policy_logprobs[i : i + batch_size])
             out["ref_logprobs"].append(response_logprobs(reference, ids, mask, rollouts.prompt_width, temperature)[0])
             out["scores"].append(reward_model.score(ids, mask).float())
     stats = {k: torch.cat(v) for k, v in out.items()}
@@ -446,6 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     local_mini = cfg.mini_batch_size // job.world
     progress = tqdm(total=cfg.total_steps, initial=start, desc="ppo", disable=not job.is_main, dynamic_ncols=True)
     engine = None
+    # The engine's sampled-token log-probs are π_old itself where both sides compute the same
+    # thing (fp32, temperature 1: tests/unit/test_ppo_rollout.py); elsewhere the forward pass recomputes them.
+    reuse_logprobs = cfg.rollout_engine == "engine" and cfg.reuse_rollout_logprobs and not job.bf16
+    reuse_logprobs = reuse_logprobs and cfg.temperature == 1.0
     if cfg.rollout_engine == "engine":  # decodes with the live policy module: every update is seen at once
         engine = EngineRollouts(
             policy,
@@ -482,7 +495,15 @@ def main(argv: list[str] | None = None) -> int:
                 job.bf16,
             )
         stats = rollout_stats(
-            policy, reference, reward_model, rollouts, cfg.temperature, cfg.generation_batch_size, device, job.bf16
+            policy,
+            reference,
+            reward_model,
+            rollouts,
+            cfg.temperature,
+            cfg.generation_batch_size,
+            device,
+            job.bf16,
+            rollouts.sampler_logprobs if reuse_logprobs else None,
         )
         rmask = rollouts.response_mask
         scores = stats["scores"] - cfg.missing_eos_penalty * (~rollouts.has_eos).float()
