@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from services.common.config import load_settings
-from services.common.models import load_causal_lm, load_tokenizer
+from services.common.models import RewardModel, load_causal_lm, load_tokenizer
 from trainers.common import add_lora
-from trainers.ppo import encode_prompts, response_logprobs
+from trainers.ppo import encode_prompts, response_logprobs, rollout_stats
 from trainers.rollout import EngineRollouts, assemble
 
 PROMPTS = ["Hi", "Write a haiku about the sea.", "Tell me a long story about a dragon, a knight and a castle.", "Hi"]
@@ -64,6 +64,21 @@ def test_engine_logprobs_match_the_training_forward_pass(policy, tokenizer, engi
         assert rollouts.ids[row, rollouts.prompt_width - len(ids) : rollouts.prompt_width].tolist() == ids
         assert rollouts.mask[row, : rollouts.prompt_width].sum() == len(ids)
     torch.testing.assert_close(rollouts.sampler_logprobs, trainer_logprobs(policy, rollouts), atol=2e-4, rtol=0)
+
+
+def test_reused_sampler_logprobs_give_the_same_rollout_stats(policy, tokenizer, engine, tiny_model_dir):
+    rollouts = engine.generate(encode_prompts(tokenizer, PROMPTS, 48), 1.0, [7, 8, 9, 10])
+    reference = load_causal_lm(tiny_model_dir).eval()
+    reward_model = RewardModel.from_causal_lm(tiny_model_dir).eval()
+    with torch.no_grad():
+        recomputed = rollout_stats(policy, reference, reward_model, rollouts, 1.0, 3, "cpu")
+        reused = rollout_stats(
+            policy, reference, reward_model, rollouts, 1.0, 3, "cpu", False, rollouts.sampler_logprobs
+        )
+    for key in ("logprobs", "kl"):
+        got, want = reused[key] * rollouts.response_mask, recomputed[key] * rollouts.response_mask
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+    torch.testing.assert_close(reused["scores"], recomputed["scores"])
 
 
 def test_engine_decodes_with_the_updated_weights(policy, tokenizer, engine):
