@@ -140,6 +140,31 @@ def _port(name: str, raw: str) -> int:
     return _int(0, 65535)(name, raw)
 
 
+def _labeling_k(name: str, raw: str) -> int:
+    from services.common.feedback import LABELING_MIN_K, MAX_K
+
+    return _int(LABELING_MIN_K, MAX_K)(name, raw)
+
+
+def _shares(keys: tuple[str, ...] | None) -> Callable[[str, str], dict]:
+    """`key=weight,...` -> {key: weight}; weights >= 0 with a positive sum; `keys` (if given) are the only ones."""
+
+    def parse(name: str, raw: str) -> dict:
+        out: dict[str, float] = {}
+        for entry in filter(None, (p.strip() for p in raw.split(","))):
+            key, sep, weight = entry.rpartition("=")
+            if not sep or not key:
+                raise ConfigError(f"{name}: entry {entry!r} must look like key=weight")
+            if keys is not None and key not in keys:
+                raise ConfigError(f"{name}: {key!r} is not one of {', '.join(keys)}")
+            out[key] = _float(0)(name, weight)
+        if out and sum(out.values()) <= 0:
+            raise ConfigError(f"{name}: the weights must not all be 0")
+        return out
+
+    return parse
+
+
 def _bootstrap(name: str, raw: str) -> str:
     for part in raw.split(","):
         host, sep, port = part.strip().rpartition(":")
@@ -412,6 +437,55 @@ class Settings:
         "0.1",
         _float(0, 0.45),
         "Share of user IDs (by hash) whose data goes to the test split.",
+    )
+
+    # --- labeling service (services/labeling) ------------------------------------
+    labeling_port: int = _setting("RLHF_LABELING_PORT", "50055", _port, "LabelingService gRPC port.")
+    labeling_target: str = _setting(
+        "RLHF_LABELING_TARGET", "127.0.0.1:50055", _nonempty, "Where clients reach the LabelingService."
+    )
+    labeling_token: str = _setting(
+        "RLHF_LABELING_TOKEN",
+        "",
+        _str,
+        "Bearer token the LabelingService presents to the PolicyService (empty: the labeler's own token).",
+    )
+    labeling_lease_s: float = _setting(
+        "RLHF_LABELING_LEASE_S", "1800", _float(1, 7 * 86400), "How long a labeler holds a task before it is requeued."
+    )
+    labeling_k: int = _setting(
+        "RLHF_LABELING_K", "4", _labeling_k, "Samples per comparison task (InstructGPT: K = 4..9)."
+    )
+    labeling_demonstration_share: float = _setting(
+        "RLHF_LABELING_DEMONSTRATION_SHARE", "0.25", _float(0, 1), "Share of new tasks that ask for a demonstration."
+    )
+    labeling_overlap_share: float = _setting(
+        "RLHF_LABELING_OVERLAP_SHARE",
+        "0.1",
+        _float(0, 1),
+        "Share of tasks given to RLHF_LABELING_OVERLAP_LABELERS labelers, to measure agreement.",
+    )
+    labeling_overlap_labelers: int = _setting(
+        "RLHF_LABELING_OVERLAP_LABELERS", "2", _int(2, 16), "Labelers per overlapping task."
+    )
+    labeling_split_shares: dict = _setting(
+        "RLHF_LABELING_SPLIT_SHARES",
+        "train=0.8,validation=0.1,test=0.1",
+        _shares(("train", "validation", "test")),
+        "Target share of tasks per split (by the prompt author's split), so held-out users get labels too.",
+    )
+    labeling_policy_targets: dict = _setting(
+        "RLHF_LABELING_POLICY_TARGETS",
+        "",
+        _shares(None),
+        "Policy services that sample comparisons, `host:port=weight,...` (empty: RLHF_POLICY_TARGET only); "
+        "e.g. the promoted policy plus a service pinned to an earlier version.",
+    )
+    labeling_max_new_tokens: int = _setting(
+        "RLHF_LABELING_MAX_NEW_TOKENS", "64", _int(1, 1 << 16), "Longest sample generated for a comparison task."
+    )
+    labeling_temperature: float = _setting(
+        "RLHF_LABELING_TEMPERATURE", "1.0", _float(0.01, 10), "Sampling temperature of comparison samples."
     )
 
     # --- kubernetes executor (services/controller/k8s_executor.py; RLHF_EXECUTOR=kubernetes)

@@ -105,6 +105,8 @@ def prepare(kind: str, request: Message, identity: Identity, limits: v.Limits) -
             )
         else:
             raise KeyError(kind)
+        if kind in ("demonstrations", "comparisons"):
+            event.task_id = request.task_id  # lineage: the LabelingService task answered, if any
     event.event_id = event_id
     event.request_id = request_id
     event.created_unix_ms = now_ms

@@ -112,6 +112,10 @@ def check_ranked_responses(responses: Sequence[events_pb2.RankedResponse], limit
         if first != i:
             raise InvalidField(f"responses[{i}].text", f"duplicates responses[{first}].text")
         check_id(response.policy_version, f"responses[{i}].policy_version", required=True)
+        check_id(response.sample_id, f"responses[{i}].sample_id")
+        if response.likert:  # per-sample Likert and flags are optional on a comparison
+            check_likert(response.likert, f"responses[{i}].likert")
+        check_flags(response.flags, f"responses[{i}].flags")
         if not 1 <= response.rank <= k:
             raise InvalidField(
                 f"responses[{i}].rank",
@@ -121,18 +125,18 @@ def check_ranked_responses(responses: Sequence[events_pb2.RankedResponse], limit
         raise InvalidField("responses", "the ranking has no best response (no rank 1)")
 
 
-def check_likert(likert: int) -> None:
+def check_likert(likert: int, field: str = "likert") -> None:
     if not MIN_LIKERT <= likert <= MAX_LIKERT:
-        raise InvalidField("likert", f"is {likert}; must be between {MIN_LIKERT} and {MAX_LIKERT}")
+        raise InvalidField(field, f"is {likert}; must be between {MIN_LIKERT} and {MAX_LIKERT}")
 
 
-def check_flags(flags: Iterable[int]) -> None:
+def check_flags(flags: Iterable[int], field: str = "flags") -> None:
     seen: set[int] = set()
     for i, flag in enumerate(flags):
         if flag not in KNOWN_FLAGS:
-            raise InvalidField(f"flags[{i}]", f"{flag} is not a known LabelFlag")
+            raise InvalidField(f"{field}[{i}]", f"{flag} is not a known LabelFlag")
         if flag in seen:
-            raise InvalidField(f"flags[{i}]", f"{events_pb2.LabelFlag.Name(flag)} is listed twice")
+            raise InvalidField(f"{field}[{i}]", f"{events_pb2.LabelFlag.Name(flag)} is listed twice")
         seen.add(flag)
 
 

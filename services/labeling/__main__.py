@@ -1,0 +1,29 @@
+"""`python -m services.labeling`: serve LabelingService on RLHF_LABELING_PORT until SIGTERM."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from services.common.config import exit_on_config_error, load_settings
+from services.common.grpc_server import serve_until_signal
+from services.common.logs import configure_logging, get_logger, log_fields
+from services.common.metrics import start_metrics_server
+
+log = get_logger("services.labeling")
+
+
+def main() -> int:
+    settings = exit_on_config_error(load_settings)
+    configure_logging("labeling", settings.log_level)
+    from services.labeling.server import start
+
+    handle = start(settings, settings.labeling_port)
+    start_metrics_server(settings.metrics_port)
+    log_fields(log, logging.INFO, "serving", port=handle.port)
+    serve_until_signal(handle.running, settings.grpc_grace_s, on_stop=handle.close)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
