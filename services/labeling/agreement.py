@@ -38,7 +38,7 @@ class PairCounts:
     tied_b: int = 0
 
     def __add__(self, other: PairCounts) -> PairCounts:
-        return PairCounts(*(x + y for x, y in zip(self.as_tuple(), other.as_tuple())))
+        return PairCounts(*(x + y for x, y in zip(self.as_tuple(), other.as_tuple(), strict=True)))
 
     def as_tuple(self) -> tuple[int, ...]:
         return (self.pairs, self.same, self.concordant, self.discordant, self.tied_a, self.tied_b)

@@ -32,8 +32,15 @@ from dataclasses import dataclass
 import grpc
 from google.protobuf.message import DecodeError
 from prometheus_client import Gauge, Histogram
-from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc, labeling_pb2, labeling_pb2_grpc, policy_pb2
-from rlhf.v1 import policy_pb2_grpc
+from rlhf.v1 import (
+    events_pb2,
+    feedback_pb2,
+    feedback_pb2_grpc,
+    labeling_pb2,
+    labeling_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+)
 
 from services.common import bus
 from services.common.auth import Authenticator, Identity, load_tokens
@@ -420,10 +427,9 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
         for version, judged in sorted(by_version.items()):
             n = len(judged)
             rates = {name: sum(name in flags for _, flags in judged) / n for name in FLAG_NAMES.values()}
-            out.versions.add(
-                policy_version=version, samples=n, likert_mean=sum(l for l, _ in judged) / n, flag_rates=rates
-            )
-            LIKERT_MEAN.labels(version).set(sum(l for l, _ in judged) / n)
+            likert_mean = sum(likert for likert, _ in judged) / n
+            out.versions.add(policy_version=version, samples=n, likert_mean=likert_mean, flag_rates=rates)
+            LIKERT_MEAN.labels(version).set(likert_mean)
             for name, rate in rates.items():
                 FLAG_RATE.labels(version, name).set(rate)
         counts = self._update_counts()

@@ -308,7 +308,8 @@ class LabelingStore:
     def assignment(self, task_id: str, labeler_id: str) -> Assignment | None:
         with self._lock:
             row = self._db.execute(
-                "SELECT state, expires_ms, COALESCE(event_id, '') FROM assignments WHERE task_id = ? AND labeler_id = ?",
+                "SELECT state, expires_ms, COALESCE(event_id, '') FROM assignments "
+                "WHERE task_id = ? AND labeler_id = ?",
                 (task_id, labeler_id),
             ).fetchone()
         return Assignment(*row) if row else None
