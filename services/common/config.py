@@ -151,6 +151,8 @@ def _shares(keys: tuple[str, ...] | None) -> Callable[[str, str], dict]:
 
     def parse(name: str, raw: str) -> dict:
         out: dict[str, float] = {}
+        if raw.lstrip().startswith("{"):  # the JSON form `to_env` writes
+            raw = ",".join(f"{k}={v}" for k, v in _json_object(name, raw).items())
         for entry in filter(None, (p.strip() for p in raw.split(","))):
             key, sep, weight = entry.rpartition("=")
             if not sep or not key:

@@ -16,10 +16,10 @@ them.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
+import uuid
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -116,8 +116,9 @@ class Policy:
     split_shares: Mapping[str, float]
 
 
-def task_id_for(prompt_id: str) -> str:
-    return "task-" + hashlib.sha256(f"labeling-task\x00{prompt_id}".encode()).hexdigest()[:20]
+def new_task_id() -> str:
+    """Random, and stored: a rebuilt queue never reuses an id (request ids derive from it)."""
+    return "task-" + uuid.uuid4().hex[:20]
 
 
 class LabelingStore:
@@ -225,7 +226,7 @@ class LabelingStore:
                 return None, False
             prompt_id, split = prompt
             kind, target = self._shape(db, policy)
-            task_id = task_id_for(prompt_id)
+            task_id = new_task_id()
             db.execute("UPDATE prompts SET used = 1 WHERE prompt_id = ?", (prompt_id,))
             db.execute(
                 "INSERT INTO tasks (task_id, prompt_id, kind, split, target, state, created_ms) "
