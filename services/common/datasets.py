@@ -11,8 +11,10 @@ Layout under RLHF_DATASET_DIR:
 Record shapes (JSON, one per line):
     prompts:        {event_id, prompt_id, user_id, text, source}
     demonstrations: {event_id, prompt_id, user_id, labeler_id, prompt_text, response}
-    comparisons:    {event_id, prompt_id, user_id, labeler_id, prompt_text,
-                     responses: [{text, policy_version, rank}]}   rank 1 = best, equal = tie
+    comparisons:    {event_id, prompt_id, user_id, labeler_id, prompt_text, task_id,
+                     responses: [{text, policy_version, rank, sample_id, likert, flags}]}
+                    rank 1 = best, equal = tie; likert 1..7 (0 = not given); task_id and
+                    sample_id name the LabelingService task ("" for other sources)
     labels:         {event_id, prompt_id, user_id, labeler_id, prompt_text, response,
                      policy_version, likert, flags}
 

@@ -72,8 +72,17 @@ def record_from_event(kind: str, event: Message) -> dict[str, Any]:
     if kind == "comparisons":
         return {
             **base,
+            "task_id": event.task_id,
             "responses": [
-                {"text": r.text, "policy_version": r.policy_version, "rank": r.rank} for r in event.responses
+                {
+                    "text": r.text,
+                    "policy_version": r.policy_version,
+                    "rank": r.rank,
+                    "sample_id": r.sample_id,
+                    "likert": r.likert,  # 0: not given
+                    "flags": [events_pb2.LabelFlag.Name(f) for f in r.flags],
+                }
+                for r in event.responses
             ],
         }
     return {
