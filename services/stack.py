@@ -1,7 +1,7 @@
 """The local stack: `make up`, `make down`, `make logs`, `make status`.
 
 `up` starts, on loopback: the Tansu broker, the topics, the seed checkpoints,
-the policy, reward and feedback gRPC services, the playground and the
+the policy, reward, feedback and labeling gRPC services, the playground and the
 trainer controller. It waits until every health check reports SERVING, then
 prints the endpoints.
 
@@ -42,6 +42,7 @@ def components(settings: Settings) -> list[Component]:
         Component("policy", "services.policy", f"grpc:{settings.policy_port}"),
         Component("reward", "services.reward", f"grpc:{settings.reward_port}"),
         Component("feedback", "services.feedback", f"grpc:{settings.feedback_port}"),
+        Component("labeling", "services.labeling", f"grpc:{settings.labeling_port}"),
         Component("playground", "services.playground", f"http:{settings.playground_port}/healthz"),
         Component("controller", "services.controller", f"grpc:{settings.controller_port}"),
     ]
@@ -164,6 +165,7 @@ class Stack:
             f"  PolicyService (gRPC)    127.0.0.1:{s.policy_port}\n"
             f"  RewardService (gRPC)    127.0.0.1:{s.reward_port}\n"
             f"  FeedbackService (gRPC)  127.0.0.1:{s.feedback_port}\n"
+            f"  LabelingService (gRPC)  127.0.0.1:{s.labeling_port}\n"
             f"  TGI-compatible HTTP     http://127.0.0.1:{s.http_port}\n"
             f"  Playground              http://127.0.0.1:{s.playground_port}\n"
             f"  logs                    {self.log_dir}  (make logs)\n"
