@@ -269,7 +269,8 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
     def NextTask(self, request, context):
         identity = self.auth.require(context, "labeler")
         try:
-            return self._task_pb(self.next_task(identity.user_id, _token(context)))
+            kind = {v: k for k, v in KIND_PB.items()}.get(request.kind, "")
+            return self._task_pb(self.next_task(identity.user_id, _token(context), kind))
         except StatusError as err:
             abort(context, err)
 
@@ -286,9 +287,9 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
         return self.stats()
 
     # --- the work ----------------------------------------------------------------------
-    def next_task(self, labeler_id: str | None, token: str = "") -> TaskRow:
+    def next_task(self, labeler_id: str | None, token: str = "", kind: str = "") -> TaskRow:
         lease_ms = int(self.settings.labeling_lease_s * 1000)
-        task, new = self.store.lease(labeler_id, now_ms(), lease_ms, self.policy)
+        task, new = self.store.lease(labeler_id, now_ms(), lease_ms, self.policy, kind)
         if task is None:
             raise StatusError(Status.NOT_FOUND, "no task is queued now (no new logged prompts); retry later")
         if task.state == "generating" and not new:
@@ -306,12 +307,12 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
             GENERATION_S.observe(time.monotonic() - started)
         return task
 
-    def pregenerate(self, n: int) -> int:
+    def pregenerate(self, n: int, kind: str = "") -> int:
         """Make up to n tasks ready before anyone asks (the benchmark's queue-only mode). Returns how many."""
         made = 0
         for _ in range(n):
             try:
-                self.next_task(None)
+                self.next_task(None, kind=kind)
             except StatusError as err:
                 if err.status is Status.NOT_FOUND:
                     break

@@ -195,28 +195,32 @@ class LabelingStore:
         return accepted
 
     # --- leases -------------------------------------------------------------------------
-    def lease(self, labeler_id: str | None, now_ms: int, lease_ms: int, policy: Policy) -> tuple[TaskRow | None, bool]:
+    def lease(
+        self, labeler_id: str | None, now_ms: int, lease_ms: int, policy: Policy, kind: str = ""
+    ) -> tuple[TaskRow | None, bool]:
         """The caller's task: its open lease, else a task that still needs
         labelers, else a new task from the next prompt. Returns (task, new):
         `new` means the task is a comparison whose samples must be generated
         (then `complete` or `abandon` it). labeler_id None makes a task with no
-        lease (pre-generation)."""
+        lease (pre-generation). `kind` (if given) restricts all three to that kind."""
+        kinds = (kind,) if kind else ("demonstration", "comparison")
         with self.tx() as db:
             if labeler_id is not None:
                 row = db.execute(
                     "SELECT t.task_id, a.expires_ms FROM assignments a JOIN tasks t USING (task_id) "
-                    "WHERE a.labeler_id = ? AND a.state = 'leased' AND a.expires_ms > ? ORDER BY a.leased_ms LIMIT 1",
-                    (labeler_id, now_ms),
+                    "WHERE a.labeler_id = ? AND a.state = 'leased' AND a.expires_ms > ? AND t.kind IN (?, ?) "
+                    "ORDER BY a.leased_ms LIMIT 1",
+                    (labeler_id, now_ms, kinds[0], kinds[-1]),
                 ).fetchone()
                 if row:
                     return self._task(db, row[0], row[1]), False
                 row = db.execute(
-                    "SELECT t.task_id FROM tasks t WHERE t.state = 'ready' "
+                    "SELECT t.task_id FROM tasks t WHERE t.state = 'ready' AND t.kind IN (?, ?) "
                     "AND NOT EXISTS (SELECT 1 FROM assignments a WHERE a.task_id = t.task_id AND a.labeler_id = ?) "
                     "AND (SELECT COUNT(*) FROM assignments a WHERE a.task_id = t.task_id "
                     "     AND (a.state = 'submitted' OR a.expires_ms > ?)) < t.target "
                     "ORDER BY t.seq LIMIT 1",
-                    (labeler_id, now_ms),
+                    (kinds[0], kinds[-1], labeler_id, now_ms),
                 ).fetchone()
                 if row:
                     self._assign(db, row[0], labeler_id, now_ms, lease_ms)
@@ -225,7 +229,8 @@ class LabelingStore:
             if prompt is None:
                 return None, False
             prompt_id, split = prompt
-            kind, target = self._shape(db, policy)
+            shape, target = self._shape(db, policy)
+            kind = kind or shape
             task_id = new_task_id()
             db.execute("UPDATE prompts SET used = 1 WHERE prompt_id = ?", (prompt_id,))
             db.execute(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import events_pb2 as rlhf_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/labeling.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/events.proto\"\x11\n\x0fNextTaskRequest\"-\n\nTaskSample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xb4\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.rlhf.v1.TaskKind\x12\x11\n\tprompt_id\x18\x03 \x01(\t\x12\x13\n\x0bprompt_text\x18\x04 \x01(\t\x12$\n\x07samples\x18\x05 \x03(\x0b\x32\x13.rlhf.v1.TaskSample\x12\x1d\n\x15lease_expires_unix_ms\x18\x06 \x01(\x03\x12\r\n\x05split\x18\x07 \x01(\t\"e\n\x0fSampleJudgement\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0e\n\x06likert\x18\x02 \x01(\r\x12!\n\x05\x66lags\x18\x03 \x03(\x0e\x32\x12.rlhf.v1.LabelFlag\x12\x0c\n\x04rank\x18\x04 \x01(\r\"i\n\x11SubmitTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rdemonstration\x18\x02 \x01(\t\x12,\n\njudgements\x18\x03 \x03(\x0b\x32\x18.rlhf.v1.SampleJudgement\"G\n\x0fSubmitTaskReply\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\x84\x01\n\x0cLabelerStats\x12\x12\n\nlabeler_id\x18\x01 \x01(\t\x12\x11\n\tsubmitted\x18\x02 \x01(\r\x12\x16\n\x0etasks_per_hour\x18\x03 \x01(\x01\x12\x1d\n\x15\x61greement_with_others\x18\x04 \x01(\x01\x12\x16\n\x0e\x63ompared_pairs\x18\x05 \x01(\r\"\xbc\x01\n\x0eVersionQuality\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\r\x12\x13\n\x0blikert_mean\x18\x03 \x01(\x01\x12:\n\nflag_rates\x18\x04 \x03(\x0b\x32&.rlhf.v1.VersionQuality.FlagRatesEntry\x1a\x30\n\x0e\x46lagRatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf8\x02\n\rLabelingStats\x12\x1a\n\x12pairwise_agreement\x18\x01 \x01(\x01\x12\x16\n\x0e\x63ompared_pairs\x18\x02 \x01(\r\x12\x15\n\rkendall_tau_b\x18\x03 \x01(\x01\x12\x15\n\roverlap_tasks\x18\x04 \x01(\r\x12\'\n\x08labelers\x18\x05 \x03(\x0b\x32\x15.rlhf.v1.LabelerStats\x12)\n\x08versions\x18\x06 \x03(\x0b\x32\x17.rlhf.v1.VersionQuality\x12J\n\x13submitted_per_split\x18\x07 \x03(\x0b\x32-.rlhf.v1.LabelingStats.SubmittedPerSplitEntry\x12\x13\n\x0bopen_leases\x18\x08 \x01(\r\x12\x16\n\x0equeued_prompts\x18\t \x01(\r\x1a\x38\n\x16SubmittedPerSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01*\\\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_KIND_DEMONSTRATION\x10\x01\x12\x18\n\x14TASK_KIND_COMPARISON\x10\x02\x32\xc8\x01\n\x0fLabelingService\x12\x33\n\x08NextTask\x12\x18.rlhf.v1.NextTaskRequest\x1a\r.rlhf.v1.Task\x12\x42\n\nSubmitTask\x12\x1a.rlhf.v1.SubmitTaskRequest\x1a\x18.rlhf.v1.SubmitTaskReply\x12<\n\x08GetStats\x12\x18.rlhf.v1.GetStatsRequest\x1a\x16.rlhf.v1.LabelingStatsb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/labeling.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/events.proto\"2\n\x0fNextTaskRequest\x12\x1f\n\x04kind\x18\x01 \x01(\x0e\x32\x11.rlhf.v1.TaskKind\"-\n\nTaskSample\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\"\xb4\x01\n\x04Task\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x1f\n\x04kind\x18\x02 \x01(\x0e\x32\x11.rlhf.v1.TaskKind\x12\x11\n\tprompt_id\x18\x03 \x01(\t\x12\x13\n\x0bprompt_text\x18\x04 \x01(\t\x12$\n\x07samples\x18\x05 \x03(\x0b\x32\x13.rlhf.v1.TaskSample\x12\x1d\n\x15lease_expires_unix_ms\x18\x06 \x01(\x03\x12\r\n\x05split\x18\x07 \x01(\t\"e\n\x0fSampleJudgement\x12\x11\n\tsample_id\x18\x01 \x01(\t\x12\x0e\n\x06likert\x18\x02 \x01(\r\x12!\n\x05\x66lags\x18\x03 \x03(\x0e\x32\x12.rlhf.v1.LabelFlag\x12\x0c\n\x04rank\x18\x04 \x01(\r\"i\n\x11SubmitTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x15\n\rdemonstration\x18\x02 \x01(\t\x12,\n\njudgements\x18\x03 \x03(\x0b\x32\x18.rlhf.v1.SampleJudgement\"G\n\x0fSubmitTaskReply\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vent_id\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\"\x11\n\x0fGetStatsRequest\"\x84\x01\n\x0cLabelerStats\x12\x12\n\nlabeler_id\x18\x01 \x01(\t\x12\x11\n\tsubmitted\x18\x02 \x01(\r\x12\x16\n\x0etasks_per_hour\x18\x03 \x01(\x01\x12\x1d\n\x15\x61greement_with_others\x18\x04 \x01(\x01\x12\x16\n\x0e\x63ompared_pairs\x18\x05 \x01(\r\"\xbc\x01\n\x0eVersionQuality\x12\x16\n\x0epolicy_version\x18\x01 \x01(\t\x12\x0f\n\x07samples\x18\x02 \x01(\r\x12\x13\n\x0blikert_mean\x18\x03 \x01(\x01\x12:\n\nflag_rates\x18\x04 \x03(\x0b\x32&.rlhf.v1.VersionQuality.FlagRatesEntry\x1a\x30\n\x0e\x46lagRatesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xf8\x02\n\rLabelingStats\x12\x1a\n\x12pairwise_agreement\x18\x01 \x01(\x01\x12\x16\n\x0e\x63ompared_pairs\x18\x02 \x01(\r\x12\x15\n\rkendall_tau_b\x18\x03 \x01(\x01\x12\x15\n\roverlap_tasks\x18\x04 \x01(\r\x12\'\n\x08labelers\x18\x05 \x03(\x0b\x32\x15.rlhf.v1.LabelerStats\x12)\n\x08versions\x18\x06 \x03(\x0b\x32\x17.rlhf.v1.VersionQuality\x12J\n\x13submitted_per_split\x18\x07 \x03(\x0b\x32-.rlhf.v1.LabelingStats.SubmittedPerSplitEntry\x12\x13\n\x0bopen_leases\x18\x08 \x01(\r\x12\x16\n\x0equeued_prompts\x18\t \x01(\r\x1a\x38\n\x16SubmittedPerSplitEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\r:\x02\x38\x01*\\\n\x08TaskKind\x12\x19\n\x15TASK_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TASK_KIND_DEMONSTRATION\x10\x01\x12\x18\n\x14TASK_KIND_COMPARISON\x10\x02\x32\xc8\x01\n\x0fLabelingService\x12\x33\n\x08NextTask\x12\x18.rlhf.v1.NextTaskRequest\x1a\r.rlhf.v1.Task\x12\x42\n\nSubmitTask\x12\x1a.rlhf.v1.SubmitTaskRequest\x1a\x18.rlhf.v1.SubmitTaskReply\x12<\n\x08GetStats\x12\x18.rlhf.v1.GetStatsRequest\x1a\x16.rlhf.v1.LabelingStatsb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,32 +36,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_VERSIONQUALITY_FLAGRATESENTRY']._serialized_options = b'8\001'
   _globals['_LABELINGSTATS_SUBMITTEDPERSPLITENTRY']._loaded_options = None
   _globals['_LABELINGSTATS_SUBMITTEDPERSPLITENTRY']._serialized_options = b'8\001'
-  _globals['_TASKKIND']._serialized_start=1313
-  _globals['_TASKKIND']._serialized_end=1405
+  _globals['_TASKKIND']._serialized_start=1346
+  _globals['_TASKKIND']._serialized_end=1438
   _globals['_NEXTTASKREQUEST']._serialized_start=57
-  _globals['_NEXTTASKREQUEST']._serialized_end=74
-  _globals['_TASKSAMPLE']._serialized_start=76
-  _globals['_TASKSAMPLE']._serialized_end=121
-  _globals['_TASK']._serialized_start=124
-  _globals['_TASK']._serialized_end=304
-  _globals['_SAMPLEJUDGEMENT']._serialized_start=306
-  _globals['_SAMPLEJUDGEMENT']._serialized_end=407
-  _globals['_SUBMITTASKREQUEST']._serialized_start=409
-  _globals['_SUBMITTASKREQUEST']._serialized_end=514
-  _globals['_SUBMITTASKREPLY']._serialized_start=516
-  _globals['_SUBMITTASKREPLY']._serialized_end=587
-  _globals['_GETSTATSREQUEST']._serialized_start=589
-  _globals['_GETSTATSREQUEST']._serialized_end=606
-  _globals['_LABELERSTATS']._serialized_start=609
-  _globals['_LABELERSTATS']._serialized_end=741
-  _globals['_VERSIONQUALITY']._serialized_start=744
-  _globals['_VERSIONQUALITY']._serialized_end=932
-  _globals['_VERSIONQUALITY_FLAGRATESENTRY']._serialized_start=884
-  _globals['_VERSIONQUALITY_FLAGRATESENTRY']._serialized_end=932
-  _globals['_LABELINGSTATS']._serialized_start=935
-  _globals['_LABELINGSTATS']._serialized_end=1311
-  _globals['_LABELINGSTATS_SUBMITTEDPERSPLITENTRY']._serialized_start=1255
-  _globals['_LABELINGSTATS_SUBMITTEDPERSPLITENTRY']._serialized_end=1311
-  _globals['_LABELINGSERVICE']._serialized_start=1408
-  _globals['_LABELINGSERVICE']._serialized_end=1608
+  _globals['_NEXTTASKREQUEST']._serialized_end=107
+  _globals['_TASKSAMPLE']._serialized_start=109
+  _globals['_TASKSAMPLE']._serialized_end=154
+  _globals['_TASK']._serialized_start=157
+  _globals['_TASK']._serialized_end=337
+  _globals['_SAMPLEJUDGEMENT']._serialized_start=339
+  _globals['_SAMPLEJUDGEMENT']._serialized_end=440
+  _globals['_SUBMITTASKREQUEST']._serialized_start=442
+  _globals['_SUBMITTASKREQUEST']._serialized_end=547
+  _globals['_SUBMITTASKREPLY']._serialized_start=549
+  _globals['_SUBMITTASKREPLY']._serialized_end=620
+  _globals['_GETSTATSREQUEST']._serialized_start=622
+  _globals['_GETSTATSREQUEST']._serialized_end=639
+  _globals['_LABELERSTATS']._serialized_start=642
+  _globals['_LABELERSTATS']._serialized_end=774
+  _globals['_VERSIONQUALITY']._serialized_start=777
+  _globals['_VERSIONQUALITY']._serialized_end=965
+  _globals['_VERSIONQUALITY_FLAGRATESENTRY']._serialized_start=917
+  _globals['_VERSIONQUALITY_FLAGRATESENTRY']._serialized_end=965
+  _globals['_LABELINGSTATS']._serialized_start=968
+  _globals['_LABELINGSTATS']._serialized_end=1344
+  _globals['_LABELINGSTATS_SUBMITTEDPERSPLITENTRY']._serialized_start=1288
+  _globals['_LABELINGSTATS_SUBMITTEDPERSPLITENTRY']._serialized_end=1344
+  _globals['_LABELINGSERVICE']._serialized_start=1441
+  _globals['_LABELINGSERVICE']._serialized_end=1641
 # @@protoc_insertion_point(module_scope)

@@ -18,8 +18,10 @@ TASK_KIND_DEMONSTRATION: TaskKind
 TASK_KIND_COMPARISON: TaskKind
 
 class NextTaskRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("kind",)
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    kind: TaskKind
+    def __init__(self, kind: _Optional[_Union[TaskKind, str]] = ...) -> None: ...
 
 class TaskSample(_message.Message):
     __slots__ = ("sample_id", "text")
