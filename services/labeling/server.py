@@ -172,7 +172,7 @@ class Sampler:
         return {t: n for t, n in counts.items() if n}
 
     def generate(self, task: TaskRow, k: int, token: str) -> list[Sample]:
-        rng = random.Random(task.task_id)
+        rng = random.Random(task.prompt_id)  # the same prompt gets the same samples (and seeds)
         texts: dict[str, str] = {}  # stripped text -> version; the feedback service refuses empty or repeated samples
         metadata = [("authorization", f"Bearer {token}")] if token else []
         for attempt in range(SAMPLE_ATTEMPTS):
