@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import grpc
+from rlhf.v1 import labeling_pb2_grpc
 
 from services.labeling import server as labeling_server
 from services.sim.labelers import run_labelers
@@ -18,7 +19,7 @@ TASKS = 32  # each labeled by all three labelers: 32 tasks x 3 labeler pairs x C
 TEAM = [SimUser(u, t) for u, t in (("la", "tok-la"), ("lb", "tok-lb"), ("lc", "tok-lc"))]
 
 
-def test_noisy_labelers_agree_near_the_papers_rate(labeling_stack, tmp_path):
+def test_noisy_labelers_agree_near_the_papers_rate(labeling_stack, tmp_path):  # noqa: F811 - the fixture imported above
     rng = random.Random(7)
     prompts = {"tok-u1": [], "tok-u2": []}
     for i in range(TASKS):
@@ -35,8 +36,6 @@ def test_noisy_labelers_agree_near_the_papers_rate(labeling_stack, tmp_path):
     handle = labeling_server.start(settings, port=0)
     channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
     try:
-        from rlhf.v1 import labeling_pb2_grpc
-
         wait_queued(labeling_pb2_grpc.LabelingServiceStub(channel), TASKS)
         run = run_labelers(channel, TEAM, len(TEAM) * TASKS, kind="comparison", wait_s=5, progress=False)
         assert run.comparisons == len(TEAM) * TASKS and run.duplicates == 0
