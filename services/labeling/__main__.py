@@ -17,7 +17,14 @@ log = get_logger("services.labeling")
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m services.labeling", description=__doc__)
-    parser.add_argument("--port-file", type=Path, help="write the bound port here (with RLHF_LABELING_PORT=0)")
+    parser.add_argument("--port-file", type=Path, help="write the bound port here once ready (RLHF_LABELING_PORT=0)")
+    parser.add_argument(
+        "--pregenerate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="before reporting ready, read the prompts topic and make up to N tasks with their samples",
+    )
     args = parser.parse_args(argv)
     settings = exit_on_config_error(load_settings)
     configure_logging("labeling", settings.log_level)
@@ -25,6 +32,10 @@ def main(argv: list[str] | None = None) -> int:
 
     handle = start(settings, settings.labeling_port)
     start_metrics_server(settings.metrics_port)
+    if args.pregenerate:
+        handle.feed.caught_up.wait(120)
+        made = handle.servicer.pregenerate(args.pregenerate)
+        log_fields(log, logging.INFO, "tasks pre-generated", tasks=made)
     if args.port_file:
         args.port_file.write_text(str(handle.port))
     log_fields(log, logging.INFO, "serving", port=handle.port)
