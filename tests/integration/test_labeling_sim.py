@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import grpc
+from prometheus_client import REGISTRY
 from rlhf.v1 import labeling_pb2_grpc
 
 from services.labeling import server as labeling_server
@@ -44,6 +45,7 @@ def test_noisy_labelers_agree_near_the_papers_rate(labeling_stack, tmp_path):  #
         assert 0.65 <= stats.pairwise_agreement <= 0.80, stats.pairwise_agreement
         assert 0 < stats.kendall_tau_b < 1
         assert {labeler.labeler_id for labeler in stats.labelers} == {u.user_id for u in TEAM}
+        assert REGISTRY.get_sample_value("rlhf_labeling_pairwise_agreement") == stats.pairwise_agreement
         print(f"measured agreement {stats.pairwise_agreement:.3f} over {stats.compared_pairs} pairs")
     finally:
         channel.close()

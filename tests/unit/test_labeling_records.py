@@ -40,3 +40,23 @@ def test_comparison_record_carries_likert_flags_and_lineage():
         },
         {"text": "Dog.", "policy_version": "base-1", "rank": 2, "sample_id": "task-1-s1", "likert": 2, "flags": []},
     ]
+
+
+def test_the_feedback_service_checks_per_response_likert_and_flags():
+    import pytest
+
+    from services.feedback.validation import InvalidField, Limits, check_ranked_responses
+
+    responses = [
+        events_pb2.RankedResponse(text=f"answer {i}", policy_version="v1", rank=i + 1, likert=4) for i in range(4)
+    ]
+    check_ranked_responses(responses, Limits())
+    responses[1].likert = 8
+    with pytest.raises(InvalidField) as info:
+        check_ranked_responses(responses, Limits())
+    assert info.value.field == "responses[1].likert"
+    responses[1].likert = 0  # not given: allowed on a comparison
+    responses[2].flags.extend([events_pb2.LABEL_FLAG_HALLUCINATION, events_pb2.LABEL_FLAG_HALLUCINATION])
+    with pytest.raises(InvalidField) as info:
+        check_ranked_responses(responses, Limits())
+    assert info.value.field == "responses[2].flags[1]"
