@@ -34,10 +34,10 @@ from services.common.auth import bearer
 from services.common.broker import free_port, start_broker, stop_process
 from services.common.config import load_settings, to_env
 from services.common.grpc_server import wait_for_serving
+from services.feedback import VALIDATE_FIRST
 
 LABELERS = 16
 K = 4
-VALIDATE_FIRST = ("rlhf-validate-first", "1")  # services.feedback.VALIDATE_FIRST, the metadata of a whole submission
 
 
 def tokens() -> str:
