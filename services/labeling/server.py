@@ -24,7 +24,9 @@ through the FeedbackService.
 
 from __future__ import annotations
 
+import logging
 import random
+import sqlite3
 import threading
 import time
 from dataclasses import dataclass
@@ -117,7 +119,7 @@ class PromptFeed(threading.Thread):
                     elif all(consumer.position(tp) >= end for tp, end in consumer.end_offsets(tps).items()):
                         self.caught_up.set()
             except KafkaError as err:
-                log_fields(log, 30, "prompt feed lost the broker; retrying", error=str(err))
+                log_fields(log, logging.WARNING, "prompt feed lost the broker; retrying", error=str(err))
                 self.stop_event.wait(2.0)
             finally:
                 if consumer is not None:
@@ -132,13 +134,13 @@ class PromptFeed(threading.Thread):
                     event = bus.decode("prompts", record.value)
                     check_event("prompts", event, self.limits)  # the builder's own check: it would drop the rest
                 except (DecodeError, InvalidField) as err:  # the builder dead-letters these; never offer them
-                    log_fields(log, 30, "prompt skipped", offset=record.offset, error=str(err))
+                    log_fields(log, logging.WARNING, "prompt skipped", offset=record.offset, error=str(err))
                     continue
                 key = dedup_key(event.text, self.params.dedup_prefix_chars)
                 rows.append((event.prompt_id, event.user_id, split_of(event.user_id, self.params), event.text, key))
         accepted = self.store.add_prompts(rows, offsets, self.params.max_prompts_per_user)
         if rows:
-            log_fields(log, 20, "prompts queued", read=len(rows), accepted=accepted)
+            log_fields(log, logging.INFO, "prompts queued", read=len(rows), accepted=accepted)
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -199,7 +201,9 @@ class Sampler:
                 for s in reply.samples:
                     if s.text.strip() and len(texts) < k:
                         texts.setdefault(s.text.strip(), (s.text, reply.model_version))
-            log_fields(log, 10, "samples generated", task_id=task.task_id, attempt=attempt, have=len(texts), k=k)
+            log_fields(
+                log, logging.DEBUG, "samples generated", task_id=task.task_id, attempt=attempt, have=len(texts), k=k
+            )
         if len(texts) < k:
             raise StatusError(Status.UNAVAILABLE, f"the policy gave {len(texts)} distinct non-empty samples of {k}")
         drawn = list(texts.values())
@@ -279,7 +283,14 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
         try:
             return self.submit(identity, _authorization(context), request)
         except StatusError as err:
-            log_fields(log, 20, "submission refused", code=err.status.name, error=err.message, task_id=request.task_id)
+            log_fields(
+                log,
+                logging.INFO,
+                "submission refused",
+                code=err.status.name,
+                error=err.message,
+                task_id=request.task_id,
+            )
             abort(context, err)
 
     def GetStats(self, request, context):
@@ -343,7 +354,9 @@ class LabelingServicer(labeling_pb2_grpc.LabelingServiceServicer):
             [(j.sample_id, j.likert, list(j.flags), j.rank) for j in judgements],
         )
         self._update_counts()
-        log_fields(log, 20, "task submitted", task_id=task.task_id, labeler_id=labeler, event_id=reply.event_id)
+        log_fields(
+            log, logging.INFO, "task submitted", task_id=task.task_id, labeler_id=labeler, event_id=reply.event_id
+        )
         return labeling_pb2.SubmitTaskReply(task_id=task.task_id, event_id=reply.event_id, duplicate=reply.duplicate)
 
     def _feedback_item(self, task: TaskRow, request) -> tuple[feedback_pb2.BulkItem, list[Judgement]]:
@@ -471,11 +484,24 @@ def _token(context) -> str:
     return _authorization(context).partition(" ")[2].strip()
 
 
+STATS_REFRESH_S = 15.0  # how often the agreement and quality gauges are recomputed for Prometheus
+
+
+def refresh_gauges(servicer: LabelingServicer, stop: threading.Event) -> None:
+    """Keep the rlhf_labeling_* gauges current between GetStats calls (a scrape computes nothing)."""
+    while not stop.wait(STATS_REFRESH_S):
+        try:
+            servicer.stats()
+        except sqlite3.Error as err:
+            log_fields(log, logging.WARNING, "labeling statistics not refreshed", error=str(err))
+
+
 @dataclass
 class LabelingHandle:
     running: RunningServer
     servicer: LabelingServicer
     feed: PromptFeed
+    stop_refresh: threading.Event
 
     @property
     def port(self) -> int:
@@ -486,6 +512,7 @@ class LabelingHandle:
         self.close()
 
     def close(self) -> None:
+        self.stop_refresh.set()
         self.feed.stop()
         self.servicer.close()
         self.servicer.store.close()
@@ -509,5 +536,7 @@ def start(settings: Settings, port: int = 0) -> LabelingHandle:
         store.close()
         raise
     feed.start()
-    log_fields(log, 20, "labeling service ready", port=running.port, db=str(store.path))
-    return LabelingHandle(running, servicer, feed)
+    stop_refresh = threading.Event()
+    threading.Thread(target=refresh_gauges, args=(servicer, stop_refresh), name="labeling-stats", daemon=True).start()
+    log_fields(log, logging.INFO, "labeling service ready", port=running.port, db=str(store.path))
+    return LabelingHandle(running, servicer, feed, stop_refresh)

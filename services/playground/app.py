@@ -19,6 +19,7 @@ shows the service's own words.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from contextlib import asynccontextmanager
@@ -278,7 +279,7 @@ def start(settings: Settings, port: int | None = None) -> PlaygroundHandle:
     thread.start()
     handle = PlaygroundHandle(server, thread, sock.getsockname()[1], settings.bind_host)
     _wait_started(handle)
-    log_fields(log, 20, "playground started", url=handle.url)
+    log_fields(log, logging.INFO, "playground started", url=handle.url)
     return handle
 
 

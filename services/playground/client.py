@@ -210,7 +210,12 @@ class PlaygroundClient:
         except grpc.RpcError as err:
             error = rpc_error(err, service)
             log_fields(
-                log, 20, "a service refused a call", service=service, code=error.status.name, error=error.message
+                log,
+                logging.INFO,
+                "a service refused a call",
+                service=service,
+                code=error.status.name,
+                error=error.message,
             )
             raise error from None
 

@@ -336,7 +336,9 @@ class LabelerPool:
             stats.duplicates += reply.duplicate
             scores.append(gold_score(p.text, response))
         stats.mean_gold = sum(scores) / len(scores) if scores else 0.0
-        log_fields(log, 20, "demonstrations submitted", submitted=stats.submitted, duplicates=stats.duplicates)
+        log_fields(
+            log, logging.INFO, "demonstrations submitted", submitted=stats.submitted, duplicates=stats.duplicates
+        )
         return stats
 
     def compare(
