@@ -418,7 +418,7 @@ class LabelerPool:
         stats.mean_gold = sum(ranked_scores) / len(ranked_scores) if ranked_scores else 0.0
         log_fields(
             log,
-            20,
+            logging.INFO,
             "comparisons submitted",
             submitted=stats.submitted,
             skipped_all_tied=stats.skipped_all_tied,
