@@ -289,3 +289,36 @@ def test_sigkill_mid_lease_loses_nothing_and_assigns_nothing_twice(labeling_stac
         channel.close()
         proc.kill()
         proc.wait(10)
+
+
+def test_samples_come_from_the_configured_mix_of_policy_versions(labeling_stack, tmp_path, tiny_model_dir):
+    """A second PolicyService serves an earlier version; half of each task's samples come from it."""
+    from services.common.checkpoints import CheckpointStore
+
+    earlier = "base-tiny-earlier"
+    store = CheckpointStore(labeling_stack.settings.checkpoint_dir)
+    if not store.exists(earlier):
+        store.import_dir(tiny_model_dir, "base", version=earlier)
+    archive = policy_server.start(
+        labeling_stack.settings.with_overrides(serve_version=earlier), port=0, http_port=None, follow=False
+    )
+    handle, stub, channel = start_labeling(
+        labeling_stack,
+        tmp_path,
+        labeling_demonstration_share=0.0,
+        labeling_policy_targets={labeling_stack.settings.policy_target: 1.0, f"127.0.0.1:{archive.port}": 1.0},
+    )
+    try:
+        wait_queued(stub, len(ACCEPTED))
+        task = next_task(stub, "lb")
+        versions = [s.policy_version for s in handle.servicer.store.task(task.task_id).samples]
+        assert sorted(versions) == sorted([labeling_stack.policy.version] * 2 + [earlier] * 2)
+        reply = submit(stub, "lb", task.task_id, judge(task))
+        [event] = [e for e in read_topic(labeling_stack.settings, "comparisons") if e.event_id == reply.event_id]
+        assert [r.policy_version for r in event.responses] == versions  # the server's record, sample by sample
+        stats = stub.GetStats(labeling_pb2.GetStatsRequest(), metadata=bearer("tok-lb"), timeout=10)
+        assert {v.policy_version: v.samples for v in stats.versions} == {labeling_stack.policy.version: 2, earlier: 2}
+    finally:
+        channel.close()
+        handle.stop()
+        archive.stop()
