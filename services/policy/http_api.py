@@ -1,16 +1,26 @@
-"""The policy service's TGI-compatible HTTP API (FastAPI + uvicorn, in the
-policy process, on RLHF_HTTP_PORT).
+"""The policy service's HTTP API, the one clients call over HTTP (FastAPI +
+uvicorn, in the policy process, on RLHF_HTTP_PORT). Two dialects share one
+port, one authentication and one submission path (`Gateway`):
 
-Routes and JSON follow Text Generation Inference, so the unmodified
-`text_generation` client (Client and AsyncClient) works against it:
+TGI-compatible (this module), so the unmodified `text_generation` client
+(Client and AsyncClient) works against it:
   POST /generate          -> {"generated_text", "details"?}
   POST /generate_stream   -> server-sent events, one per token, the last with
                              generated_text and details
   POST /                  -> [response], or SSE when "stream": true
-  GET  /info, /health, /metrics
-Errors are {"error", "error_type"} with TGI's status codes: 422 validation,
-429 overloaded, 424 generation. `inputs` is raw text (no chat template), as
-in TGI. Every response carries the model version in `x-model-version`.
+  GET  /info
+Errors are {"error", "error_type"} with TGI's status codes (422 validation,
+429 overloaded, 424 generation, 401/403 auth, 404/405 unknown route or
+method), so TGI's client raises its typed errors. `inputs` is raw text (no
+chat template), as in TGI.
+
+OpenAI-compatible (services/policy/openai_api.py): /v1/chat/completions,
+/v1/completions, /v1/models, with OpenAI's error shape.
+
+Every route but GET /health and GET /metrics needs `Authorization: Bearer
+<token>` (role `user`; RLHF_ANONYMOUS_GENERATE opens them to callers without
+a token). Every response names the model version in `x-model-version`.
+Served prompts are logged as training data (services/policy/prompt_log.py).
 """
 
 from __future__ import annotations
@@ -21,21 +31,26 @@ import math
 import socket
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from services.common.auth import Authenticator, Identity
 from services.common.config import Settings
+from services.common.errors import Status, StatusError, status_of_grpc
 from services.common.logs import get_logger
 from services.common.metrics import RPC_LATENCY, RPC_REQUESTS
+from services.policy import prompt_log as plog
 from services.policy.params import (
     FINISH_EOS,
     FINISH_STOP,
     MAX_STOP_SEQUENCES,
+    GenParams,
     SampleOut,
     ServingError,
     TokenOut,
@@ -49,24 +64,151 @@ log = get_logger(__name__)
 
 SERVICE = "policy-http"
 _TGI_FINISH = {FINISH_EOS: "eos_token", FINISH_STOP: "stop_sequence"}
-_ERRORS = {
-    grpc.StatusCode.INVALID_ARGUMENT: (422, "validation"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "overloaded"),
+# TGI's (status, error_type) per outcome; anything else is a 424 generation error.
+_TGI_ERRORS = {
+    Status.INVALID_ARGUMENT: (422, "validation"),
+    Status.RESOURCE_EXHAUSTED: (429, "overloaded"),
+    Status.UNAUTHENTICATED: (401, "authentication"),
+    Status.PERMISSION_DENIED: (403, "permission_denied"),
+    Status.NOT_FOUND: (404, "not_found"),
 }
 _UNSUPPORTED = ("typical_p", "frequency_penalty", "top_n_tokens", "grammar")
 
 
-def _error(err: ServingError, version: str = "") -> JSONResponse:
-    status, kind = _ERRORS.get(err.code, (424, "generation"))
+def as_status(err: Exception) -> StatusError:
+    """A backend's error as the platform's StatusError (ServingError carries a gRPC code)."""
+    if isinstance(err, StatusError):
+        return err
+    if isinstance(err, ServingError):
+        return StatusError(status_of_grpc(err.code), err.message)
+    return StatusError(Status.INTERNAL, str(err))
+
+
+def tgi_error(err: StatusError, version: str = "") -> JSONResponse:
+    status, kind = _TGI_ERRORS.get(err.status, (424, "generation"))
     return JSONResponse(
         {"error": err.message, "error_type": kind}, status_code=status, headers={"x-model-version": version}
     )
 
 
-class _Parsed:
+def number(params: dict, name: str, kind=float, where: str = ""):
+    """A numeric field of a JSON object (None when absent or null); INVALID_ARGUMENT otherwise."""
+    value = params.get(name)
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not float(value).is_integer())
+    ):
+        raise invalid(f"`{where}{name}` must be a{'n integer' if kind is int else ' number'}; got {value!r}")
+    if not math.isfinite(value):
+        raise invalid(f"`{where}{name}` must be finite; got {value!r}")
+    return kind(value)
+
+
+class Gateway:
+    """What the TGI and OpenAI routes share: authentication, the JSON body,
+    submission to the backend (with prompt logging) and reading its events."""
+
+    def __init__(self, settings: Settings, backend, auth: Authenticator, prompt_log: plog.PromptLog | None):
+        self.settings = settings
+        self.backend = backend
+        self.auth = auth
+        self.prompt_log = prompt_log
+
+    def identify(self, request: Request) -> Identity:
+        return self.auth.identify(request.headers.get("authorization"), "user", open_to_anonymous=True)
+
+    @staticmethod
+    async def read_json(request: Request) -> Any:
+        try:
+            return await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise invalid("the body is not valid JSON") from None
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.tokenizer(text, add_special_tokens=False).input_ids
+
+    def submit(
+        self,
+        request: Request,
+        identity: Identity,
+        source: str,
+        prompt_ids: list[int],
+        params: GenParams,
+        stream: bool,
+        prompt_text: str,
+        user_text: str,
+        messages: list[dict] | None = None,
+        log_default: bool | None = None,
+    ) -> tuple[GenRequest, asyncio.Queue]:
+        """Check the prompt, queue the generation and log the prompt (`user_text`:
+        the user's own words). `log_default` overrides the token's default, e.g.
+        an OpenAI request's `store`; the rlhf-log-prompt header wins over both."""
+        check_prompt(self.settings, prompt_ids, params)
+        header = request.headers.get(plog.LOG_HEADER)
+        if header is None and log_default is not None:
+            header = "true" if log_default else "false"
+        log_it = self.prompt_log is not None and plog.wanted(identity, header)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+        req = GenRequest(
+            prompt_ids,
+            params,
+            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
+            stream=stream,
+            prompt_text=prompt_text,
+        )
+        self.backend.submit(req)
+        if log_it:
+            self.prompt_log.record(identity, source, self.backend.version, user_text, messages or ())
+        return req, events
+
+    @staticmethod
+    async def collect(
+        request: Request, req: GenRequest, events: asyncio.Queue
+    ) -> tuple[list[SampleOut], Finished] | None:
+        """Wait for a non-streaming request's samples; None if the client went away.
+        A failed generation raises its StatusError."""
+        samples: list[SampleOut] = []
+        try:
+            while True:
+                try:
+                    event = await asyncio.wait_for(events.get(), timeout=1.0)
+                except TimeoutError:
+                    if await request.is_disconnected():
+                        return None
+                    continue
+                if isinstance(event, SampleDone):
+                    samples.append(event.sample)
+                elif isinstance(event, Failed):
+                    raise as_status(event.error)
+                elif isinstance(event, Finished):
+                    return sorted(samples, key=lambda s: s.index), event
+        finally:
+            req.cancel()  # no-op once finished; frees the slot if the client went away
+
+    @staticmethod
+    async def tokens(req: GenRequest, events: asyncio.Queue) -> AsyncIterator[Token]:
+        """A streaming request's tokens until it finishes; a failure raises its StatusError."""
+        try:
+            while True:
+                event = await events.get()
+                if isinstance(event, Token):
+                    yield event
+                elif isinstance(event, Failed):
+                    raise as_status(event.error)
+                elif isinstance(event, Finished):
+                    return
+        finally:
+            req.cancel()  # a client that disconnects frees its slot at once
+
+
+class _TgiRequest:
     """A TGI request body turned into our validated form."""
 
-    def __init__(self, settings: Settings, tokenizer, body: Any):
+    def __init__(self, settings: Settings, gateway: Gateway, body: Any):
         if not isinstance(body, dict):
             raise invalid("the body must be a JSON object with `inputs`")
         inputs = body.get("inputs")
@@ -81,26 +223,14 @@ class _Parsed:
         if params.get("watermark"):
             raise invalid("`watermark` is not supported by this server")
 
-        def number(name: str, kind=float):
-            value = params.get(name)
-            if value is None:
-                return None
-            if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or (kind is int and not float(value).is_integer())
-            ):
-                raise invalid(f"`{name}` must be a{'n integer' if kind is int else ' number'}; got {value!r}")
-            return kind(value)
-
-        temperature = number("temperature")
-        top_p = number("top_p")
-        top_k = number("top_k", int)
-        rep = number("repetition_penalty")
-        max_new = number("max_new_tokens", int)
-        seed = number("seed", int)
-        truncate = number("truncate", int)
-        best_of = number("best_of", int) or 1
+        temperature = number(params, "temperature")
+        top_p = number(params, "top_p")
+        top_k = number(params, "top_k", int)
+        rep = number(params, "repetition_penalty")
+        max_new = number(params, "max_new_tokens", int)
+        seed = number(params, "seed", int)
+        truncate = number(params, "truncate", int)
+        best_of = number(params, "best_of", int) or 1
         # TGI's rules: these must be strictly positive when given.
         for name, value in (
             ("temperature", temperature),
@@ -147,10 +277,9 @@ class _Parsed:
             return_logprobs=True,  # TGI reports each token's logprob in details
             prompt_logprobs=self.decoder_input_details and self.details,  # details.prefill
         )
-        ids = tokenizer(inputs, add_special_tokens=False).input_ids
+        ids = gateway.encode(inputs)
         if truncate is not None:
             ids = ids[-truncate:]
-        check_prompt(settings, ids, self.params)
         self.prompt_ids = ids
 
     def text(self, sample: SampleOut) -> str:
@@ -177,7 +306,8 @@ class _HttpMetrics:
     """Counts HTTP requests by route and status, and their latency (streams: until the last event).
 
     A plain ASGI middleware: starlette's BaseHTTPMiddleware would sit between a
-    streaming response and its client's disconnect notice."""
+    streaming response and its client's disconnect notice. Requests that match
+    no route count under "unmatched", so random paths cannot grow the label set."""
 
     def __init__(self, app):
         self.app = app
@@ -195,135 +325,117 @@ class _HttpMetrics:
         try:
             await self.app(scope, receive, send_and_note)
         finally:
-            RPC_REQUESTS.labels(SERVICE, scope["path"], str(status[0])).inc()
-            RPC_LATENCY.labels(SERVICE, scope["path"]).observe(time.perf_counter() - started)
+            route = scope.get("route")
+            path = getattr(route, "path", "unmatched")
+            RPC_REQUESTS.labels(SERVICE, path, str(status[0])).inc()
+            RPC_LATENCY.labels(SERVICE, path).observe(time.perf_counter() - started)
 
 
-def build_app(settings: Settings, backend) -> FastAPI:
-    app = FastAPI(title="RLHF policy (TGI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
+def build_app(settings: Settings, backend, auth: Authenticator, prompt_log: plog.PromptLog | None = None) -> FastAPI:
+    from services.policy import openai_api
 
+    app = FastAPI(title="RLHF policy (TGI- and OpenAI-compatible)", docs_url=None, redoc_url=None, openapi_url=None)
     app.add_middleware(_HttpMetrics)
+    gateway = Gateway(settings, backend, auth, prompt_log)
 
-    def submit(parsed: _Parsed, stream: bool) -> tuple[GenRequest, asyncio.Queue]:
-        loop = asyncio.get_running_loop()
-        events: asyncio.Queue = asyncio.Queue()
-        req = GenRequest(
-            parsed.prompt_ids,
-            parsed.params,
-            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-            stream=stream,
-            prompt_text=parsed.inputs,
+    @app.exception_handler(StarletteHTTPException)
+    async def unknown_route_or_method(request: Request, exc: StarletteHTTPException):
+        """Unknown routes and methods answer in the dialect of the path, not FastAPI's {"detail"}."""
+        status = {404: Status.NOT_FOUND, 405: Status.FAILED_PRECONDITION}.get(exc.status_code, Status.INTERNAL)
+        message = f"{request.method} {request.url.path}: {exc.detail}"
+        if request.url.path.startswith("/v1/"):
+            return openai_api.error_response(StatusError(status, message), http_status=exc.status_code)
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
+        return JSONResponse({"error": message, "error_type": kind}, status_code=exc.status_code, headers=exc.headers)
+
+    async def tgi_generate(request: Request, parsed: _TgiRequest) -> Response:
+        identity = request.state.identity
+        req, events = gateway.submit(
+            request, identity, "tgi", parsed.prompt_ids, parsed.params, False, parsed.inputs, parsed.inputs
         )
-        backend.submit(req)
-        return req, events
-
-    async def parse(request: Request) -> _Parsed:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise invalid("the body is not valid JSON") from None
-        return _Parsed(settings, backend.tokenizer, body)
-
-    async def generate_one(request: Request, parsed: _Parsed) -> Response:
-        req, events = submit(parsed, stream=False)
-        samples: list[SampleOut] = []
-        try:
-            while True:
-                try:
-                    event = await asyncio.wait_for(events.get(), timeout=1.0)
-                except TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
-                    continue
-                if isinstance(event, SampleDone):
-                    samples.append(event.sample)
-                elif isinstance(event, Failed):
-                    return _error(event.error)
-                elif isinstance(event, Finished):
-                    return _response(parsed, samples, event.version, event.prefill)
-        finally:
-            req.cancel()  # no-op once finished; frees the slot if the client went away
-
-    def _response(parsed: _Parsed, samples: list[SampleOut], version: str, prefill: list[TokenOut]) -> JSONResponse:
+        done = await gateway.collect(request, req, events)
+        if done is None:
+            return Response(status_code=499)
+        samples, finished = done
         sampled = not parsed.params.greedy
         # best_of: return the sample the model finds most likely, the rest as best_of_sequences.
         ranked = sorted(samples, key=lambda s: -sum(t.logprob or 0.0 for t in s.tokens))
         best = ranked[0]
         body: dict[str, Any] = {"generated_text": parsed.text(best)}
         if parsed.details:
-            body["details"] = _details(best, sampled, prefill)
+            body["details"] = _details(best, sampled, finished.prefill)
             if parsed.best_of > 1:
                 body["details"]["best_of_sequences"] = [
-                    {"generated_text": parsed.text(s), **_details(s, sampled, prefill)} for s in ranked[1:]
+                    {"generated_text": parsed.text(s), **_details(s, sampled, finished.prefill)} for s in ranked[1:]
                 ]
-        return JSONResponse(body, headers={"x-model-version": version})
+        return JSONResponse(body, headers={"x-model-version": finished.version})
 
-    def stream_events(parsed: _Parsed):
+    def tgi_stream(request: Request, parsed: _TgiRequest) -> Response:
         if parsed.best_of > 1:
             raise invalid("`best_of` is not supported when streaming")
         if parsed.decoder_input_details:
             raise invalid("`decoder_input_details` == true is not supported when streaming tokens")
-        req, events = submit(parsed, stream=True)
+        req, events = gateway.submit(
+            request, request.state.identity, "tgi", parsed.prompt_ids, parsed.params, True, parsed.inputs, parsed.inputs
+        )
 
         async def sse():
             try:
-                while True:
-                    event = await events.get()
-                    if isinstance(event, Token):
-                        message: dict[str, Any] = {
-                            "index": 0,
-                            "token": _token_json(event.token),
-                            "top_tokens": None,
-                            "generated_text": None,
-                            "details": None,
+                async for event in gateway.tokens(req, events):
+                    message: dict[str, Any] = {
+                        "index": 0,
+                        "token": _token_json(event.token),
+                        "top_tokens": None,
+                        "generated_text": None,
+                        "details": None,
+                    }
+                    if event.final is not None:
+                        message["generated_text"] = parsed.text(event.final)
+                        message["details"] = {
+                            "finish_reason": _TGI_FINISH.get(event.final.finish_reason, "length"),
+                            "generated_tokens": event.final.generated_tokens,
+                            "seed": event.final.seed if not parsed.params.greedy else None,
                         }
-                        if event.final is not None:
-                            message["generated_text"] = parsed.text(event.final)
-                            message["details"] = {
-                                "finish_reason": _TGI_FINISH.get(event.final.finish_reason, "length"),
-                                "generated_tokens": event.final.generated_tokens,
-                                "seed": event.final.seed if not parsed.params.greedy else None,
-                            }
-                        yield f"data:{json.dumps(message)}\n\n"
-                    elif isinstance(event, Failed):
-                        _, kind = _ERRORS.get(event.error.code, (424, "generation"))
-                        yield f"data:{json.dumps({'error': event.error.message, 'error_type': kind})}\n\n"
-                        return
-                    elif isinstance(event, Finished):
-                        return
-            finally:
-                req.cancel()  # a client that disconnects frees its slot at once
+                    yield f"data:{json.dumps(message)}\n\n"
+            except StatusError as err:
+                _, kind = _TGI_ERRORS.get(err.status, (424, "generation"))
+                yield f"data:{json.dumps({'error': err.message, 'error_type': kind})}\n\n"
 
         return StreamingResponse(sse(), media_type="text/event-stream", headers={"x-model-version": backend.version})
 
-    async def guarded(fn, request: Request, stream: bool | None = None):
+    async def tgi_route(request: Request, stream: bool | None = None) -> Response:
         try:
-            parsed = await parse(request)
+            request.state.identity = gateway.identify(request)
+            parsed = _TgiRequest(settings, gateway, await gateway.read_json(request))
             if parsed.stream if stream is None else stream:
-                return stream_events(parsed)
-            return await fn(request, parsed)
-        except ServingError as err:
-            return _error(err, backend.version)
+                return tgi_stream(request, parsed)
+            return await tgi_generate(request, parsed)
+        except (StatusError, ServingError) as err:
+            return tgi_error(as_status(err), _version_or_empty(backend))
 
     @app.post("/generate")
     async def generate(request: Request):
-        return await guarded(generate_one, request, stream=False)
+        return await tgi_route(request, stream=False)
 
     @app.post("/generate_stream")
     async def generate_stream(request: Request):
-        return await guarded(generate_one, request, stream=True)
+        return await tgi_route(request, stream=True)
 
     @app.post("/")
     async def compat(request: Request):
-        response = await guarded(generate_one, request)
+        response = await tgi_route(request)
         if isinstance(response, JSONResponse) and response.status_code == 200:
             body = json.loads(response.body)
             return JSONResponse([body], headers={"x-model-version": response.headers.get("x-model-version", "")})
         return response
 
     @app.get("/info")
-    async def info():
-        model = backend.model_info()
+    async def info(request: Request):
+        try:
+            gateway.identify(request)
+            model = backend.model_info()
+        except (StatusError, ServingError) as err:
+            return tgi_error(as_status(err), _version_or_empty(backend))
         return {
             "model_id": model["version"],
             "model_sha": None,
@@ -351,27 +463,42 @@ def build_app(settings: Settings, backend) -> FastAPI:
         try:
             version = backend.version
         except ServingError as err:
-            return _error(err)
+            return tgi_error(as_status(err))
         return JSONResponse({}, headers={"x-model-version": version})
 
     @app.get("/metrics")
     async def metrics():
         return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
+    openai_api.add_routes(app, gateway)
     return app
+
+
+def _version_or_empty(backend) -> str:
+    try:
+        return backend.version
+    except (StatusError, ServingError):
+        return ""
 
 
 class HttpServer:
     """uvicorn in a background thread of the policy process, on a socket we bind
     (so port 0 works and the real port is known before serving)."""
 
-    def __init__(self, settings: Settings, backend, port: int):
+    def __init__(
+        self,
+        settings: Settings,
+        backend,
+        port: int,
+        auth: Authenticator | None = None,
+        prompt_log: plog.PromptLog | None = None,
+    ):
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((settings.bind_host, port))
         self.port = self.sock.getsockname()[1]
         config = uvicorn.Config(
-            build_app(settings, backend),
+            build_app(settings, backend, auth or Authenticator.from_settings(settings), prompt_log),
             log_level="warning",
             access_log=False,
             lifespan="off",
