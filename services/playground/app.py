@@ -37,8 +37,9 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from rlhf.v1 import feedback_pb2, policy_pb2
 
-from services.common.auth import Authenticator, AuthError, load_tokens
+from services.common.auth import Authenticator, load_tokens
 from services.common.config import Settings
+from services.common.errors import StatusError, grpc_code
 from services.common.logs import get_logger, log_fields
 from services.playground.client import (
     FLAG_NAMES,
@@ -172,8 +173,8 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
         header = request.headers.get("authorization")
         try:
             auth.identify(header, need)
-        except AuthError as err:
-            raise PlaygroundError(err.code, str(err)) from None
+        except StatusError as err:
+            raise PlaygroundError(grpc_code(err.status), err.message) from None
         return header.partition(" ")[2].strip()
 
     @app.exception_handler(PlaygroundError)
@@ -216,14 +217,13 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
         header = request.headers.get("authorization")
         try:
             identity = auth.identify(header, "user")
-        except AuthError as err:
-            raise PlaygroundError(err.code, str(err)) from None
+        except StatusError as err:
+            raise PlaygroundError(grpc_code(err.status), err.message) from None
         return {"user_id": identity.user_id, "role": identity.role, "labeler": identity.may("labeler")}
 
     @app.get("/api/model")
     async def model(request: Request):
-        identify(request)
-        info = await run_in_threadpool(client.model_info)
+        info = await run_in_threadpool(client.model_info, identify(request))
         return {"version": info.version, "kind": info.kind, "backend": info.backend}
 
     @app.post("/api/generate")
@@ -235,7 +235,7 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
         logged = await run_in_threadpool(
             client.log_prompt, token, body.prompt, messages, "chat" if messages else "prompt", body.request_id
         )
-        call = client.stream(body.prompt, messages, body.options())
+        call = client.stream(token, body.prompt, messages, body.options())
         try:
             # Pull the first message before answering, so an immediate refusal
             # (prompt too long, queue full) becomes a proper HTTP status.

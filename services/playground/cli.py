@@ -157,10 +157,15 @@ def ask_until_valid(term: Terminal, prompt: str, parse: Callable[[str], object],
 
 # --------------------------------------------------------------- modes
 def stream_answer(
-    client: PlaygroundClient, term: Terminal, prompt: str, messages: list[dict] | None, options: GenerationOptions
+    client: PlaygroundClient,
+    term: Terminal,
+    token: str,
+    prompt: str,
+    messages: list[dict] | None,
+    options: GenerationOptions,
 ) -> str | None:
     """Print one answer as it streams; return its final text (None if stopped or refused)."""
-    call = client.stream(prompt, messages, options)
+    call = client.stream(token, prompt, messages, options)
     final = None
     try:
         while (message := next_or_error(call)) is not None:
@@ -213,7 +218,7 @@ def run_chat(client: PlaygroundClient, term: Terminal, token: str, options: Gene
                 return 1
             continue
         term.say(f"[prompt logged: {logged['event_id']}]")
-        answer = stream_answer(client, term, "" if chat else text, messages, options)
+        answer = stream_answer(client, term, token, "" if chat else text, messages, options)
         if chat and answer is not None:
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
 

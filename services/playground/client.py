@@ -25,6 +25,7 @@ from services.common.config import Settings
 from services.common.grpc_server import channel_options
 from services.common.logs import get_logger, log_fields
 from services.feedback import VALIDATE_FIRST
+from services.policy.prompt_log import LOG_HEADER
 
 log = get_logger(__name__)
 
@@ -141,13 +142,22 @@ class PlaygroundClient:
         self._feedback_channel.close()
 
     # --- policy ----------------------------------------------------------------
-    def model_info(self) -> common_pb2.ModelInfo:
+    @staticmethod
+    def _policy_metadata(token: str) -> list[tuple[str, str]]:
+        """The caller's token; the playground logs its prompts itself (LogPrompt), so the policy does not."""
+        return [*bearer(token), (LOG_HEADER, "false")]
+
+    def model_info(self, token: str) -> common_pb2.ModelInfo:
         try:
-            return self.policy.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=SUBMIT_TIMEOUT_S)
+            return self.policy.GetModelInfo(
+                common_pb2.GetModelInfoRequest(), metadata=self._policy_metadata(token), timeout=SUBMIT_TIMEOUT_S
+            )
         except grpc.RpcError as err:
             raise PlaygroundError.from_rpc(err, "policy") from None
 
-    def stream(self, prompt: str = "", messages: list[dict] | None = None, options: GenerationOptions | None = None):
+    def stream(
+        self, token: str, prompt: str = "", messages: list[dict] | None = None, options: GenerationOptions | None = None
+    ):
         """Start GenerateStream; return the call (iterate it for tokens, cancel() to stop).
 
         Iterating raises grpc.RpcError; `next_or_error` converts it.
@@ -155,7 +165,7 @@ class PlaygroundClient:
         request = policy_pb2.GenerateRequest(
             prompt=prompt, messages=_messages(messages), parameters=(options or GenerationOptions()).to_proto(1)
         )
-        return self.policy.GenerateStream(request, timeout=GENERATE_TIMEOUT_S)
+        return self.policy.GenerateStream(request, metadata=self._policy_metadata(token), timeout=GENERATE_TIMEOUT_S)
 
     def samples(
         self, token: str, prompt: str, k: int, options: GenerationOptions | None = None, request_id: str = ""
@@ -165,7 +175,7 @@ class PlaygroundClient:
         logged = self.log_prompt(token, prompt=prompt, mode="label", request_id=request_id)
         request = policy_pb2.GenerateRequest(prompt=prompt, parameters=(options or GenerationOptions()).to_proto(k))
         try:
-            reply = self.policy.Generate(request, timeout=GENERATE_TIMEOUT_S)
+            reply = self.policy.Generate(request, metadata=self._policy_metadata(token), timeout=GENERATE_TIMEOUT_S)
         except grpc.RpcError as err:
             raise PlaygroundError.from_rpc(err, "policy") from None
         if len(reply.samples) != k:

@@ -183,7 +183,9 @@ class LabelerPool:
                 i,
                 p,
                 self.policy.Generate(
-                    policy_pb2.GenerateRequest(prompt=p.text, parameters=params), timeout=self.timeout
+                    policy_pb2.GenerateRequest(prompt=p.text, parameters=params),
+                    metadata=bearer(self._labeler(i).token),  # a labeler's own token (not logged as a prompt)
+                    timeout=self.timeout,
                 ),
             )
 
@@ -202,7 +204,7 @@ class LabelerPool:
                     continue
                 responses = [
                     events_pb2.RankedResponse(text=t, policy_version=generated.model_version, rank=r)
-                    for t, r in zip(texts, ranks)
+                    for t, r in zip(texts, ranks, strict=True)
                 ]
                 reply = self.feedback.SubmitComparison(
                     feedback_pb2.SubmitComparisonRequest(
