@@ -157,6 +157,9 @@ class PromptLog:
                 break  # stopping and nothing left
             try:
                 if producer is None:
+                    # The platform creates its topics (with the configured partitions), never a client's
+                    # first write; the policy is part of the platform, as the checkpoint follower is.
+                    bus.create_topics(self.settings, ["prompts"], timeout=self.settings.kafka_timeout_s)
                     producer = bus.make_producer(self.settings)
                 self._send(producer, batch)
                 backoff = 0.5
@@ -222,4 +225,5 @@ class PromptLog:
             if left:
                 self._drop(left, "stopping")
             self._cv.notify_all()
-        self._thread.join(timeout=self.settings.kafka_timeout_s + 2)
+        # A send in flight ends on its own (the broker's timeout); the thread then exits.
+        self._thread.join(timeout=max(flush_s, 0.5))
