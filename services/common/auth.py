@@ -114,8 +114,10 @@ def write_tokens_file(path: Path, tokens: Mapping[str, Identity]) -> None:
 
 class Authenticator:
     """Resolves bearer tokens. `anonymous_generate` (RLHF_ANONYMOUS_GENERATE) lets
-    callers without a token generate where a handler allows it; a token that is
-    presented is still checked."""
+    callers without a known token generate where a handler allows it: a known
+    token still identifies its user (and is logged as such), while a missing or
+    unknown one (OpenAI clients must send some key; "EMPTY" is the custom) is
+    anonymous there. Everywhere else tokens are checked as always."""
 
     def __init__(self, tokens: Mapping[str, Identity], anonymous_generate: bool = False):
         self.tokens = dict(tokens)
@@ -128,9 +130,12 @@ class Authenticator:
     def identify(self, authorization: str | None, need: str, open_to_anonymous: bool = False) -> Identity:
         """Resolve an `authorization: Bearer <token>` value; raise StatusError
         (UNAUTHENTICATED, or PERMISSION_DENIED for a role without the right)."""
-        if not authorization:
-            if open_to_anonymous and self.anonymous_generate:
+        if open_to_anonymous and self.anonymous_generate:
+            scheme, _, token = (authorization or "").partition(" ")
+            known = self.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
+            if known is None:
                 return ANONYMOUS
+        if not authorization:
             raise StatusError(
                 Status.UNAUTHENTICATED, "missing bearer token (send the header 'authorization: Bearer <token>')"
             )

@@ -373,7 +373,6 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
         chunk; then usage (see the module docstring) and `data: [DONE]`."""
         chat, n = parsed.chat, parsed.params.num_samples
         kind = "chat.completion.chunk" if chat else "text_completion"
-        started: set[int] = set()
         finished: dict[int, int] = {}  # sample index -> generated tokens
         offsets = [0] * n
         model = version()
@@ -388,8 +387,6 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
         def choice(index: int, text: str | None, tokens: list[TokenOut], finish: str | None) -> dict:
             if chat:
                 delta = {} if text is None else {"content": text}
-                if index not in started:
-                    delta = {"role": "assistant", "content": "", **delta}
                 out = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
                 if parsed.logprobs and tokens:
                     out["logprobs"] = _chat_logprobs(tokens)
@@ -397,9 +394,20 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
                 out = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
                 if parsed.logprobs and tokens:
                     out["logprobs"] = _text_logprobs(tokens, offsets[index])
-            started.add(index)
             return out
 
+        if chat:  # OpenAI opens each choice with the assistant's role
+            for i in range(n):
+                yield chunk(
+                    [
+                        {
+                            "index": i,
+                            "delta": {"role": "assistant", "content": ""},
+                            "logprobs": None,
+                            "finish_reason": None,
+                        }
+                    ]
+                )
         try:
             async for event in gateway.tokens(req, events):
                 model = event.version
