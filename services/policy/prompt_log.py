@@ -65,6 +65,17 @@ def wanted(identity: Identity, header: str | None) -> bool:
     raise invalid(f"{LOG_HEADER} must be true or false; got {header!r}")
 
 
+def _discard(producer) -> None:
+    """Close a producer whose records may still be pending. kafka-python's close()
+    flushes first and raises when that times out, leaving its sender thread up;
+    then do what close() would have done next: force the sender down."""
+    try:
+        producer.close(timeout=0.5)
+    except Exception:  # noqa: BLE001 - KafkaTimeoutError, or whatever the broken connection raised
+        producer._sender.force_close()
+        producer._closed = True  # nothing left to close; keeps __del__ from trying again
+
+
 class PromptLog:
     """The policy's prompt logger; see the module docstring."""
 
@@ -182,7 +193,7 @@ class PromptLog:
                         topic=self.topic,
                     )
                 if producer is not None:  # a fresh producer after a failure (new connections, new producer id)
-                    producer.close(timeout=0)
+                    _discard(producer)
                     producer = None
                 with self._cv:
                     if self._stopping:
@@ -191,7 +202,7 @@ class PromptLog:
                 backoff = min(MAX_BACKOFF_S, backoff * 2)
             PROMPT_LOG_BUFFERED.set(len(self._buffer))
         if producer is not None:
-            producer.close(timeout=1)
+            _discard(producer)
 
     def _send(self, producer, batch: list[events_pb2.PromptEvent]) -> None:
         """Send a batch and wait for every ack; raise on the first failure (the
