@@ -123,9 +123,13 @@ class Gateway:
     @staticmethod
     async def read_json(request: Request) -> Any:
         try:
-            return await request.json()
+            body = await request.json()
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise invalid("the body is not valid JSON") from None
+        where = _lone_surrogate(body)
+        if where is not None:  # JSON's \ud800 escapes decode to text that is not valid Unicode
+            raise invalid(f"`{where}` holds a lone surrogate (\\ud800-\\udfff escape), which is not valid text")
+        return body
 
     def encode(self, text: str) -> list[int]:
         return self.backend.tokenizer(text, add_special_tokens=False).input_ids
@@ -203,6 +207,26 @@ class Gateway:
                     return
         finally:
             req.cancel()  # a client that disconnects frees its slot at once
+
+
+def _lone_surrogate(value: Any, path: str = "body") -> str | None:
+    """The path of the first string in a JSON value that holds a lone surrogate, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = _lone_surrogate(key, path) or _lone_surrogate(item, f"{path}.{key}" if path != "body" else key)
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{i}]")
+            if found:
+                return found
+    return None
 
 
 class _TgiRequest:
@@ -347,6 +371,15 @@ def build_app(settings: Settings, backend, auth: Authenticator, prompt_log: plog
             return openai_api.error_response(StatusError(status, message), http_status=exc.status_code)
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http")
         return JSONResponse({"error": message, "error_type": kind}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception):
+        """A bug still answers in the dialect of the path (and is logged with its traceback)."""
+        log.exception("HTTP request failed", extra={"fields": {"path": request.url.path, "error": repr(exc)}})
+        err = StatusError(Status.INTERNAL, f"internal error: {type(exc).__name__}")
+        if request.url.path.startswith("/v1/"):
+            return openai_api.error_response(err)
+        return JSONResponse({"error": err.message, "error_type": "generation"}, status_code=500)
 
     async def tgi_generate(request: Request, parsed: _TgiRequest) -> Response:
         identity = request.state.identity

@@ -225,3 +225,13 @@ def test_anonymous_generation_is_off_unless_enabled(tmp_path, broker, tiny_model
         assert handle.prompt_log.written == 1 and handle.prompt_log.dropped == 0
     finally:
         handle.stop()
+
+
+def test_lone_surrogates_in_json_are_refused_by_name(server):
+    _, url = server
+    headers = {**bearer_header("usr"), "content-type": "application/json"}
+    tgi = httpx.post(f"{url}/generate", content='{"inputs": "a\\ud800b"}', headers=headers, timeout=30)
+    assert tgi.status_code == 422 and tgi.json()["error_type"] == "validation" and "`inputs`" in tgi.json()["error"]
+    body = '{"model": "policy", "messages": [{"role": "user", "content": "\\udfff"}]}'
+    chat = httpx.post(f"{url}/v1/chat/completions", content=body, headers=headers, timeout=30)
+    assert chat.status_code == 400 and "`messages[0].content`" in chat.json()["error"]["message"]
