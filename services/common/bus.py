@@ -17,16 +17,14 @@ from google.protobuf.message import DecodeError, Message
 from rlhf.v1 import events_pb2
 
 from services.common.config import Settings
+from services.common.feedback import KINDS as FEEDBACK_KINDS
 from services.common.logs import get_logger, log_fields
 
 log = get_logger(__name__)
 
-# topic key -> event message type
+# topic key -> event message type: one topic per feedback kind, then the platform's own
 TOPIC_TYPES: dict[str, type[Message]] = {
-    "prompts": events_pb2.PromptEvent,
-    "demonstrations": events_pb2.DemonstrationEvent,
-    "comparisons": events_pb2.ComparisonEvent,
-    "labels": events_pb2.LabelEvent,
+    **{key: kind.event_type for key, kind in FEEDBACK_KINDS.items()},
     "checkpoints": events_pb2.CheckpointEvent,
     "deadletter": events_pb2.DeadLetterEvent,
 }
