@@ -8,6 +8,7 @@ name the schema so other clients can decode them.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -89,7 +90,7 @@ def create_topics(settings: Settings, keys: Iterable[str] | None = None, timeout
                 admin.create_topics(wanted)
             except TopicAlreadyExistsError:
                 pass
-        log_fields(log, 20, "topics ready", topics=names, created=[t.name for t in wanted])
+        log_fields(log, logging.INFO, "topics ready", topics=names, created=[t.name for t in wanted])
     finally:
         admin.close()
     return names
@@ -157,7 +158,7 @@ def announce_checkpoint(settings: Settings, event: events_pb2.CheckpointEvent, p
         )
         log_fields(
             log,
-            20,
+            logging.INFO,
             "checkpoint announced",
             version=event.version,
             type=events_pb2.CheckpointEvent.Type.Name(event.type),
@@ -240,7 +241,13 @@ class CheckpointFollower:
                             positions[tp.partition] = record.offset + 1
                             self._handle(record.value)
             except KafkaError as err:
-                log_fields(log, 30, "checkpoint follower lost the broker; retrying", error=str(err), role=self.role)
+                log_fields(
+                    log,
+                    logging.WARNING,
+                    "checkpoint follower lost the broker; retrying",
+                    error=str(err),
+                    role=self.role,
+                )
                 self._stop.wait(2.0)
             except Exception as err:  # a bug in on_event must not kill the follower
                 log.exception("checkpoint follower error", extra={"fields": {"error": str(err)}})
@@ -253,7 +260,7 @@ class CheckpointFollower:
         try:
             event = decode("checkpoints", value)
         except DecodeError as err:
-            log_fields(log, 30, "undecodable checkpoint event skipped", error=str(err))
+            log_fields(log, logging.WARNING, "undecodable checkpoint event skipped", error=str(err))
             return
         if event.role == self.role:
             self.on_event(event)
