@@ -29,6 +29,7 @@ from typing import Any
 from google.protobuf.message import Message
 from rlhf.v1 import events_pb2, feedback_pb2
 
+from services.common.config import Settings
 from services.common.errors import Status, StatusError
 
 # --- domain limits -------------------------------------------------------------
@@ -77,7 +78,7 @@ class Limits:
     max_metadata_bytes: int = 4096
 
     @classmethod
-    def from_settings(cls, settings) -> Limits:
+    def from_settings(cls, settings: Settings) -> Limits:
         return cls(settings.feedback_max_text_bytes, settings.feedback_max_metadata_bytes)
 
 
