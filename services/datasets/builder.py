@@ -2,10 +2,11 @@
 cumulative dataset snapshots (services.common.datasets.SnapshotStore).
 
 One build:
-  1. reads every partition of the prompts, demonstrations, comparisons and
-     labels topics from the group's committed offsets up to the end offsets
-     seen at start;
-  2. decodes and checks each record; a malformed one goes to the dead-letter
+  1. reads every partition of the feedback topics (one per kind of
+     services.common.feedback.KINDS) from the group's committed offsets up to
+     the end offsets seen at start;
+  2. decodes and checks each record (the kind's event check, from the same
+     table); a malformed one goes to the dead-letter
      topic with its reason (acknowledged before anything is committed);
   3. adds new records to the group's accumulated state, de-duplicated by
      event id (a retried request, or a re-read after a crash, adds nothing);
