@@ -6,8 +6,8 @@ One build:
      services.common.feedback.KINDS) from the group's committed offsets up to
      the end offsets seen at start;
   2. decodes and checks each record (the kind's event check, from the same
-     table); a malformed one goes to the dead-letter
-     topic with its reason (acknowledged before anything is committed);
+     table); a malformed one goes to the dead-letter topic with its reason
+     (acknowledged before anything is committed);
   3. adds new records to the group's accumulated state, de-duplicated by
      event id (a retried request, or a re-read after a crash, adds nothing);
   4. applies the data rules (rules.py) to everything accumulated and writes
