@@ -93,13 +93,13 @@ class FeedbackServicer:
 
     # --- unary calls ------------------------------------------------------------
     def _unary_handler(self, kind: str):
-        request_type, role = KINDS[kind].request_type, KINDS[kind].role
+        spec = KINDS[kind]
 
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> feedback_pb2.SubmitReply:
-            identity = await self.auth.require_aio(context, role)
+            identity = await self.auth.require_aio(context, spec.role)
             await self._admit(context, identity, kind)
             try:
-                prepared = prepare(kind, parse(raw, request_type), identity, self.limits)
+                prepared = prepare(kind, parse(raw, spec.request_type), identity, self.limits)
                 return await self._finish(self._begin(prepared, identity), context)
             except StatusError as err:  # InvalidField included
                 await self._refuse(context, err, identity, kind)
@@ -261,11 +261,10 @@ class FeedbackServicer:
         if which is None:
             raise InvalidField(f"items[{index}]", "is empty; set prompt, demonstration, comparison or labels")
         kind = BY_BULK_FIELD[which]
-        role = kind.role
-        if not identity.may(role):
+        if not identity.may(kind.role):
             raise StatusError(
                 Status.PERMISSION_DENIED,
-                f"items[{index}].{which}: role {identity.role!r} may not submit this; needs {role!r}",
+                f"items[{index}].{which}: role {identity.role!r} may not submit this; needs {kind.role!r}",
             )
         try:
             return prepare(kind.key, getattr(item, which), identity, self.limits)
