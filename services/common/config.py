@@ -207,7 +207,7 @@ class Settings:
     policy_port: int = _setting("RLHF_POLICY_PORT", "50051", _port, "PolicyService gRPC port.")
     reward_port: int = _setting("RLHF_REWARD_PORT", "50052", _port, "RewardService gRPC port.")
     feedback_port: int = _setting("RLHF_FEEDBACK_PORT", "50053", _port, "FeedbackService gRPC port.")
-    http_port: int = _setting("RLHF_HTTP_PORT", "8080", _port, "TGI-compatible HTTP port of the policy service.")
+    http_port: int = _setting("RLHF_HTTP_PORT", "8080", _port, "HTTP port of the policy service (TGI- and OpenAI-compatible routes).")
     playground_port: int = _setting("RLHF_PLAYGROUND_PORT", "8000", _port, "Playground web UI port.")
     metrics_port: int = _setting(
         "RLHF_METRICS_PORT",
