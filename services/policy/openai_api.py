@@ -222,7 +222,9 @@ class _OpenAIRequest:
         except ServingError as err:
             # validate() names our own fields; say OpenAI's where they differ.
             message = err.message.replace("num_samples", "n").replace("max_new_tokens", "max_tokens")
-            raise OpenAIError(Status.INVALID_ARGUMENT, message) from None
+            field = message.split(" ", 1)[0].strip("`")
+            param = field if field in ("n", "max_tokens", "temperature", "top_p", "top_k", "stop", "seed") else None
+            raise OpenAIError(Status.INVALID_ARGUMENT, message, param) from None
         self.prompt_ids = gateway.encode(self.prompt_text)
 
     @staticmethod

@@ -134,8 +134,8 @@ def test_models_name_the_serving_version(server):
     ("kwargs", "words", "param"),
     [
         ({"temperature": 5}, ["temperature", "2"], "temperature"),
-        ({"n": 1000}, ["n must be between 1 and", "RLHF_MAX_SAMPLES"], None),
-        ({"max_tokens": 100000}, ["max_tokens", "RLHF_MAX_NEW_TOKENS_LIMIT"], None),
+        ({"n": 1000}, ["n must be between 1 and", "RLHF_MAX_SAMPLES"], "n"),
+        ({"max_tokens": 100000}, ["max_tokens", "RLHF_MAX_NEW_TOKENS_LIMIT"], "max_tokens"),
         ({"logprobs": True, "top_logprobs": 3}, ["top_logprobs"], "top_logprobs"),
         ({"presence_penalty": 0.5}, ["presence_penalty", "not supported"], "presence_penalty"),
         ({"messages": [{"role": "robot", "content": "x"}]}, ["messages[0].role"], "messages[0].role"),
