@@ -15,7 +15,7 @@ ifdef MODEL
 export RLHF_MODEL := $(MODEL)
 endif
 
-.PHONY: help setup protos protos-check test test-unit test-integration test-e2e k8s-validate \
+.PHONY: help setup protos protos-check lint test test-unit test-integration test-e2e k8s-validate \
         up down logs status demo bench clean
 
 help: ## list targets
@@ -38,7 +38,13 @@ protos: $(STAMP) ## regenerate Python code from protos/
 protos-check: $(STAMP) ## fail if the committed generated code is stale
 	$(PY) -m services.common.protogen --check
 
-test: setup protos-check ## the whole suite (unit, integration, e2e, k8s)
+lint: $(STAMP) ## ruff check + ruff format --check (rules and exclusions in pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@if grep -rnE --include='*.py' '# noqa(: *[A-Z0-9, ]+)? *$$' services trainers bench tests; then \
+		echo "lint: each noqa needs its reason beside it (# noqa: RULE - why)"; exit 1; fi
+
+test: setup protos-check lint ## the whole suite (lint, unit, integration, e2e, k8s)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-unit: setup

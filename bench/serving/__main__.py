@@ -35,6 +35,7 @@ from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from tqdm import tqdm
 
 from bench.common import percentile, print_table, run_threads, write_results
+from services.common.auth import bearer
 from services.common.bootstrap import ensure_seeded
 from services.common.broker import free_port, start_broker, stop_process
 from services.common.bus import create_topics, promote_checkpoint
@@ -55,6 +56,7 @@ PROMPTS = [
 ]
 CONCURRENCY = (1, 4, 16, 32)
 GB = 1024**3
+BENCH_TOKEN = "bench-serving"
 
 
 class RssSampler:
@@ -144,7 +146,7 @@ def stream_once(stub, prompt: str, new_tokens: int, timeout: float = 300) -> tup
     )
     t0 = time.perf_counter()
     first, first_wall, count, versions = None, 0.0, 0, set()
-    for message in stub.GenerateStream(request, timeout=timeout):
+    for message in stub.GenerateStream(request, metadata=bearer(BENCH_TOKEN), timeout=timeout):
         if first is None:
             first, first_wall = time.perf_counter() - t0, time.time()
         count += 1
@@ -285,6 +287,7 @@ def main(argv: list[str]) -> int:
         "RLHF_SERVE_DTYPE": args.dtype,
         "RLHF_DEVICE": args.device,
         "RLHF_LOG_LEVEL": "WARNING",
+        "RLHF_TOKENS": f"{BENCH_TOKEN}=bench:user:nolog",  # the bench's prompts are not training data
     }
     settings = load_settings(env_values)
     broker = start_broker(broker_port, log_path=home / "tansu.log")

@@ -8,6 +8,7 @@ name the schema so other clients can decode them.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -17,16 +18,14 @@ from google.protobuf.message import DecodeError, Message
 from rlhf.v1 import events_pb2
 
 from services.common.config import Settings
+from services.common.feedback import KINDS as FEEDBACK_KINDS
 from services.common.logs import get_logger, log_fields
 
 log = get_logger(__name__)
 
-# topic key -> event message type
+# topic key -> event message type: one topic per feedback kind, then the platform's own
 TOPIC_TYPES: dict[str, type[Message]] = {
-    "prompts": events_pb2.PromptEvent,
-    "demonstrations": events_pb2.DemonstrationEvent,
-    "comparisons": events_pb2.ComparisonEvent,
-    "labels": events_pb2.LabelEvent,
+    **{key: kind.event_type for key, kind in FEEDBACK_KINDS.items()},
     "checkpoints": events_pb2.CheckpointEvent,
     "deadletter": events_pb2.DeadLetterEvent,
 }
@@ -91,7 +90,7 @@ def create_topics(settings: Settings, keys: Iterable[str] | None = None, timeout
                 admin.create_topics(wanted)
             except TopicAlreadyExistsError:
                 pass
-        log_fields(log, 20, "topics ready", topics=names, created=[t.name for t in wanted])
+        log_fields(log, logging.INFO, "topics ready", topics=names, created=[t.name for t in wanted])
     finally:
         admin.close()
     return names
@@ -159,7 +158,7 @@ def announce_checkpoint(settings: Settings, event: events_pb2.CheckpointEvent, p
         )
         log_fields(
             log,
-            20,
+            logging.INFO,
             "checkpoint announced",
             version=event.version,
             type=events_pb2.CheckpointEvent.Type.Name(event.type),
@@ -242,7 +241,13 @@ class CheckpointFollower:
                             positions[tp.partition] = record.offset + 1
                             self._handle(record.value)
             except KafkaError as err:
-                log_fields(log, 30, "checkpoint follower lost the broker; retrying", error=str(err), role=self.role)
+                log_fields(
+                    log,
+                    logging.WARNING,
+                    "checkpoint follower lost the broker; retrying",
+                    error=str(err),
+                    role=self.role,
+                )
                 self._stop.wait(2.0)
             except Exception as err:  # a bug in on_event must not kill the follower
                 log.exception("checkpoint follower error", extra={"fields": {"error": str(err)}})
@@ -255,7 +260,7 @@ class CheckpointFollower:
         try:
             event = decode("checkpoints", value)
         except DecodeError as err:
-            log_fields(log, 30, "undecodable checkpoint event skipped", error=str(err))
+            log_fields(log, logging.WARNING, "undecodable checkpoint event skipped", error=str(err))
             return
         if event.role == self.role:
             self.on_event(event)

@@ -234,7 +234,7 @@ class Settings:
     policy_port: int = _setting("RLHF_POLICY_PORT", "50051", _port, "PolicyService gRPC port.")
     reward_port: int = _setting("RLHF_REWARD_PORT", "50052", _port, "RewardService gRPC port.")
     feedback_port: int = _setting("RLHF_FEEDBACK_PORT", "50053", _port, "FeedbackService gRPC port.")
-    http_port: int = _setting("RLHF_HTTP_PORT", "8080", _port, "TGI-compatible HTTP port of the policy service.")
+    http_port: int = _setting("RLHF_HTTP_PORT", "8080", _port, "HTTP port of the policy service (TGI- and OpenAI-compatible routes).")
     playground_port: int = _setting("RLHF_PLAYGROUND_PORT", "8000", _port, "Playground web UI port.")
     metrics_port: int = _setting(
         "RLHF_METRICS_PORT",
@@ -269,7 +269,17 @@ class Settings:
     # --- auth ----------------------------------------------------------------
     tokens_file: str = _setting("RLHF_TOKENS_FILE", "", _str, "JSON file mapping bearer tokens to {user_id, role}.")
     tokens: str = _setting(
-        "RLHF_TOKENS", "", _str, "Inline tokens, `token=user_id:role,...` (role: user, labeler, admin)."
+        "RLHF_TOKENS",
+        "",
+        _str,
+        "Inline tokens, `token=user_id:role[:log|:nolog],...` (role: user, labeler, admin; "
+        "`:nolog`/`:log` override whether the token's prompts are logged as training data).",
+    )
+    anonymous_generate: bool = _setting(
+        "RLHF_ANONYMOUS_GENERATE",
+        "false",
+        _bool,
+        "Let callers without a token generate (policy gRPC and HTTP APIs); their prompts are not logged.",
     )
 
     # --- serving -------------------------------------------------------------
@@ -298,6 +308,24 @@ class Settings:
         "",
         _str,
         "When set, the policy generates through this TGI server instead of local transformers.",
+    )
+    tgi_token: str = _setting(
+        "RLHF_TGI_TOKEN",
+        "",
+        _str,
+        "Bearer token the policy sends to RLHF_TGI_URL (for an upstream that checks tokens; empty = none).",
+    )
+    prompt_log: bool = _setting(
+        "RLHF_PROMPT_LOG",
+        "true",
+        _bool,
+        "The policy logs every prompt it serves to the prompts topic as training data (tokens may opt out).",
+    )
+    prompt_log_buffer: int = _setting(
+        "RLHF_PROMPT_LOG_BUFFER",
+        "10000",
+        _int(1, 10_000_000),
+        "Prompts the policy holds for the broker while it is away; beyond that they are dropped and counted.",
     )
     serve_version: str = _setting(
         "RLHF_SERVE_VERSION", "", _str, "Pin serving to this checkpoint version at start (empty = latest promoted)."

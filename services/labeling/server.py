@@ -48,14 +48,22 @@ from services.common import bus
 from services.common.auth import Authenticator, Identity, load_tokens
 from services.common.config import Settings
 from services.common.errors import Status, StatusError, abort, invalid, status_of_grpc
-from services.common.feedback import FLAG_NAMES, KNOWN_FLAGS, MAX_LIKERT, MIN_LIKERT
+from services.common.feedback import (
+    FLAG_NAMES,
+    KNOWN_FLAGS,
+    MAX_LIKERT,
+    MIN_LIKERT,
+    VALIDATE_FIRST,
+    InvalidField,
+    Limits,
+    check_event,
+)
 from services.common.grpc_server import RunningServer, channel_options, start_server
 from services.common.logs import get_logger, log_fields
 from services.datasets.rules import RuleParams, dedup_key, split_of
-from services.feedback import VALIDATE_FIRST
-from services.feedback.validation import InvalidField, Limits, check_event
 from services.labeling import agreement
 from services.labeling.store import LabelingStore, Policy, Sample, TaskRow
+from services.policy.prompt_log import LOG_HEADER
 
 log = get_logger(__name__)
 
@@ -176,7 +184,8 @@ class Sampler:
     def generate(self, task: TaskRow, k: int, token: str) -> list[Sample]:
         rng = random.Random(task.prompt_id)  # the same prompt gets the same samples (and seeds)
         texts: dict[str, str] = {}  # stripped text -> version; the feedback service refuses empty or repeated samples
-        metadata = [("authorization", f"Bearer {token}")] if token else []
+        # The prompt is logged already (it is where the task came from): the policy must not log it again.
+        metadata = [("authorization", f"Bearer {token}"), (LOG_HEADER, "false")] if token else [(LOG_HEADER, "false")]
         for attempt in range(SAMPLE_ATTEMPTS):
             missing = k - len(texts)
             if not missing:

@@ -36,9 +36,9 @@ from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, Field
 from rlhf.v1 import policy_pb2
 
-from services.common.auth import Authenticator, AuthError, load_tokens
+from services.common.auth import Authenticator, load_tokens
 from services.common.config import Settings
-from services.common.errors import StatusError, http_status, invalid, status_of_grpc
+from services.common.errors import StatusError, http_status, invalid
 from services.common.feedback import CHAT_ROLES
 from services.common.logs import get_logger, log_fields
 from services.playground.client import (
@@ -125,10 +125,7 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
     def identify(request: Request, need: str = "user") -> str:
         """Check the caller's token for this page and return it for forwarding."""
         header = request.headers.get("authorization")
-        try:
-            auth.identify(header, need)
-        except AuthError as err:
-            raise StatusError(status_of_grpc(err.code), str(err)) from None
+        auth.identify(header, need)  # raises StatusError: UNAUTHENTICATED or PERMISSION_DENIED
         return header.partition(" ")[2].strip()
 
     @app.exception_handler(StatusError)
@@ -167,10 +164,7 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
     @app.post("/api/session")
     async def session(request: Request):
         header = request.headers.get("authorization")
-        try:
-            identity = auth.identify(header, "user")
-        except AuthError as err:
-            raise StatusError(status_of_grpc(err.code), str(err)) from None
+        identity = auth.identify(header, "user")
         return {"user_id": identity.user_id, "role": identity.role, "labeler": identity.may("labeler")}
 
     @app.get("/api/model")
@@ -188,7 +182,7 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
         logged = await run_in_threadpool(
             client.log_prompt, token, body.prompt, messages, "chat" if messages else "prompt", body.request_id
         )
-        call = client.stream(body.prompt, messages, body.options(), token)
+        call = client.stream(token, body.prompt, messages, body.options())
         try:
             # Pull the first message before answering, so an immediate refusal
             # (prompt too long, queue full) becomes a proper HTTP status.

@@ -163,7 +163,7 @@ def stream_answer(
     options: GenerationOptions,
 ) -> str | None:
     """Print one answer as it streams; return its final text (None if stopped or refused)."""
-    call = client.stream(prompt, messages, options, token)
+    call = client.stream(token, prompt, messages, options)
     final = None
     try:
         while (message := next_or_error(call)) is not None:

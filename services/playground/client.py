@@ -39,6 +39,7 @@ from services.common.errors import StatusError, invalid, status_of_grpc
 from services.common.feedback import MAX_LIKERT, MIN_LIKERT
 from services.common.grpc_server import channel_options
 from services.common.logs import get_logger, log_fields
+from services.policy.prompt_log import LOG_HEADER
 
 log = get_logger(__name__)
 
@@ -220,15 +221,21 @@ class PlaygroundClient:
             raise error from None
 
     # --- policy ----------------------------------------------------------------
-    def model_info(self, token: str = "") -> common_pb2.ModelInfo:
-        return self._call("policy", self.policy.GetModelInfo, common_pb2.GetModelInfoRequest(), token)
+    @staticmethod
+    def _policy_metadata(token: str) -> list[tuple[str, str]]:
+        """The caller's token; the playground logs its prompts itself (LogPrompt), so the policy does not."""
+        return [*bearer(token), (LOG_HEADER, "false")]
+
+    def model_info(self, token: str) -> common_pb2.ModelInfo:
+        try:
+            return self.policy.GetModelInfo(
+                common_pb2.GetModelInfoRequest(), metadata=self._policy_metadata(token), timeout=SUBMIT_TIMEOUT_S
+            )
+        except grpc.RpcError as err:
+            raise rpc_error(err, "policy") from None
 
     def stream(
-        self,
-        prompt: str = "",
-        messages: list[dict] | None = None,
-        options: GenerationOptions | None = None,
-        token: str = "",
+        self, token: str, prompt: str = "", messages: list[dict] | None = None, options: GenerationOptions | None = None
     ):
         """Start GenerateStream; return the call (iterate it for tokens, cancel() to stop).
 
@@ -237,9 +244,7 @@ class PlaygroundClient:
         request = policy_pb2.GenerateRequest(
             prompt=prompt, messages=_messages(messages), parameters=(options or GenerationOptions()).to_proto(1)
         )
-        return self.policy.GenerateStream(
-            request, metadata=bearer(token) if token else None, timeout=GENERATE_TIMEOUT_S
-        )
+        return self.policy.GenerateStream(request, metadata=self._policy_metadata(token), timeout=GENERATE_TIMEOUT_S)
 
     # --- feedback --------------------------------------------------------------
     def log_prompt(

@@ -58,6 +58,8 @@ class TgiBackend:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.url = settings.tgi_url.rstrip("/")
+        # RLHF_TGI_TOKEN, for an upstream that checks bearer tokens (such as another policy service).
+        self.headers = {"Authorization": f"Bearer {settings.tgi_token}"} if settings.tgi_token else None
         self.tokenizer = load_tokenizer(ensure_tokenizer(settings.model_cache))
         # At most RLHF_MAX_BATCH requests upstream at once; RLHF_MAX_QUEUE more may wait.
         self._pool = ThreadPoolExecutor(max_workers=settings.max_batch, thread_name_prefix="tgi-call")
@@ -78,7 +80,7 @@ class TgiBackend:
         now = time.monotonic()
         if now - self._info_at > INFO_TTL_S:
             try:
-                reply = httpx.get(f"{self.url}/info", timeout=5.0)
+                reply = httpx.get(f"{self.url}/info", headers=self.headers, timeout=5.0)
                 reply.raise_for_status()
                 self._info, self._info_at = reply.json(), now
             except (httpx.HTTPError, ValueError) as err:
@@ -137,7 +139,7 @@ class TgiBackend:
 
         version = self.version
         timeout = 600 if req.deadline is None else max(1, int(req.deadline - time.monotonic()) + 1)
-        client = AsyncClient(self.url, timeout=timeout)
+        client = AsyncClient(self.url, headers=self.headers, timeout=timeout)
         tasks = [
             asyncio.create_task(self._sample(client, req, index, seed, version))
             for index, seed in enumerate(req.params.sample_seeds())

@@ -381,7 +381,9 @@ class LabelerPool:
                 i,
                 p,
                 self.policy.Generate(
-                    policy_pb2.GenerateRequest(prompt=p.text, parameters=params), timeout=self.timeout
+                    policy_pb2.GenerateRequest(prompt=p.text, parameters=params),
+                    metadata=bearer(self._labeler(i).token),  # a labeler's own token (not logged as a prompt)
+                    timeout=self.timeout,
                 ),
             )
 

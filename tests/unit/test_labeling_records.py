@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from rlhf.v1 import events_pb2
 
-from services.datasets.builder import record_from_event
+from services.common.feedback import record_of
 
 
 def test_comparison_record_carries_likert_flags_and_lineage():
@@ -27,7 +27,7 @@ def test_comparison_record_carries_likert_flags_and_lineage():
             events_pb2.RankedResponse(text="Dog.", policy_version="base-1", rank=2, sample_id="task-1-s1", likert=2),
         ],
     )
-    record = record_from_event("comparisons", event)
+    record = record_of("comparisons", event)
     assert record["task_id"] == "task-1"
     assert record["responses"] == [
         {
@@ -45,7 +45,7 @@ def test_comparison_record_carries_likert_flags_and_lineage():
 def test_the_feedback_service_checks_per_response_likert_and_flags():
     import pytest
 
-    from services.feedback.validation import InvalidField, Limits, check_ranked_responses
+    from services.common.feedback import InvalidField, Limits, check_ranked_responses
 
     responses = [
         events_pb2.RankedResponse(text=f"answer {i}", policy_version="v1", rank=i + 1, likert=4) for i in range(4)

@@ -92,7 +92,7 @@ def test_adaptive_kl_controller():
 
 
 def test_weight_ema_averages_the_trainable_weights_and_round_trips():
-    from trainers.common import WeightEMA
+    from trainers.nn import WeightEMA
 
     model = torch.nn.Linear(2, 1, bias=True)
     model.bias.requires_grad_(False)  # frozen tensors are not averaged
