@@ -1,6 +1,7 @@
 """The local stack: `make up`, `make down`, `make logs`, `make status`.
 
-`up` starts, on loopback: the Tansu broker, the topics, the seed checkpoints,
+`up` starts, on loopback: the Tansu broker (with its S3 store under
+$RLHF_HOME/broker when RLHF_BROKER_STORAGE=s3, the default), the topics, the seed checkpoints,
 the policy, reward and feedback gRPC services, the playground and the
 trainer controller. It waits until every health check reports SERVING, then
 prints the endpoints.
@@ -26,7 +27,7 @@ from pathlib import Path
 import psutil
 
 from services.common.auth import dev_tokens, write_tokens_file
-from services.common.broker import port_open, start_broker, wait_for_kafka
+from services.common.broker import port_open, start_broker, start_object_store, wait_for_kafka
 from services.common.config import Settings, exit_on_config_error, load_settings
 
 
@@ -112,9 +113,11 @@ class Stack:
             print(f"  broker: using the Kafka broker already listening on {s.kafka_bootstrap}")
         else:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            proc = start_broker(int(port), log_path=self.log_dir / "broker.log", host=host)
+            endpoint = self._start_store() if s.broker_storage == "s3" else None
+            proc = start_broker(int(port), log_path=self.log_dir / "broker.log", host=host, s3_endpoint=endpoint)
             self._record("broker", proc)
-            print(f"  broker: started Tansu on {s.kafka_bootstrap} (pid {proc.pid})")
+            where = f"records under {self.store_dir}" if endpoint else "in memory: a restart loses every record"
+            print(f"  broker: started Tansu on {s.kafka_bootstrap} (pid {proc.pid}; {where})")
         wait_for_kafka(s.kafka_bootstrap, timeout=30)
 
         from services.common.bootstrap import ensure_seeded
@@ -130,6 +133,23 @@ class Stack:
         print(f"\nall services SERVING after {time.monotonic() - started:.1f}s")
         self.print_endpoints()
         return 0
+
+    @property
+    def store_dir(self) -> Path:
+        return self.settings.home / "broker"
+
+    def _start_store(self) -> str:
+        """The durable broker's S3 server (s3rver): started unless it runs already; its endpoint."""
+        s = self.settings
+        if self._alive("broker-store"):
+            print("  broker-store: already running")
+        else:
+            proc = start_object_store(
+                s.broker_s3_port, self.store_dir, s.model_cache, log_path=self.log_dir / "broker-store.log"
+            )
+            self._record("broker-store", proc)
+            print(f"  broker-store: started s3rver on 127.0.0.1:{s.broker_s3_port} (pid {proc.pid})")
+        return f"http://127.0.0.1:{s.broker_s3_port}"
 
     def _wait_healthy(self, comp: Component, deadline: float) -> None:
         from services.common.grpc_server import wait_for_serving
@@ -171,7 +191,7 @@ class Stack:
         )
 
     def down(self, timeout: float = 20.0) -> int:
-        names = [c.name for c in reversed(components(self.settings))] + ["broker"]
+        names = [c.name for c in reversed(components(self.settings))] + ["broker", "broker-store"]
         for name in names:
             proc = self._alive(name)
             if proc is None:
@@ -192,9 +212,9 @@ class Stack:
         return 0
 
     def status(self) -> int:
-        for name in ["broker"] + [c.name for c in components(self.settings)]:
+        for name in ["broker-store", "broker"] + [c.name for c in components(self.settings)]:
             proc = self._alive(name)
-            print(f"  {name:<11} {'running (pid %d)' % proc.pid if proc else 'stopped'}")
+            print(f"  {name:<12} {f'running (pid {proc.pid})' if proc else 'stopped'}")
         return 0
 
     def logs(self, lines: int = 40) -> int:

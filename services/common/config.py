@@ -199,6 +199,17 @@ class Settings:
     kafka_timeout_s: float = _setting(
         "RLHF_KAFKA_TIMEOUT_S", "5", _float(0.1, 600), "How long a write may wait for the broker's acknowledgement."
     )
+    broker_storage: str = _setting(
+        "RLHF_BROKER_STORAGE",
+        "s3",
+        _choice("s3", "memory"),
+        "Storage of the embedded broker (`make up`): `s3` keeps records and offsets under $RLHF_HOME/broker"
+        " through a local S3 server (about 25 ms per lone acknowledged write); `memory` is fast but a restart"
+        " loses everything.",
+    )
+    broker_s3_port: int = _setting(
+        "RLHF_BROKER_S3_PORT", "9094", _port, "Loopback port of the embedded broker's S3 server (storage `s3`)."
+    )
 
     # --- network -------------------------------------------------------------
     bind_host: str = _setting(

@@ -22,6 +22,7 @@ def test_up_twice_then_down(tmp_path, tiny_model_dir):
         "RLHF_MODEL_CACHE": MODEL_CACHE,
         "RLHF_TRAINER_PRESET": "tiny",
         "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "RLHF_BROKER_S3_PORT": str(free_port()),  # the durable default: Tansu on a local S3 store
         "RLHF_CONTROLLER_INTERVAL_S": "3600",
     }
     for name in ("POLICY", "REWARD", "FEEDBACK", "HTTP", "PLAYGROUND", "CONTROLLER"):
@@ -38,11 +39,11 @@ def test_up_twice_then_down(tmp_path, tiny_model_dir):
         assert "all services SERVING" in up.stdout
         assert elapsed < 60, f"stack took {elapsed:.1f}s"
         pids = {p.stem: json.loads(p.read_text())["pid"] for p in (home / "run").glob("*.pid")}
-        assert set(pids) == {"broker", "policy", "reward", "feedback", "playground", "controller"}
+        assert set(pids) == {"broker-store", "broker", "policy", "reward", "feedback", "playground", "controller"}
 
         again = subprocess.run([*stack, "up", "--timeout", "60"], env=env, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stdout + again.stderr
-        assert again.stdout.count("already running") == 6
+        assert again.stdout.count("already running") == 7
         assert {p.stem: json.loads(p.read_text())["pid"] for p in (home / "run").glob("*.pid")} == pids
     finally:
         down = subprocess.run([*stack, "down"], env=env, capture_output=True, text=True, timeout=120)
