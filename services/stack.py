@@ -144,7 +144,9 @@ class Stack:
         if self._alive("broker-store"):
             print("  broker-store: already running")
         else:
-            proc = start_object_store(s.broker_s3_port, self.store_dir, log_path=self.log_dir / "broker-store.log")
+            proc = start_object_store(
+                s.broker_s3_port, self.store_dir, log_path=self.log_dir / "broker-store.log", fsync=s.broker_fsync
+            )
             self._record("broker-store", proc)
             print(f"  broker-store: started the object store on 127.0.0.1:{s.broker_s3_port} (pid {proc.pid})")
         return f"http://127.0.0.1:{s.broker_s3_port}"

