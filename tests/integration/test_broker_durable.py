@@ -9,6 +9,7 @@ happen); an independent client (librdkafka) reads them back.
 from __future__ import annotations
 
 import signal
+import time
 import urllib.error
 import urllib.request
 
@@ -108,3 +109,42 @@ def test_acknowledged_records_survive_a_sigkill_and_new_ones_append_after_them(d
     assert sorted(values) == sorted(
         [f"before-{i}".encode() for i in range(6)] + [f"after-{i}".encode() for i in range(4)]
     )
+
+
+def test_a_checkpoint_follower_resumes_after_the_broker_restarts(durable, tmp_path):
+    """Serving replicas follow the checkpoints topic: after a crash of the
+    broker they see the next announcement once, and nothing twice."""
+    from rlhf.v1 import events_pb2
+
+    from services.common import bus
+    from tests.conftest import make_settings
+
+    durable.start()
+    settings = make_settings(tmp_path / "home", durable.bootstrap)
+    bus.create_topics(settings)
+    seen: list[str] = []
+    follower = bus.CheckpointFollower(settings, "policy", lambda e: seen.append(e.version)).start()
+    try:
+        assert follower.ready
+
+        def announce(version: str) -> None:
+            event = events_pb2.CheckpointEvent(
+                type=events_pb2.CheckpointEvent.TYPE_PROMOTED, version=version, role="policy"
+            )
+            bus.announce_checkpoint(settings, event)
+
+        def wait_for(n: int) -> None:
+            deadline = time.monotonic() + 30
+            while len(seen) < n and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+        announce("ppo-1")
+        wait_for(1)
+        durable.kill()
+        durable.start()
+        announce("ppo-2")
+        wait_for(2)
+        time.sleep(1)  # room for a wrong replay of ppo-1
+        assert seen == ["ppo-1", "ppo-2"]
+    finally:
+        follower.stop()
