@@ -108,6 +108,8 @@ class Stack:
         host, _, port = s.kafka_bootstrap.split(",")[0].rpartition(":")
         print(f"starting the local stack (model preset: {s.model}, state: {s.home})")
         if self._alive("broker"):
+            if s.broker_storage == "s3":
+                self._start_store()  # a broker whose store died gets it back
             print("  broker: already running")
         elif port_open(host, int(port)):
             print(f"  broker: using the Kafka broker already listening on {s.kafka_bootstrap}")
