@@ -31,15 +31,16 @@ import hashlib
 import os
 import re
 import sys
-import tempfile
 import threading
 import time
+from collections import OrderedDict
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, unquote, urlsplit
 from xml.sax.saxutils import escape
 
+ETAG_CACHE = 4096
 SUFFIX = ".obj"  # object files carry it, so a key and a longer key's folder never collide
 XMLNS = "http://s3.amazonaws.com/doc/2006-03-01/"
 
@@ -59,6 +60,8 @@ class Store:
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()  # a precondition and its write happen as one step
         self._last_ns = 0  # modification times strictly increase in write order (see _iso)
+        # ETags of recently written objects, so a conditional write needs no reread (bounded).
+        self._etags: OrderedDict[Path, str] = OrderedDict()
 
     def bucket(self, name: str) -> Path:
         if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,62}", name):
@@ -74,10 +77,12 @@ class Store:
             raise S3Error(404, "NoSuchBucket", f"no bucket {bucket!r}")
         return base.joinpath(*parts[:-1], parts[-1] + SUFFIX)
 
-    @staticmethod
-    def etag(path: Path) -> str | None:
+    def etag(self, path: Path) -> str | None:
+        known = self._etags.get(path)
+        if known is not None:
+            return known
         try:
-            return '"' + hashlib.md5(path.read_bytes(), usedforsecurity=False).hexdigest() + '"'
+            return _etag(path.read_bytes())
         except FileNotFoundError:
             return None
 
@@ -94,9 +99,9 @@ class Store:
         with self._lock:
             self.check(self.etag(path), if_match, if_none_match)
             path.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+            tmp = path.with_name(".tmp-" + path.name)  # one writer at a time (the lock)
             try:
-                with os.fdopen(fd, "wb") as out:
+                with open(tmp, "wb") as out:
                     out.write(data)
                     if self.fsync:
                         out.flush()
@@ -105,11 +110,16 @@ class Store:
                 os.utime(tmp, ns=(stamp, stamp))
                 os.replace(tmp, path)
             except BaseException:
-                Path(tmp).unlink(missing_ok=True)
+                self._etags.pop(path, None)
+                tmp.unlink(missing_ok=True)
                 raise
             if self.fsync:
                 _fsync_dir(path.parent)
-        return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
+            etag = self._etags[path] = _etag(data)
+            self._etags.move_to_end(path)
+            if len(self._etags) > ETAG_CACHE:
+                self._etags.popitem(last=False)
+        return etag
 
     def get(self, bucket: str, key: str) -> tuple[bytes, str, int]:
         path = self.path(bucket, key)
@@ -118,12 +128,13 @@ class Store:
             mtime = path.stat().st_mtime_ns
         except FileNotFoundError:
             raise S3Error(404, "NoSuchKey", f"no object {key!r}") from None
-        return data, '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"', mtime
+        return data, _etag(data), mtime
 
     def delete(self, bucket: str, key: str) -> None:
         path = self.path(bucket, key)
         with self._lock:
             path.unlink(missing_ok=True)
+            self._etags.pop(path, None)
 
     def list(self, bucket: str, prefix: str, delimiter: str, start_after: str) -> tuple[list, list]:
         base = self.bucket(bucket)
@@ -153,6 +164,10 @@ class Store:
                 continue
             contents.append((key, stat.st_size, stat.st_mtime_ns, self.etag(path)))
         return contents, prefixes
+
+
+def _etag(data: bytes) -> str:
+    return '"' + hashlib.md5(data, usedforsecurity=False).hexdigest() + '"'
 
 
 def _fsync_dir(path: Path) -> None:
