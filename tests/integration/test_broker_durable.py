@@ -54,7 +54,7 @@ def durable(tmp_path):
         stop_process(proc)
 
 
-def test_the_object_store_refuses_writes_whose_precondition_fails(durable, tmp_path):
+def test_the_object_store_refuses_writes_whose_precondition_fails(tmp_path):
     proc = start_object_store(port := free_port(), tmp_path / "objects")
     try:
         url = f"http://127.0.0.1:{port}/tansu/a/watermark.json"
