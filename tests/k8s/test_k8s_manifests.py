@@ -432,7 +432,8 @@ def _selects(selector: dict, labels: dict) -> bool:
 
 
 def _allows(policies: list[dict], direction: str, labels: dict, peer: dict | None, port: int) -> bool:
-    """Whether some policy lets a pod with `labels` talk in `direction` to/from `peer` (pod labels, None = outside) on `port`."""
+    """Whether some policy lets a pod with `labels` talk in `direction` to/from `peer`
+    (pod labels, None = outside) on `port`."""
     key, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
     for pol in policies:
         if direction not in pol["spec"]["policyTypes"] or not _selects(pol["spec"]["podSelector"], labels):
