@@ -203,11 +203,9 @@ class Stack:
                 os.killpg(proc.pid, signal.SIGTERM)  # its own session: it and its children
             except ProcessLookupError:
                 pass
-            try:
-                proc.wait(timeout)
-            except psutil.TimeoutExpired:
+            if not _exited(proc, timeout):
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+                _exited(proc, 5)
             self._pidfile(name).unlink(missing_ok=True)
             print(f"  {name}: stopped")
         print("local stack is down")
@@ -224,6 +222,21 @@ class Stack:
             print(f"==> {path} <==")
             print("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
         return 0
+
+
+def _exited(proc: psutil.Process, timeout: float) -> bool:
+    """Wait until `proc` has exited. It is not our child (the `up` that started
+    it has exited), so it stays a zombie until init reaps it, which can take
+    seconds: a zombie has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:
