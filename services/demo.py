@@ -148,6 +148,7 @@ def configure_environment(preset: DemoPreset, home: Path, seed: int = 0) -> None
             "RLHF_TRAINER_PRESET": preset.trainer_preset,
             "RLHF_TRAINER_OVERRIDES": json.dumps(overrides),
             "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+            "RLHF_BROKER_S3_PORT": str(free_port()),
             "RLHF_TOKENS_FILE": str(home / "tokens.json"),
             "RLHF_JOB_RETRIES": os.environ.get("RLHF_JOB_RETRIES", "1"),
         }

@@ -80,8 +80,17 @@ def create_topics(settings: Settings, keys: Iterable[str] | None = None, timeout
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=int(timeout * 1000))
     try:
         existing = set(admin.list_topics())
+        # Replicated topics also say how many replicas an acks=all write needs.
+        configs = (
+            {"min.insync.replicas": str(settings.topic_min_insync_replicas)} if settings.topic_replication > 1 else {}
+        )
         wanted = [
-            NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=settings.topic_replication)
+            NewTopic(
+                name,
+                num_partitions=settings.topic_partitions,
+                replication_factor=settings.topic_replication,
+                topic_configs=configs,
+            )
             for name in names
             if name not in existing
         ]
@@ -109,8 +118,15 @@ def make_producer(settings: Settings, **overrides):
         max_in_flight_requests_per_connection=5,
         request_timeout_ms=int(settings.kafka_timeout_s * 1000),
         max_block_ms=int(settings.kafka_timeout_s * 1000),
+        # Only the platform creates topics (create_topics, with the configured
+        # partitions): a client that auto-created one after a broker restart
+        # would get the broker's default partition count, which moves keys.
+        allow_auto_create_topics=False,
     )
     options.update(overrides)
+    # Drop a record about when its caller gives up on it (the shortest kafka-python
+    # accepts), so a write reported as failed is rarely delivered much later.
+    options.setdefault("delivery_timeout_ms", options["request_timeout_ms"] + options["linger_ms"])
     return KafkaProducer(**options)
 
 
@@ -127,6 +143,7 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides):
         session_timeout_ms=10000,
         heartbeat_interval_ms=1000,
         max_poll_interval_ms=300000,
+        allow_auto_create_topics=False,  # see make_producer
     )
     options.update(overrides)
     return KafkaConsumer(**options)

@@ -67,7 +67,14 @@ class _Pending:
     prepared: Prepared
     entry: Entry
     owner: bool
+    identity: Identity
     future: asyncio.Future | None = None
+
+
+def _reply(prepared: Prepared, written) -> feedback_pb2.SubmitReply:
+    return feedback_pb2.SubmitReply(
+        event_id=prepared.event_id, topic=written.topic, partition=written.partition, offset=written.offset
+    )
 
 
 class FeedbackServicer:
@@ -152,19 +159,15 @@ class FeedbackServicer:
                 prepared.append(self._prepare_item(len(prepared), raw, identity))
         except StatusError as err:
             await self._refuse(context, err, identity, "bulk")
-        pending: list[_Pending] = []
         try:
             # A broker fault part-way can leave a prefix written: the client's
             # retry with the same request ids completes it without duplicates.
-            for item in prepared:
-                pending.append(self._begin(item, identity))
+            # Each write settles its own request id, even if the stream ends first.
+            pending = [self._begin(item, identity) for item in prepared]
             for item in pending:
                 yield await self._finish(item, context)
         except StatusError as err:
             await self._refuse(context, err, identity, "bulk")
-        finally:
-            for item in pending:
-                self._abandon(item)  # no-op for those acknowledged
 
     async def drain(self, grace: float) -> None:
         """On shutdown: refuse new calls with UNAVAILABLE (a client retries
@@ -194,32 +197,30 @@ class FeedbackServicer:
                 kind,
             )
         if self.calls >= self.settings.feedback_max_calls:
-            limit = self.settings.feedback_max_calls
-            busy = StatusError(
-                Status.RESOURCE_EXHAUSTED,
-                f"{self.calls} feedback calls in progress (RLHF_FEEDBACK_MAX_CALLS={limit}); retry with backoff",
+            await self._refuse(
+                context,
+                StatusError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"{self.calls} feedback calls in progress"
+                    f" (RLHF_FEEDBACK_MAX_CALLS={self.settings.feedback_max_calls}); retry with backoff",
+                ),
+                identity,
+                kind,
             )
-            await self._refuse(context, busy, identity, kind)
         self.calls += 1
 
     async def _bulk(self, request_iterator, context, identity: Identity) -> AsyncIterator[feedback_pb2.SubmitReply]:
         pipeline: asyncio.Queue = asyncio.Queue(maxsize=self.settings.feedback_bulk_window)
 
         async def read() -> None:
-            held: _Pending | None = None  # sent, not yet in the pipeline
             try:
                 index = 0
                 async for raw in request_iterator:
-                    held = self._begin(self._prepare_item(index, raw, identity), identity)
-                    await pipeline.put(held)  # waits while the window is full: the broker is behind
-                    held = None
+                    item = self._begin(self._prepare_item(index, raw, identity), identity)
+                    await pipeline.put(item)  # waits while the window is full: the broker is behind
                     index += 1
                 await pipeline.put(_END)
-            except asyncio.CancelledError:
-                if held is not None:
-                    self._abandon(held)
-                raise
-            except StatusError as err:
+            except StatusError as err:  # InvalidField included
                 await pipeline.put(err)
             except Exception as err:  # noqa: BLE001 - whatever broke the client's stream ends it as CANCELLED
                 await pipeline.put(StatusError(Status.CANCELLED, f"request stream failed: {err}"))
@@ -238,22 +239,11 @@ class FeedbackServicer:
                     await self._refuse(context, err, identity, "bulk")
                 yield reply
         finally:
-            # The stream ended early (error, cancel): what was not acknowledged
-            # is not recorded as written; a retry will send it again.
+            # The stream ended early (error, cancel): the writes already sent
+            # settle their request ids when the broker answers, so a retry
+            # returns their replies or, if they failed, sends them again.
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-            while not pipeline.empty():
-                item = pipeline.get_nowait()
-                if isinstance(item, _Pending):
-                    self._abandon(item)
-
-    def _abandon(self, item: _Pending) -> None:
-        if item.owner and not item.entry.done.is_set():
-            self.cache.fail(
-                item.prepared.event_id,
-                item.entry,
-                StatusError(Status.UNAVAILABLE, "bulk stream ended before the ack"),
-            )
 
     def _prepare_item(self, index: int, raw: bytes, identity: Identity) -> Prepared:
         item = parse(raw, feedback_pb2.BulkItem, f"items[{index}]")
@@ -282,7 +272,11 @@ class FeedbackServicer:
                     f"request_id {prepared.event.request_id!r} was already used for a different request;"
                     " use a new request_id",
                 )
-            return _Pending(prepared, entry, owner=False)
+            return _Pending(prepared, entry, owner=False, identity=identity)
+        return self._send(prepared, entry, identity)
+
+    def _send(self, prepared: Prepared, entry: Entry, identity: Identity) -> _Pending:
+        """Publish the event of an entry this call owns; the write settles the entry itself."""
         event = prepared.event
         try:
             future = self.producer.send(
@@ -295,39 +289,70 @@ class FeedbackServicer:
             refusal = StatusError(Status.UNAVAILABLE, f"broker unavailable: {err}")
             self.cache.fail(prepared.event_id, entry, refusal)
             raise refusal from None
-        return _Pending(prepared, entry, owner=True, future=future)
+        self._settle_on_outcome(prepared, entry, future)
+        return _Pending(prepared, entry, owner=True, identity=identity, future=future)
+
+    def _settle_on_outcome(self, prepared: Prepared, entry: Entry, future: asyncio.Future) -> None:
+        """Complete or fail the idempotency entry when the broker answers, whether
+        or not the calling client still waits (grpc.aio cancels a handler whose
+        deadline passed). A write not acknowledged within the broker timeout
+        counts as failed, so a retry takes it over; a later ack still wins."""
+        key, limit = prepared.event_id, self.settings.kafka_timeout_s
+
+        def expire() -> None:
+            if not future.done():
+                self.cache.fail(
+                    key, entry, StatusError(Status.UNAVAILABLE, f"broker did not acknowledge within {limit:.1f}s")
+                )
+
+        timer = asyncio.get_running_loop().call_later(limit, expire)
+
+        def settled(done: asyncio.Future) -> None:
+            timer.cancel()
+            error = None if done.cancelled() else done.exception()
+            if done.cancelled() or error is not None:
+                detail = str(error) if error is not None else "cancelled"
+                self.cache.fail(key, entry, StatusError(Status.UNAVAILABLE, f"broker refused the write: {detail}"))
+                return
+            self.cache.complete(key, entry, _reply(prepared, done.result()))
+            EVENTS_WRITTEN.labels(done.result().topic).inc()
+
+        future.add_done_callback(settled)
 
     async def _finish(self, item: _Pending, context) -> feedback_pb2.SubmitReply:
-        """Wait for the broker's ack (within the call's deadline) and build the reply."""
-        timeout = self._timeout(context)
-        if not item.owner:
-            # A retry racing its first request: rare, so a pool thread may block on it.
+        """Wait for the broker's ack (within the call's deadline) and build the reply.
+
+        A retry of a request still in flight waits for that write; if it
+        failed, the retry takes the request id over and publishes again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout(context)
+        while not item.owner:
             try:
-                return await asyncio.get_running_loop().run_in_executor(None, item.entry.wait, timeout)
-            except TimeoutError as err:  # a failed first request re-raises its StatusError
-                raise StatusError(
-                    Status.UNAVAILABLE, f"the first request with this request_id was not acknowledged: {err}"
-                ) from None
+                return await item.entry.wait_async(max(0.0, deadline - loop.time()))
+            except TimeoutError as err:
+                raise StatusError(Status.UNAVAILABLE, f"{err}; retry with the same request_id") from None
+            except Exception:  # noqa: BLE001 - the first write failed, whatever its error: take it over
+                entry, owner = self.cache.reserve(item.prepared.event_id, item.prepared.fingerprint)
+                item = (
+                    self._send(item.prepared, entry, item.identity)
+                    if owner
+                    else _Pending(item.prepared, entry, owner=False, identity=item.identity)
+                )
+        timeout = max(0.01, deadline - loop.time())
         try:
             if item.future.done():  # common in bulk imports: acked while earlier replies were written
                 written = item.future.result()
             else:
+                # shield: a cancelled call (client deadline) leaves the write to settle its entry
                 async with asyncio.timeout(timeout):
-                    written = await item.future
+                    written = await asyncio.shield(item.future)
         except (PublishError, TimeoutError) as err:
-            refusal = StatusError(
+            raise StatusError(
                 Status.UNAVAILABLE,
                 f"broker did not acknowledge within {timeout:.1f}s ({str(err) or type(err).__name__});"
                 " retry with the same request_id (a late write is de-duplicated by event id)",
-            )
-            self.cache.fail(item.prepared.event_id, item.entry, refusal)
-            raise refusal from None
-        reply = feedback_pb2.SubmitReply(
-            event_id=item.prepared.event_id, topic=written.topic, partition=written.partition, offset=written.offset
-        )
-        self.cache.complete(item.prepared.event_id, item.entry, reply)
-        EVENTS_WRITTEN.labels(written.topic).inc()
-        return reply
+            ) from None
+        return _reply(item.prepared, written)
 
     def _timeout(self, context) -> float:
         remaining = context.time_remaining() if context is not None else None

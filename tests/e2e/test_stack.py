@@ -22,6 +22,7 @@ def test_up_twice_then_down(tmp_path, tiny_model_dir):
         "RLHF_MODEL_CACHE": MODEL_CACHE,
         "RLHF_TRAINER_PRESET": "tiny",
         "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "RLHF_BROKER_S3_PORT": str(free_port()),  # the durable default: Tansu on a local S3 store
         "RLHF_CONTROLLER_INTERVAL_S": "3600",
     }
     for name in ("POLICY", "REWARD", "FEEDBACK", "LABELING", "HTTP", "PLAYGROUND", "CONTROLLER"):
@@ -39,7 +40,16 @@ def test_up_twice_then_down(tmp_path, tiny_model_dir):
         assert "all services SERVING" in up.stdout
         assert elapsed < 60, f"stack took {elapsed:.1f}s"
         pids = {p.stem: json.loads(p.read_text())["pid"] for p in (home / "run").glob("*.pid")}
-        assert set(pids) == {"broker", "policy", "reward", "feedback", "labeling", "playground", "controller"}
+        assert set(pids) == {
+            "broker-store",
+            "broker",
+            "policy",
+            "reward",
+            "feedback",
+            "labeling",
+            "playground",
+            "controller",
+        }
 
         again = subprocess.run([*stack, "up", "--timeout", "60"], env=env, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stdout + again.stderr

@@ -439,7 +439,8 @@ def _selects(selector: dict, labels: dict) -> bool:
 
 
 def _allows(policies: list[dict], direction: str, labels: dict, peer: dict | None, port: int) -> bool:
-    """Whether some policy lets a pod with `labels` talk in `direction` to/from `peer` (pod labels, None = outside) on `port`."""
+    """Whether some policy lets a pod with `labels` talk in `direction` to/from `peer`
+    (pod labels, None = outside) on `port`."""
     key, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
     for pol in policies:
         if direction not in pol["spec"]["policyTypes"] or not _selects(pol["spec"]["podSelector"], labels):
@@ -529,6 +530,44 @@ def test_policy_scales_with_an_autoscaler_and_a_disruption_budget(renders):
     pdb = one(objects, "PodDisruptionBudget", "policy")["spec"]
     assert pdb["minAvailable"] < hpa["minReplicas"]
     assert pdb["selector"] == one(objects, "Deployment", "policy")["spec"]["selector"]
+
+
+def _kafka_env(objects: list[dict]) -> dict[str, str | dict]:
+    kafka = one(objects, "StatefulSet", "kafka-broker")
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in pod_spec(kafka)["containers"][0]["env"]}
+
+
+def test_kafka_is_three_replicated_brokers_that_match_acks_all(renders):
+    """acks=all means something: 3 KRaft brokers, topics on 3 of them, a write on >= 2, one may be drained."""
+    objects = renders["base"]
+    kafka = one(objects, "StatefulSet", "kafka-broker")
+    assert kafka["spec"]["replicas"] == 3 and kafka["spec"]["podManagementPolicy"] == "Parallel"
+    env = _kafka_env(objects)
+    voters = env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")
+    assert voters == [f"{i}@kafka-broker-{i}.kafka-broker.$(POD_NAMESPACE).svc:9093" for i in range(3)]
+    assert env["KAFKA_NODE_ID"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+    assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2" and env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "3"
+    assert env["KAFKA_UNCLEAN_LEADER_ELECTION_ENABLE"] == "false"
+    assert one(objects, "Service", "kafka-broker")["spec"]["publishNotReadyAddresses"] is True
+    for deployment in ("feedback", "trainer-controller"):  # the topics' creators and writers
+        settings = settings_of(objects, deployment)
+        assert (settings.topic_replication, settings.topic_min_insync_replicas) == (3, 2)
+    pdb = one(objects, "PodDisruptionBudget", "kafka-broker")["spec"]
+    assert pdb == {"maxUnavailable": 1, "selector": kafka["spec"]["selector"]}
+    policies = find(objects, "NetworkPolicy")
+    brokers = kafka["spec"]["template"]["metadata"]["labels"]
+    for port in (9092, 9093):  # replication and the quorum, under default deny
+        assert _allows(policies, "Egress", brokers, brokers, port) and _allows(
+            policies, "Ingress", brokers, brokers, port
+        )
+
+    dev = renders["dev"]
+    assert one(dev, "StatefulSet", "kafka-broker")["spec"]["replicas"] == 1
+    env = _kafka_env(dev)
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == "0@kafka-broker-0.kafka-broker.$(POD_NAMESPACE).svc:9093"
+    assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "1" and env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
+    settings = settings_of(dev, "feedback")
+    assert (settings.topic_replication, settings.topic_min_insync_replicas) == (1, 1)
 
 
 def test_labels_do_not_touch_selectors(renders):
