@@ -260,7 +260,9 @@ class Settings:
     policy_port: int = _setting("RLHF_POLICY_PORT", "50051", _port, "PolicyService gRPC port.")
     reward_port: int = _setting("RLHF_REWARD_PORT", "50052", _port, "RewardService gRPC port.")
     feedback_port: int = _setting("RLHF_FEEDBACK_PORT", "50053", _port, "FeedbackService gRPC port.")
-    http_port: int = _setting("RLHF_HTTP_PORT", "8080", _port, "HTTP port of the policy service (TGI- and OpenAI-compatible routes).")
+    http_port: int = _setting(
+        "RLHF_HTTP_PORT", "8080", _port, "HTTP port of the policy service (TGI- and OpenAI-compatible routes)."
+    )
     playground_port: int = _setting("RLHF_PLAYGROUND_PORT", "8000", _port, "Playground web UI port.")
     metrics_port: int = _setting(
         "RLHF_METRICS_PORT",
@@ -286,7 +288,8 @@ class Settings:
         "RLHF_GRPC_WORKERS",
         "64",
         _int(1, 4096),
-        "Threads handling gRPC calls per thread-pool server (policy, reward, controller; the FeedbackService is asynchronous).",
+        "Threads handling gRPC calls per thread-pool server (policy, reward, controller;"
+        " the FeedbackService is asynchronous).",
     )
     grpc_grace_s: float = _setting(
         "RLHF_GRPC_GRACE_S", "10", _float(0, 600), "On SIGTERM: how long in-flight calls may drain."
@@ -456,7 +459,8 @@ class Settings:
         "RLHF_FEEDBACK_MAX_CALLS",
         "4096",
         _int(1, 1 << 20),
-        "Feedback calls the FeedbackService handles at once (a BulkSubmit stream counts as one); more get RESOURCE_EXHAUSTED. Health checks are not counted.",
+        "Feedback calls the FeedbackService handles at once (a BulkSubmit stream counts as one);"
+        " more get RESOURCE_EXHAUSTED. Health checks are not counted.",
     )
     feedback_bulk_window: int = _setting(
         "RLHF_FEEDBACK_BULK_WINDOW",
@@ -549,7 +553,9 @@ class Settings:
         "RLHF_TGI_DEPLOYMENT",
         "",
         _optional_dns_label,
-        "Kubernetes Deployment running TGI for the policy (k8s/overlays/tgi: `tgi`): after each policy promotion the controller points its --model-id at the new version and Kubernetes rolls it. Empty: TGI keeps its checkpoint.",
+        "Kubernetes Deployment running TGI for the policy (k8s/overlays/tgi: `tgi`): after each policy promotion"
+        " the controller points its --model-id at the new version and Kubernetes rolls it."
+        " Empty: TGI keeps its checkpoint.",
     )
     k8s_namespace: str = _setting(
         "RLHF_K8S_NAMESPACE",
@@ -670,7 +676,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     settings = Settings(**values)
     if settings.default_max_new_tokens > settings.max_new_tokens_limit:
         raise ConfigError(
-            f"RLHF_DEFAULT_MAX_NEW_TOKENS={settings.default_max_new_tokens} exceeds RLHF_MAX_NEW_TOKENS_LIMIT={settings.max_new_tokens_limit}"
+            f"RLHF_DEFAULT_MAX_NEW_TOKENS={settings.default_max_new_tokens}"
+            f" exceeds RLHF_MAX_NEW_TOKENS_LIMIT={settings.max_new_tokens_limit}"
         )
     if settings.topic_min_insync_replicas > settings.topic_replication:
         raise ConfigError(
@@ -680,7 +687,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     if settings.max_prompt_tokens + settings.max_new_tokens_limit > settings.kv_budget_tokens:
         raise ConfigError(
             "RLHF_KV_BUDGET_TOKENS must hold at least one full sequence "
-            f"(RLHF_MAX_PROMPT_TOKENS + RLHF_MAX_NEW_TOKENS_LIMIT = {settings.max_prompt_tokens + settings.max_new_tokens_limit})"
+            "(RLHF_MAX_PROMPT_TOKENS + RLHF_MAX_NEW_TOKENS_LIMIT ="
+            f" {settings.max_prompt_tokens + settings.max_new_tokens_limit})"
         )
     return dataclasses.replace(settings, **overrides) if overrides else settings
 

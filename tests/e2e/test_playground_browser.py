@@ -17,7 +17,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from services.playground.client import PlaygroundClient
-from tests.integration.test_playground_api import LONG_ANSWER, playground_stack, read_events, wait_running  # noqa: F401  (module fixture)
+from tests.integration.test_playground_api import LONG_ANSWER, read_events, wait_running
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT_S = 60

@@ -14,7 +14,7 @@ import pexpect
 from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 
 from services.common.auth import bearer
-from tests.integration.test_playground_api import LONG_ANSWER, playground_stack, read_events, wait_running  # noqa: F401  (module fixture)
+from tests.integration.test_playground_api import LONG_ANSWER, read_events, wait_running
 
 TIMEOUT_S = 60
 
