@@ -23,13 +23,13 @@ import threading
 import time
 from typing import Any
 
-import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from services.common.config import Settings
+from services.common.errors import Status, StatusError
 from services.common.logs import get_logger
 from services.common.metrics import RPC_LATENCY, RPC_REQUESTS
 from services.policy.params import (
@@ -37,7 +37,6 @@ from services.policy.params import (
     FINISH_STOP,
     MAX_STOP_SEQUENCES,
     SampleOut,
-    ServingError,
     TokenOut,
     check_prompt,
     invalid,
@@ -49,15 +48,16 @@ log = get_logger(__name__)
 
 SERVICE = "policy-http"
 _TGI_FINISH = {FINISH_EOS: "eos_token", FINISH_STOP: "stop_sequence"}
+# TGI's error kinds for our statuses; every other failure is TGI's 424 "generation".
 _ERRORS = {
-    grpc.StatusCode.INVALID_ARGUMENT: (422, "validation"),
-    grpc.StatusCode.RESOURCE_EXHAUSTED: (429, "overloaded"),
+    Status.INVALID_ARGUMENT: (422, "validation"),
+    Status.RESOURCE_EXHAUSTED: (429, "overloaded"),
 }
 _UNSUPPORTED = ("typical_p", "frequency_penalty", "top_n_tokens", "grammar")
 
 
-def _error(err: ServingError, version: str = "") -> JSONResponse:
-    status, kind = _ERRORS.get(err.code, (424, "generation"))
+def _error(err: StatusError, version: str = "") -> JSONResponse:
+    status, kind = _ERRORS.get(err.status, (424, "generation"))
     return JSONResponse(
         {"error": err.message, "error_type": kind}, status_code=status, headers={"x-model-version": version}
     )
@@ -286,7 +286,7 @@ def build_app(settings: Settings, backend) -> FastAPI:
                             }
                         yield f"data:{json.dumps(message)}\n\n"
                     elif isinstance(event, Failed):
-                        _, kind = _ERRORS.get(event.error.code, (424, "generation"))
+                        _, kind = _ERRORS.get(event.error.status, (424, "generation"))
                         yield f"data:{json.dumps({'error': event.error.message, 'error_type': kind})}\n\n"
                         return
                     elif isinstance(event, Finished):
@@ -302,7 +302,7 @@ def build_app(settings: Settings, backend) -> FastAPI:
             if parsed.stream if stream is None else stream:
                 return stream_events(parsed)
             return await fn(request, parsed)
-        except ServingError as err:
+        except StatusError as err:
             return _error(err, backend.version)
 
     @app.post("/generate")
@@ -350,7 +350,7 @@ def build_app(settings: Settings, backend) -> FastAPI:
     async def health():
         try:
             version = backend.version
-        except ServingError as err:
+        except StatusError as err:
             return _error(err)
         return JSONResponse({}, headers={"x-model-version": version})
 

@@ -6,16 +6,16 @@ from __future__ import annotations
 
 import time
 
-import grpc
 import pytest
 import torch
 
 from services.common.checkpoints import Manifest
 from services.common.config import load_settings
+from services.common.errors import Status, StatusError
 from services.common.hotswap import Loaded
 from services.common.models import load_causal_lm, load_tokenizer, render_prompt
 from services.policy.engine import Engine
-from services.policy.params import ServingError, validate
+from services.policy.params import validate
 from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token
 
 PROMPTS = ["Write a haiku about the sea.", "What is 2+2?", "Tell me a long story about a dragon and a knight.", "Hi"]
@@ -161,7 +161,7 @@ def test_cancel_frees_the_slot_at_once_and_deadlines_are_honoured(loaded):
         req, events = request(loaded, "Hi", max_new_tokens=500, deadline=time.monotonic() + 0.2)
         engine.submit(req)
         _, _, last = collect(req, events)
-        assert isinstance(last, Failed) and last.error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert isinstance(last, Failed) and last.error.status == Status.DEADLINE_EXCEEDED
     finally:
         engine.stop()
 
@@ -181,9 +181,9 @@ def test_queue_bound_and_batch_and_kv_limits_hold(loaded):
         try:
             reqs = [request(loaded, "Hi", max_new_tokens=40) for _ in range(2)]
             engine.submit(reqs[0][0])
-            with pytest.raises(ServingError) as err:
+            with pytest.raises(StatusError) as err:
                 engine.submit(reqs[1][0])
-            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "RLHF_MAX_QUEUE" in err.value.message
+            assert err.value.status == Status.RESOURCE_EXHAUSTED and "RLHF_MAX_QUEUE" in err.value.message
         finally:
             engine._cv.release()
         collect(*reqs[0])
