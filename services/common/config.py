@@ -279,9 +279,10 @@ class Settings:
     # --- serving (added by the serving team) ---------------------------------
     serve_dtype: str = _setting(
         "RLHF_SERVE_DTYPE",
-        "float32",
-        _choice("float32", "bfloat16"),
-        "Weights dtype of the served policy and reward models (bfloat16 is faster on CPUs with AVX-512-bf16).",
+        "auto",
+        _choice("auto", "float32", "bfloat16"),
+        "Weights dtype of the served policy and reward models; auto = bfloat16 on a GPU or a CPU with native "
+        "bf16 (AVX512-BF16/AMX), else float32 (services/common/dtypes.py).",
     )
     reward_max_responses: int = _setting(
         "RLHF_REWARD_MAX_RESPONSES", "64", _int(1, 4096), "Most responses one Score request may carry."

@@ -29,6 +29,7 @@ from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.common.auth import Authenticator, load_tokens
 from services.common.checkpoints import Manifest
 from services.common.config import Settings
+from services.common.dtypes import resolve_dtype
 from services.common.grpc_server import RunningServer, start_server
 from services.common.hotswap import Loaded, ModelSwitcher, SwapError
 from services.common.logs import get_logger, log_fields
@@ -249,7 +250,7 @@ def start(settings: Settings, port: int = 0, follow: bool = True) -> RewardHandl
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    dtype = torch.bfloat16 if settings.serve_dtype == "bfloat16" else torch.float32
+    dtype = resolve_dtype(settings.serve_dtype, device)[0]
 
     def load(path: Path, manifest: Manifest) -> RewardModel:
         return RewardModel.from_pretrained(path, device=device, dtype=dtype)

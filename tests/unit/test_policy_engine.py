@@ -4,6 +4,7 @@ reproducible, and queue / batch / KV limits hold."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -67,7 +68,7 @@ def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded):
             reqs.append(request(loaded, prompt, max_new_tokens=6 + 5 * i, num_samples=2))
             engine.submit(reqs[-1][0])
             time.sleep(0.01)  # arrive while others decode: joins at a later step
-        for (req, events), prompt in zip(reqs, PROMPTS):
+        for req, events in reqs:
             _, samples, last = collect(req, events)
             ids = torch.tensor([req.prompt_ids])
             ref = loaded.model.generate(
@@ -229,5 +230,58 @@ def test_bfloat16_weights_serve_too(tiny_model_dir):
         _, samples, last = collect(req, events)
         assert isinstance(last, Finished) and [s.generated_tokens for s in samples] == [7, 7]
         assert all(t.logprob is not None and t.logprob <= 0 for t in samples[0].tokens)
+    finally:
+        engine.stop()
+
+
+def test_one_requests_unsampleable_parameters_or_broken_prompt_fail_it_alone(loaded):
+    """Parameters that make sampling overflow (validation refuses them; built directly here,
+    as a trainer may) and a prompt the model cannot embed fail only their own request:
+    a greedy stream decoding beside them finishes with exactly its solo result."""
+    engine = make_engine(loaded)
+    try:
+        solo, events = request(loaded, PROMPTS[2], max_new_tokens=24, stream=True)
+        engine.submit(solo)
+        want = collect(solo, events)[1][0].text
+
+        stream, stream_events = request(loaded, PROMPTS[2], max_new_tokens=24, stream=True)
+        engine.submit(stream)
+        first = next(iter(stream_events.events(stream)))  # the stream is in flight
+        assert isinstance(first, Token)
+        bad = []
+        for overrides in (
+            {"temperature": 1e-45},
+            {"temperature": 1.0, "repetition_penalty": 1e-45},
+            {"temperature": 1.0, "repetition_penalty": 1e-45, "num_samples": 3, "seed": 5},
+        ):
+            req, events = request(loaded, "Hi", max_new_tokens=8)
+            req.params = dataclasses.replace(req.params, **overrides)  # past validation, as trainers build them
+            bad.append((req, events))
+        vocab = loaded.model.config.vocab_size
+        broken, broken_events = request(loaded, "Hi", max_new_tokens=8)
+        broken.prompt_ids = [vocab + 7, *broken.prompt_ids]  # no such token: the embedding lookup raises
+        fine, fine_events = request(loaded, PROMPTS[1], max_new_tokens=6)
+        with engine._cv:  # all join one prefill batch beside the running stream
+            for req, _ in [*bad, (broken, broken_events), (fine, fine_events)]:
+                engine.submit(req)
+        for req, events in bad:
+            *_, last = collect(req, events)
+            assert isinstance(last, Failed) and last.error.status == Status.INTERNAL
+            assert "not finite" in last.error.message
+        *_, last = collect(broken, broken_events)
+        assert isinstance(last, Failed) and last.error.status == Status.INTERNAL
+        _, samples, last = collect(fine, fine_events)
+        assert isinstance(last, Finished) and samples[0].generated_tokens == 6
+        out = [first, *stream_events.events(stream)]
+        assert isinstance(out[-1], Finished)
+        assert [e.sample.text for e in out if isinstance(e, SampleDone)] == [want]
+        deadline = time.monotonic() + 5
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # Finished is sent just before the row leaves the batch
+        assert engine.stats()["running"] == 0
+        # The engine keeps serving.
+        again, events = request(loaded, PROMPTS[0], max_new_tokens=4)
+        engine.submit(again)
+        assert isinstance(collect(again, events)[2], Finished)
     finally:
         engine.stop()

@@ -47,6 +47,8 @@ def test_defaults_fill_in_unset_fields():
         1,
     )
     assert params(temperature=0.0).greedy
+    # The floors allow for gRPC's float32 fields: float32(0.01) is a little below 0.01.
+    assert params(temperature=0.009999999776482582, repetition_penalty=0.009999999776482582).temperature > 0
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,12 @@ def test_defaults_fill_in_unset_fields():
         ("top_p", 1.01, ["top_p", "(0, 1]"]),
         ("top_k", -1, ["top_k"]),
         ("repetition_penalty", 0.0, ["repetition_penalty", "> 0"]),
+        # Unsampleable: logits / 1e-45 overflow to inf and softmax gives NaN for every token.
+        ("temperature", 1e-45, ["temperature", "0 for greedy", "between 0.01 and 100"]),
+        ("temperature", float("nan"), ["temperature"]),
+        ("repetition_penalty", 1e-45, ["repetition_penalty", "between 0.01 and 100"]),
+        ("repetition_penalty", float("inf"), ["repetition_penalty"]),
+        ("top_k", 1 << 40, ["top_k", "4294967295"]),
         ("max_new_tokens", 65, ["max_new_tokens", "64", "RLHF_MAX_NEW_TOKENS_LIMIT"]),
         ("stop", [""], ["stop"]),
         ("stop", ["a"] * 9, ["stop", "limit is 8"]),
