@@ -49,7 +49,7 @@ from services.common.hotswap import Loaded, ModelSwitcher
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import BATCH_SIZE, GENERATED_TOKENS, QUEUE_DEPTH
 from services.common.models import load_causal_lm, pad_batch, position_ids_from_mask, resolve_device
-from services.policy.kv import KvWindow
+from services.policy.kv import KvWindow, use_gqa_sdpa
 from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, TokenOut
 from services.policy.request import Finished, GenRequest, SampleDone, Token
 
@@ -572,7 +572,9 @@ class LocalBackend:
         log_fields(log, logging.INFO, "serving dtype", dtype=str(dtype).removeprefix("torch."), reason=reason)
 
         def load(path: Path, manifest: Manifest):
-            return load_causal_lm(path, device=device, dtype=dtype)
+            model = load_causal_lm(path, device=device, dtype=dtype)
+            use_gqa_sdpa(model)  # this backend's own models only: others may be shared with a trainer
+            return model
 
         def warmup(loaded: Loaded) -> None:
             # One tiny prefill + decode, so the first real request pays no first-call cost.

@@ -26,6 +26,42 @@ position ids and cache position are given, which the engine always does.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+
+GQA_SDPA = "rlhf_gqa_sdpa"
+
+
+def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' sdpa attention, except that grouped-query attention never copies K/V.
+
+    transformers repeats each K/V head for its query heads (a copy of the whole
+    cache, per layer and step) whenever a mask is given; PyTorch's sdpa reads
+    the groups in place with `enable_gqa`, with or without a mask: about 4x
+    faster per layer here for a batch of 32. Same arithmetic, same results."""
+    if attention_mask is not None and attention_mask.ndim == 4:
+        attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    if is_causal is None:
+        is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
+    out = F.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=is_causal,
+        enable_gqa=key.shape[1] != query.shape[1],
+    )
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_gqa_sdpa(model) -> None:
+    """Switch a transformers model that uses sdpa to the copy-free GQA variant above."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(GQA_SDPA, _gqa_sdpa)
+    if getattr(model.config, "_attn_implementation", None) == "sdpa":
+        model.set_attn_implementation(GQA_SDPA)
 
 
 class KvWindow:
