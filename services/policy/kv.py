@@ -58,8 +58,11 @@ def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
 def use_gqa_sdpa(model) -> None:
     """Switch a transformers model that uses sdpa to the copy-free GQA variant above."""
     from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
     AttentionInterface.register(GQA_SDPA, _gqa_sdpa)
+    # The same masks as sdpa (without a registered mask builder transformers would pass no mask at all).
+    AttentionMaskInterface.register(GQA_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
         model.set_attn_implementation(GQA_SDPA)
 

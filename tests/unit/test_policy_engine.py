@@ -16,6 +16,7 @@ from services.common.errors import Status, StatusError
 from services.common.hotswap import Loaded
 from services.common.models import load_causal_lm, load_tokenizer, render_prompt
 from services.policy.engine import Engine
+from services.policy.kv import use_gqa_sdpa
 from services.policy.params import validate
 from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token
 
@@ -23,8 +24,15 @@ PROMPTS = ["Write a haiku about the sea.", "What is 2+2?", "Tell me a long story
 
 
 @pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """The plain transformers model: what the engine's results are checked against."""
+    return load_causal_lm(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     model = load_causal_lm(tiny_model_dir)
+    use_gqa_sdpa(model)  # as LocalBackend serves it
     return Loaded(
         "tiny-v1", Manifest("tiny-v1", "base", "policy"), tiny_model_dir, model, load_tokenizer(tiny_model_dir)
     )
@@ -60,7 +68,7 @@ def collect(req, events):
     return out, [e.sample for e in out if isinstance(e, SampleDone)], out[-1]
 
 
-def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded):
+def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded, reference):
     engine = make_engine(loaded)
     try:
         reqs = []
@@ -71,7 +79,7 @@ def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded):
         for req, events in reqs:
             _, samples, last = collect(req, events)
             ids = torch.tensor([req.prompt_ids])
-            ref = loaded.model.generate(
+            ref = reference.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.params.max_new_tokens, do_sample=False
             )
             want = loaded.tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
@@ -83,7 +91,7 @@ def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded):
         engine.stop()
 
 
-def test_prompt_logprobs_are_right_for_left_padded_prompts_in_one_batch(loaded):
+def test_prompt_logprobs_are_right_for_left_padded_prompts_in_one_batch(loaded, reference):
     engine = make_engine(loaded)
     try:
         scored = [
@@ -98,7 +106,7 @@ def test_prompt_logprobs_are_right_for_left_padded_prompts_in_one_batch(loaded):
             *_, last = collect(req, events)
             ids = req.prompt_ids
             with torch.no_grad():
-                logp = torch.log_softmax(loaded.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+                logp = torch.log_softmax(reference(input_ids=torch.tensor([ids])).logits[0].float(), -1)
             assert [t.id for t in last.prefill] == ids and last.prefill[0].logprob is None
             assert [t.logprob for t in last.prefill[1:]] == pytest.approx(
                 [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4
