@@ -236,18 +236,25 @@ class Engine:
                 self._cohorts = [c for c in self._cohorts if c.rows or c is self._current]
 
     def _prefill_isolated(self, cohort: Cohort, reqs: list[GenRequest]) -> None:
-        """Prefill the joining requests together; if that raises, one by one, so a
-        request that breaks the forward pass fails alone."""
+        """Prefill the joining requests together; if the forward pass raises, one by
+        one, so a request that breaks it fails alone."""
         try:
-            self._prefill(cohort, reqs)
-            return
+            out = self._prefill_forward(cohort, reqs)
         except Exception as err:  # noqa: BLE001 - any failure of the model is isolated to the requests it touched
             log.exception("prefill failed", extra={"fields": {"version": cohort.version, "requests": len(reqs)}})
             if len(reqs) == 1:
                 reqs[0].fail(Status.INTERNAL, f"generation failed: {err}")
-                return
-        for req in reqs:
-            self._prefill_isolated(cohort, [req])
+            else:
+                for req in reqs:
+                    self._prefill_isolated(cohort, [req])
+            return
+        try:
+            self._join(cohort, reqs, out)
+        except Exception as err:  # noqa: BLE001 - the batch's KV bookkeeping broke: its rows cannot continue
+            log.exception("joining the batch failed", extra={"fields": {"version": cohort.version}})
+            for req in [*reqs, *(row.req for row in cohort.rows)]:
+                req.fail(Status.INTERNAL, f"generation failed: {err}")
+            cohort.keep([])
 
     def _decode_guarded(self, cohort: Cohort) -> None:
         """A decode step that raises is retried row by row; rows that fail again fail alone."""
@@ -296,9 +303,9 @@ class Engine:
         return joining
 
     # --- model work ---------------------------------------------------------
-    def _prefill(self, cohort: Cohort, reqs: list[GenRequest]) -> None:
-        """One left-padded forward over the new prompts; each prompt once, then its
-        keys/values are written into the slots of its K samples."""
+    def _prefill_forward(self, cohort: Cohort, reqs: list[GenRequest]):
+        """One left-padded forward over the new prompts, each prompt once whatever its K;
+        returns (keys/values, mask, last-position logits, prompt scores)."""
         pad_id = cohort.tokenizer.pad_token_id
         ids, mask = pad_batch([r.prompt_ids for r in reqs], pad_id, side="left")
         ids, mask = ids.to(cohort.device), mask.to(cohort.device)
@@ -312,17 +319,22 @@ class Engine:
             output_hidden_states=bool(scored),
         )
         prefills = {i: self._score_prompt(cohort, reqs[i].prompt_ids, out.hidden_states[-1][i]) for i in scored}
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return kv, mask, out.logits[:, -1].float(), prefills
+
+    def _join(self, cohort: Cohort, reqs: list[GenRequest], prefilled) -> None:
+        """Sample the first token of every new row, and write the rows into the batch:
+        row j of a request with K samples gets that prompt's keys/values."""
+        kv, mask, logits, prefills = prefilled
         reps = torch.tensor([r.params.num_samples for r in reqs], device=cohort.device)
         src = torch.repeat_interleave(torch.arange(len(reqs), device=cohort.device), reps)
-        logits = out.logits[:, -1].float()[src]
         rows = []
         for n, req in enumerate(reqs):
             group = _Group(req, cohort.version)
             group.prefill = prefills.get(n, [])
             for i, seed in enumerate(req.params.sample_seeds()):
                 rows.append(_Row(group, i, seed, cohort.device))
-        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        next_ids, done = self._sample_and_advance(cohort, rows, logits)
+        next_ids, done = self._sample_and_advance(cohort, rows, logits[src])
         offset = len(cohort.rows)
         cohort.join(kv, mask, src, rows, next_ids)
         if any(done):  # finished on their first token (EOS, stop, or max_new_tokens=1), or failed
