@@ -428,6 +428,7 @@ class Engine:
         self, cohort: Cohort, rows: list[_Row], logits: torch.Tensor
     ) -> tuple[torch.Tensor, list[bool]]:
         next_ids, logprobs, ok = sample(logits, rows)
+        tokens = next_ids.tolist()
         done = []
         for i, row in enumerate(rows):
             if row.req.closed:  # failed earlier in this step (another of its samples), or by the client
@@ -441,20 +442,18 @@ class Engine:
                 done.append(True)
             else:
                 try:
-                    done.append(
-                        self._advance(cohort, row, int(next_ids[i]), logprobs[i] if logprobs is not None else None)
-                    )
+                    done.append(self._advance(cohort, row, tokens[i], logprobs[i] if logprobs is not None else None))
                 except Exception as err:  # noqa: BLE001 - e.g. a tokenizer error: this request alone fails
                     log.exception("advancing a row failed")
                     row.req.fail(Status.INTERNAL, f"generation failed: {err}")
                     done.append(True)
         return next_ids, done
 
-    def _advance(self, cohort: Cohort, row: _Row, token: int, logprobs: torch.Tensor | None) -> bool:
+    def _advance(self, cohort: Cohort, row: _Row, token: int, logprob: float | None) -> bool:
         """Append one token to a row: update its text, check stop conditions, emit."""
         req, params = row.req, row.req.params
         row.ids.append(token)
-        lp = float(logprobs[token]) if (logprobs is not None and params.return_logprobs) else None
+        lp = logprob if params.return_logprobs else None
         finish = None
         special = token in cohort.special_ids
         if token == cohort.eos_id:
@@ -518,18 +517,23 @@ def _find_stop(text: str, stops: tuple[str, ...], old_len: int) -> int | None:
     return best
 
 
-def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor | None, list[bool]]:
+def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[float] | None, list[bool]]:
     """Pick each row's next token with that row's own parameters and generator.
 
-    Returns the tokens; if any row asked for them, the log-probabilities under
-    the model's unmodified distribution (what RLHF needs), before temperature,
-    top-k, top-p and repetition penalty; and per row whether its scores were
-    usable. A row whose logits or sampling distribution are not finite gets
-    token 0 and ok=False, and the caller fails its request alone: one row's
-    NaN never reaches another row's draw.
+    Returns the tokens; if any row asked for them, each chosen token's
+    log-probability under the model's unmodified distribution (what RLHF needs),
+    before temperature, top-k, top-p and repetition penalty; and per row whether
+    its scores were usable. A row whose logits or sampling distribution are
+    unusable (NaN, +inf) gets token 0 and ok=False, and the caller fails its request alone:
+    one row's NaN never reaches another row's draw.
+
+    Vectorised except for one uniform draw per sampled row from that row's own
+    generator (so a sample depends only on its seed, never on its batch), turned
+    into tokens for all rows at once by inverse-CDF lookup.
     """
     n, device = logits.shape[0], logits.device
-    ok = torch.isfinite(logits).all(-1)
+    # -inf is a legitimate score (a token the model rules out); NaN, +inf or nothing but -inf is not.
+    ok = ~(torch.isnan(logits) | (logits == float("inf"))).any(-1) & (logits > float("-inf")).any(-1)
     logits = torch.where(ok[:, None], logits, 0.0)  # keep the batch's arithmetic finite
     logprobs = torch.log_softmax(logits, dim=-1) if any(r.req.params.return_logprobs for r in rows) else None
     for i, row in enumerate(rows):
@@ -561,12 +565,17 @@ def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.
             x = torch.full_like(x, float("-inf")).scatter(1, order, ordered)
         probs = x.softmax(-1)
         usable = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
-        for j, i in enumerate(sampled):
-            if not bool(usable[j]):
-                ok[i] = False
-            elif bool(ok[i]):
-                out[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
-    return out, logprobs, ok.tolist()
+        uniform = torch.stack([torch.rand((), generator=rows[i].generator, device=device) for i in sampled])
+        cdf = probs.cumsum(-1)
+        pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(1)
+        pick = pick.clamp(max=probs.shape[-1] - 1)
+        # Rounding at the top of the CDF can land on a zero-probability token: take the likeliest then.
+        pick = torch.where(probs.gather(1, pick[:, None]).squeeze(1) > 0, pick, probs.argmax(-1))
+        index = torch.tensor(sampled, device=device)
+        out[index] = torch.where(usable, pick, 0)
+        ok[index] &= usable
+    chosen = logprobs.gather(1, out[:, None]).squeeze(1).tolist() if logprobs is not None else None
+    return out, chosen, ok.tolist()
 
 
 class LocalBackend:

@@ -160,6 +160,9 @@ class KvWindow:
         rows, width = len(src), mask.shape[1]
         if self.n == 0:
             self.start = self.end = 0
+            if kv[0][0].dtype != self.dtype:  # e.g. a model run under bf16 autocast returns bf16 keys
+                self.dtype, self.k, self.v = kv[0][0].dtype, [], []
+                self.mask = self.mask[:0, :0]
         self.reserve(self.n + rows, left_width=width)
         a, b = self.n, self.n + rows
         lo = self.end - width

@@ -293,3 +293,36 @@ def test_one_requests_unsampleable_parameters_or_broken_prompt_fail_it_alone(loa
         assert isinstance(collect(again, events)[2], Finished)
     finally:
         engine.stop()
+
+
+class _UnderAutocast(torch.nn.Module):
+    """A model called under bf16 autocast, as the PPO trainer hands its live policy to the engine."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def test_a_model_wrapped_to_run_under_autocast_is_served(tiny_model_dir):
+    wrapped = _UnderAutocast(load_causal_lm(tiny_model_dir))
+    loaded = Loaded("ppo", Manifest("ppo", "ppo", "policy"), None, wrapped, load_tokenizer(tiny_model_dir))
+    engine = make_engine(loaded)
+    try:
+        reqs = [request(loaded, p, max_new_tokens=5, temperature=1.0, seed=3, num_samples=2) for p in PROMPTS[:2]]
+        for req, _ in reqs:
+            engine.submit(req)
+        for req, events in reqs:
+            _, samples, last = collect(req, events)
+            assert isinstance(last, Finished) and [s.generated_tokens for s in samples] == [5, 5]
+    finally:
+        engine.stop()
