@@ -37,6 +37,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -104,7 +105,7 @@ class _Row:
 class Cohort:
     """The running rows of one model version and their KV window."""
 
-    def __init__(self, loaded: Loaded, settings: Settings):
+    def __init__(self, loaded: Loaded, settings: Settings, held_elsewhere: Callable[[], int] = lambda: 0):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -114,7 +115,8 @@ class Cohort:
         self.special_ids = set(self.tokenizer.all_special_ids)
         param = next(self.model.parameters())
         self.device = param.device
-        self.kv = KvWindow(self.model, self.device, param.dtype, settings.kv_budget_tokens, settings.max_batch)
+        budget = settings.kv_budget_tokens
+        self.kv = KvWindow(self.model, self.device, param.dtype, lambda: budget - held_elsewhere(), settings.max_batch)
 
     @property
     def version(self) -> str:
@@ -163,7 +165,11 @@ class Engine:
     def set_model(self, loaded: Loaded) -> None:
         """Route new requests to `loaded`; in-flight rows finish on their own version."""
         with self._cv:
-            cohort = Cohort(loaded, self.settings)
+
+            def held_elsewhere() -> int:  # KV that other cohorts (older versions finishing) still hold
+                return sum(c.kv.allocated_tokens for c in self._cohorts if c is not cohort)
+
+            cohort = Cohort(loaded, self.settings, held_elsewhere)
             self._cohorts.append(cohort)
             self._current = cohort
             self._cv.notify_all()

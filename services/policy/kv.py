@@ -17,6 +17,9 @@ the whole cache at every step.
   moving `start`: no copy.
 - When `end` reaches the buffer's last column, the window is moved back to
   column 0 (one copy per `columns - width` steps), or the buffer grows.
+- Buffers stay within RLHF_KV_BUDGET_TOKENS less what other cohorts (an old
+  model version finishing its rows) hold; they only exceed it by what the
+  admitted rows need, which admission keeps within the budget's charge.
 
 The object is handed to the model as `past_key_values`: transformers' Llama
 calls only `update(key, value, layer_idx, cache_kwargs)` when the 4D mask,
@@ -24,6 +27,8 @@ position ids and cache position are given, which the engine always does.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -68,13 +73,16 @@ def use_gqa_sdpa(model) -> None:
 
 
 class KvWindow:
-    def __init__(self, model, device: torch.device, dtype: torch.dtype, column_limit: int, max_slots: int):
+    def __init__(
+        self, model, device: torch.device, dtype: torch.dtype, column_limit: int | Callable[[], int], max_slots: int
+    ):
         config = model.config
         self.layers = config.num_hidden_layers
         self.heads = config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.device, self.dtype = device, dtype
-        self.column_limit = column_limit  # slots x columns may not exceed this (RLHF_KV_BUDGET_TOKENS)
+        # slots x columns may not exceed this: RLHF_KV_BUDGET_TOKENS, less what other cohorts hold during a swap
+        self._column_limit = column_limit if callable(column_limit) else (lambda: column_limit)
         self.max_slots = max_slots  # RLHF_MAX_BATCH
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -95,6 +103,10 @@ class KvWindow:
     @property
     def width(self) -> int:
         return self.end - self.start
+
+    @property
+    def column_limit(self) -> int:
+        return self._column_limit()
 
     @property
     def allocated_tokens(self) -> int:
@@ -140,8 +152,9 @@ class KvWindow:
         else:
             # Grow slots geometrically (a busy batch reallocates a few times, not at every join),
             # within RLHF_MAX_BATCH and the budget; columns get up to 2x headroom for decode steps.
-            new_slots = max(slots, min(2 * self.slots, self.max_slots, self.column_limit // total))
-            columns = max(total, min(2 * total, self.column_limit // max(1, new_slots)))
+            limit = self.column_limit
+            new_slots = max(slots, min(2 * self.slots, self.max_slots, limit // total))
+            columns = max(total, min(2 * total, limit // max(1, new_slots)))
             self._relayout(new_slots, columns, grow_left)
         self._expose(grow_left)
 
