@@ -326,3 +326,35 @@ def test_a_model_wrapped_to_run_under_autocast_is_served(tiny_model_dir):
             assert isinstance(last, Finished) and [s.generated_tokens for s in samples] == [5, 5]
     finally:
         engine.stop()
+
+
+def test_a_decode_step_that_breaks_on_one_row_fails_only_that_row(loaded):
+    """A row whose state the model cannot run (here: a token id past the vocabulary, as a
+    checkpoint whose unembedding outgrew its embedding would sample) makes the batched step
+    raise; the step is retried row by row, that row's request fails, the other row continues."""
+    engine = make_engine(loaded)
+    try:
+        solo, events = request(loaded, PROMPTS[0], max_new_tokens=16)
+        engine.submit(solo)
+        want = collect(solo, events)[1][0].text
+        healthy, healthy_events = request(loaded, PROMPTS[0], max_new_tokens=16, stream=True)
+        victim, victim_events = request(loaded, PROMPTS[1], max_new_tokens=16, stream=True)
+        with engine._cv:
+            engine.submit(healthy)
+            engine.submit(victim)
+        assert isinstance(next(iter(victim_events.events(victim))), Token)  # both joined and are decoding
+        with engine._cv:  # the engine thread stops at its next iteration
+            time.sleep(0.5)  # let the step in flight finish
+            cohort = engine._current
+            row = next(i for i, r in enumerate(cohort.rows) if r.req is victim)
+            with torch.inference_mode():
+                cohort.last[row] = loaded.model.config.vocab_size + 5
+        *_, last = collect(victim, victim_events)
+        assert isinstance(last, Failed) and last.error.status == Status.INTERNAL
+        out, samples, last = collect(healthy, healthy_events)
+        assert isinstance(last, Finished) and [s.text for s in samples] == [want]
+        again, events = request(loaded, PROMPTS[3], max_new_tokens=3)
+        engine.submit(again)
+        assert isinstance(collect(again, events)[2], Finished)
+    finally:
+        engine.stop()
