@@ -34,6 +34,7 @@ model) is dropped.
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -523,6 +524,12 @@ def _find_stop(text: str, stops: tuple[str, ...], old_len: int) -> int | None:
     return best
 
 
+# Top-p looks for its nucleus among each row's NUCLEUS_CANDIDATES likeliest tokens first: sorting the
+# whole vocabulary (49k here) for every sampled row cost more than the model's decode step. A row whose
+# nucleus is wider (a very flat distribution) falls back to the full sort, so the result is exact.
+NUCLEUS_CANDIDATES = 256
+
+
 def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[float] | None, list[bool]]:
     """Pick each row's next token with that row's own parameters and generator.
 
@@ -530,18 +537,25 @@ def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[f
     log-probability under the model's unmodified distribution (what RLHF needs),
     before temperature, top-k, top-p and repetition penalty; and per row whether
     its scores were usable. A row whose logits or sampling distribution are
-    unusable (NaN, +inf) gets token 0 and ok=False, and the caller fails its request alone:
-    one row's NaN never reaches another row's draw.
+    unusable (NaN, +inf) gets token 0 and ok=False, and the caller fails its
+    request alone: one row's NaN never reaches another row's draw.
 
     Vectorised except for one uniform draw per sampled row from that row's own
     generator (so a sample depends only on its seed, never on its batch), turned
     into tokens for all rows at once by inverse-CDF lookup.
     """
     n, device = logits.shape[0], logits.device
-    # -inf is a legitimate score (a token the model rules out); NaN, +inf or nothing but -inf is not.
-    ok = ~(torch.isnan(logits) | (logits == float("inf"))).any(-1) & (logits > float("-inf")).any(-1)
-    logits = torch.where(ok[:, None], logits, 0.0)  # keep the batch's arithmetic finite
-    logprobs = torch.log_softmax(logits, dim=-1) if any(r.req.params.return_logprobs for r in rows) else None
+    # logsumexp is NaN with any NaN, +inf with any +inf, -inf when every score is -inf (a token
+    # the model rules out is a legitimate -inf), finite otherwise: one pass checks each row.
+    lse = torch.logsumexp(logits, dim=-1)
+    ok = torch.isfinite(lse)
+    if not bool(ok.all()):
+        logits = torch.where(ok[:, None], logits, 0.0)  # keep the batch's arithmetic finite
+        lse = torch.where(ok, lse, math.log(logits.shape[-1]))
+    want_logprobs = any(r.req.params.return_logprobs for r in rows)
+    raw = logits if want_logprobs and any(r.req.params.repetition_penalty != 1.0 for r in rows) else None
+    if raw is not None:
+        logits = logits.clone()  # the penalty below must not change the reported log-probabilities
     for i, row in enumerate(rows):
         penalty = row.req.params.repetition_penalty
         if penalty != 1.0:
@@ -561,27 +575,43 @@ def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[f
             top = x.topk(kmax, dim=-1).values
             kth = top.gather(1, (ks.clamp(1, kmax) - 1)[:, None])
             x = torch.where((ks > 0)[:, None] & (x < kth), float("-inf"), x)
-        ps = torch.tensor([rows[i].req.params.top_p for i in sampled], device=device)
-        if bool((ps < 1.0).any()):
-            ordered, order = x.sort(dim=-1, descending=True)
-            probs = ordered.softmax(-1)
-            # Drop a token once the mass before it already reaches top_p; the first always stays.
-            drop = (probs.cumsum(-1) - probs) >= ps[:, None]
-            ordered = ordered.masked_fill(drop, float("-inf"))
-            x = torch.full_like(x, float("-inf")).scatter(1, order, ordered)
+        nucleus = [j for j, i in enumerate(sampled) if rows[i].req.params.top_p < 1.0]
+        if nucleus:
+            ps = torch.tensor([rows[sampled[j]].req.params.top_p for j in nucleus], device=device)
+            x[nucleus] = _top_p(x[nucleus], ps)
         probs = x.softmax(-1)
-        usable = torch.isfinite(probs).all(-1) & (probs.sum(-1) > 0)
-        uniform = torch.stack([torch.rand((), generator=rows[i].generator, device=device) for i in sampled])
         cdf = probs.cumsum(-1)
-        pick = torch.searchsorted(cdf, (uniform * cdf[:, -1])[:, None], right=True).squeeze(1)
+        total = cdf[:, -1]
+        usable = torch.isfinite(total) & (total > 0)
+        uniform = torch.stack([torch.rand((), generator=rows[i].generator, device=device) for i in sampled])
+        pick = torch.searchsorted(cdf, (uniform * total)[:, None], right=True).squeeze(1)
         pick = pick.clamp(max=probs.shape[-1] - 1)
         # Rounding at the top of the CDF can land on a zero-probability token: take the likeliest then.
-        pick = torch.where(probs.gather(1, pick[:, None]).squeeze(1) > 0, pick, probs.argmax(-1))
+        zero = probs.gather(1, pick[:, None]).squeeze(1) <= 0
+        if bool(zero.any()):
+            pick = torch.where(zero, probs.argmax(-1), pick)
         index = torch.tensor(sampled, device=device)
         out[index] = torch.where(usable, pick, 0)
         ok[index] &= usable
-    chosen = logprobs.gather(1, out[:, None]).squeeze(1).tolist() if logprobs is not None else None
+    chosen = None
+    if want_logprobs:
+        source = raw if raw is not None else logits
+        chosen = (source.gather(1, out[:, None]).squeeze(1) - lse).tolist()
     return out, chosen, ok.tolist()
+
+
+def _top_p(x: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    """Keep each row's smallest set of likeliest tokens whose probability reaches ps
+    (the first token always stays); the rest become -inf."""
+    probs = x.softmax(-1)
+    k = min(NUCLEUS_CANDIDATES, x.shape[-1])
+    top, index = probs.topk(k, dim=-1)  # sorted, likeliest first
+    if k < x.shape[-1] and not bool((top.sum(-1) >= ps).all()):
+        top, index = probs.sort(dim=-1, descending=True)  # some nucleus is wider: the exact, slow way
+    # Drop a token once the mass before it already reaches top_p.
+    keep = (top.cumsum(-1) - top) < ps[:, None]
+    kept = torch.full_like(x, float("-inf"))
+    return kept.scatter(1, index, torch.where(keep, x.gather(1, index), float("-inf")))
 
 
 class LocalBackend:

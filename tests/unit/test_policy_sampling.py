@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from services.policy.engine import _Group, _Row, sample
@@ -55,7 +56,19 @@ def test_logprobs_are_of_the_unmodified_distribution_and_bad_rows_are_flagged_al
     tokens, chosen, ok = sample(scores, batch)
     assert ok == [True, False, True]
     for i in (0, 2):
-        assert chosen[i] == torch.log_softmax(logits(1)[0], -1)[tokens[i]].item()
+        assert chosen[i] == pytest.approx(torch.log_softmax(logits(1)[0], -1)[tokens[i]].item(), abs=1e-6)
     # Sampling at temperature 1e-45 (validation refuses it; a trainer may build it) overflows to NaN.
     tokens, _, ok = sample(logits(2), [*rows(1, temperature=1e-45), *rows(1, seed0=9, temperature=1.0)])
     assert ok == [False, True] and tokens[1].item() in (0, 1, 2)
+
+
+def test_a_nucleus_wider_than_the_candidates_is_still_exact():
+    """A flat distribution's 90% nucleus spans ~900 of 1000 tokens, more than the top-k shortcut
+    looks at: the sampler falls back to the full sort and still never leaves the nucleus."""
+    n, vocab = 400, 1000
+    scores = (-0.001 * torch.arange(vocab, dtype=torch.float32)).repeat(n, 1)
+    probs = scores[0].softmax(-1)
+    nucleus = int(((probs.cumsum(-1) - probs) < 0.9).sum())
+    assert nucleus > 256
+    tokens, _, ok = sample(scores, rows(n, temperature=1.0, top_p=0.9))
+    assert all(ok) and int(tokens.max()) < nucleus and int(tokens.max()) > 256
