@@ -266,6 +266,13 @@ class Settings:
         _int(64, 1 << 24),
         "Total tokens (prompt + generated) the running batch may hold in its KV cache.",
     )
+    max_prefill_tokens: int = _setting(
+        "RLHF_MAX_PREFILL_TOKENS",
+        "4096",
+        _int(1, 1 << 24),
+        "Most prompt tokens (padding included) prefilled in one engine step; later requests join at the next "
+        "step, so a burst of long prompts never stalls the decoding rows for long (one longer prompt goes alone).",
+    )
     tgi_url: str = _setting(
         "RLHF_TGI_URL",
         "",

@@ -3,7 +3,8 @@
 One engine thread owns the model. Each iteration it
   1. drops rows whose client went away or whose deadline passed,
   2. admits waiting requests from the head of a bounded FIFO queue while they
-     fit (RLHF_MAX_BATCH rows, RLHF_KV_BUDGET_TOKENS), prefills them in one
+     fit (RLHF_MAX_BATCH rows, RLHF_KV_BUDGET_TOKENS, RLHF_MAX_PREFILL_TOKENS
+     padded prompt tokens per step), prefills them in one
      left-padded batch (each prompt once, however many samples it asks for),
      samples their first token and writes their keys/values into free slots
      of the running batch's preallocated KV window (services/policy/kv.py),
@@ -157,6 +158,7 @@ class Engine:
         self._current: Cohort | None = None
         self._stopping = False
         self.steps = 0
+        self.prefills = 0  # prefill forward passes (a batch of joining requests each)
         # The largest KV cache allocated so far (slots x columns, padding included), summed over cohorts.
         self.peak_cache_tokens = 0
         self._thread = threading.Thread(target=self._run, name=f"{service}-engine", daemon=True)
@@ -201,6 +203,7 @@ class Engine:
                 "cohorts": [(c.version, len(c.rows)) for c in self._cohorts],
                 "kv_charge": sum(c.kv_charge() for c in self._cohorts),
                 "peak_cache_tokens": self.peak_cache_tokens,
+                "prefills": self.prefills,
             }
 
     def stop(self) -> None:
@@ -293,12 +296,16 @@ class Engine:
             return []
         rows = sum(len(c.rows) for c in self._cohorts)
         others = sum(c.kv_charge() for c in self._cohorts if c is not current)
-        add_rows, add_horizon, joining = 0, 0, []
+        add_rows, add_horizon, longest, joining = 0, 0, 0, []
         while self._queue:
             req = self._queue[0]
             k = req.params.num_samples
             horizon = max(add_horizon, len(req.prompt_ids) + req.params.max_new_tokens)
             if rows + add_rows + k > self.settings.max_batch:
+                break
+            # The prefill is one left-padded batch: its cost is prompts x the longest prompt.
+            padded = (len(joining) + 1) * max(longest, len(req.prompt_ids))
+            if joining and padded > self.settings.max_prefill_tokens:
                 break
             if others + current.kv_charge(add_rows + k, horizon) > self.settings.kv_budget_tokens:
                 break
@@ -306,6 +313,7 @@ class Engine:
             joining.append(req)
             add_rows += k
             add_horizon = horizon
+            longest = max(longest, len(req.prompt_ids))
         QUEUE_DEPTH.labels(self.service).set(len(self._queue))
         return joining
 
@@ -317,6 +325,7 @@ class Engine:
         ids, mask = pad_batch([r.prompt_ids for r in reqs], pad_id, side="left")
         ids, mask = ids.to(cohort.device), mask.to(cohort.device)
         scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs]
+        self.prefills += 1
         out = cohort.model(
             input_ids=ids,
             attention_mask=mask,

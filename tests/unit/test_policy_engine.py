@@ -358,3 +358,23 @@ def test_a_decode_step_that_breaks_on_one_row_fails_only_that_row(loaded):
         assert isinstance(collect(again, events)[2], Finished)
     finally:
         engine.stop()
+
+
+def test_a_burst_of_prompts_is_prefilled_within_the_prefill_token_budget(loaded, reference):
+    """RLHF_MAX_PREFILL_TOKENS bounds one prefill (prompts x longest prompt): three prompts that
+    together exceed it join over three steps, and each still gets generate's result."""
+    engine = make_engine(loaded, RLHF_MAX_PREFILL_TOKENS="64")
+    try:
+        reqs = [request(loaded, p, max_new_tokens=4) for p in PROMPTS[:3]]
+        assert all(32 < len(r.prompt_ids) <= 64 for r, _ in reqs)  # any two exceed 64 padded tokens
+        with engine._cv:
+            for req, _ in reqs:
+                engine.submit(req)
+        for req, events in reqs:
+            _, samples, _ = collect(req, events)
+            ids = torch.tensor([req.prompt_ids])
+            ref = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+            assert samples[0].text == loaded.tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
+        assert engine.stats()["prefills"] == 3
+    finally:
+        engine.stop()
