@@ -389,6 +389,12 @@ def main(argv: list[str]) -> int:
         )
         for r in results:
             r["mfu"] = r["tok_s"] * 2 * params / (peaks[r["clients"]] * 1e9)
+        if any(r["mfu"] > 1 for r in results):
+            print(
+                "warning: MFU above 100%: the matmul peak was measured while the machine was busy "
+                "(on a shared CPU, 2 OpenMP threads can run ~8x slower than 1); rerun on a quiet machine",
+                flush=True,
+            )
         base = max(base_before, base_after, key=lambda b: b["tok_s"])
         rows = [
             {
