@@ -16,7 +16,7 @@ export RLHF_MODEL := $(MODEL)
 endif
 
 .PHONY: help setup protos protos-check lint test test-unit test-integration test-e2e k8s-validate \
-        up down logs status demo bench clean
+        up down logs status demo bench bench-llamacpp clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -77,6 +77,11 @@ demo: setup ## run one full RLHF loop on this machine and write the report (PRES
 bench: setup ## run every benchmark (figures in bench/results/*.json)
 	$(PIP) install -q --disable-pip-version-check -e ".[test,bench]"
 	$(PY) -m bench
+
+# llama-cpp-python builds llama.cpp from source: about 10 minutes on an idle 2-core machine, 20 on a busy one.
+bench-llamacpp: setup ## the serving benchmark with llama.cpp's reference on the same GGUF (compiles llama.cpp once)
+	$(PIP) install -q --disable-pip-version-check -e ".[test,bench,llamacpp]"
+	$(PY) -m bench.serving
 
 include deploy/images.mk
 

@@ -48,6 +48,8 @@ def make_settings(home: Path, bootstrap: str = "127.0.0.1:9092", **env: str):
         "RLHF_KAFKA_BOOTSTRAP": bootstrap,
         "RLHF_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}",
         "RLHF_TOPIC_PARTITIONS": "1",
+        # Services serve fp32 in tests whatever the CPU: tests compare served numbers with fp32 references.
+        "RLHF_SERVE_DTYPE": "float32",
     }
     base.update(env)
     return load_settings(base)

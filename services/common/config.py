@@ -332,6 +332,13 @@ class Settings:
         _int(64, 1 << 24),
         "Total tokens (prompt + generated) the running batch may hold in its KV cache.",
     )
+    max_prefill_tokens: int = _setting(
+        "RLHF_MAX_PREFILL_TOKENS",
+        "4096",
+        _int(1, 1 << 24),
+        "Most prompt tokens (padding included) prefilled in one engine step; later requests join at the next "
+        "step, so a burst of long prompts never stalls the decoding rows for long (one longer prompt goes alone).",
+    )
     tgi_url: str = _setting(
         "RLHF_TGI_URL",
         "",
@@ -363,9 +370,10 @@ class Settings:
     # --- serving (added by the serving team) ---------------------------------
     serve_dtype: str = _setting(
         "RLHF_SERVE_DTYPE",
-        "float32",
-        _choice("float32", "bfloat16"),
-        "Weights dtype of the served policy and reward models (bfloat16 is faster on CPUs with AVX-512-bf16).",
+        "auto",
+        _choice("auto", "float32", "bfloat16"),
+        "Weights dtype of the served policy and reward models; auto = bfloat16 on a GPU or a CPU with native "
+        "bf16 (AVX512-BF16/AMX), else float32 (services/common/dtypes.py).",
     )
     reward_max_responses: int = _setting(
         "RLHF_REWARD_MAX_RESPONSES", "64", _int(1, 4096), "Most responses one Score request may carry."

@@ -39,7 +39,7 @@ from services.common.bootstrap import ensure_seeded
 from services.common.bus import CheckpointFollower
 from services.common.checkpoints import CheckpointError, CheckpointStore, Manifest
 from services.common.config import Settings
-from services.common.errors import Status, StatusError, grpc_code
+from services.common.errors import Status, StatusError
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import SERVING_VERSION, SWAPS
 from services.common.models import load_tokenizer
@@ -60,19 +60,6 @@ class Loaded:
     @property
     def kind(self) -> str:
         return self.manifest.kind
-
-
-class SwapError(StatusError):
-    """A pin request failed, or nothing is loaded yet: a StatusError (catch that).
-
-    Transitional: `code` serves the callers that still read a gRPC code from
-    it (policy/reward servers before they catch StatusError at their edge);
-    remove it, and this subclass, once none does.
-    """
-
-    @property
-    def code(self):
-        return grpc_code(self.status)
 
 
 def tokenizer_mismatch(new, old) -> str | None:
@@ -119,7 +106,7 @@ class ModelSwitcher:
     def current(self) -> Loaded:
         loaded = self._current
         if loaded is None:
-            raise SwapError(Status.UNAVAILABLE, f"{self.service} has no model loaded yet")
+            raise StatusError(Status.UNAVAILABLE, f"{self.service} has no model loaded yet")
         return loaded
 
     @property
@@ -236,10 +223,10 @@ class ModelSwitcher:
                 self._try_follow(promoted)
             return self.current
         if not self.store.exists(version):
-            raise SwapError(Status.INVALID_ARGUMENT, f"version: unknown checkpoint version {version!r}")
+            raise StatusError(Status.INVALID_ARGUMENT, f"version: unknown checkpoint version {version!r}")
         manifest = self.store.manifest(version)
         if manifest.role != self.role:
-            raise SwapError(
+            raise StatusError(
                 Status.INVALID_ARGUMENT,
                 f"version: {version} is a {manifest.role} checkpoint; this service serves {self.role} checkpoints",
             )
@@ -249,7 +236,7 @@ class ModelSwitcher:
                     loaded = self._prepare(version)
                 except Exception as err:  # noqa: BLE001 - as in _work: whatever broke, the old version serves
                     self._reject(version, str(err))
-                    raise SwapError(Status.FAILED_PRECONDITION, f"version {version} rejected: {err}") from None
+                    raise StatusError(Status.FAILED_PRECONDITION, f"version {version} rejected: {err}") from None
                 self._switch(loaded)
             self._pinned = version
         log_fields(log, logging.INFO, "version pinned", service=self.service, version=version)

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.common.auth import Authenticator, Identity
 from services.common.config import Settings
-from services.common.errors import Status, StatusError, status_of_grpc
+from services.common.errors import Status, StatusError
 from services.common.logs import get_logger
 from services.common.metrics import RPC_LATENCY, RPC_REQUESTS
 from services.policy import prompt_log as plog
@@ -52,7 +52,6 @@ from services.policy.params import (
     MAX_STOP_SEQUENCES,
     GenParams,
     SampleOut,
-    ServingError,
     TokenOut,
     check_prompt,
     invalid,
@@ -73,15 +72,6 @@ _TGI_ERRORS = {
     Status.NOT_FOUND: (404, "not_found"),
 }
 _UNSUPPORTED = ("typical_p", "frequency_penalty", "top_n_tokens", "grammar")
-
-
-def as_status(err: Exception) -> StatusError:
-    """A backend's error as the platform's StatusError (ServingError carries a gRPC code)."""
-    if isinstance(err, StatusError):
-        return err
-    if isinstance(err, ServingError):
-        return StatusError(status_of_grpc(err.code), err.message)
-    return StatusError(Status.INTERNAL, str(err))
 
 
 def tgi_error(err: StatusError, version: str = "") -> JSONResponse:
@@ -187,7 +177,7 @@ class Gateway:
                 if isinstance(event, SampleDone):
                     samples.append(event.sample)
                 elif isinstance(event, Failed):
-                    raise as_status(event.error)
+                    raise event.error
                 elif isinstance(event, Finished):
                     return sorted(samples, key=lambda s: s.index), event
         finally:
@@ -202,7 +192,7 @@ class Gateway:
                 if isinstance(event, Token):
                     yield event
                 elif isinstance(event, Failed):
-                    raise as_status(event.error)
+                    raise event.error
                 elif isinstance(event, Finished):
                     return
         finally:
@@ -443,8 +433,8 @@ def build_app(settings: Settings, backend, auth: Authenticator, prompt_log: plog
             if parsed.stream if stream is None else stream:
                 return tgi_stream(request, parsed)
             return await tgi_generate(request, parsed)
-        except (StatusError, ServingError) as err:
-            return tgi_error(as_status(err), _version_or_empty(backend))
+        except StatusError as err:
+            return tgi_error(err, version_or_empty(backend))
 
     @app.post("/generate")
     async def generate(request: Request):
@@ -467,8 +457,8 @@ def build_app(settings: Settings, backend, auth: Authenticator, prompt_log: plog
         try:
             gateway.identify(request)
             model = backend.model_info()
-        except (StatusError, ServingError) as err:
-            return tgi_error(as_status(err), _version_or_empty(backend))
+        except StatusError as err:
+            return tgi_error(err, version_or_empty(backend))
         return {
             "model_id": model["version"],
             "model_sha": None,
@@ -495,8 +485,8 @@ def build_app(settings: Settings, backend, auth: Authenticator, prompt_log: plog
     async def health():
         try:
             version = backend.version
-        except ServingError as err:
-            return tgi_error(as_status(err))
+        except StatusError as err:
+            return tgi_error(err)
         return JSONResponse({}, headers={"x-model-version": version})
 
     @app.get("/metrics")
@@ -507,10 +497,10 @@ def build_app(settings: Settings, backend, auth: Authenticator, prompt_log: plog
     return app
 
 
-def _version_or_empty(backend) -> str:
+def version_or_empty(backend) -> str:
     try:
         return backend.version
-    except (StatusError, ServingError):
+    except StatusError:
         return ""
 
 

@@ -39,8 +39,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from services.common.errors import Status, StatusError
 from services.common.feedback import CHAT_ROLES
 from services.common.models import render_prompt
-from services.policy.http_api import Gateway, as_status, number
-from services.policy.params import FINISH_LENGTH, SampleOut, ServingError, TokenOut, validate
+from services.policy.http_api import Gateway, number, version_or_empty
+from services.policy.params import FINISH_LENGTH, SampleOut, TokenOut, validate
 
 MODEL_ALIAS = "policy"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -219,7 +219,7 @@ class _OpenAIRequest:
                 num_samples=n,
                 return_logprobs=self.logprobs,
             )
-        except ServingError as err:
+        except StatusError as err:
             # validate() names our own fields; say OpenAI's where they differ.
             message = err.message.replace("num_samples", "n").replace("max_new_tokens", "max_tokens")
             field = message.split(" ", 1)[0].strip("`")
@@ -304,10 +304,7 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
     backend = gateway.backend
 
     def version() -> str:
-        try:
-            return backend.version
-        except (StatusError, ServingError):
-            return ""
+        return version_or_empty(backend)
 
     async def completion(request: Request, chat: bool) -> Response:
         try:
@@ -337,8 +334,8 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
             if done is None:
                 return Response(status_code=499)
             samples, finished = done
-        except (StatusError, ServingError) as err:
-            return error_response(as_status(err), version())
+        except StatusError as err:
+            return error_response(err, version())
         if chat:
             choices = [
                 {
@@ -449,8 +446,8 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
         try:
             gateway.identify(request)
             return {"object": "list", "data": [model_card()]}
-        except (StatusError, ServingError) as err:
-            return error_response(as_status(err), version())
+        except StatusError as err:
+            return error_response(err, version())
 
     @app.get("/v1/models/{model_id:path}")
     async def model(model_id: str, request: Request):
@@ -462,5 +459,5 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
                     Status.NOT_FOUND, f"The model `{model_id}` does not exist", "model", "model_not_found"
                 )
             return card
-        except (StatusError, ServingError) as err:
-            return error_response(as_status(err), version())
+        except StatusError as err:
+            return error_response(err, version())

@@ -13,24 +13,24 @@ RLHF_TGI_URL is set, a TGI server through the `text_generation` client.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import torch
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
 from services.common.auth import Authenticator, Identity, metadata_value
-from services.common.checkpoints import Manifest, version_name_problem
+from services.common.checkpoints import version_name_problem
 from services.common.config import Settings
 from services.common.errors import Status, StatusError, abort
 from services.common.grpc_server import RunningServer, start_server
-from services.common.hotswap import Loaded, ModelSwitcher, SwapError
 from services.common.logs import get_logger, log_fields
-from services.common.models import load_causal_lm, render_prompt, resolve_device
-from services.policy.engine import Engine
-from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, ServingError, check_prompt, invalid, validate
+from services.common.models import render_prompt
+from services.policy.backend import PolicyBackend
+from services.policy.engine import LocalBackend
+from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, check_prompt, invalid, validate
 from services.policy.prompt_log import LOG_HEADER, PromptLog, wanted
 from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token
 
@@ -45,62 +45,10 @@ _FINISH = {
 }
 
 
-def dtype_of(settings: Settings) -> torch.dtype:
-    return torch.bfloat16 if settings.serve_dtype == "bfloat16" else torch.float32
-
-
-class LocalBackend:
-    """The continuous-batching engine fed by the hot-swapping model switcher."""
-
-    name = "local"
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.engine = Engine(settings, SERVICE)
-        device = resolve_device(settings.device)
-        dtype = dtype_of(settings)
-
-        def load(path: Path, manifest: Manifest):
-            return load_causal_lm(path, device=device, dtype=dtype)
-
-        def warmup(loaded: Loaded) -> None:
-            # One tiny prefill + decode, so the first real request pays no first-call cost.
-            with torch.inference_mode():
-                ids = torch.tensor(
-                    [loaded.tokenizer("Hello", add_special_tokens=False).input_ids or [0]], device=device
-                )
-                out = loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                loaded.model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
-
-        self.switcher = ModelSwitcher(settings, "policy", SERVICE, load, warmup, on_switch=self.engine.set_model)
-
-    def start(self, follow: bool = True) -> None:
-        self.switcher.start(follow=follow)
-
-    def stop(self) -> None:
-        self.switcher.stop()
-        self.engine.stop()
-
-    @property
-    def tokenizer(self):
-        return self.switcher.current.tokenizer
-
-    @property
-    def version(self) -> str:
-        return self.switcher.current.version
-
-    def submit(self, req: GenRequest) -> None:
-        self.engine.submit(req)
-
-    def model_info(self) -> dict:
-        return self.switcher.model_info(self.name)
-
-    def pin(self, version: str) -> None:
-        self.switcher.pin(version)
-
-
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, settings: Settings, backend, auth: Authenticator, prompt_log: PromptLog | None = None):
+    def __init__(
+        self, settings: Settings, backend: PolicyBackend, auth: Authenticator, prompt_log: PromptLog | None = None
+    ):
         self.settings = settings
         self.backend = backend
         self.auth = auth
@@ -162,8 +110,6 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         identity = self.auth.require(context, "user", open_to_anonymous=True)
         try:
             return self._build(request, context, stream, identity)
-        except ServingError as err:
-            context.abort(err.code, err.message)
         except StatusError as err:
             abort(context, err)
 
@@ -175,7 +121,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             if isinstance(event, SampleDone):
                 samples[event.sample.index] = event.sample
             elif isinstance(event, Failed):
-                context.abort(event.error.code, event.error.message)
+                abort(context, event.error)
             elif isinstance(event, Finished):
                 return policy_pb2.GenerateResponse(
                     samples=[_sample_pb(samples[i]) for i in sorted(samples)],
@@ -204,7 +150,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     message.usage.completion_tokens = event.final.generated_tokens
                 yield message
             elif isinstance(event, Failed):
-                context.abort(event.error.code, event.error.message)
+                abort(context, event.error)
             elif isinstance(event, Finished):
                 return
 
@@ -212,20 +158,20 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.auth.require(context, "user", open_to_anonymous=True)
         try:
             return common_pb2.ModelInfo(**self.backend.model_info())
-        except (ServingError, SwapError) as err:
-            context.abort(err.code, err.message)
+        except StatusError as err:
+            abort(context, err)
 
     def PinVersion(self, request, context):
         identity = self.auth.require(context, "admin")
         problem = request.version and version_name_problem(request.version)
         if problem:  # before any filesystem call
             abort(context, StatusError(Status.INVALID_ARGUMENT, problem))
-        log_fields(log, 20, "pin requested", user=identity.user_id, version=request.version)
+        log_fields(log, logging.INFO, "pin requested", user=identity.user_id, version=request.version)
         try:
             self.backend.pin(request.version)
             return common_pb2.ModelInfo(**self.backend.model_info())
-        except (ServingError, SwapError) as err:
-            context.abort(err.code, err.message)
+        except StatusError as err:
+            abort(context, err)
 
 
 def _sample_pb(sample) -> policy_pb2.Sample:
@@ -247,7 +193,7 @@ def _token_pb(t) -> policy_pb2.Token:
 @dataclass
 class PolicyHandle:
     grpc_server: RunningServer
-    backend: object
+    backend: PolicyBackend
     http: object | None
     prompt_log: PromptLog | None = None
 
@@ -280,6 +226,7 @@ def start(settings: Settings, port: int = 0, http_port: int | None = 0, follow: 
     """Load the serving version, start the gRPC server and the HTTP APIs (TGI and OpenAI)."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    backend: PolicyBackend
     if settings.tgi_url:
         from services.policy.tgi_backend import TgiBackend
 

@@ -19,13 +19,13 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import httpx
 
 from services.common.config import Settings
+from services.common.errors import Status, StatusError
 from services.common.logs import get_logger, log_fields
 from services.common.models import ensure_tokenizer, load_tokenizer
-from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, ServingError, TokenOut
+from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, TokenOut
 from services.policy.request import Finished, GenRequest, SampleDone, Token
 
 log = get_logger(__name__)
@@ -34,16 +34,16 @@ _FINISH = {"length": FINISH_LENGTH, "eos_token": FINISH_EOS, "stop_sequence": FI
 INFO_TTL_S = 2.0
 
 
-def _client_error(err: Exception) -> ServingError:
+def _client_error(err: Exception) -> StatusError:
     from text_generation import errors
 
     if isinstance(err, (errors.ValidationError, errors.BadRequestError)):
-        return ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"TGI refused the request: {err}")
+        return StatusError(Status.INVALID_ARGUMENT, f"TGI refused the request: {err}")
     if isinstance(err, (errors.OverloadedError, errors.RateLimitExceededError)):
-        return ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"TGI is overloaded: {err}")
+        return StatusError(Status.RESOURCE_EXHAUSTED, f"TGI is overloaded: {err}")
     if isinstance(err, errors.GenerationError):
-        return ServingError(grpc.StatusCode.INTERNAL, f"TGI generation failed: {err}")
-    return ServingError(grpc.StatusCode.UNAVAILABLE, f"TGI at the configured RLHF_TGI_URL is unavailable: {err}")
+        return StatusError(Status.INTERNAL, f"TGI generation failed: {err}")
+    return StatusError(Status.UNAVAILABLE, f"TGI at the configured RLHF_TGI_URL is unavailable: {err}")
 
 
 def version_of(model_id: str) -> str:
@@ -85,8 +85,8 @@ class TgiBackend:
                 self._info, self._info_at = reply.json(), now
             except (httpx.HTTPError, ValueError) as err:
                 if not self._info:
-                    raise ServingError(
-                        grpc.StatusCode.UNAVAILABLE, f"TGI at RLHF_TGI_URL={self.url} is unavailable: {err}"
+                    raise StatusError(
+                        Status.UNAVAILABLE, f"TGI at RLHF_TGI_URL={self.url} is unavailable: {err}"
                     ) from None
         return self._info
 
@@ -101,8 +101,8 @@ class TgiBackend:
         ) | ({"kind": info["kind"]} if "kind" in info else {})
 
     def pin(self, version: str):
-        raise ServingError(
-            grpc.StatusCode.FAILED_PRECONDITION,
+        raise StatusError(
+            Status.FAILED_PRECONDITION,
             "this policy service generates through TGI (RLHF_TGI_URL); pin versions on the TGI server",
         )
 
@@ -110,8 +110,8 @@ class TgiBackend:
     def submit(self, req: GenRequest) -> None:
         with self._lock:
             if self._pending >= self.settings.max_batch + self.settings.max_queue:
-                raise ServingError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                raise StatusError(
+                    Status.RESOURCE_EXHAUSTED,
                     f"the request queue is full ({self.settings.max_queue} waiting, RLHF_MAX_QUEUE); retry later",
                 )
             self._pending += 1
@@ -120,11 +120,11 @@ class TgiBackend:
     def _run(self, req: GenRequest) -> None:
         try:
             self._generate(req)
-        except ServingError as err:
-            req.fail(err.code, err.message)
-        except Exception as err:
+        except StatusError as err:
+            req.fail(err.status, err.message)
+        except Exception as err:  # noqa: BLE001 - any client failure is mapped to a status for this request alone
             mapped = _client_error(err)
-            req.fail(mapped.code, mapped.message)
+            req.fail(mapped.status, mapped.message)
         finally:
             with self._lock:
                 self._pending -= 1
@@ -178,9 +178,9 @@ class TgiBackend:
         try:
             async for reply in stream:
                 if req.cancelled:
-                    raise ServingError(grpc.StatusCode.CANCELLED, "cancelled by the client")
+                    raise StatusError(Status.CANCELLED, "cancelled by the client")
                 if req.expired():
-                    raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while generating")
+                    raise StatusError(Status.DEADLINE_EXCEEDED, "deadline exceeded while generating")
                 tok = TokenOut(reply.token.id, reply.token.text, reply.token.logprob, reply.token.special)
                 tokens.append(tok)
                 final = None
@@ -200,4 +200,4 @@ class TgiBackend:
                     return final.generated_tokens
         finally:
             await stream.aclose()
-        raise ServingError(grpc.StatusCode.UNAVAILABLE, f"TGI ended sample {index}'s stream without its final details")
+        raise StatusError(Status.UNAVAILABLE, f"TGI ended sample {index}'s stream without its final details")

@@ -19,6 +19,7 @@ token of role `user`, PinVersion `admin`.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -32,9 +33,10 @@ from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 from services.common.auth import Authenticator
 from services.common.checkpoints import Manifest, version_name_problem
 from services.common.config import Settings
+from services.common.dtypes import resolve_dtype
 from services.common.errors import Status, StatusError, abort, grpc_code, invalid
 from services.common.grpc_server import RunningServer, start_server
-from services.common.hotswap import Loaded, ModelSwitcher, SwapError
+from services.common.hotswap import Loaded, ModelSwitcher
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import BATCH_SIZE, QUEUE_DEPTH
 from services.common.models import RewardModel, encode_prompt_response, pad_batch, render_prompt, resolve_device
@@ -200,8 +202,6 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
             self.scorer.submit(job)
         except StatusError as err:
             abort(context, err)
-        except SwapError as err:
-            context.abort(err.code, err.message)
         job.done.wait()
         if job.error is not None:
             abort(context, job.error)
@@ -216,11 +216,11 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         problem = request.version and version_name_problem(request.version)
         if problem:  # before any filesystem call
             context.abort(grpc_code(Status.INVALID_ARGUMENT), problem)
-        log_fields(log, 20, "pin requested", user=identity.user_id, version=request.version)
+        log_fields(log, logging.INFO, "pin requested", user=identity.user_id, version=request.version)
         try:
             self.switcher.pin(request.version)
-        except SwapError as err:
-            context.abort(err.code, err.message)
+        except StatusError as err:
+            abort(context, err)
         return common_pb2.ModelInfo(**self.switcher.model_info("local"))
 
 
@@ -252,7 +252,7 @@ def start(settings: Settings, port: int = 0, follow: bool = True) -> RewardHandl
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    dtype = torch.bfloat16 if settings.serve_dtype == "bfloat16" else torch.float32
+    dtype = resolve_dtype(settings.serve_dtype, device)[0]
 
     def load(path: Path, manifest: Manifest) -> RewardModel:
         return RewardModel.from_pretrained(path, device=device, dtype=dtype)
@@ -276,5 +276,5 @@ def start(settings: Settings, port: int = 0, follow: bool = True) -> RewardHandl
         switcher.stop()
         scorer.stop()
         raise
-    log_fields(log, 20, "reward service ready", port=running.port, version=switcher.current.version)
+    log_fields(log, logging.INFO, "reward service ready", port=running.port, version=switcher.current.version)
     return RewardHandle(running, switcher, scorer)

@@ -202,3 +202,24 @@ def test_prompt_logprobs_score_the_rendered_prompt(policy, tiny_model_dir):
         err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         and "parameters.return_prompt_logprobs" in err.value.details()
     )
+
+
+def test_unsampleable_parameters_are_refused_beside_an_in_flight_stream(policy):
+    """temperature=1e-45 or repetition_penalty=1e-45 once turned sampling into NaN and failed
+    every row of the batch; now they are refused up front, and the stream beside them is untouched."""
+    _, stub = policy
+    alone = list(stub.GenerateStream(gen(max_new_tokens=24, temperature=0.0), metadata=bearer("usr"), timeout=60))
+    stream = stub.GenerateStream(gen(max_new_tokens=24, temperature=0.0), metadata=bearer("usr"), timeout=60)
+    got = [next(stream)]
+    for field, bad in (
+        ("temperature", {"temperature": 1e-45}),
+        ("repetition_penalty", {"temperature": 0.7, "repetition_penalty": 1e-45}),
+        ("repetition_penalty", {"temperature": 0.7, "num_samples": 4, "repetition_penalty": 1e-45}),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(gen(max_new_tokens=8, **bad), metadata=bearer("usr"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"{field} must be" in err.value.details()
+    got += list(stream)
+    assert got[-1].generated_text == alone[-1].generated_text
+    assert [m.token.id for m in got] == [m.token.id for m in alone]
