@@ -45,6 +45,6 @@ def ensure_seeded(settings: Settings, store: CheckpointStore | None = None) -> d
                     model.save_pretrained(folder, tokenizer=load_tokenizer(preset_dir))
                     manifest.metrics = {"untrained": True}
         store.set_promoted(role, version, reason="seed")
-        log_fields(log, 20, "seeded checkpoint", role=role, version=version)
+        log_fields(log, logging.INFO, "seeded checkpoint", role=role, version=version)
         out[role] = version
     return out

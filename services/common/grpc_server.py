@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import logging
 import signal
 import threading
 import time
@@ -184,7 +185,7 @@ def start_server(
     server.start()
     running = RunningServer(server, health_servicer, bound, names)
     running.set_serving(True)
-    log_fields(log, 20, "grpc server started", component=service, port=bound, services=names)
+    log_fields(log, logging.INFO, "grpc server started", component=service, port=bound, services=names)
     return running
 
 
@@ -298,7 +299,7 @@ def serve_until_signal(
     stop = threading.Event()
 
     def handle(signum, _frame):
-        log_fields(log, 20, "shutdown requested", signal=signal.Signals(signum).name, grace_s=grace)
+        log_fields(log, logging.INFO, "shutdown requested", signal=signal.Signals(signum).name, grace_s=grace)
         stop.set()
 
     signal.signal(signal.SIGTERM, handle)
@@ -307,7 +308,7 @@ def serve_until_signal(
     running.stop(grace)
     if on_stop:
         on_stop()
-    log_fields(log, 20, "grpc server stopped", port=running.port)
+    log_fields(log, logging.INFO, "grpc server stopped", port=running.port)
 
 
 def wait_for_serving(target: str, timeout: float = 60.0, service: str = "", while_alive=None) -> None:

@@ -19,6 +19,7 @@ poll() returned in a single wake-up of the loop, not one per record.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ class LibrdkafkaProducer:
         broken.purge()  # fail what it still held: those calls answer UNAVAILABLE
         broken.flush(0)  # serve their delivery reports
         self._dispatch()
-        log_fields(log, 30, "kafka producer replaced after a fatal error", replacements=self.replacements)
+        log_fields(log, logging.WARNING, "kafka producer replaced after a fatal error", replacements=self.replacements)
 
     def _poll(self) -> None:
         from confluent_kafka import KafkaException
@@ -206,7 +207,7 @@ class LibrdkafkaProducer:
                 producer.poll(0.05)
             except KafkaException as err:  # a fatal error raised out of poll()
                 self._mark_broken(producer)
-                log_fields(log, 40, "kafka client error", error=str(err), fatal=True)
+                log_fields(log, logging.ERROR, "kafka client error", error=str(err), fatal=True)
             self._dispatch()
             if self._broken is not None:
                 self._replace(self._broken)
@@ -253,7 +254,7 @@ class KafkaPythonProducer:
         self._broken = None
         self.replacements += 1
         _close_kafka_python(broken, 0)
-        log_fields(log, 30, "kafka producer replaced after a fatal error", replacements=self.replacements)
+        log_fields(log, logging.WARNING, "kafka producer replaced after a fatal error", replacements=self.replacements)
 
     def close(self, timeout: float) -> None:
         _close_kafka_python(self._producer, timeout)
@@ -265,7 +266,7 @@ def _close_kafka_python(producer, timeout: float) -> None:
     try:
         producer.close(timeout=timeout)
     except KafkaError as err:
-        log_fields(log, 30, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", error=str(err))
+        log_fields(log, logging.WARNING, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", error=str(err))
         # kafka-python leaves a producer open when its final flush times
         # out; stop its sender so nothing is retried after we said so.
         sender = getattr(producer, "_sender", None)

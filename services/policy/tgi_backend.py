@@ -14,6 +14,7 @@ services/controller/tgi_rollout.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -70,7 +71,7 @@ class TgiBackend:
 
     def start(self) -> None:
         info = self.info()
-        log_fields(log, 20, "generating through TGI", url=self.url, model_id=info.get("model_id"))
+        log_fields(log, logging.INFO, "generating through TGI", url=self.url, model_id=info.get("model_id"))
 
     def stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
