@@ -8,6 +8,8 @@ says so (`metrics.untrained = true`) until a trained RM replaces it.
 
 from __future__ import annotations
 
+import logging
+
 from services.common.checkpoints import CheckpointStore
 from services.common.config import Settings
 from services.common.logs import get_logger, log_fields

@@ -212,9 +212,7 @@ class RewardModel(nn.Module):
         return cls(backbone).to(device)
 
     @classmethod
-    def from_pretrained(
-        cls, path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32
-    ) -> RewardModel:
+    def from_pretrained(cls, path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> RewardModel:
         from safetensors.torch import load_file
         from transformers import AutoModel
 

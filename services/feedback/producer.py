@@ -266,7 +266,12 @@ def _close_kafka_python(producer, timeout: float) -> None:
     try:
         producer.close(timeout=timeout)
     except KafkaError as err:
-        log_fields(log, logging.WARNING, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", error=str(err))
+        log_fields(
+            log,
+            logging.WARNING,
+            "producer closed with unacknowledged records (their calls got UNAVAILABLE)",
+            error=str(err),
+        )
         # kafka-python leaves a producer open when its final flush times
         # out; stop its sender so nothing is retried after we said so.
         sender = getattr(producer, "_sender", None)
