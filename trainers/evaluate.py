@@ -20,7 +20,8 @@ import json
 from dataclasses import dataclass
 
 from services.common.models import RewardModel, load_causal_lm, load_tokenizer
-from trainers.common import Job, JobError, require, run_main, step_seed
+from trainers.config import JobError, require
+from trainers.job import Job, run_main, step_seed
 from trainers.ppo import encode_prompts, generate_rollouts, prompt_texts, rollout_stats
 
 

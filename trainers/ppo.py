@@ -43,32 +43,26 @@ from services.common.models import (
     position_ids_from_mask,
     render_prompt,
 )
-from trainers.common import (
-    Job,
-    JobError,
+from trainers.config import JobError, TrainConfig, require
+from trainers.job import Job, epoch_order, global_batch, peak_rss_gb, run_main, step_seed
+from trainers.nn import (
     WeightEMA,
     add_lora,
     all_reduce_,
     autocast,
-    epoch_order,
-    global_batch,
     load_trainable_state,
-    markdown_report,
     merge_lora,
-    peak_rss_gb,
-    require,
-    run_main,
-    step_seed,
     sum_over_ranks,
     trainable_state,
     unwrap,
 )
+from trainers.report import markdown_report
 from trainers.rollout import ROLLOUT_ENGINES, EngineRollouts, Rollouts, generate_rollouts, rollout_seeds
 from trainers.sft import collate, lm_loss_sum
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(TrainConfig):
     """PPO / PPO-ptx against a reward model with a per-token KL penalty.
 
     Rollouts: total_steps (PPO steps), rollout_batch_size (prompts per step,
@@ -86,17 +80,17 @@ class PPOConfig:
               response that never emitted EOS; 0 = off).
     PPO:      ppo_epochs, mini_batch_size (rollouts per update, global), gamma,
               lam, whiten_advantages, clip_range, value_clip_range, vf_coef, lr,
-              value_lr (both constant), max_grad_norm.
+              value_lr (both constant), max_grad_norm (shared).
     PPO-ptx:  ptx_coef (γ_ptx; the paper 27.8; 0 = plain PPO), ptx_source
               ("demonstrations" or a text file), ptx_batch_size, ptx_max_tokens.
-    Model:    lora_rank (0 = full fine-tuning), lora_alpha, lora_dropout,
-              lora_targets (policy and value);
+    Model:    shared (trainers/config.py): lora_rank (0 = full fine-tuning),
+              lora_alpha, lora_dropout, lora_targets (policy and value);
               dtype (auto: bf16 autocast only where bf16 is native, else fp32).
     EMA:      ema_decay: publish an exponential moving average of the policy's
               trainable weights, updated after every optimizer step (the paper
               0.992; 0 = publish the last weights). With LoRA the average is
               over the adapter matrices.
-    Job:      save_every (steps between resume points), seed.
+    Job:      save_every (steps between resume points), seed (shared).
     """
 
     total_steps: int = 20
@@ -122,19 +116,12 @@ class PPOConfig:
     vf_coef: float = 0.5
     lr: float = 1e-6
     value_lr: float = 5e-6
-    max_grad_norm: float = 1.0
     ptx_coef: float = 0.0
     ptx_source: str = "demonstrations"
     ptx_batch_size: int = 4
     ptx_max_tokens: int = 256
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    dtype: str = "auto"
     ema_decay: float = 0.0
     save_every: int = 5
-    seed: int = 0
 
     def validate(self) -> None:
         require(0 <= self.ema_decay < 1, f"ema_decay={self.ema_decay} must be in [0, 1) (0 = off)")

@@ -49,7 +49,8 @@ from services.common.models import pad_batch
 from services.policy.engine import Engine
 from services.policy.params import FINISH_EOS, GenParams, SampleOut
 from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone
-from trainers.common import JobError, autocast, unwrap
+from trainers.config import JobError
+from trainers.nn import autocast, unwrap
 
 ROLLOUT_ENGINES = ("engine", "hf")
 SEED_BITS = 62

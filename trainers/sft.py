@@ -26,68 +26,38 @@ from services.common.models import (
     position_ids_from_mask,
     render_prompt,
 )
-from trainers.common import (
-    Job,
-    JobError,
+from trainers.config import JobError, SupervisedConfig
+from trainers.job import Job, epoch_order, global_batch, lr_at, peak_rss_gb, run_main, step_seed
+from trainers.nn import (
     add_lora,
     all_reduce_,
     autocast,
-    epoch_order,
-    global_batch,
     load_trainable_state,
-    lr_at,
-    markdown_report,
     merge_lora,
-    peak_rss_gb,
-    run_main,
-    step_seed,
     sum_over_ranks,
     trainable_state,
     unwrap,
-    validate_supervised,
 )
+from trainers.report import markdown_report
 
 IGNORE = -100
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(SupervisedConfig):
     """Supervised fine-tuning on demonstrations.
 
-    Model:    lora_rank (0 = full fine-tuning), lora_alpha, lora_dropout, lora_targets
-              (comma-separated module names);
-              dtype (auto: bf16 autocast only where bf16 is native, else fp32).
-    Data:     max_tokens (prompt + response; the prompt is cut from the left),
-              max_val_examples.
-    Training: epochs, max_steps (> 0 caps the run), batch_size (demonstrations per
-              step, global), micro_batch_size (per forward, per rank), lr,
-              min_lr_ratio, warmup_steps, weight_decay, max_grad_norm, seed.
-    Job:      eval_every (steps; 0 = once per epoch), save_every (steps between
-              resume points).
+    Shared (trainers/config.py): the model (lora_*, bf16), the optimiser and
+    schedule (lr, min_lr_ratio, warmup_steps, weight_decay, max_grad_norm), the
+    batches (epochs, max_steps, batch_size = demonstrations per step, global;
+    micro_batch_size), max_tokens (prompt + response; the prompt is cut from
+    the left), eval_every (steps; 0 = once per epoch), save_every, seed.
+    SFT:      max_val_examples (validation demonstrations scored per evaluation).
     """
 
     epochs: int = 2
-    max_steps: int = 0
-    batch_size: int = 8
     micro_batch_size: int = 8
-    lr: float = 1e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_tokens: int = 256
     max_val_examples: int = 64
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    dtype: str = "auto"
-    eval_every: int = 0
-    save_every: int = 10
-    seed: int = 0
-
-    def validate(self) -> None:
-        validate_supervised(self)
 
 
 PRESETS = {

@@ -18,6 +18,7 @@ import grpc
 from rlhf.v1 import common_pb2, events_pb2, policy_pb2_grpc
 
 from services.common import bus
+from services.common.auth import with_token
 from services.controller.controller import Controller
 from services.controller.local_executor import LocalExecutor
 from services.sim import labelers as sim_labelers
@@ -70,7 +71,7 @@ def test_closed_loop_promotes_rejects_and_retries(tmp_path, broker, tiny_model_d
         start_reward(settings),
     )
     feedback = grpc.insecure_channel(f"127.0.0.1:{feedback_srv.port}")
-    policy = grpc.insecure_channel(f"127.0.0.1:{policy_srv.port}")
+    policy = with_token(grpc.insecure_channel(f"127.0.0.1:{policy_srv.port}"), population.labelers[0].token)
     settings = dataclasses.replace(
         settings, policy_target=f"127.0.0.1:{policy_srv.port}", feedback_target=f"127.0.0.1:{feedback_srv.port}"
     )

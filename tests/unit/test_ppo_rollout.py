@@ -10,7 +10,7 @@ import torch
 
 from services.common.config import load_settings
 from services.common.models import RewardModel, load_causal_lm, load_tokenizer
-from trainers.common import add_lora
+from trainers.nn import add_lora
 from trainers.ppo import encode_prompts, response_logprobs, rollout_stats
 from trainers.rollout import EngineRollouts, assemble
 

@@ -6,7 +6,9 @@ import re
 import pytest
 
 from services.common.dtypes import cpu_has_native_bf16
-from trainers.common import JobError, build_config, epoch_order, global_batch, lr_at, resolve_autocast
+from trainers.config import JobError, build_config
+from trainers.job import epoch_order, global_batch, lr_at
+from trainers.nn import resolve_autocast
 from trainers.ppo import PRESETS as PPO_PRESETS
 from trainers.ppo import PPOConfig
 from trainers.rm import PRESETS as RM_PRESETS
@@ -67,7 +69,9 @@ def test_every_preset_is_valid():
 
 
 def test_batches_cover_each_epoch_once_and_are_reproducible():
-    order = lambda e: epoch_order(10, seed=3, epoch=e)  # noqa: E731
+    def order(e):
+        return epoch_order(10, seed=3, epoch=e)
+
     epoch0 = [i for step in range(3) for i in global_batch(order, 10, 4, step)]
     assert sorted(epoch0) == list(range(10))  # 4 + 4 + 2
     assert global_batch(order, 10, 4, 3) == epoch_order(10, 3, 1)[:4]  # step 3 starts epoch 1
@@ -81,7 +85,23 @@ def test_lr_schedule():
 
 
 def test_short_last_batch_is_topped_up_so_every_rank_gets_work():
-    order = lambda e: epoch_order(5, seed=0, epoch=e)  # noqa: E731
+    def order(e):
+        return epoch_order(5, seed=0, epoch=e)
+
     first_epoch = epoch_order(5, 0, 0)
     assert global_batch(order, 5, 4, 1) == first_epoch[4:]  # one process: the short batch as is
     assert global_batch(order, 5, 4, 1, min_size=2) == [first_epoch[4], first_epoch[0]]  # two ranks: topped up
+
+
+def test_shared_fields_are_declared_once():
+    # LoRA, bf16 and the optimiser fields live in trainers/config.py; an algorithm
+    # repeats a shared field only to change its default.
+    from trainers.config import SupervisedConfig, TrainConfig
+
+    assert issubclass(SFTConfig, SupervisedConfig) and issubclass(RMConfig, SupervisedConfig)
+    assert issubclass(PPOConfig, TrainConfig)
+    for cls in (SFTConfig, RMConfig, PPOConfig):
+        own = vars(cls).get("__annotations__", {})
+        assert not {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "bf16", "seed"} & set(own), cls
+        for name in set(own) & {f for f in vars(TrainConfig)["__annotations__"]}:
+            assert getattr(cls(), name) != getattr(TrainConfig(), name), f"{cls.__name__}.{name} repeats the default"
