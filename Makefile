@@ -15,8 +15,8 @@ ifdef MODEL
 export RLHF_MODEL := $(MODEL)
 endif
 
-.PHONY: help setup protos protos-check test test-unit test-integration test-e2e k8s-validate \
-        up down logs status demo bench clean
+.PHONY: help setup protos protos-check lint test test-unit test-integration test-e2e k8s-validate \
+        up down logs status demo bench bench-llamacpp clean
 
 help: ## list targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-18s %s\n", $$1, $$2}'
@@ -38,7 +38,13 @@ protos: $(STAMP) ## regenerate Python code from protos/
 protos-check: $(STAMP) ## fail if the committed generated code is stale
 	$(PY) -m services.common.protogen --check
 
-test: setup protos-check ## the whole suite (unit, integration, e2e, k8s)
+lint: $(STAMP) ## ruff check + ruff format --check (rules and exclusions in pyproject.toml)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	@if grep -rnE --include='*.py' '# noqa(: *[A-Z0-9, ]+)? *$$' services trainers bench tests; then \
+		echo "lint: each noqa needs its reason beside it (# noqa: RULE - why)"; exit 1; fi
+
+test: setup protos-check lint ## the whole suite (lint, unit, integration, e2e, k8s)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 
 test-unit: setup
@@ -71,6 +77,11 @@ demo: setup ## run one full RLHF loop on this machine and write the report (PRES
 bench: setup ## run every benchmark (figures in bench/results/*.json)
 	$(PIP) install -q --disable-pip-version-check -e ".[test,bench]"
 	$(PY) -m bench
+
+# llama-cpp-python builds llama.cpp from source: about 10 minutes on an idle 2-core machine, 20 on a busy one.
+bench-llamacpp: setup ## the serving benchmark with llama.cpp's reference on the same GGUF (compiles llama.cpp once)
+	$(PIP) install -q --disable-pip-version-check -e ".[test,bench,llamacpp]"
+	$(PY) -m bench.serving
 
 include deploy/images.mk
 

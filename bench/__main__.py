@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("ingest", "serving", "train")
+BENCHMARKS = ("ingest", "serving", "train", "labeling", "ppo")
 
 
 def main(argv: list[str]) -> int:

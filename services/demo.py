@@ -39,6 +39,7 @@ from pathlib import Path
 import grpc
 from rlhf.v1 import common_pb2, policy_pb2_grpc
 
+from services.common.auth import bearer
 from services.common.broker import free_port
 from services.common.config import exit_on_config_error, load_settings
 from services.common.dtypes import cpu_capability
@@ -133,13 +134,16 @@ class _Timer:
         self.step.timings[self.title] = round(time.monotonic() - self.t0, 1)
 
 
-def wait_for_version(target: str, version: str, timeout: float = 120.0) -> float:
+def wait_for_version(target: str, version: str, token: str, timeout: float = 120.0) -> float:
     """Poll the policy service until it serves `version`; return seconds waited."""
     t0 = time.monotonic()
     with grpc.insecure_channel(target) as channel:
         stub = policy_pb2_grpc.PolicyServiceStub(channel)
         while time.monotonic() - t0 < timeout:
-            if stub.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=10).version == version:
+            if (
+                stub.GetModelInfo(common_pb2.GetModelInfoRequest(), metadata=bearer(token), timeout=10).version
+                == version
+            ):
                 return time.monotonic() - t0
             time.sleep(0.5)
     raise TimeoutError(f"policy service did not serve {version} within {timeout:.0f}s")
@@ -158,6 +162,7 @@ def configure_environment(preset: DemoPreset, home: Path, seed: int = 0) -> None
             "RLHF_TRAINER_PRESET": preset.trainer_preset,
             "RLHF_TRAINER_OVERRIDES": json.dumps(overrides),
             "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+            "RLHF_BROKER_S3_PORT": str(free_port()),
             "RLHF_TOKENS_FILE": str(home / "tokens.json"),
             "RLHF_JOB_RETRIES": os.environ.get("RLHF_JOB_RETRIES", "1"),
             "RLHF_PPO_INIT": preset.ppo_init,
@@ -208,6 +213,7 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
             stack.up(timeout=300)
         feedback = grpc.insecure_channel(settings.feedback_target)
         policy = grpc.insecure_channel(settings.policy_target)
+        watcher = population.labelers[0].token  # GetModelInfo needs a token too
 
         with step(f"{preset.users} simulated users log {preset.prompts} prompts"):
             sim_users.submit_prompts(feedback, population)
@@ -222,7 +228,8 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
             if not first or "sft" not in first.trained:
                 raise SystemExit(f"SFT round failed: {first and first.decision}")
             sft = first.trained["sft"]
-            print(f"  SFT policy {sft} promoted; hot-swap took {wait_for_version(settings.policy_target, sft):.1f}s")
+            swap_s = wait_for_version(settings.policy_target, sft, watcher)
+            print(f"  SFT policy {sft} promoted; hot-swap took {swap_s:.1f}s")
 
         store = CheckpointStore(settings.checkpoint_dir)
         rounds: list = []
@@ -238,7 +245,7 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
                 for d in last.decisions:
                     print(f"  {d['model']} gate: {d['reason']}")
                 served = store.promoted("policy")
-                print(f"  serving {served} (hot-swap {wait_for_version(settings.policy_target, served):.1f}s)")
+                print(f"  serving {served} (hot-swap {wait_for_version(settings.policy_target, served, watcher):.1f}s)")
             rounds.append(
                 sim_rounds.RoundRecord(
                     round=n,

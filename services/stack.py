@@ -1,7 +1,8 @@
 """The local stack: `make up`, `make down`, `make logs`, `make status`.
 
-`up` starts, on loopback: the Tansu broker, the topics, the seed checkpoints,
-the policy, reward and feedback gRPC services, the playground and the
+`up` starts, on loopback: the Tansu broker (with its S3 store under
+$RLHF_HOME/broker when RLHF_BROKER_STORAGE=s3, the default), the topics, the seed checkpoints,
+the policy, reward, feedback and labeling gRPC services, the playground and the
 trainer controller. It waits until every health check reports SERVING, then
 prints the endpoints.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import psutil
 
 from services.common.auth import dev_tokens, write_tokens_file
-from services.common.broker import port_open, start_broker, wait_for_kafka
+from services.common.broker import port_open, start_broker, start_object_store, wait_for_kafka
 from services.common.config import Settings, exit_on_config_error, load_settings
 
 
@@ -42,6 +43,7 @@ def components(settings: Settings) -> list[Component]:
         Component("policy", "services.policy", f"grpc:{settings.policy_port}"),
         Component("reward", "services.reward", f"grpc:{settings.reward_port}"),
         Component("feedback", "services.feedback", f"grpc:{settings.feedback_port}"),
+        Component("labeling", "services.labeling", f"grpc:{settings.labeling_port}"),
         Component("playground", "services.playground", f"http:{settings.playground_port}/healthz"),
         Component("controller", "services.controller", f"grpc:{settings.controller_port}"),
     ]
@@ -107,14 +109,18 @@ class Stack:
         host, _, port = s.kafka_bootstrap.split(",")[0].rpartition(":")
         print(f"starting the local stack (model preset: {s.model}, state: {s.home})")
         if self._alive("broker"):
+            if s.broker_storage == "s3":
+                self._start_store()  # a broker whose store died gets it back
             print("  broker: already running")
         elif port_open(host, int(port)):
             print(f"  broker: using the Kafka broker already listening on {s.kafka_bootstrap}")
         else:
             self.log_dir.mkdir(parents=True, exist_ok=True)
-            proc = start_broker(int(port), log_path=self.log_dir / "broker.log", host=host)
+            endpoint = self._start_store() if s.broker_storage == "s3" else None
+            proc = start_broker(int(port), log_path=self.log_dir / "broker.log", host=host, s3_endpoint=endpoint)
             self._record("broker", proc)
-            print(f"  broker: started Tansu on {s.kafka_bootstrap} (pid {proc.pid})")
+            where = f"records under {self.store_dir}" if endpoint else "in memory: a restart loses every record"
+            print(f"  broker: started Tansu on {s.kafka_bootstrap} (pid {proc.pid}; {where})")
         wait_for_kafka(s.kafka_bootstrap, timeout=30)
 
         from services.common.bootstrap import ensure_seeded
@@ -130,6 +136,23 @@ class Stack:
         print(f"\nall services SERVING after {time.monotonic() - started:.1f}s")
         self.print_endpoints()
         return 0
+
+    @property
+    def store_dir(self) -> Path:
+        return self.settings.home / "broker"
+
+    def _start_store(self) -> str:
+        """The durable broker's S3 object store: started unless it runs already; its endpoint."""
+        s = self.settings
+        if self._alive("broker-store"):
+            print("  broker-store: already running")
+        else:
+            proc = start_object_store(
+                s.broker_s3_port, self.store_dir, log_path=self.log_dir / "broker-store.log", fsync=s.broker_fsync
+            )
+            self._record("broker-store", proc)
+            print(f"  broker-store: started the object store on 127.0.0.1:{s.broker_s3_port} (pid {proc.pid})")
+        return f"http://127.0.0.1:{s.broker_s3_port}"
 
     def _wait_healthy(self, comp: Component, deadline: float) -> None:
         from services.common.grpc_server import wait_for_serving
@@ -164,6 +187,7 @@ class Stack:
             f"  PolicyService (gRPC)    127.0.0.1:{s.policy_port}\n"
             f"  RewardService (gRPC)    127.0.0.1:{s.reward_port}\n"
             f"  FeedbackService (gRPC)  127.0.0.1:{s.feedback_port}\n"
+            f"  LabelingService (gRPC)  127.0.0.1:{s.labeling_port}\n"
             f"  TGI-compatible HTTP     http://127.0.0.1:{s.http_port}\n"
             f"  Playground              http://127.0.0.1:{s.playground_port}\n"
             f"  logs                    {self.log_dir}  (make logs)\n"
@@ -171,7 +195,7 @@ class Stack:
         )
 
     def down(self, timeout: float = 20.0) -> int:
-        names = [c.name for c in reversed(components(self.settings))] + ["broker"]
+        names = [c.name for c in reversed(components(self.settings))] + ["broker", "broker-store"]
         for name in names:
             proc = self._alive(name)
             if proc is None:
@@ -181,20 +205,18 @@ class Stack:
                 os.killpg(proc.pid, signal.SIGTERM)  # its own session: it and its children
             except ProcessLookupError:
                 pass
-            try:
-                proc.wait(timeout)
-            except psutil.TimeoutExpired:
+            if not _exited(proc, timeout):
                 os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait(5)
+                _exited(proc, 5)
             self._pidfile(name).unlink(missing_ok=True)
             print(f"  {name}: stopped")
         print("local stack is down")
         return 0
 
     def status(self) -> int:
-        for name in ["broker"] + [c.name for c in components(self.settings)]:
+        for name in ["broker-store", "broker"] + [c.name for c in components(self.settings)]:
             proc = self._alive(name)
-            print(f"  {name:<11} {'running (pid %d)' % proc.pid if proc else 'stopped'}")
+            print(f"  {name:<12} {f'running (pid {proc.pid})' if proc else 'stopped'}")
         return 0
 
     def logs(self, lines: int = 40) -> int:
@@ -202,6 +224,21 @@ class Stack:
             print(f"==> {path} <==")
             print("\n".join(path.read_text(errors="replace").splitlines()[-lines:]))
         return 0
+
+
+def _exited(proc: psutil.Process, timeout: float) -> bool:
+    """Wait until `proc` has exited. It is not our child (the `up` that started
+    it has exited), so it stays a zombie until init reaps it, which can take
+    seconds: a zombie has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,9 @@
 """Shared fixtures: a real Tansu broker, isolated settings, the tiny model.
 
-- `broker`: one Tansu broker for the whole session, on a free port.
+- `broker`: one Tansu broker for the whole session, on a free port, with
+  memory storage for speed (a restart empties it); durability tests start
+  their own durable broker (tests/integration/test_broker_durable.py,
+  tests/e2e/test_broker_durable.py).
 - `settings`: Settings with a fresh RLHF_HOME and a unique topic prefix per
   test, pointing at that broker, model preset `tiny`.
 - `tiny_model_dir`: the tiny preset (built once, cached like `make setup`).
@@ -23,7 +26,7 @@ MODEL_CACHE = os.environ.get("RLHF_MODEL_CACHE", str(Path("~/.cache/rlhf-platfor
 
 @pytest.fixture(scope="session")
 def broker(tmp_path_factory):
-    """A real Kafka-protocol broker (Tansu) on a free loopback port."""
+    """A real Kafka-protocol broker (Tansu, memory storage) on a free loopback port."""
     port = free_port()
     log = tmp_path_factory.mktemp("broker") / "tansu.log"
     proc = start_broker(port, log_path=log)
@@ -45,6 +48,8 @@ def make_settings(home: Path, bootstrap: str = "127.0.0.1:9092", **env: str):
         "RLHF_KAFKA_BOOTSTRAP": bootstrap,
         "RLHF_TOPIC_PREFIX": f"t{uuid.uuid4().hex[:10]}",
         "RLHF_TOPIC_PARTITIONS": "1",
+        # Services serve fp32 in tests whatever the CPU: tests compare served numbers with fp32 references.
+        "RLHF_SERVE_DTYPE": "float32",
     }
     base.update(env)
     return load_settings(base)

@@ -20,7 +20,8 @@ import json
 from dataclasses import dataclass
 
 from services.common.models import RewardModel, load_causal_lm, load_tokenizer
-from trainers.common import Job, JobError, require, run_main, step_seed
+from trainers.config import JobError, require
+from trainers.job import Job, run_main, step_seed
 from trainers.ppo import encode_prompts, generate_rollouts, prompt_texts, rollout_stats
 
 
@@ -30,7 +31,7 @@ class EvalConfig:
 
     Data:       max_prompts (taken in the split's order), max_prompt_tokens.
     Generation: max_new_tokens, temperature (sampling, as PPO samples),
-                batch_size, seed, bf16.
+                batch_size, seed, dtype (auto: bf16 only where native).
     """
 
     max_prompts: int = 64
@@ -39,7 +40,7 @@ class EvalConfig:
     temperature: float = 1.0
     batch_size: int = 8
     seed: int = 1234
-    bf16: bool = False
+    dtype: str = "auto"
 
     def validate(self) -> None:
         require(self.max_prompts >= 1, f"max_prompts={self.max_prompts} must be at least 1")
@@ -49,9 +50,9 @@ class EvalConfig:
 
 
 PRESETS = {
-    "tiny": dict(max_prompts=8, max_prompt_tokens=48, max_new_tokens=12, batch_size=8),
-    "cpu": dict(max_prompts=16, max_prompt_tokens=96, max_new_tokens=32, batch_size=8, bf16=True),
-    "gpu": dict(max_prompts=512, max_prompt_tokens=512, max_new_tokens=256, batch_size=64, bf16=True),
+    "tiny": dict(max_prompts=8, max_prompt_tokens=48, max_new_tokens=12, batch_size=8, dtype="float32"),
+    "cpu": dict(max_prompts=16, max_prompt_tokens=96, max_new_tokens=32, batch_size=8),
+    "gpu": dict(max_prompts=512, max_prompt_tokens=512, max_new_tokens=256, batch_size=64),
 }
 
 
@@ -86,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg.temperature,
         cfg.batch_size,
         device,
-        cfg.bf16,
+        job.bf16,
     )
-    stats = rollout_stats(policy, reference, reward_model, rollouts, cfg.temperature, cfg.batch_size, device, cfg.bf16)
+    stats = rollout_stats(policy, reference, reward_model, rollouts, cfg.temperature, cfg.batch_size, device, job.bf16)
 
     lengths = rollouts.response_mask.sum(1).float()
     kl_per_response = stats["kl"].sum(1)

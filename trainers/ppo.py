@@ -33,7 +33,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from services.common.models import (
@@ -41,60 +40,63 @@ from services.common.models import (
     last_token_index,
     load_causal_lm,
     load_tokenizer,
-    pad_batch,
     position_ids_from_mask,
     render_prompt,
 )
-from trainers.common import (
-    Job,
-    JobError,
+from trainers.config import JobError, TrainConfig, require
+from trainers.job import Job, epoch_order, global_batch, peak_rss_gb, run_main, step_seed
+from trainers.nn import (
     WeightEMA,
     add_lora,
     all_reduce_,
     autocast,
-    epoch_order,
-    global_batch,
     load_trainable_state,
-    markdown_report,
     merge_lora,
-    peak_rss_gb,
-    require,
-    run_main,
-    step_seed,
     sum_over_ranks,
     trainable_state,
     unwrap,
 )
+from trainers.report import markdown_report
+from trainers.rollout import ROLLOUT_ENGINES, EngineRollouts, Rollouts, generate_rollouts, rollout_seeds
 from trainers.sft import collate, lm_loss_sum
 
 
 @dataclass
-class PPOConfig:
+class PPOConfig(TrainConfig):
     """PPO / PPO-ptx against a reward model with a per-token KL penalty.
 
     Rollouts: total_steps (PPO steps), rollout_batch_size (prompts per step,
-              global), generation_batch_size (per generate call), max_prompt_tokens,
-              max_new_tokens, temperature.
+              global), rollout_engine ("engine": the policy service's
+              continuous-batching engine on the live policy, the whole local
+              batch at once; "hf": transformers' generate in static batches),
+              generation_batch_size (sequences per generate call with "hf", and
+              per scoring forward with both), max_prompt_tokens, max_new_tokens,
+              temperature, reuse_rollout_logprobs (take π_old from the engine's
+              sampled-token log-probs instead of one more policy forward, where
+              they are the same quantity: engine rollouts, fp32, temperature 1).
     Reward:   kl_beta (β), adaptive_kl (adjust β toward kl_target nats per
               response over kl_horizon rollouts; Ziegler et al.), kl_target,
               kl_horizon, missing_eos_penalty (subtracted from the score of a
               response that never emitted EOS; 0 = off).
     PPO:      ppo_epochs, mini_batch_size (rollouts per update, global), gamma,
               lam, whiten_advantages, clip_range, value_clip_range, vf_coef, lr,
-              value_lr (both constant), max_grad_norm.
+              value_lr (both constant), max_grad_norm (shared).
     PPO-ptx:  ptx_coef (γ_ptx; the paper 27.8; 0 = plain PPO), ptx_source
               ("demonstrations" or a text file), ptx_batch_size, ptx_max_tokens.
-    Model:    lora_rank (0 = full fine-tuning), lora_alpha, lora_dropout,
-              lora_targets (policy and value); bf16 (autocast).
+    Model:    shared (trainers/config.py): lora_rank (0 = full fine-tuning),
+              lora_alpha, lora_dropout, lora_targets (policy and value);
+              dtype (auto: bf16 autocast only where bf16 is native, else fp32).
     EMA:      ema_decay: publish an exponential moving average of the policy's
               trainable weights, updated after every optimizer step (the paper
               0.992; 0 = publish the last weights). With LoRA the average is
               over the adapter matrices.
-    Job:      save_every (steps between resume points), seed.
+    Job:      save_every (steps between resume points), seed (shared).
     """
 
     total_steps: int = 20
     rollout_batch_size: int = 16
+    rollout_engine: str = "engine"
+    reuse_rollout_logprobs: bool = True
     generation_batch_size: int = 8
     max_prompt_tokens: int = 256
     max_new_tokens: int = 64
@@ -114,19 +116,12 @@ class PPOConfig:
     vf_coef: float = 0.5
     lr: float = 1e-6
     value_lr: float = 5e-6
-    max_grad_norm: float = 1.0
     ptx_coef: float = 0.0
     ptx_source: str = "demonstrations"
     ptx_batch_size: int = 4
     ptx_max_tokens: int = 256
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    bf16: bool = False
     ema_decay: float = 0.0
     save_every: int = 5
-    seed: int = 0
 
     def validate(self) -> None:
         require(0 <= self.ema_decay < 1, f"ema_decay={self.ema_decay} must be in [0, 1) (0 = off)")
@@ -138,6 +133,10 @@ class PPOConfig:
         require(
             self.mini_batch_size <= self.rollout_batch_size,
             f"mini_batch_size={self.mini_batch_size} exceeds rollout_batch_size={self.rollout_batch_size}",
+        )
+        require(
+            self.rollout_engine in ROLLOUT_ENGINES,
+            f"rollout_engine={self.rollout_engine!r} must be one of {', '.join(ROLLOUT_ENGINES)}",
         )
         require(1 <= self.max_new_tokens <= 4096, f"max_new_tokens={self.max_new_tokens} must be in 1..4096")
         require(self.temperature > 0, f"temperature={self.temperature} must be positive")
@@ -164,8 +163,9 @@ PRESETS = {
         ptx_max_tokens=48,
         ema_decay=0.5,
         save_every=1,
+        dtype="float32",  # tests give the same numbers on every CPU
     ),
-    # All four 135M models on 2 cores in a few minutes: LoRA, bf16, short responses.
+    # All four 135M models on 2 cores in a few minutes: LoRA, bf16 where native, short responses.
     "cpu": dict(
         total_steps=6,
         rollout_batch_size=8,
@@ -176,7 +176,6 @@ PRESETS = {
         lr=5e-5,
         value_lr=1e-4,
         lora_rank=8,
-        bf16=True,
         save_every=2,
     ),
     # The paper: batch 512, minibatch 64, 1 inner epoch, β 0.02, γ_ptx 27.8; scaled to one GPU.
@@ -189,7 +188,6 @@ PRESETS = {
         max_new_tokens=256,
         lr=1e-6,
         value_lr=5e-6,
-        bf16=True,
         ptx_coef=27.8,
         ptx_batch_size=8,
         ptx_max_tokens=512,
@@ -287,68 +285,11 @@ class AdaptiveKL:
 # --- rollouts (shared with trainers/evaluate.py) ----------------------------------------
 
 
-@dataclass
-class Rollouts:
-    """Prompts (left-padded) followed by responses (right-padded after EOS)."""
-
-    ids: torch.Tensor  # [B, P + R]
-    mask: torch.Tensor  # [B, P + R]
-    prompt_width: int  # P
-    response_mask: torch.Tensor  # [B, R]: 1 on real response tokens, EOS included
-    has_eos: torch.Tensor  # [B] bool
-
-
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
     """Chat-templated prompt ids, cut from the left to fit."""
     return [
         tokenizer(render_prompt(tokenizer, p), add_special_tokens=False).input_ids[-max_prompt_tokens:] for p in prompts
     ]
-
-
-@torch.no_grad()
-def generate_rollouts(
-    policy,
-    tokenizer,
-    prompt_ids: list[list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    batch_size: int,
-    device: str,
-    bf16: bool = False,
-) -> Rollouts:
-    """Sample one response per prompt. All chunks share the prompt width and
-    are right-padded to max_new_tokens, so they concatenate into one batch."""
-    pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
-    width = max(len(p) for p in prompt_ids)
-    ids, mask = pad_batch(prompt_ids, pad, side="left")
-    responses = []
-    for i in range(0, len(prompt_ids), batch_size):
-        with autocast(device, bf16):
-            out = unwrap(policy).generate(
-                input_ids=ids[i : i + batch_size].to(device),
-                attention_mask=mask[i : i + batch_size].to(device),
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
-                top_p=1.0,
-                max_new_tokens=max_new_tokens,
-                eos_token_id=eos,
-                pad_token_id=pad,
-            )
-        response = out[:, width:].cpu()
-        responses.append(F.pad(response, (0, max_new_tokens - response.shape[1]), value=pad))
-    response = torch.cat(responses)
-    is_eos = response == eos
-    after_eos = (is_eos.long().cumsum(1) - is_eos.long()) > 0  # strictly after the first EOS
-    response_mask = (~after_eos).long()
-    response[after_eos] = pad
-    return Rollouts(
-        ids=torch.cat([ids, response], 1).to(device),
-        mask=torch.cat([mask, response_mask], 1).to(device),
-        prompt_width=width,
-        response_mask=response_mask.to(device),
-        has_eos=is_eos.any(1).to(device),
-    )
 
 
 def response_logprobs(
@@ -394,13 +335,19 @@ def rollout_stats(
     batch_size: int,
     device: str,
     bf16: bool = False,
+    policy_logprobs: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Log-probs under policy and reference, per-token KL and RM scores, in chunks."""
+    """Log-probs under policy and reference, per-token KL and RM scores, in chunks.
+    `policy_logprobs`: the policy's, already known (from the sampler); not recomputed."""
     out: dict[str, list[torch.Tensor]] = {"logprobs": [], "ref_logprobs": [], "scores": []}
     for i in range(0, len(rollouts.ids), batch_size):
         ids, mask = rollouts.ids[i : i + batch_size], rollouts.mask[i : i + batch_size]
         with autocast(device, bf16):
-            out["logprobs"].append(response_logprobs(unwrap(policy), ids, mask, rollouts.prompt_width, temperature)[0])
+            if policy_logprobs is None:
+                logp = response_logprobs(unwrap(policy), ids, mask, rollouts.prompt_width, temperature)[0]
+                out["logprobs"].append(logp)
+            else:
+                out["logprobs"].append(policy_logprobs[i : i + batch_size])
             out["ref_logprobs"].append(response_logprobs(reference, ids, mask, rollouts.prompt_width, temperature)[0])
             out["scores"].append(reward_model.score(ids, mask).float())
     stats = {k: torch.cat(v) for k, v in out.items()}
@@ -494,6 +441,22 @@ def main(argv: list[str] | None = None) -> int:
     local_rollouts = cfg.rollout_batch_size // job.world
     local_mini = cfg.mini_batch_size // job.world
     progress = tqdm(total=cfg.total_steps, initial=start, desc="ppo", disable=not job.is_main, dynamic_ncols=True)
+    engine = None
+    # The engine's sampled-token log-probs are π_old itself where both sides compute the same
+    # thing (fp32, temperature 1: tests/unit/test_ppo_rollout.py); elsewhere the forward pass recomputes them.
+    reuse_logprobs = cfg.rollout_engine == "engine" and cfg.reuse_rollout_logprobs and not job.bf16
+    reuse_logprobs = reuse_logprobs and cfg.temperature == 1.0
+    if cfg.rollout_engine == "engine":  # decodes with the live policy module: every update is seen at once
+        engine = EngineRollouts(
+            policy,
+            tokenizer,
+            job.settings,
+            rows=local_rollouts,
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            max_new_tokens=cfg.max_new_tokens,
+            device=device,
+            bf16=job.bf16,
+        )
     for step in range(start, cfg.total_steps):
         step_seed(cfg.seed, job.rank, step)
         chosen = job.rank_slice(
@@ -504,22 +467,34 @@ def main(argv: list[str] | None = None) -> int:
         chosen = (chosen * local_rollouts)[:local_rollouts]  # fewer prompts than a batch: repeat them
         # 1. rollouts and their rewards
         unwrap(policy).eval()
-        rollouts = generate_rollouts(
+        prompt_ids = encode_prompts(tokenizer, [prompts[i] for i in chosen], cfg.max_prompt_tokens)
+        if engine is not None:
+            rollouts = engine.generate(prompt_ids, cfg.temperature, rollout_seeds(len(prompt_ids)))
+        else:
+            rollouts = generate_rollouts(
+                policy,
+                tokenizer,
+                prompt_ids,
+                cfg.max_new_tokens,
+                cfg.temperature,
+                cfg.generation_batch_size,
+                device,
+                job.bf16,
+            )
+        stats = rollout_stats(
             policy,
-            tokenizer,
-            encode_prompts(tokenizer, [prompts[i] for i in chosen], cfg.max_prompt_tokens),
-            cfg.max_new_tokens,
+            reference,
+            reward_model,
+            rollouts,
             cfg.temperature,
             cfg.generation_batch_size,
             device,
-            cfg.bf16,
-        )
-        stats = rollout_stats(
-            policy, reference, reward_model, rollouts, cfg.temperature, cfg.generation_batch_size, device, cfg.bf16
+            job.bf16,
+            rollouts.sampler_logprobs if reuse_logprobs else None,
         )
         rmask = rollouts.response_mask
         scores = stats["scores"] - cfg.missing_eos_penalty * (~rollouts.has_eos).float()
-        with torch.no_grad(), autocast(device, cfg.bf16):
+        with torch.no_grad(), autocast(device, job.bf16):
             old_values = torch.cat(
                 [
                     response_values(
@@ -552,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
             for first in range(0, local_rollouts, local_mini):
                 mb = order[first : first + local_mini]
                 ids, mask, mb_mask = rollouts.ids[mb], rollouts.mask[mb], rmask[mb]
-                with autocast(device, cfg.bf16):
+                with autocast(device, job.bf16):
                     logp, entropy = response_logprobs(
                         policy, ids, mask, rollouts.prompt_width, cfg.temperature, with_entropy=True
                     )
@@ -580,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
                     ptx_ids, ptx_mask, ptx_labels = (
                         t.to(device) for t in collate([ptx[i] for i in docs], tokenizer.pad_token_id)
                     )
-                    with autocast(device, cfg.bf16):
+                    with autocast(device, job.bf16):
                         ptx_sum, ptx_count = lm_loss_sum(policy, ptx_ids, ptx_mask, ptx_labels)
                     (cfg.ptx_coef * ptx_sum / max(1, ptx_count)).backward()
                     sums["ptx_loss"] += ptx_sum.item() / max(1, ptx_count)
@@ -624,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         means = sum_over_ranks(
             [v / max(1, updates) for v in sums.values()], device
         )  # every rank's updates, not rank 0's
-        metrics.update({k: v / job.world for k, v in zip(sums, means) if k != "ptx_loss" or ptx})
+        metrics.update({k: v / job.world for k, v in zip(sums, means, strict=True) if k != "ptx_loss" or ptx})
         if cfg.adaptive_kl:
             kl_control.update(metrics["kl"], int(n))
         job.log(step, metrics, progress)
@@ -640,6 +615,8 @@ def main(argv: list[str] | None = None) -> int:
                 ema=ema.state_dict() if ema else None,
             )
     progress.close()
+    if engine is not None:
+        engine.close()
 
     # --- publish the policy (LoRA merged) ----------------------------------------------
     history = job.metrics_history() or job.records

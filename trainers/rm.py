@@ -33,73 +33,46 @@ from services.common.models import (
     pad_batch,
     render_prompt,
 )
-from trainers.common import (
-    Job,
-    JobError,
-    add_lora,
-    autocast,
-    epoch_order,
-    global_batch,
-    load_trainable_state,
-    lr_at,
-    markdown_report,
-    merge_lora,
-    peak_rss_gb,
-    run_main,
-    step_seed,
-    sum_over_ranks,
-    trainable_state,
-    unwrap,
-    validate_supervised,
-)
+from trainers.config import JobError, SupervisedConfig
+from trainers.job import Job, epoch_order, global_batch, lr_at, peak_rss_gb, run_main, step_seed
+from trainers.nn import add_lora, autocast, load_trainable_state, merge_lora, sum_over_ranks, trainable_state, unwrap
+from trainers.report import markdown_report
 
 
 @dataclass
-class RMConfig:
+class RMConfig(SupervisedConfig):
     """Reward-model training on K-way rankings.
 
-    Model:    lora_rank (0 = full fine-tuning; the scalar head always trains),
-              lora_alpha, lora_dropout, lora_targets; bf16 (autocast).
-    Data:     max_tokens per response sequence (prompt cut from the left),
-              max_val_prompts, max_bias_examples (demonstrations scored for the
-              mean-0 bias).
-    Training: epochs (1: the paper finds more epochs overfit), max_steps (> 0
-              caps the run), batch_size (prompts per step, global),
-              micro_batch_size (prompts per forward, per rank), lr, min_lr_ratio,
-              warmup_steps, weight_decay, max_grad_norm, seed.
-    Job:      eval_every (steps; 0 = at the end only), save_every.
+    Shared (trainers/config.py): the model (lora_*, bf16; the scalar head
+    always trains), the optimiser and schedule (lr, min_lr_ratio, warmup_steps,
+    weight_decay, max_grad_norm), the batches (epochs, max_steps, batch_size =
+    prompts per step, global; micro_batch_size = prompts per forward, per
+    rank), max_tokens per response sequence (prompt cut from the left),
+    eval_every (steps; 0 = at the end only), save_every, seed.
+    RM:       epochs 1 (the paper finds more epochs overfit), lr 9e-6 (the
+              paper's); max_val_prompts, max_bias_examples (demonstrations
+              scored for the mean-0 bias).
     """
 
     epochs: int = 1
-    max_steps: int = 0
-    batch_size: int = 8
     micro_batch_size: int = 4
     lr: float = 9e-6
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_tokens: int = 256
     max_val_prompts: int = 256
     max_bias_examples: int = 256
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    bf16: bool = False
-    eval_every: int = 0
-    save_every: int = 10
-    seed: int = 0
-
-    def validate(self) -> None:
-        validate_supervised(self)
 
 
 PRESETS = {
     "tiny": dict(
-        batch_size=4, micro_batch_size=2, lr=1e-3, max_tokens=64, save_every=2, max_val_prompts=16, max_bias_examples=16
+        batch_size=4,
+        micro_batch_size=2,
+        lr=1e-3,
+        max_tokens=64,
+        save_every=2,
+        max_val_prompts=16,
+        max_bias_examples=16,
+        dtype="float32",  # tests give the same numbers on every CPU
     ),
-    # 135M base on 2 cores in a few minutes: LoRA + bf16, short sequences, capped steps.
+    # 135M base on 2 cores in a few minutes: LoRA, bf16 where native, short sequences, capped steps.
     "cpu": dict(
         max_steps=30,
         batch_size=4,
@@ -108,7 +81,6 @@ PRESETS = {
         warmup_steps=2,
         max_tokens=128,
         lora_rank=8,
-        bf16=True,
         save_every=5,
         max_val_prompts=32,
         max_bias_examples=32,
@@ -120,7 +92,6 @@ PRESETS = {
         lr=9e-6,
         warmup_steps=5,
         max_tokens=512,
-        bf16=True,
         save_every=20,
         max_val_prompts=1024,
         max_bias_examples=1024,
@@ -150,7 +121,7 @@ def ranking_pairs(ranks_per_prompt: list[list[int]]) -> tuple[torch.Tensor, torc
         if pairs:
             n_prompts += 1
             winners += [w for w, _ in pairs]
-            losers += [l for _, l in pairs]
+            losers += [loser for _, loser in pairs]
             weights += [1.0 / len(pairs)] * len(pairs)
         offset += len(ranks)
     return (
@@ -217,9 +188,9 @@ def validate(model, prompts, pad_id: int, micro: int, device: str, bf16: bool) -
     prompt_acc, top1, losses = [], [], []
     for i in range(0, len(prompts), micro):
         chunk = prompts[i : i + micro]
-        scores, (w, l, weights, n) = forward_prompts(model, chunk, pad_id, device, bf16)
-        losses.append(float(kway_loss(scores, w, l, weights, n)) * n)
-        right = (scores[w] > scores[l]).float()
+        scores, (w, lo, weights, n) = forward_prompts(model, chunk, pad_id, device, bf16)
+        losses.append(float(kway_loss(scores, w, lo, weights, n)) * n)
+        right = (scores[w] > scores[lo]).float()
         correct, total = correct + float(right.sum()), total + len(w)
         offset = 0
         for seqs, ranks in chunk:
@@ -311,13 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.zero_grad(set_to_none=True)
         loss_total, correct, pairs = 0.0, 0.0, 0
         for i in range(0, len(batch), cfg.micro_batch_size):
-            scores, (w, l, weights, _) = forward_prompts(
-                model, batch[i : i + cfg.micro_batch_size], pad_id, device, cfg.bf16
+            scores, (w, lo, weights, _) = forward_prompts(
+                model, batch[i : i + cfg.micro_batch_size], pad_id, device, job.bf16
             )
-            loss = kway_loss(scores, w, l, weights, n_prompts)
+            loss = kway_loss(scores, w, lo, weights, n_prompts)
             loss.backward()
             loss_total += loss.item()
-            correct, pairs = correct + (scores[w] > scores[l]).sum().item(), pairs + len(w)
+            correct, pairs = correct + (scores[w] > scores[lo]).sum().item(), pairs + len(w)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
         optimizer.step()
         train_seconds += time.perf_counter() - tick
@@ -335,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         done = step + 1
         if job.is_main and val and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-            metrics.update(validate(unwrap(model).eval(), val, pad_id, cfg.micro_batch_size, device, cfg.bf16))
+            metrics.update(validate(unwrap(model).eval(), val, pad_id, cfg.micro_batch_size, device, job.bf16))
             unwrap(model).train()
         job.log(step, metrics, progress)
         progress.update(1)
@@ -372,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         model.output_bias.fill_(-mean_raw_score(model, bias_seqs, pad_id, cfg.micro_batch_size * 4, device, bf16=False))
         summary["output_bias"] = float(model.output_bias)
         if val:
-            summary.update(validate(model, val, pad_id, cfg.micro_batch_size, device, cfg.bf16))
+            summary.update(validate(model, val, pad_id, cfg.micro_batch_size, device, job.bf16))
         summary["peak_rss_gb"] = round(peak_rss_gb(), 2)
         if val:  # put the final validation on the curves
             job.log(total, {k: v for k, v in summary.items() if k.startswith("val_")})

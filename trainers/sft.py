@@ -26,67 +26,38 @@ from services.common.models import (
     position_ids_from_mask,
     render_prompt,
 )
-from trainers.common import (
-    Job,
-    JobError,
+from trainers.config import JobError, SupervisedConfig
+from trainers.job import Job, epoch_order, global_batch, lr_at, peak_rss_gb, run_main, step_seed
+from trainers.nn import (
     add_lora,
     all_reduce_,
     autocast,
-    epoch_order,
-    global_batch,
     load_trainable_state,
-    lr_at,
-    markdown_report,
     merge_lora,
-    peak_rss_gb,
-    run_main,
-    step_seed,
     sum_over_ranks,
     trainable_state,
     unwrap,
-    validate_supervised,
 )
+from trainers.report import markdown_report
 
 IGNORE = -100
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(SupervisedConfig):
     """Supervised fine-tuning on demonstrations.
 
-    Model:    lora_rank (0 = full fine-tuning), lora_alpha, lora_dropout, lora_targets
-              (comma-separated module names); bf16 (autocast).
-    Data:     max_tokens (prompt + response; the prompt is cut from the left),
-              max_val_examples.
-    Training: epochs, max_steps (> 0 caps the run), batch_size (demonstrations per
-              step, global), micro_batch_size (per forward, per rank), lr,
-              min_lr_ratio, warmup_steps, weight_decay, max_grad_norm, seed.
-    Job:      eval_every (steps; 0 = once per epoch), save_every (steps between
-              resume points).
+    Shared (trainers/config.py): the model (lora_*, bf16), the optimiser and
+    schedule (lr, min_lr_ratio, warmup_steps, weight_decay, max_grad_norm), the
+    batches (epochs, max_steps, batch_size = demonstrations per step, global;
+    micro_batch_size), max_tokens (prompt + response; the prompt is cut from
+    the left), eval_every (steps; 0 = once per epoch), save_every, seed.
+    SFT:      max_val_examples (validation demonstrations scored per evaluation).
     """
 
     epochs: int = 2
-    max_steps: int = 0
-    batch_size: int = 8
     micro_batch_size: int = 8
-    lr: float = 1e-5
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    max_tokens: int = 256
     max_val_examples: int = 64
-    lora_rank: int = 0
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
-    bf16: bool = False
-    eval_every: int = 0
-    save_every: int = 10
-    seed: int = 0
-
-    def validate(self) -> None:
-        validate_supervised(self)
 
 
 PRESETS = {
@@ -101,8 +72,9 @@ PRESETS = {
         eval_every=4,
         save_every=2,
         max_val_examples=8,
+        dtype="float32",  # tests give the same numbers on every CPU
     ),
-    # The 135M base on 2 CPU cores in a few minutes: LoRA, bf16, short sequences, few steps.
+    # The 135M base on 2 CPU cores in a few minutes: LoRA, bf16 where native, short sequences, few steps.
     "cpu": dict(
         epochs=1,
         max_steps=24,
@@ -113,7 +85,6 @@ PRESETS = {
         max_tokens=160,
         lora_rank=8,
         lora_alpha=16.0,
-        bf16=True,
         eval_every=8,
         save_every=4,
         max_val_examples=16,
@@ -126,7 +97,6 @@ PRESETS = {
         lr=1e-5,
         warmup_steps=10,
         max_tokens=1024,
-        bf16=True,
         eval_every=50,
         save_every=50,
         max_val_examples=256,
@@ -246,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
             ids, mask, labels = (
                 t.to(device) for t in collate(batch[i : i + cfg.micro_batch_size], tokenizer.pad_token_id)
             )
-            with autocast(device, cfg.bf16):
+            with autocast(device, job.bf16):
                 loss_sum, _ = lm_loss_sum(model, ids, mask, labels)
             (loss_sum / n_tokens_mean).backward()  # mean over the step's response tokens
             loss_total += loss_sum.item()
@@ -265,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         done = step + 1
         if job.is_main and val and (done % eval_every == 0 or done == total):  # other ranks wait at the next all-reduce
             metrics["val_loss"] = evaluate_loss(
-                unwrap(model).eval(), val, tokenizer.pad_token_id, cfg.micro_batch_size, device, cfg.bf16
+                unwrap(model).eval(), val, tokenizer.pad_token_id, cfg.micro_batch_size, device, job.bf16
             )
             unwrap(model).train()
             if metrics["val_loss"] < best_val:

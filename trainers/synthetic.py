@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from services.common.datasets import SnapshotStore
+from services.common.datasets import KINDS, SnapshotStore
 
 GOOD = ("great", "clear", "helpful", "kind", "precise", "honest")
 NEUTRAL = ("the", "a", "answer", "idea", "text", "point", "so", "and", "then", "it")
@@ -39,7 +39,7 @@ def records(
     """{split: {kind: [records]}} with prompts, demonstrations and K-way comparisons."""
     rng = random.Random(seed)
     n_val_users = max(1, round(users * val_fraction))
-    data: dict = {s: {"prompts": [], "demonstrations": [], "comparisons": []} for s in ("train", "validation")}
+    data: dict = {s: {kind: [] for kind in KINDS} for s in ("train", "validation")}
     for i in range(n_prompts):
         user = f"u{i % users}"
         split = "validation" if i % users < n_val_users else "train"

@@ -11,7 +11,11 @@ Paths 1 and 2 alternate baseline and service for a few rounds and report
 the median round's throughput (latency percentiles pool every round).
 
 The service runs as its own process (`python -m services.feedback`) on a
-dedicated Tansu broker; the baselines run in this process.
+dedicated Tansu broker; the baselines run in this process. Everything runs
+three times: on the durable storage `make up` uses (Tansu on the local object
+store), on the same with every object fsync'ed (RLHF_BROKER_FSYNC=true) and
+on memory storage, so the cost of durability shows beside the fast figures
+(`--storage` picks some).
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ from rlhf.v1 import events_pb2, feedback_pb2, feedback_pb2_grpc
 from bench.common import percentile, print_table, run_threads, write_results
 from services.common import bus
 from services.common.auth import Identity, bearer
-from services.common.broker import free_port, start_broker
+from services.common.broker import free_port, start_broker, start_object_store
 from services.common.config import load_settings
 from services.common.grpc_server import wait_for_serving
 from services.feedback.events import prepare
@@ -62,7 +66,7 @@ def comparison(run: str, i: int) -> feedback_pb2.SubmitComparisonRequest:
 def baseline_records(requests: list, labelers: list[str]) -> list[tuple[bytes, bytes, list]]:
     """The events the service would write for `requests`, as (key, value, headers)."""
     out = []
-    for request, labeler in zip(requests, labelers):
+    for request, labeler in zip(requests, labelers, strict=False):
         event = prepare("comparisons", request, Identity(labeler, "labeler"), Limits()).event
         out.append((labeler.encode(), event.SerializeToString(), bus.headers_for(event)))
     return out
@@ -188,18 +192,18 @@ def paced(rate: float, seconds: float, submit) -> list[float]:
     return latencies
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m bench.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run (small counts)")
-    parser.add_argument("--rate", type=float, default=500.0, help="events/s of the paced run")
-    args = parser.parse_args(argv)
-    n_event, n_bulk, paced_s, rounds = (600, 2000, 3.0, 2) if args.quick else (3000, 12000, 10.0, 3)
-
-    work = Path(tempfile.mkdtemp(prefix="bench-ingest-"))
+def measure(storage: str, args, counts: tuple[int, int, float, int]) -> list[dict]:
+    """Every path, baseline and service, on a fresh broker with `storage` (see --storage)."""
+    n_event, n_bulk, paced_s, rounds = counts
+    work = Path(tempfile.mkdtemp(prefix=f"bench-ingest-{storage}-"))
     port, grpc_port = free_port(), free_port()
-    broker = start_broker(port, log_path=work / "tansu.log")
+    store = None
+    endpoint = None
+    if storage.startswith("s3"):
+        store_port = free_port()
+        store = start_object_store(store_port, work / "broker", work / "objectstore.log", fsync=storage == "s3-fsync")
+        endpoint = f"http://127.0.0.1:{store_port}"
+    broker = start_broker(port, log_path=work / "tansu.log", s3_endpoint=endpoint)
     env = {
         "RLHF_HOME": str(work / "home"),
         "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
@@ -237,16 +241,19 @@ def main(argv: list[str] | None = None) -> int:
         # noisy, and alternating exposes both to the same background load.
         runs: dict[tuple[str, str], list[tuple[int, float, list[float]]]] = {}
         for r in range(rounds):
-            for (path, who), measure in (
+            for (path, who), run in (
                 (
                     ("per-event", "kafka-python send().get() x16"),
                     lambda: per_event_kafka(producer, topic, per_event_records),
                 ),
-                (("per-event", "FeedbackService x16 clients"), lambda: per_event_grpc(target, f"grpc-pe{r}", n_event)),
+                (
+                    ("per-event", "FeedbackService x16 clients"),
+                    lambda r=r: per_event_grpc(target, f"grpc-pe{r}", n_event),
+                ),
                 (("bulk", "kafka-python send()+flush"), lambda: bulk_kafka(producer, topic, bulk_records)),
-                (("bulk", "FeedbackService BulkSubmit"), lambda: bulk_grpc(target, f"grpc-bulk{r}", n_bulk)),
+                (("bulk", "FeedbackService BulkSubmit"), lambda r=r: bulk_grpc(target, f"grpc-bulk{r}", n_bulk)),
             ):
-                wall, lat = measure()
+                wall, lat = run()
                 runs.setdefault((path, who), []).append((len(lat), wall, lat))
         baseline_rate: dict[str, float] = {}
         for (path, who), results in runs.items():
@@ -286,31 +293,63 @@ def main(argv: list[str] | None = None) -> int:
             server.wait(15)
         except subprocess.TimeoutExpired:
             server.kill()
-        broker.kill()
-        broker.wait()
+        for proc in (broker, store):
+            if proc is not None:
+                proc.kill()
+                proc.wait()
+    return [{"storage": storage, **r} for r in rows]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.ingest", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="a fast smoke run (small counts)")
+    parser.add_argument("--rate", type=float, default=500.0, help="events/s of the paced run")
+    parser.add_argument(
+        "--storage",
+        default="s3,s3-fsync,memory",
+        help="broker storages to measure, comma-separated: s3 (the durable default of `make up`),"
+        " s3-fsync (RLHF_BROKER_FSYNC=true), memory",
+    )
+    args = parser.parse_args(argv)
+    counts = (600, 2000, 3.0, 2) if args.quick else (3000, 12000, 10.0, 3)
+    storages = [s.strip() for s in args.storage.split(",") if s.strip()]
+    unknown = set(storages) - {"s3", "s3-fsync", "memory"}
+    if unknown or not storages:
+        parser.error(f"--storage: unknown {sorted(unknown)}; choose from s3, s3-fsync, memory")
+    rows = [r for storage in storages for r in measure(storage, args, counts)]
 
     print_table("bench/ingest: FeedbackService vs direct kafka-python (same records, same broker)", rows)
-    per_event, bulk, paced_row = rows[1], rows[3], rows[5]
-    verdict = {
-        "per_event_ratio": per_event["ratio_to_baseline"],
-        "bulk_ratio": bulk["ratio_to_baseline"],
-        "paced_p99_ms": paced_row["p99_ms"],
-        "pass": per_event["ratio_to_baseline"] >= 0.5
-        and bulk["ratio_to_baseline"] >= 0.5
-        and paced_row["p99_ms"] <= 50,
-    }
-    print(
-        f"targets: per-event >= 50% ({per_event['ratio_to_baseline']:.0%}), bulk >= 50% ({bulk['ratio_to_baseline']:.0%}), "
-        f"paced p99 <= 50 ms ({paced_row['p99_ms']:.1f} ms): {'PASS' if verdict['pass'] else 'FAIL'}"
-    )
+    verdicts = {}
+    for storage in storages:
+        mine = [r for r in rows if r["storage"] == storage]
+        per_event, bulk, paced_row = mine[1], mine[3], mine[5]
+        verdicts[storage] = {
+            "per_event_ratio": per_event["ratio_to_baseline"],
+            "bulk_ratio": bulk["ratio_to_baseline"],
+            "per_event_p99_ms": per_event["p99_ms"],
+            "paced_p99_ms": paced_row["p99_ms"],
+            "pass": per_event["ratio_to_baseline"] >= 0.5
+            and bulk["ratio_to_baseline"] >= 0.5
+            and paced_row["p99_ms"] <= 50,
+        }
+        v = verdicts[storage]
+        print(
+            f"{storage}: per-event >= 50% of direct Kafka ({v['per_event_ratio']:.0%},"
+            f" p99 {v['per_event_p99_ms']:.1f} ms),"
+            f" bulk >= 50% ({v['bulk_ratio']:.0%}), paced p99 <= 50 ms ({v['paced_p99_ms']:.1f} ms):"
+            f" {'PASS' if v['pass'] else 'FAIL'}"
+        )
     write_results(
         "ingest",
         {
             "quick": args.quick,
             "clients": CLIENTS,
-            "rounds": rounds,
+            "rounds": counts[3],
+            "storages": storages,
             "rows": rows,
-            "targets": verdict,
+            "targets": verdicts,
             "cpu_count": os.cpu_count(),
         },
     )

@@ -70,7 +70,7 @@ def run_ours(
         "max_grad_norm": 1.0,
         "max_tokens": max_tokens,
         "lora_rank": 0,
-        "bf16": False,
+        "dtype": "float32",
         "max_val_prompts": 100000,
         "save_every": 100000,
         "eval_every": 0,
@@ -104,7 +104,10 @@ def run_trl(work: Path, model_dir: Path, train, val, batch_prompts: int, micro_p
     rows = []
     for seqs, ranks in train:
         winners, losers, _, _ = ranking_pairs([ranks])
-        rows += [{"chosen_ids": seqs[w], "rejected_ids": seqs[l]} for w, l in zip(winners.tolist(), losers.tolist())]
+        rows += [
+            {"chosen_ids": seqs[w], "rejected_ids": seqs[lo]}
+            for w, lo in zip(winners.tolist(), losers.tolist(), strict=True)
+        ]
     tokenizer = load_tokenizer(model_dir)
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=torch.float32)

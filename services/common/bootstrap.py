@@ -8,6 +8,8 @@ says so (`metrics.untrained = true`) until a trained RM replaces it.
 
 from __future__ import annotations
 
+import logging
+
 from services.common.checkpoints import CheckpointStore
 from services.common.config import Settings
 from services.common.logs import get_logger, log_fields
@@ -45,6 +47,6 @@ def ensure_seeded(settings: Settings, store: CheckpointStore | None = None) -> d
                     model.save_pretrained(folder, tokenizer=load_tokenizer(preset_dir))
                     manifest.metrics = {"untrained": True}
         store.set_promoted(role, version, reason="seed")
-        log_fields(log, 20, "seeded checkpoint", role=role, version=version)
+        log_fields(log, logging.INFO, "seeded checkpoint", role=role, version=version)
         out[role] = version
     return out

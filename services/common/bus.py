@@ -8,6 +8,7 @@ name the schema so other clients can decode them.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -17,16 +18,14 @@ from google.protobuf.message import DecodeError, Message
 from rlhf.v1 import events_pb2
 
 from services.common.config import Settings
+from services.common.feedback import KINDS as FEEDBACK_KINDS
 from services.common.logs import get_logger, log_fields
 
 log = get_logger(__name__)
 
-# topic key -> event message type
+# topic key -> event message type: one topic per feedback kind, then the platform's own
 TOPIC_TYPES: dict[str, type[Message]] = {
-    "prompts": events_pb2.PromptEvent,
-    "demonstrations": events_pb2.DemonstrationEvent,
-    "comparisons": events_pb2.ComparisonEvent,
-    "labels": events_pb2.LabelEvent,
+    **{key: kind.event_type for key, kind in FEEDBACK_KINDS.items()},
     "checkpoints": events_pb2.CheckpointEvent,
     "deadletter": events_pb2.DeadLetterEvent,
 }
@@ -81,8 +80,17 @@ def create_topics(settings: Settings, keys: Iterable[str] | None = None, timeout
     admin = KafkaAdminClient(bootstrap_servers=settings.kafka_bootstrap, request_timeout_ms=int(timeout * 1000))
     try:
         existing = set(admin.list_topics())
+        # Replicated topics also say how many replicas an acks=all write needs.
+        configs = (
+            {"min.insync.replicas": str(settings.topic_min_insync_replicas)} if settings.topic_replication > 1 else {}
+        )
         wanted = [
-            NewTopic(name, num_partitions=settings.topic_partitions, replication_factor=settings.topic_replication)
+            NewTopic(
+                name,
+                num_partitions=settings.topic_partitions,
+                replication_factor=settings.topic_replication,
+                topic_configs=configs,
+            )
             for name in names
             if name not in existing
         ]
@@ -91,7 +99,7 @@ def create_topics(settings: Settings, keys: Iterable[str] | None = None, timeout
                 admin.create_topics(wanted)
             except TopicAlreadyExistsError:
                 pass
-        log_fields(log, 20, "topics ready", topics=names, created=[t.name for t in wanted])
+        log_fields(log, logging.INFO, "topics ready", topics=names, created=[t.name for t in wanted])
     finally:
         admin.close()
     return names
@@ -110,8 +118,15 @@ def make_producer(settings: Settings, **overrides):
         max_in_flight_requests_per_connection=5,
         request_timeout_ms=int(settings.kafka_timeout_s * 1000),
         max_block_ms=int(settings.kafka_timeout_s * 1000),
+        # Only the platform creates topics (create_topics, with the configured
+        # partitions): a client that auto-created one after a broker restart
+        # would get the broker's default partition count, which moves keys.
+        allow_auto_create_topics=False,
     )
     options.update(overrides)
+    # Drop a record about when its caller gives up on it (the shortest kafka-python
+    # accepts), so a write reported as failed is rarely delivered much later.
+    options.setdefault("delivery_timeout_ms", options["request_timeout_ms"] + options["linger_ms"])
     return KafkaProducer(**options)
 
 
@@ -128,6 +143,7 @@ def make_consumer(settings: Settings, group_id: str | None, **overrides):
         session_timeout_ms=10000,
         heartbeat_interval_ms=1000,
         max_poll_interval_ms=300000,
+        allow_auto_create_topics=False,  # see make_producer
     )
     options.update(overrides)
     return KafkaConsumer(**options)
@@ -159,7 +175,7 @@ def announce_checkpoint(settings: Settings, event: events_pb2.CheckpointEvent, p
         )
         log_fields(
             log,
-            20,
+            logging.INFO,
             "checkpoint announced",
             version=event.version,
             type=events_pb2.CheckpointEvent.Type.Name(event.type),
@@ -242,7 +258,13 @@ class CheckpointFollower:
                             positions[tp.partition] = record.offset + 1
                             self._handle(record.value)
             except KafkaError as err:
-                log_fields(log, 30, "checkpoint follower lost the broker; retrying", error=str(err), role=self.role)
+                log_fields(
+                    log,
+                    logging.WARNING,
+                    "checkpoint follower lost the broker; retrying",
+                    error=str(err),
+                    role=self.role,
+                )
                 self._stop.wait(2.0)
             except Exception as err:  # a bug in on_event must not kill the follower
                 log.exception("checkpoint follower error", extra={"fields": {"error": str(err)}})
@@ -255,7 +277,7 @@ class CheckpointFollower:
         try:
             event = decode("checkpoints", value)
         except DecodeError as err:
-            log_fields(log, 30, "undecodable checkpoint event skipped", error=str(err))
+            log_fields(log, logging.WARNING, "undecodable checkpoint event skipped", error=str(err))
             return
         if event.role == self.role:
             self.on_event(event)

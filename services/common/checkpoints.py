@@ -19,6 +19,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import time
@@ -75,9 +76,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# The store's naming rule: a version is one folder name under the store, made
+# of letters, digits, '.', '_' and '-', starting with a letter or digit
+# (new_version: `<kind>-<UTC stamp>-<hex>`; seeds: `base-<preset>-seed`).
+MAX_VERSION_CHARS = 128
+_VERSION_NAME = re.compile(rf"[A-Za-z0-9][A-Za-z0-9._-]{{0,{MAX_VERSION_CHARS - 1}}}")
+
+
 def new_version(kind: str) -> str:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
     return f"{kind}-{stamp}-{secrets.token_hex(3)}"
+
+
+def version_name_problem(version: str) -> str | None:
+    """Why `version` cannot name a checkpoint (None if it can), decided without
+    touching the filesystem, so an edge can refuse it before any lookup. The
+    reason shows the name (shortened) but never a server path."""
+    if _VERSION_NAME.fullmatch(version):
+        return None
+    shown = version if len(version) <= 40 else version[:40] + "..."
+    if len(version) > MAX_VERSION_CHARS:
+        return f"version {shown!r} is {len(version)} characters; the limit is {MAX_VERSION_CHARS}"
+    return (
+        f"version {shown!r} is not a checkpoint name: use letters, digits, '.', '_' and '-', "
+        "starting with a letter or digit"
+    )
 
 
 class CheckpointStore:
@@ -140,8 +163,9 @@ class CheckpointStore:
 
     # --- reading -----------------------------------------------------------
     def path(self, version: str) -> Path:
-        if not version or "/" in version or version.startswith("."):
-            raise CheckpointError(f"invalid checkpoint version {version!r}")
+        problem = version_name_problem(version)
+        if problem:
+            raise CheckpointError(problem)
         return self.root / version
 
     def exists(self, version: str) -> bool:
@@ -155,7 +179,7 @@ class CheckpointStore:
         try:
             return Manifest.from_dict(json.loads(path.read_text()))
         except FileNotFoundError:
-            raise CheckpointError(f"checkpoint {version} not found in {self.root}") from None
+            raise CheckpointError(f"checkpoint {version} not found in the checkpoint store") from None
         except (json.JSONDecodeError, TypeError) as err:
             raise CheckpointError(f"checkpoint {version}: unreadable manifest ({err})") from None
 

@@ -140,6 +140,33 @@ def _port(name: str, raw: str) -> int:
     return _int(0, 65535)(name, raw)
 
 
+def _labeling_k(name: str, raw: str) -> int:
+    from services.common.feedback import LABELING_MIN_K, MAX_K
+
+    return _int(LABELING_MIN_K, MAX_K)(name, raw)
+
+
+def _shares(keys: tuple[str, ...] | None) -> Callable[[str, str], dict]:
+    """`key=weight,...` -> {key: weight}; weights >= 0 with a positive sum; `keys` (if given) are the only ones."""
+
+    def parse(name: str, raw: str) -> dict:
+        out: dict[str, float] = {}
+        if raw.lstrip().startswith("{"):  # the JSON form `to_env` writes
+            raw = ",".join(f"{k}={v}" for k, v in _json_object(name, raw).items())
+        for entry in filter(None, (p.strip() for p in raw.split(","))):
+            key, sep, weight = entry.rpartition("=")
+            if not sep or not key:
+                raise ConfigError(f"{name}: entry {entry!r} must look like key=weight")
+            if keys is not None and key not in keys:
+                raise ConfigError(f"{name}: {key!r} is not one of {', '.join(keys)}")
+            out[key] = _float(0)(name, weight)
+        if out and sum(out.values()) <= 0:
+            raise ConfigError(f"{name}: the weights must not all be 0")
+        return out
+
+    return parse
+
+
 def _bootstrap(name: str, raw: str) -> str:
     for part in raw.split(","):
         host, sep, port = part.strip().rpartition(":")
@@ -196,8 +223,34 @@ class Settings:
     topic_replication: int = _setting(
         "RLHF_TOPIC_REPLICATION", "1", _int(1, 16), "Replication factor when the platform creates topics."
     )
+    topic_min_insync_replicas: int = _setting(
+        "RLHF_TOPIC_MIN_INSYNC_REPLICAS",
+        "1",
+        _int(1, 16),
+        "min.insync.replicas of the topics the platform creates: an acks=all write is on this many brokers"
+        " (at most RLHF_TOPIC_REPLICATION; 2 with replication 3 in k8s/).",
+    )
     kafka_timeout_s: float = _setting(
         "RLHF_KAFKA_TIMEOUT_S", "5", _float(0.1, 600), "How long a write may wait for the broker's acknowledgement."
+    )
+    broker_storage: str = _setting(
+        "RLHF_BROKER_STORAGE",
+        "s3",
+        _choice("s3", "memory"),
+        "Storage of the embedded broker (`make up`): `s3` keeps records and offsets under $RLHF_HOME/broker"
+        " through a local S3 server (about 25 ms per lone acknowledged write); `memory` is fast but a restart"
+        " loses everything.",
+    )
+    broker_fsync: bool = _setting(
+        "RLHF_BROKER_FSYNC",
+        "false",
+        _bool,
+        "Storage `s3`: fsync every object the broker writes before acknowledging it (survives power loss;"
+        " about 10 ms more per write on a common disk). Off, like Apache Kafka's default: acknowledged writes"
+        " survive a crash of the broker or the store, and the kernel writes them out within seconds.",
+    )
+    broker_s3_port: int = _setting(
+        "RLHF_BROKER_S3_PORT", "9094", _port, "Loopback port of the embedded broker's S3 server (storage `s3`)."
     )
 
     # --- network -------------------------------------------------------------
@@ -207,7 +260,9 @@ class Settings:
     policy_port: int = _setting("RLHF_POLICY_PORT", "50051", _port, "PolicyService gRPC port.")
     reward_port: int = _setting("RLHF_REWARD_PORT", "50052", _port, "RewardService gRPC port.")
     feedback_port: int = _setting("RLHF_FEEDBACK_PORT", "50053", _port, "FeedbackService gRPC port.")
-    http_port: int = _setting("RLHF_HTTP_PORT", "8080", _port, "TGI-compatible HTTP port of the policy service.")
+    http_port: int = _setting(
+        "RLHF_HTTP_PORT", "8080", _port, "HTTP port of the policy service (TGI- and OpenAI-compatible routes)."
+    )
     playground_port: int = _setting("RLHF_PLAYGROUND_PORT", "8000", _port, "Playground web UI port.")
     metrics_port: int = _setting(
         "RLHF_METRICS_PORT",
@@ -233,7 +288,8 @@ class Settings:
         "RLHF_GRPC_WORKERS",
         "64",
         _int(1, 4096),
-        "Threads handling gRPC calls per thread-pool server (policy, reward, controller; the FeedbackService is asynchronous).",
+        "Threads handling gRPC calls per thread-pool server (policy, reward, controller;"
+        " the FeedbackService is asynchronous).",
     )
     grpc_grace_s: float = _setting(
         "RLHF_GRPC_GRACE_S", "10", _float(0, 600), "On SIGTERM: how long in-flight calls may drain."
@@ -242,7 +298,17 @@ class Settings:
     # --- auth ----------------------------------------------------------------
     tokens_file: str = _setting("RLHF_TOKENS_FILE", "", _str, "JSON file mapping bearer tokens to {user_id, role}.")
     tokens: str = _setting(
-        "RLHF_TOKENS", "", _str, "Inline tokens, `token=user_id:role,...` (role: user, labeler, admin)."
+        "RLHF_TOKENS",
+        "",
+        _str,
+        "Inline tokens, `token=user_id:role[:log|:nolog],...` (role: user, labeler, admin; "
+        "`:nolog`/`:log` override whether the token's prompts are logged as training data).",
+    )
+    anonymous_generate: bool = _setting(
+        "RLHF_ANONYMOUS_GENERATE",
+        "false",
+        _bool,
+        "Let callers without a token generate (policy gRPC and HTTP APIs); their prompts are not logged.",
     )
 
     # --- serving -------------------------------------------------------------
@@ -266,11 +332,36 @@ class Settings:
         _int(64, 1 << 24),
         "Total tokens (prompt + generated) the running batch may hold in its KV cache.",
     )
+    max_prefill_tokens: int = _setting(
+        "RLHF_MAX_PREFILL_TOKENS",
+        "4096",
+        _int(1, 1 << 24),
+        "Most prompt tokens (padding included) prefilled in one engine step; later requests join at the next "
+        "step, so a burst of long prompts never stalls the decoding rows for long (one longer prompt goes alone).",
+    )
     tgi_url: str = _setting(
         "RLHF_TGI_URL",
         "",
         _str,
         "When set, the policy generates through this TGI server instead of local transformers.",
+    )
+    tgi_token: str = _setting(
+        "RLHF_TGI_TOKEN",
+        "",
+        _str,
+        "Bearer token the policy sends to RLHF_TGI_URL (for an upstream that checks tokens; empty = none).",
+    )
+    prompt_log: bool = _setting(
+        "RLHF_PROMPT_LOG",
+        "true",
+        _bool,
+        "The policy logs every prompt it serves to the prompts topic as training data (tokens may opt out).",
+    )
+    prompt_log_buffer: int = _setting(
+        "RLHF_PROMPT_LOG_BUFFER",
+        "10000",
+        _int(1, 10_000_000),
+        "Prompts the policy holds for the broker while it is away; beyond that they are dropped and counted.",
     )
     serve_version: str = _setting(
         "RLHF_SERVE_VERSION", "", _str, "Pin serving to this checkpoint version at start (empty = latest promoted)."
@@ -279,9 +370,10 @@ class Settings:
     # --- serving (added by the serving team) ---------------------------------
     serve_dtype: str = _setting(
         "RLHF_SERVE_DTYPE",
-        "float32",
-        _choice("float32", "bfloat16"),
-        "Weights dtype of the served policy and reward models (bfloat16 is faster on CPUs with AVX-512-bf16).",
+        "auto",
+        _choice("auto", "float32", "bfloat16"),
+        "Weights dtype of the served policy and reward models; auto = bfloat16 on a GPU or a CPU with native "
+        "bf16 (AVX512-BF16/AMX), else float32 (services/common/dtypes.py).",
     )
     reward_max_responses: int = _setting(
         "RLHF_REWARD_MAX_RESPONSES", "64", _int(1, 4096), "Most responses one Score request may carry."
@@ -393,7 +485,8 @@ class Settings:
         "RLHF_FEEDBACK_MAX_CALLS",
         "4096",
         _int(1, 1 << 20),
-        "Feedback calls the FeedbackService handles at once (a BulkSubmit stream counts as one); more get RESOURCE_EXHAUSTED. Health checks are not counted.",
+        "Feedback calls the FeedbackService handles at once (a BulkSubmit stream counts as one);"
+        " more get RESOURCE_EXHAUSTED. Health checks are not counted.",
     )
     feedback_bulk_window: int = _setting(
         "RLHF_FEEDBACK_BULK_WINDOW",
@@ -432,12 +525,63 @@ class Settings:
         "Share of user IDs (by hash) whose data goes to the test split.",
     )
 
+    # --- labeling service (services/labeling) ------------------------------------
+    labeling_port: int = _setting("RLHF_LABELING_PORT", "50055", _port, "LabelingService gRPC port.")
+    labeling_target: str = _setting(
+        "RLHF_LABELING_TARGET", "127.0.0.1:50055", _nonempty, "Where clients reach the LabelingService."
+    )
+    labeling_token: str = _setting(
+        "RLHF_LABELING_TOKEN",
+        "",
+        _str,
+        "Bearer token the LabelingService presents to the PolicyService (empty: the labeler's own token).",
+    )
+    labeling_lease_s: float = _setting(
+        "RLHF_LABELING_LEASE_S", "1800", _float(1, 7 * 86400), "How long a labeler holds a task before it is requeued."
+    )
+    labeling_k: int = _setting(
+        "RLHF_LABELING_K", "4", _labeling_k, "Samples per comparison task (InstructGPT: K = 4..9)."
+    )
+    labeling_demonstration_share: float = _setting(
+        "RLHF_LABELING_DEMONSTRATION_SHARE", "0.25", _float(0, 1), "Share of new tasks that ask for a demonstration."
+    )
+    labeling_overlap_share: float = _setting(
+        "RLHF_LABELING_OVERLAP_SHARE",
+        "0.1",
+        _float(0, 1),
+        "Share of tasks given to RLHF_LABELING_OVERLAP_LABELERS labelers, to measure agreement.",
+    )
+    labeling_overlap_labelers: int = _setting(
+        "RLHF_LABELING_OVERLAP_LABELERS", "2", _int(2, 16), "Labelers per overlapping task."
+    )
+    labeling_split_shares: dict = _setting(
+        "RLHF_LABELING_SPLIT_SHARES",
+        "train=0.8,validation=0.1,test=0.1",
+        _shares(("train", "validation", "test")),
+        "Target share of tasks per split (by the prompt author's split), so held-out users get labels too.",
+    )
+    labeling_policy_targets: dict = _setting(
+        "RLHF_LABELING_POLICY_TARGETS",
+        "",
+        _shares(None),
+        "Policy services that sample comparisons, `host:port=weight,...` (empty: RLHF_POLICY_TARGET only); "
+        "e.g. the promoted policy plus a service pinned to an earlier version.",
+    )
+    labeling_max_new_tokens: int = _setting(
+        "RLHF_LABELING_MAX_NEW_TOKENS", "64", _int(1, 1 << 16), "Longest sample generated for a comparison task."
+    )
+    labeling_temperature: float = _setting(
+        "RLHF_LABELING_TEMPERATURE", "1.0", _float(0.01, 10), "Sampling temperature of comparison samples."
+    )
+
     # --- kubernetes executor (services/controller/k8s_executor.py; RLHF_EXECUTOR=kubernetes)
     tgi_deployment: str = _setting(
         "RLHF_TGI_DEPLOYMENT",
         "",
         _optional_dns_label,
-        "Kubernetes Deployment running TGI for the policy (k8s/overlays/tgi: `tgi`): after each policy promotion the controller points its --model-id at the new version and Kubernetes rolls it. Empty: TGI keeps its checkpoint.",
+        "Kubernetes Deployment running TGI for the policy (k8s/overlays/tgi: `tgi`): after each policy promotion"
+        " the controller points its --model-id at the new version and Kubernetes rolls it."
+        " Empty: TGI keeps its checkpoint.",
     )
     k8s_namespace: str = _setting(
         "RLHF_K8S_NAMESPACE",
@@ -558,12 +702,19 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     settings = Settings(**values)
     if settings.default_max_new_tokens > settings.max_new_tokens_limit:
         raise ConfigError(
-            f"RLHF_DEFAULT_MAX_NEW_TOKENS={settings.default_max_new_tokens} exceeds RLHF_MAX_NEW_TOKENS_LIMIT={settings.max_new_tokens_limit}"
+            f"RLHF_DEFAULT_MAX_NEW_TOKENS={settings.default_max_new_tokens}"
+            f" exceeds RLHF_MAX_NEW_TOKENS_LIMIT={settings.max_new_tokens_limit}"
+        )
+    if settings.topic_min_insync_replicas > settings.topic_replication:
+        raise ConfigError(
+            f"RLHF_TOPIC_MIN_INSYNC_REPLICAS={settings.topic_min_insync_replicas} exceeds"
+            f" RLHF_TOPIC_REPLICATION={settings.topic_replication}: no acks=all write could succeed"
         )
     if settings.max_prompt_tokens + settings.max_new_tokens_limit > settings.kv_budget_tokens:
         raise ConfigError(
             "RLHF_KV_BUDGET_TOKENS must hold at least one full sequence "
-            f"(RLHF_MAX_PROMPT_TOKENS + RLHF_MAX_NEW_TOKENS_LIMIT = {settings.max_prompt_tokens + settings.max_new_tokens_limit})"
+            "(RLHF_MAX_PROMPT_TOKENS + RLHF_MAX_NEW_TOKENS_LIMIT ="
+            f" {settings.max_prompt_tokens + settings.max_new_tokens_limit})"
         )
     return dataclasses.replace(settings, **overrides) if overrides else settings
 

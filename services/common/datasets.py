@@ -5,14 +5,15 @@ Layout under RLHF_DATASET_DIR:
 
     <snapshot_id>/manifest.json
     <snapshot_id>/<split>/<kind>.jsonl      split: train | validation | test
-                                            kind:  prompts | demonstrations |
-                                                   comparisons | labels
+                                            kind:  a key of services.common.feedback.KINDS
 
-Record shapes (JSON, one per line):
+Record shapes (JSON, one per line; built by services.common.feedback.record_of):
     prompts:        {event_id, prompt_id, user_id, text, source}
     demonstrations: {event_id, prompt_id, user_id, labeler_id, prompt_text, response}
-    comparisons:    {event_id, prompt_id, user_id, labeler_id, prompt_text,
-                     responses: [{text, policy_version, rank}]}   rank 1 = best, equal = tie
+    comparisons:    {event_id, prompt_id, user_id, labeler_id, prompt_text, task_id,
+                     responses: [{text, policy_version, rank, sample_id, likert, flags}]}
+                    rank 1 = best, equal = tie; likert 1..7 (0 = not given); task_id and
+                    sample_id name the LabelingService task ("" for other sources)
     labels:         {event_id, prompt_id, user_id, labeler_id, prompt_text, response,
                      policy_version, likert, flags}
 
@@ -37,8 +38,10 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from services.common import feedback
+
 SPLITS = ("train", "validation", "test")
-KINDS = ("prompts", "demonstrations", "comparisons", "labels")
+KINDS = tuple(feedback.KINDS)  # one records file per kind of feedback
 MANIFEST = "manifest.json"
 
 

@@ -1,9 +1,11 @@
 """One way to build, run and stop every gRPC server of the platform.
 
 Each server gets grpc.health.v1 (the library's HealthServicer), server
-reflection, message-size limits, the metrics interceptor, and graceful
-shutdown on SIGTERM/SIGINT: health flips to NOT_SERVING, new calls are
-refused, in-flight calls drain for the grace period, then the process exits.
+reflection, message-size limits, the metrics interceptor, the decode guard
+(request bytes that are not a valid message, such as a string field that is
+not valid UTF-8, get INVALID_ARGUMENT instead of grpc's bare INTERNAL), and
+graceful shutdown on SIGTERM/SIGINT: health flips to NOT_SERVING, new calls
+are refused, in-flight calls drain for the grace period, then the process exits.
 
 Two flavours with one interface (port, set_serving, stop):
 - `start_server`: grpc's thread-pool server, for handlers that compute
@@ -17,6 +19,8 @@ Two flavours with one interface (port, set_serving, stop):
 from __future__ import annotations
 
 import asyncio
+import inspect
+import logging
 import signal
 import threading
 import time
@@ -33,6 +37,105 @@ from services.common.logs import get_logger, log_fields
 from services.common.metrics import AioMetricsInterceptor, MetricsInterceptor
 
 log = get_logger(__name__)
+
+
+class _Undecodable:
+    """Stands in for a request whose bytes did not parse; the handler refuses it."""
+
+    def __init__(self, message: str):
+        self.message = message
+
+
+def _guarded_deserializer(deserializer):
+    message_type = getattr(deserializer, "__self__", None)  # Message.FromString's class
+    name = getattr(getattr(message_type, "DESCRIPTOR", None), "full_name", "request")
+
+    def parse(raw: bytes):
+        try:
+            return deserializer(raw)
+        except Exception:  # noqa: BLE001 - DecodeError or the runtime's own; every parse failure is the caller's
+            return _Undecodable(
+                f"the request is not a valid {name} message "
+                "(undecodable bytes, or a string field that is not valid UTF-8)"
+            )
+
+    return parse
+
+
+def _guarded_handler(handler, refuse):
+    """`handler` with a deserializer that never raises, and behaviours that
+    answer `refuse(context, message)` for a request that did not parse."""
+    if handler is None or handler.request_deserializer is None:
+        return handler
+    guarded = handler._replace(request_deserializer=_guarded_deserializer(handler.request_deserializer))
+    return _wrap_behaviours(guarded, refuse)
+
+
+def _wrap_behaviours(handler, refuse):
+    if handler.unary_unary or handler.unary_stream:
+        field = "unary_unary" if handler.unary_unary else "unary_stream"
+        behaviour = getattr(handler, field)
+
+        def unary(request, context):
+            if isinstance(request, _Undecodable):
+                return refuse(context, request.message)
+            return behaviour(request, context)
+
+        return handler._replace(**{field: unary})
+    field = "stream_unary" if handler.stream_unary else "stream_stream"
+    behaviour = getattr(handler, field)
+
+    def checked(requests, context):
+        for request in requests:
+            if isinstance(request, _Undecodable):
+                refuse(context, request.message)
+            yield request
+
+    return handler._replace(**{field: lambda requests, context: behaviour(checked(requests, context), context)})
+
+
+def _refuse(context, message: str):
+    context.abort(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+class DecodeGuardInterceptor(grpc.ServerInterceptor):
+    """Undecodable requests get INVALID_ARGUMENT on every method of a thread-pool server."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        return _guarded_handler(continuation(handler_call_details), _refuse)
+
+
+class AioDecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    """The same for grpc.aio servers (methods that deserialise themselves, such
+    as the FeedbackService's, are left alone)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        handler = handler._replace(request_deserializer=_guarded_deserializer(handler.request_deserializer))
+        if handler.unary_unary or handler.unary_stream:
+            field = "unary_unary" if handler.unary_unary else "unary_stream"
+            behaviour = getattr(handler, field)
+            streaming = field == "unary_stream"
+
+            async def unary(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                return await behaviour(request, context)
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                result = behaviour(request, context)
+                if inspect.isasyncgen(result):
+                    async for reply in result:
+                        yield reply
+                else:  # a coroutine that writes with context.write
+                    await result
+
+            return handler._replace(**{field: unary_stream if streaming else unary})
+        return handler  # client-streaming aio methods of ours read raw bytes
 
 
 @dataclass
@@ -73,7 +176,7 @@ def start_server(
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.grpc_workers, thread_name_prefix=f"{service}-rpc"),
-        interceptors=[MetricsInterceptor(service), *interceptors],
+        interceptors=[MetricsInterceptor(service), DecodeGuardInterceptor(), *interceptors],
         options=channel_options(settings) + [("grpc.so_reuseport", 0)],
     )
     names = [reg(server) for reg in register]
@@ -82,7 +185,7 @@ def start_server(
     server.start()
     running = RunningServer(server, health_servicer, bound, names)
     running.set_serving(True)
-    log_fields(log, 20, "grpc server started", component=service, port=bound, services=names)
+    log_fields(log, logging.INFO, "grpc server started", component=service, port=bound, services=names)
     return running
 
 
@@ -125,7 +228,7 @@ class AioRunningServer:
 
     async def _start(self, settings, service, register, port):
         server = grpc.aio.server(
-            interceptors=[AioMetricsInterceptor(service)],
+            interceptors=[AioMetricsInterceptor(service), AioDecodeGuardInterceptor()],
             options=channel_options(settings) + [("grpc.so_reuseport", 0)],
         )
         names = [reg(server) for reg in register]
@@ -196,7 +299,7 @@ def serve_until_signal(
     stop = threading.Event()
 
     def handle(signum, _frame):
-        log_fields(log, 20, "shutdown requested", signal=signal.Signals(signum).name, grace_s=grace)
+        log_fields(log, logging.INFO, "shutdown requested", signal=signal.Signals(signum).name, grace_s=grace)
         stop.set()
 
     signal.signal(signal.SIGTERM, handle)
@@ -205,7 +308,7 @@ def serve_until_signal(
     running.stop(grace)
     if on_stop:
         on_stop()
-    log_fields(log, 20, "grpc server stopped", port=running.port)
+    log_fields(log, logging.INFO, "grpc server stopped", port=running.port)
 
 
 def wait_for_serving(target: str, timeout: float = 60.0, service: str = "", while_alive=None) -> None:

@@ -25,6 +25,7 @@ memory only), the worker also re-reads the store's promoted pointer every
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -32,13 +33,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import grpc
 from rlhf.v1 import events_pb2
 
 from services.common.bootstrap import ensure_seeded
 from services.common.bus import CheckpointFollower
 from services.common.checkpoints import CheckpointError, CheckpointStore, Manifest
 from services.common.config import Settings
+from services.common.errors import Status, StatusError
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import SERVING_VERSION, SWAPS
 from services.common.models import load_tokenizer
@@ -59,15 +60,6 @@ class Loaded:
     @property
     def kind(self) -> str:
         return self.manifest.kind
-
-
-class SwapError(Exception):
-    """A pin request failed; `code` is the gRPC status to answer with."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
 
 
 def tokenizer_mismatch(new, old) -> str | None:
@@ -114,7 +106,7 @@ class ModelSwitcher:
     def current(self) -> Loaded:
         loaded = self._current
         if loaded is None:
-            raise SwapError(grpc.StatusCode.UNAVAILABLE, f"{self.service} has no model loaded yet")
+            raise StatusError(Status.UNAVAILABLE, f"{self.service} has no model loaded yet")
         return loaded
 
     @property
@@ -152,7 +144,7 @@ class ModelSwitcher:
             )
             log_fields(
                 log,
-                20,
+                logging.INFO,
                 "following checkpoint announcements",
                 service=self.service,
                 role=self.role,
@@ -173,7 +165,9 @@ class ModelSwitcher:
     def _on_event(self, event: events_pb2.CheckpointEvent) -> None:
         if event.type != events_pb2.CheckpointEvent.TYPE_PROMOTED:
             return
-        log_fields(log, 20, "promotion announced", service=self.service, version=event.version, pinned=self.pinned)
+        log_fields(
+            log, logging.INFO, "promotion announced", service=self.service, version=event.version, pinned=self.pinned
+        )
         self.request(event.version)
 
     def request(self, version: str) -> None:
@@ -210,7 +204,7 @@ class ModelSwitcher:
                 return
             try:
                 loaded = self._prepare(version)
-            except Exception as err:  # any failure rejects this version; the old one keeps serving
+            except Exception as err:  # noqa: BLE001 - any failure rejects the version; the old one keeps serving
                 self._reject(version, str(err))
                 return
             if self._pinned is None:  # an admin may have pinned while this one loaded
@@ -223,29 +217,29 @@ class ModelSwitcher:
             with self._swap_lock:
                 self._pinned = None
             promoted = self.store.promoted(self.role)
-            log_fields(log, 20, "unpinned; following promotions", service=self.service, promoted=promoted)
+            log_fields(log, logging.INFO, "unpinned; following promotions", service=self.service, promoted=promoted)
             if promoted:
                 self.rejected.pop(promoted, None)  # an explicit unpin deserves a fresh attempt
                 self._try_follow(promoted)
             return self.current
         if not self.store.exists(version):
-            raise SwapError(grpc.StatusCode.INVALID_ARGUMENT, f"version: unknown checkpoint version {version!r}")
+            raise StatusError(Status.INVALID_ARGUMENT, f"version: unknown checkpoint version {version!r}")
         manifest = self.store.manifest(version)
         if manifest.role != self.role:
-            raise SwapError(
-                grpc.StatusCode.INVALID_ARGUMENT,
+            raise StatusError(
+                Status.INVALID_ARGUMENT,
                 f"version: {version} is a {manifest.role} checkpoint; this service serves {self.role} checkpoints",
             )
         with self._swap_lock:
             if self._current is None or self._current.version != version:
                 try:
                     loaded = self._prepare(version)
-                except Exception as err:
+                except Exception as err:  # noqa: BLE001 - as in _work: whatever broke, the old version serves
                     self._reject(version, str(err))
-                    raise SwapError(grpc.StatusCode.FAILED_PRECONDITION, f"version {version} rejected: {err}") from None
+                    raise StatusError(Status.FAILED_PRECONDITION, f"version {version} rejected: {err}") from None
                 self._switch(loaded)
             self._pinned = version
-        log_fields(log, 20, "version pinned", service=self.service, version=version)
+        log_fields(log, logging.INFO, "version pinned", service=self.service, version=version)
         return self.current
 
     # --- the steps ---------------------------------------------------------------
@@ -264,7 +258,7 @@ class ModelSwitcher:
         self._warmup(loaded)
         log_fields(
             log,
-            20,
+            logging.INFO,
             "checkpoint ready",
             service=self.service,
             version=version,
@@ -281,7 +275,7 @@ class ModelSwitcher:
         SWAPS.labels(self.service, "switched").inc()
         log_fields(
             log,
-            20,
+            logging.INFO,
             "serving version switched",
             service=self.service,
             version=loaded.version,
@@ -293,7 +287,7 @@ class ModelSwitcher:
         SWAPS.labels(self.service, "rejected").inc()
         log_fields(
             log,
-            30,
+            logging.WARNING,
             "checkpoint rejected; keeping the serving version",
             service=self.service,
             version=version,

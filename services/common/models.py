@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -98,7 +99,7 @@ def ensure_tokenizer(cache: Path) -> Path:
         return target
     from transformers import AutoTokenizer
 
-    log_fields(log, 20, "extracting tokenizer from GGUF", target=str(target))
+    log_fields(log, logging.INFO, "extracting tokenizer from GGUF", target=str(target))
     tok = _fix_tokenizer(AutoTokenizer.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE))
     return _atomic_save(target, tok.save_pretrained)
 
@@ -119,7 +120,7 @@ def ensure_preset(preset: str, cache: Path) -> Path:
 
         tok = AutoTokenizer.from_pretrained(tok_dir)
         if preset == "base":
-            log_fields(log, 20, "de-quantising the base model from GGUF (once)", target=str(target))
+            log_fields(log, logging.INFO, "de-quantising the base model from GGUF (once)", target=str(target))
             model = AutoModelForCausalLM.from_pretrained(gguf_dir(), gguf_file=GGUF_FILE, dtype=torch.float32)
         else:
             torch.manual_seed(0)
@@ -211,9 +212,7 @@ class RewardModel(nn.Module):
         return cls(backbone).to(device)
 
     @classmethod
-    def from_pretrained(
-        cls, path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32
-    ) -> RewardModel:
+    def from_pretrained(cls, path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> RewardModel:
         from safetensors.torch import load_file
         from transformers import AutoModel
 

@@ -20,7 +20,8 @@ def main() -> int:
         return 0
     if os.geteuid() != 0 or not shutil.which("apt-get"):
         print(
-            f"note: {' '.join(missing)} missing; install them for the browser test (apt-get install {' '.join(missing)})"
+            f"note: {' '.join(missing)} missing; install them for the browser test"
+            f" (apt-get install {' '.join(missing)})"
         )
         return 0
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}

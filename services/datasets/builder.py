@@ -2,11 +2,12 @@
 cumulative dataset snapshots (services.common.datasets.SnapshotStore).
 
 One build:
-  1. reads every partition of the prompts, demonstrations, comparisons and
-     labels topics from the group's committed offsets up to the end offsets
-     seen at start;
-  2. decodes and checks each record; a malformed one goes to the dead-letter
-     topic with its reason (acknowledged before anything is committed);
+  1. reads every partition of the feedback topics (one per kind of
+     services.common.feedback.KINDS) from the group's committed offsets up to
+     the end offsets seen at start;
+  2. decodes and checks each record (the kind's event check, from the same
+     table); a malformed one goes to the dead-letter topic with its reason
+     (acknowledged before anything is committed);
   3. adds new records to the group's accumulated state, de-duplicated by
      event id (a retried request, or a re-read after a crash, adds nothing);
   4. applies the data rules (rules.py) to everything accumulated and writes
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import time
@@ -37,15 +39,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from google.protobuf.message import DecodeError, Message
+from google.protobuf.message import DecodeError
 from rlhf.v1 import events_pb2
 
 from services.common import bus
 from services.common.config import Settings
 from services.common.datasets import KINDS, SnapshotStore
+from services.common.feedback import InvalidField, Limits, check_event, record_of
 from services.common.logs import get_logger, log_fields
 from services.datasets.rules import RuleParams, apply_rules
-from services.feedback.validation import InvalidField, Limits, check_event
 
 log = get_logger(__name__)
 
@@ -54,35 +56,6 @@ STATE_DIR = ".builder"  # hidden: SnapshotStore.list() skips dot-folders
 
 class BuildError(RuntimeError):
     pass
-
-
-def record_from_event(kind: str, event: Message) -> dict[str, Any]:
-    """The builder's raw record of an event (the snapshot shape plus created_unix_ms)."""
-    base = {
-        "event_id": event.event_id,
-        "prompt_id": event.prompt_id,
-        "user_id": event.user_id,
-        "created_unix_ms": event.created_unix_ms,
-    }
-    if kind == "prompts":
-        return {**base, "text": event.text, "source": event.source}
-    base.update(labeler_id=event.labeler_id, prompt_text=event.prompt_text)
-    if kind == "demonstrations":
-        return {**base, "response": event.response}
-    if kind == "comparisons":
-        return {
-            **base,
-            "responses": [
-                {"text": r.text, "policy_version": r.policy_version, "rank": r.rank} for r in event.responses
-            ],
-        }
-    return {
-        **base,
-        "response": event.response,
-        "policy_version": event.policy_version,
-        "likert": event.likert,
-        "flags": [events_pb2.LabelFlag.Name(f) for f in event.flags],
-    }
 
 
 @dataclass
@@ -170,7 +143,7 @@ class _Reader:
         if event.event_id in known:
             self.duplicates += 1  # a retry or a re-read: the first copy stays
             return
-        known[event.event_id] = record_from_event(kind, event)
+        known[event.event_id] = record_of(kind, event)
         self.added += 1
 
     def _dead_letter(self, record, reason: str) -> None:
@@ -192,7 +165,7 @@ class _Reader:
         self.dead += 1
         log_fields(
             log,
-            30,
+            logging.WARNING,
             "record sent to the dead-letter topic",
             topic=record.topic,
             partition=record.partition,
@@ -259,7 +232,7 @@ def build_snapshot(
             if not caught_up:
                 log_fields(
                     log,
-                    30,
+                    logging.WARNING,
                     "build timed out before reaching the end offsets; snapshot covers what was read",
                     timeout_s=timeout,
                 )
@@ -284,7 +257,7 @@ def build_snapshot(
             consumer.commit({tp: OffsetAndMetadata(offset, "", -1) for tp, offset in positions.items()})
             log_fields(
                 log,
-                20,
+                logging.INFO,
                 "dataset snapshot built",
                 snapshot=snapshot_id,
                 group=group_id,

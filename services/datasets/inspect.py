@@ -9,7 +9,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError
 
-from services.common import bus
+from services.common import bus, feedback
 from services.common.config import Settings
 from services.common.datasets import KINDS, SPLITS, SnapshotStore
 
@@ -40,7 +40,7 @@ def inspect_topics(settings: Settings, group_id: str | None = None, timeout: flo
             committed = {tp: consumer.committed(tp) for tp in tps} if group_id else {}
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline and any(consumer.position(tp) < end[tp] for tp in tps):
-                for tp, records in consumer.poll(timeout_ms=500).items():
+                for records in consumer.poll(timeout_ms=500).values():
                     for record in records:
                         entry["records"] += 1
                         try:
@@ -51,7 +51,7 @@ def inspect_topics(settings: Settings, group_id: str | None = None, timeout: flo
                         if key == "deadletter":
                             reasons[event.reason.split(":")[0]] += 1
                             continue
-                        per_user[event.user_id if key == "prompts" else event.labeler_id] += 1
+                        per_user[event.labeler_id if feedback.KINDS[key].on_prompt else event.user_id] += 1
                         if key == "comparisons":
                             k_hist[len(event.responses)] += 1
             for tp in tps:
@@ -99,7 +99,7 @@ def inspect_snapshot(settings: Settings, snapshot_id: str | None = None) -> dict
 
 def format_topics(report: dict[str, Any]) -> str:
     lines = ["topic                       records  undecodable  partitions (end offset / lag)"]
-    for key, entry in report["topics"].items():
+    for entry in report["topics"].values():
         parts = ", ".join(
             f"{p}:{v['end_offset']}" + (f"/lag {v['lag']}" if "lag" in v else "")
             for p, v in entry["partitions"].items()
@@ -133,7 +133,8 @@ def format_snapshot(report: dict[str, Any]) -> str:
     rules = report["rules"]
     if rules:
         lines.append(
-            f"dropped: {rules.get('dropped', {})}  pending (prompt not yet seen): {rules.get('pending_unknown_prompt', {})}"
+            f"dropped: {rules.get('dropped', {})}"
+            f"  pending (prompt not yet seen): {rules.get('pending_unknown_prompt', {})}"
             f"  PII replacements in train: {rules.get('pii_replacements', 0)}"
         )
     return "\n".join(lines)

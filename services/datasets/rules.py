@@ -27,9 +27,9 @@ from typing import Any
 
 from services.common.config import Settings
 from services.common.datasets import KINDS, SPLITS
+from services.common.feedback import ON_PROMPT
 
 Record = dict[str, Any]
-FEEDBACK_KINDS = ("demonstrations", "comparisons", "labels")
 
 
 @dataclass(frozen=True)
@@ -119,13 +119,14 @@ def scrub_pii(text: str) -> tuple[str, int]:
     return text, count
 
 
-def scrub_record(kind: str, record: Record) -> tuple[Record, int]:
+def scrub_record(record: Record) -> tuple[Record, int]:
+    """Scrub every text a record carries: its own, and those of its ranked responses."""
     out, total = dict(record), 0
     for key in ("text", "prompt_text", "response"):
         if key in out:
             out[key], n = scrub_pii(out[key])
             total += n
-    if kind == "comparisons":
+    if "responses" in record:
         out["responses"] = []
         for response in record["responses"]:
             text, n = scrub_pii(response["text"])
@@ -160,8 +161,8 @@ def apply_rules(
     prompts: dict[str, Record] = {}
     for record in sorted(events.get("prompts", ()), key=_order):
         prompts.setdefault(record["prompt_id"], dict(record))
-    feedback = {kind: sorted(events.get(kind, ()), key=_order) for kind in FEEDBACK_KINDS}
-    for kind in FEEDBACK_KINDS:
+    feedback = {kind: sorted(events.get(kind, ()), key=_order) for kind in ON_PROMPT}
+    for kind in ON_PROMPT:
         for record in feedback[kind]:
             if record["prompt_id"] not in prompts and record.get("user_id"):
                 prompts[record["prompt_id"]] = {
@@ -193,7 +194,7 @@ def apply_rules(
     data: dict[str, dict[str, list[Record]]] = {split: {kind: [] for kind in KINDS} for split in SPLITS}
     for record in kept.values():
         data[split_of(record["user_id"], params)]["prompts"].append(record)
-    for kind in FEEDBACK_KINDS:
+    for kind in ON_PROMPT:
         for record in feedback[kind]:
             prompt = kept.get(record["prompt_id"])
             if prompt is None:
@@ -213,7 +214,7 @@ def apply_rules(
             if split == "train":
                 scrubbed = []
                 for record in records:
-                    record, n = scrub_record(kind, record)
+                    record, n = scrub_record(record)
                     report["pii_replacements"] += n
                     scrubbed.append(record)
                 records = scrubbed

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import logging
 import sys
 
 from services.common.config import exit_on_config_error, load_settings
@@ -25,7 +26,9 @@ def main() -> int:
     except KafkaError as err:
         # Without the broker nothing could be acknowledged; exit so the
         # supervisor (stack or Kubernetes) restarts us once it is back.
-        log_fields(log, 40, "broker unavailable at start", bootstrap=settings.kafka_bootstrap, error=str(err))
+        log_fields(
+            log, logging.ERROR, "broker unavailable at start", bootstrap=settings.kafka_bootstrap, error=str(err)
+        )
         return 1
     start_metrics_server(settings.metrics_port)
     # Everything loaded so far (modules, descriptors, grpc) lives forever:

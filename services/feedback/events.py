@@ -21,18 +21,11 @@ from dataclasses import dataclass
 from google.protobuf.message import Message
 from rlhf.v1 import events_pb2, feedback_pb2
 
+from services.common import feedback
 from services.common.auth import Identity
-from services.feedback import validation as v
+from services.common.feedback import InvalidField, Limits, check_id, check_prompt_ref, check_text
+from services.feedback.validation import check_messages, check_metadata
 
-# kind (the topic key) -> request type, event type, role the caller needs
-KINDS: dict[str, tuple[type[Message], type[Message], str]] = {
-    "prompts": (feedback_pb2.LogPromptRequest, events_pb2.PromptEvent, "user"),
-    "demonstrations": (feedback_pb2.SubmitDemonstrationRequest, events_pb2.DemonstrationEvent, "labeler"),
-    "comparisons": (feedback_pb2.SubmitComparisonRequest, events_pb2.ComparisonEvent, "labeler"),
-    "labels": (feedback_pb2.SubmitLabelsRequest, events_pb2.LabelEvent, "labeler"),
-}
-# BulkItem's oneof names -> kind
-BULK_KINDS = {"prompt": "prompts", "demonstration": "demonstrations", "comparison": "comparisons", "labels": "labels"}
 DEFAULT_SOURCE = "api"
 
 
@@ -71,57 +64,50 @@ class Prepared:
         return self.event.event_id
 
 
-def prepare(kind: str, request: Message, identity: Identity, limits: v.Limits) -> Prepared:
-    """Validate `request` and build its event; raise validation.InvalidField."""
-    v.check_id(request.request_id, "request_id")
+def prepare(kind: str, request: Message, identity: Identity, limits: Limits) -> Prepared:
+    """Validate `request` (a `kind` request, see services.common.feedback.KINDS)
+    and build its event; raise InvalidField."""
+    spec = feedback.KINDS[kind]
+    check_id(request.request_id, "request_id")
     # No request id: the client opted out of retries, so any fresh id will do.
     request_id = request.request_id or uuid.uuid4().hex
     event_id = event_id_for(identity.user_id, request_id)
-    now_ms = int(time.time() * 1000)
-    if kind == "prompts":
-        event = _prompt_event(request, identity, limits)
+    if spec.on_prompt:
+        event = _feedback_event(spec, request, identity, limits)
     else:
-        v.check_prompt_ref(request.prompt_id, request.prompt_text, limits)
-        common = dict(labeler_id=identity.user_id, prompt_id=request.prompt_id, prompt_text=request.prompt_text)
-        if not request.prompt_id:  # a labeler-written prompt: its author is the labeler
-            common.update(prompt_id=labeler_prompt_id(identity.user_id, request.prompt_text), user_id=identity.user_id)
-        if kind == "demonstrations":
-            v.check_text(request.response, "response", limits)
-            event = events_pb2.DemonstrationEvent(response=request.response, **common)
-        elif kind == "comparisons":
-            v.check_ranked_responses(request.responses, limits)
-            event = events_pb2.ComparisonEvent(responses=request.responses, **common)
-        elif kind == "labels":
-            v.check_text(request.response, "response", limits)
-            v.check_id(request.policy_version, "policy_version", required=True)
-            v.check_likert(request.likert)
-            v.check_flags(request.flags)
-            event = events_pb2.LabelEvent(
-                response=request.response,
-                policy_version=request.policy_version,
-                likert=request.likert,
-                flags=request.flags,
-                **common,
-            )
-        else:
-            raise KeyError(kind)
+        event = _prompt_event(request, identity, limits)
+        event.prompt_id = event_id
     event.event_id = event_id
     event.request_id = request_id
-    event.created_unix_ms = now_ms
-    if kind == "prompts":
-        event.prompt_id = event_id
+    event.created_unix_ms = int(time.time() * 1000)
     return Prepared(kind, event, request_fingerprint(kind, request))
 
 
-def _prompt_event(
-    request: feedback_pb2.LogPromptRequest, identity: Identity, limits: v.Limits
-) -> events_pb2.PromptEvent:
-    v.check_messages(request.messages, limits)
-    v.check_text(request.text, "text", limits, required=False)
+def _feedback_event(spec: feedback.FeedbackKind, request: Message, identity: Identity, limits: Limits) -> Message:
+    """A demonstration, comparison or labels event: the prompt reference, the
+    labeler, and the kind's payload fields copied from the request and checked."""
+    check_prompt_ref(request.prompt_id, request.prompt_text, limits)
+    event = spec.event_type(labeler_id=identity.user_id, prompt_id=request.prompt_id, prompt_text=request.prompt_text)
+    if not request.prompt_id:  # a labeler-written prompt: its author is the labeler
+        event.prompt_id = labeler_prompt_id(identity.user_id, request.prompt_text)
+        event.user_id = identity.user_id
+    for name in spec.payload:
+        value = getattr(request, name)
+        if spec.event_type.DESCRIPTOR.fields_by_name[name].is_repeated:
+            getattr(event, name).extend(value)
+        else:
+            setattr(event, name, value)
+    spec.check(event, limits)
+    return event
+
+
+def _prompt_event(request: feedback_pb2.LogPromptRequest, identity: Identity, limits: Limits) -> events_pb2.PromptEvent:
+    check_messages(request.messages, limits)
+    check_text(request.text, "text", limits, required=False)
     if not request.text.strip() and not request.messages:
-        raise v.InvalidField("text", "give the prompt as text or as chat messages")
-    v.check_id(request.source, "source")
-    v.check_metadata(dict(request.metadata), limits)
+        raise InvalidField("text", "give the prompt as text or as chat messages")
+    check_id(request.source, "source")
+    check_metadata(dict(request.metadata), limits)
     # The dataset keeps the user's raw prompt; for a chat that is its last
     # user turn (the earlier turns stay on the event).
     text = request.text if request.text.strip() else [m.content for m in request.messages if m.role == "user"][-1]

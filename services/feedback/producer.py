@@ -19,6 +19,7 @@ poll() returned in a single wake-up of the loop, not one per record.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections import defaultdict, deque
 from dataclasses import dataclass
@@ -68,15 +69,35 @@ def _hand_over(outcomes: list[Outcome]) -> None:
             pass
 
 
+def _identity_lost() -> frozenset:
+    """Delivery errors after which this producer id cannot write any more.
+
+    After a broker restart librdkafka may report these per record without
+    raising a fatal error (Tansu answers PRODUCER_FENCED after a restart on
+    durable storage, UNKNOWN_PRODUCER_ID after one in memory) and keep
+    retrying with the old id for ever; the client must be replaced."""
+    from confluent_kafka import KafkaError
+
+    return frozenset(
+        {
+            KafkaError.UNKNOWN_PRODUCER_ID,
+            KafkaError.PRODUCER_FENCED,
+            KafkaError.INVALID_PRODUCER_EPOCH,
+            KafkaError.OUT_OF_ORDER_SEQUENCE_NUMBER,
+            KafkaError.INVALID_PRODUCER_ID_MAPPING,
+        }
+    )
+
+
 class LibrdkafkaProducer:
-    """confluent-kafka's idempotent producer, replaced after a fatal error.
+    """confluent-kafka's idempotent producer, replaced when its producer id is lost.
 
     An idempotent producer that loses its producer id (a broker that restarted
-    without its state, a fenced epoch) stops for good: librdkafka refuses
-    every later record rather than risk duplicates or reordering. The poll
-    thread then builds a fresh client (a new producer id) and fails what the
-    old one still held, so those calls get UNAVAILABLE and their retries, with
-    the same request ids, go through the new client.
+    without its state, a fenced epoch) cannot write again: librdkafka refuses
+    later records (a fatal error) or retries them for ever with the old id.
+    The poll thread then builds a fresh client (a new producer id) and fails
+    what the old one still held, so those calls get UNAVAILABLE and their
+    retries, with the same request ids, go through the new client.
     """
 
     def __init__(self, settings: Settings):
@@ -87,6 +108,7 @@ class LibrdkafkaProducer:
             "linger.ms": 1,
             "partitioner": "murmur2_random",  # same partition per key as Java / kafka-python clients
             "socket.nagle.disable": True,  # acks are latency-bound: send small requests at once
+            "allow.auto.create.topics": False,  # only the platform creates topics (bus.create_topics)
             # Give up on a record about when its caller gives up on it, so a
             # record we reported UNAVAILABLE is rarely written much later.
             "message.timeout.ms": int(settings.kafka_timeout_s * 1000),
@@ -119,6 +141,8 @@ class LibrdkafkaProducer:
 
         def on_delivery(err, msg) -> None:
             if err is not None:
+                if err.fatal() or err.code() in _identity_lost():
+                    self._mark_broken(producer)
                 delivered.append((future, None, PublishError(f"{err.name()}: {err.str()}")))
             else:
                 delivered.append((future, Written(msg.topic(), msg.partition(), msg.offset()), None))
@@ -131,7 +155,7 @@ class LibrdkafkaProducer:
             raise PublishError("the producer's local queue is full; the broker is not keeping up") from None
         except KafkaException as err:
             if err.args[0].fatal() or producer.fatal_error() is not None:
-                self._broken = producer  # the poll thread replaces it
+                self._mark_broken(producer)  # the poll thread replaces it
             raise PublishError(str(err)) from None
         return future
 
@@ -145,10 +169,15 @@ class LibrdkafkaProducer:
                 log, 30, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", records=left
             )
 
+    def _mark_broken(self, producer) -> None:
+        """Have the poll thread replace `producer`, unless it was replaced already."""
+        if producer is self._producer:
+            self._broken = producer
+
     def _on_error(self, err) -> None:
         """librdkafka's error callback (inside poll): log; note fatal errors."""
         if err.fatal():
-            self._broken = self._producer
+            self._mark_broken(self._producer)
         log_fields(
             log, 40 if err.fatal() else 30, "kafka client error", code=err.name(), error=err.str(), fatal=err.fatal()
         )
@@ -167,7 +196,7 @@ class LibrdkafkaProducer:
         broken.purge()  # fail what it still held: those calls answer UNAVAILABLE
         broken.flush(0)  # serve their delivery reports
         self._dispatch()
-        log_fields(log, 30, "kafka producer replaced after a fatal error", replacements=self.replacements)
+        log_fields(log, logging.WARNING, "kafka producer replaced after a fatal error", replacements=self.replacements)
 
     def _poll(self) -> None:
         from confluent_kafka import KafkaException
@@ -177,8 +206,8 @@ class LibrdkafkaProducer:
             try:
                 producer.poll(0.05)
             except KafkaException as err:  # a fatal error raised out of poll()
-                self._broken = producer
-                log_fields(log, 40, "kafka client error", error=str(err), fatal=True)
+                self._mark_broken(producer)
+                log_fields(log, logging.ERROR, "kafka client error", error=str(err), fatal=True)
             self._dispatch()
             if self._broken is not None:
                 self._replace(self._broken)
@@ -225,7 +254,7 @@ class KafkaPythonProducer:
         self._broken = None
         self.replacements += 1
         _close_kafka_python(broken, 0)
-        log_fields(log, 30, "kafka producer replaced after a fatal error", replacements=self.replacements)
+        log_fields(log, logging.WARNING, "kafka producer replaced after a fatal error", replacements=self.replacements)
 
     def close(self, timeout: float) -> None:
         _close_kafka_python(self._producer, timeout)
@@ -237,7 +266,12 @@ def _close_kafka_python(producer, timeout: float) -> None:
     try:
         producer.close(timeout=timeout)
     except KafkaError as err:
-        log_fields(log, 30, "producer closed with unacknowledged records (their calls got UNAVAILABLE)", error=str(err))
+        log_fields(
+            log,
+            logging.WARNING,
+            "producer closed with unacknowledged records (their calls got UNAVAILABLE)",
+            error=str(err),
+        )
         # kafka-python leaves a producer open when its final flush times
         # out; stop its sender so nothing is retried after we said so.
         sender = getattr(producer, "_sender", None)

@@ -19,8 +19,10 @@ waits without a thread per call (see services/common/grpc_server.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from typing import NoReturn
 
 import grpc
 from google.protobuf.message import DecodeError, Message
@@ -29,35 +31,23 @@ from rlhf.v1 import feedback_pb2
 from services.common import bus
 from services.common.auth import Authenticator, Identity, load_tokens
 from services.common.config import Settings
+from services.common.errors import Status, StatusError, grpc_code
+from services.common.feedback import BY_BULK_FIELD, KINDS, VALIDATE_FIRST, InvalidField, Limits
 from services.common.grpc_server import AioRunningServer, start_aio_server
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import EVENTS_WRITTEN
-from services.feedback import VALIDATE_FIRST
-from services.feedback.events import BULK_KINDS, KINDS, Prepared, prepare
+from services.feedback.events import Prepared, prepare
 from services.feedback.idempotency import Entry, IdempotencyCache
 from services.feedback.producer import PublishError, make_event_producer
-from services.feedback.validation import InvalidField, Limits, locate_bad_utf8
+from services.feedback.validation import locate_bad_utf8
 
 log = get_logger(__name__)
 
 SERVICE_NAME = feedback_pb2.DESCRIPTOR.services_by_name["FeedbackService"].full_name
-UNARY_METHODS = {
-    "LogPrompt": "prompts",
-    "SubmitDemonstration": "demonstrations",
-    "SubmitComparison": "comparisons",
-    "SubmitLabels": "labels",
-}
+UNARY_METHODS = {kind.rpc: key for key, kind in KINDS.items()}  # method name -> kind
 
 
 _END = object()  # the bulk request stream ended
-
-
-class Refusal(Exception):
-    """A call (or a bulk item) the service refuses with `code`."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
 
 
 def parse(raw: bytes, message_type: type[Message], field: str = "request") -> Message:
@@ -77,7 +67,14 @@ class _Pending:
     prepared: Prepared
     entry: Entry
     owner: bool
+    identity: Identity
     future: asyncio.Future | None = None
+
+
+def _reply(prepared: Prepared, written) -> feedback_pb2.SubmitReply:
+    return feedback_pb2.SubmitReply(
+        event_id=prepared.event_id, topic=written.topic, partition=written.partition, offset=written.offset
+    )
 
 
 class FeedbackServicer:
@@ -103,17 +100,15 @@ class FeedbackServicer:
 
     # --- unary calls ------------------------------------------------------------
     def _unary_handler(self, kind: str):
-        request_type, _, role = KINDS[kind]
+        spec = KINDS[kind]
 
         async def handle(raw: bytes, context: grpc.aio.ServicerContext) -> feedback_pb2.SubmitReply:
-            identity = await self.auth.require_aio(context, role)
+            identity = await self.auth.require_aio(context, spec.role)
             await self._admit(context, identity, kind)
             try:
-                prepared = prepare(kind, parse(raw, request_type), identity, self.limits)
+                prepared = prepare(kind, parse(raw, spec.request_type), identity, self.limits)
                 return await self._finish(self._begin(prepared, identity), context)
-            except InvalidField as err:
-                await self._refuse(context, Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)), identity, kind)
-            except Refusal as err:
+            except StatusError as err:  # InvalidField included
                 await self._refuse(context, err, identity, kind)
             finally:
                 self.calls -= 1
@@ -162,23 +157,17 @@ class FeedbackServicer:
                         "items", f"a validate-first stream holds at most {window} items (RLHF_FEEDBACK_BULK_WINDOW)"
                     )
                 prepared.append(self._prepare_item(len(prepared), raw, identity))
-        except InvalidField as err:
-            await self._refuse(context, Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)), identity, "bulk")
-        except Refusal as err:
+        except StatusError as err:
             await self._refuse(context, err, identity, "bulk")
-        pending: list[_Pending] = []
         try:
             # A broker fault part-way can leave a prefix written: the client's
             # retry with the same request ids completes it without duplicates.
-            for item in prepared:
-                pending.append(self._begin(item, identity))
+            # Each write settles its own request id, even if the stream ends first.
+            pending = [self._begin(item, identity) for item in prepared]
             for item in pending:
                 yield await self._finish(item, context)
-        except Refusal as err:
+        except StatusError as err:
             await self._refuse(context, err, identity, "bulk")
-        finally:
-            for item in pending:
-                self._abandon(item)  # no-op for those acknowledged
 
     async def drain(self, grace: float) -> None:
         """On shutdown: refuse new calls with UNAVAILABLE (a client retries
@@ -190,23 +179,30 @@ class FeedbackServicer:
         while self.calls and loop.time() < deadline:
             await asyncio.sleep(0.02)
         if self.calls:
-            log_fields(log, 30, "shutting down with feedback calls still in progress", calls=self.calls, grace_s=grace)
+            log_fields(
+                log,
+                logging.WARNING,
+                "shutting down with feedback calls still in progress",
+                calls=self.calls,
+                grace_s=grace,
+            )
 
     async def _admit(self, context, identity: Identity, kind: str) -> None:
         """Count the call in, or refuse it: shutting down, or RLHF_FEEDBACK_MAX_CALLS in progress."""
         if self.draining:
             await self._refuse(
                 context,
-                Refusal(grpc.StatusCode.UNAVAILABLE, "the feedback service is shutting down; retry"),
+                StatusError(Status.UNAVAILABLE, "the feedback service is shutting down; retry"),
                 identity,
                 kind,
             )
         if self.calls >= self.settings.feedback_max_calls:
             await self._refuse(
                 context,
-                Refusal(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    f"{self.calls} feedback calls in progress (RLHF_FEEDBACK_MAX_CALLS={self.settings.feedback_max_calls}); retry with backoff",
+                StatusError(
+                    Status.RESOURCE_EXHAUSTED,
+                    f"{self.calls} feedback calls in progress"
+                    f" (RLHF_FEEDBACK_MAX_CALLS={self.settings.feedback_max_calls}); retry with backoff",
                 ),
                 identity,
                 kind,
@@ -217,25 +213,17 @@ class FeedbackServicer:
         pipeline: asyncio.Queue = asyncio.Queue(maxsize=self.settings.feedback_bulk_window)
 
         async def read() -> None:
-            held: _Pending | None = None  # sent, not yet in the pipeline
             try:
                 index = 0
                 async for raw in request_iterator:
-                    held = self._begin(self._prepare_item(index, raw, identity), identity)
-                    await pipeline.put(held)  # waits while the window is full: the broker is behind
-                    held = None
+                    item = self._begin(self._prepare_item(index, raw, identity), identity)
+                    await pipeline.put(item)  # waits while the window is full: the broker is behind
                     index += 1
                 await pipeline.put(_END)
-            except asyncio.CancelledError:
-                if held is not None:
-                    self._abandon(held)
-                raise
-            except InvalidField as err:
-                await pipeline.put(Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(err)))
-            except Refusal as err:
+            except StatusError as err:  # InvalidField included
                 await pipeline.put(err)
-            except Exception as err:  # the client went away mid-stream
-                await pipeline.put(Refusal(grpc.StatusCode.CANCELLED, f"request stream failed: {err}"))
+            except Exception as err:  # noqa: BLE001 - whatever broke the client's stream ends it as CANCELLED
+                await pipeline.put(StatusError(Status.CANCELLED, f"request stream failed: {err}"))
 
         reader = asyncio.get_running_loop().create_task(read(), name="feedback-bulk-reader")
         try:
@@ -243,45 +231,33 @@ class FeedbackServicer:
                 item = await pipeline.get()
                 if item is _END:
                     return
-                if isinstance(item, Refusal):  # everything before it was answered already
+                if isinstance(item, StatusError):  # everything before it was answered already
                     await self._refuse(context, item, identity, "bulk")
                 try:
                     reply = await self._finish(item, context)
-                except Refusal as err:
+                except StatusError as err:
                     await self._refuse(context, err, identity, "bulk")
                 yield reply
         finally:
-            # The stream ended early (error, cancel): what was not acknowledged
-            # is not recorded as written; a retry will send it again.
+            # The stream ended early (error, cancel): the writes already sent
+            # settle their request ids when the broker answers, so a retry
+            # returns their replies or, if they failed, sends them again.
             reader.cancel()
             await asyncio.gather(reader, return_exceptions=True)
-            while not pipeline.empty():
-                item = pipeline.get_nowait()
-                if isinstance(item, _Pending):
-                    self._abandon(item)
-
-    def _abandon(self, item: _Pending) -> None:
-        if item.owner and not item.entry.done.is_set():
-            self.cache.fail(
-                item.prepared.event_id,
-                item.entry,
-                Refusal(grpc.StatusCode.UNAVAILABLE, "bulk stream ended before the ack"),
-            )
 
     def _prepare_item(self, index: int, raw: bytes, identity: Identity) -> Prepared:
         item = parse(raw, feedback_pb2.BulkItem, f"items[{index}]")
         which = item.WhichOneof("item")
         if which is None:
             raise InvalidField(f"items[{index}]", "is empty; set prompt, demonstration, comparison or labels")
-        kind = BULK_KINDS[which]
-        role = KINDS[kind][2]
-        if not identity.may(role):
-            raise Refusal(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"items[{index}].{which}: role {identity.role!r} may not submit this; needs {role!r}",
+        kind = BY_BULK_FIELD[which]
+        if not identity.may(kind.role):
+            raise StatusError(
+                Status.PERMISSION_DENIED,
+                f"items[{index}].{which}: role {identity.role!r} may not submit this; needs {kind.role!r}",
             )
         try:
-            return prepare(kind, getattr(item, which), identity, self.limits)
+            return prepare(kind.key, getattr(item, which), identity, self.limits)
         except InvalidField as err:
             raise err.within(f"items[{index}].{which}") from None
 
@@ -291,11 +267,16 @@ class FeedbackServicer:
         entry, owner = self.cache.reserve(prepared.event_id, prepared.fingerprint)
         if not owner:
             if entry.fingerprint != prepared.fingerprint:
-                raise Refusal(
-                    grpc.StatusCode.ALREADY_EXISTS,
-                    f"request_id {prepared.event.request_id!r} was already used for a different request; use a new request_id",
+                raise StatusError(
+                    Status.ALREADY_EXISTS,
+                    f"request_id {prepared.event.request_id!r} was already used for a different request;"
+                    " use a new request_id",
                 )
-            return _Pending(prepared, entry, owner=False)
+            return _Pending(prepared, entry, owner=False, identity=identity)
+        return self._send(prepared, entry, identity)
+
+    def _send(self, prepared: Prepared, entry: Entry, identity: Identity) -> _Pending:
+        """Publish the event of an entry this call owns; the write settles the entry itself."""
         event = prepared.event
         try:
             future = self.producer.send(
@@ -305,43 +286,73 @@ class FeedbackServicer:
                 headers=bus.headers_for(event),
             )
         except PublishError as err:
-            refusal = Refusal(grpc.StatusCode.UNAVAILABLE, f"broker unavailable: {err}")
+            refusal = StatusError(Status.UNAVAILABLE, f"broker unavailable: {err}")
             self.cache.fail(prepared.event_id, entry, refusal)
             raise refusal from None
-        return _Pending(prepared, entry, owner=True, future=future)
+        self._settle_on_outcome(prepared, entry, future)
+        return _Pending(prepared, entry, owner=True, identity=identity, future=future)
+
+    def _settle_on_outcome(self, prepared: Prepared, entry: Entry, future: asyncio.Future) -> None:
+        """Complete or fail the idempotency entry when the broker answers, whether
+        or not the calling client still waits (grpc.aio cancels a handler whose
+        deadline passed). A write not acknowledged within the broker timeout
+        counts as failed, so a retry takes it over; a later ack still wins."""
+        key, limit = prepared.event_id, self.settings.kafka_timeout_s
+
+        def expire() -> None:
+            if not future.done():
+                self.cache.fail(
+                    key, entry, StatusError(Status.UNAVAILABLE, f"broker did not acknowledge within {limit:.1f}s")
+                )
+
+        timer = asyncio.get_running_loop().call_later(limit, expire)
+
+        def settled(done: asyncio.Future) -> None:
+            timer.cancel()
+            error = None if done.cancelled() else done.exception()
+            if done.cancelled() or error is not None:
+                detail = str(error) if error is not None else "cancelled"
+                self.cache.fail(key, entry, StatusError(Status.UNAVAILABLE, f"broker refused the write: {detail}"))
+                return
+            self.cache.complete(key, entry, _reply(prepared, done.result()))
+            EVENTS_WRITTEN.labels(done.result().topic).inc()
+
+        future.add_done_callback(settled)
 
     async def _finish(self, item: _Pending, context) -> feedback_pb2.SubmitReply:
-        """Wait for the broker's ack (within the call's deadline) and build the reply."""
-        timeout = self._timeout(context)
-        if not item.owner:
-            # A retry racing its first request: rare, so a pool thread may block on it.
+        """Wait for the broker's ack (within the call's deadline) and build the reply.
+
+        A retry of a request still in flight waits for that write; if it
+        failed, the retry takes the request id over and publishes again."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._timeout(context)
+        while not item.owner:
             try:
-                return await asyncio.get_running_loop().run_in_executor(None, item.entry.wait, timeout)
-            except Refusal:
-                raise
-            except Exception as err:
-                raise Refusal(
-                    grpc.StatusCode.UNAVAILABLE, f"the first request with this request_id was not acknowledged: {err}"
-                ) from None
+                return await item.entry.wait_async(max(0.0, deadline - loop.time()))
+            except TimeoutError as err:
+                raise StatusError(Status.UNAVAILABLE, f"{err}; retry with the same request_id") from None
+            except Exception:  # noqa: BLE001 - the first write failed, whatever its error: take it over
+                entry, owner = self.cache.reserve(item.prepared.event_id, item.prepared.fingerprint)
+                item = (
+                    self._send(item.prepared, entry, item.identity)
+                    if owner
+                    else _Pending(item.prepared, entry, owner=False, identity=item.identity)
+                )
+        timeout = max(0.01, deadline - loop.time())
         try:
             if item.future.done():  # common in bulk imports: acked while earlier replies were written
                 written = item.future.result()
             else:
+                # shield: a cancelled call (client deadline) leaves the write to settle its entry
                 async with asyncio.timeout(timeout):
-                    written = await item.future
+                    written = await asyncio.shield(item.future)
         except (PublishError, TimeoutError) as err:
-            refusal = Refusal(
-                grpc.StatusCode.UNAVAILABLE,
-                f"broker did not acknowledge within {timeout:.1f}s ({str(err) or type(err).__name__}); retry with the same request_id (a late write is de-duplicated by event id)",
-            )
-            self.cache.fail(item.prepared.event_id, item.entry, refusal)
-            raise refusal from None
-        reply = feedback_pb2.SubmitReply(
-            event_id=item.prepared.event_id, topic=written.topic, partition=written.partition, offset=written.offset
-        )
-        self.cache.complete(item.prepared.event_id, item.entry, reply)
-        EVENTS_WRITTEN.labels(written.topic).inc()
-        return reply
+            raise StatusError(
+                Status.UNAVAILABLE,
+                f"broker did not acknowledge within {timeout:.1f}s ({str(err) or type(err).__name__});"
+                " retry with the same request_id (a late write is de-duplicated by event id)",
+            ) from None
+        return _reply(item.prepared, written)
 
     def _timeout(self, context) -> float:
         remaining = context.time_remaining() if context is not None else None
@@ -350,17 +361,19 @@ class FeedbackServicer:
             limit = min(limit, remaining - 0.05)  # answer UNAVAILABLE before the client gives up
         return max(0.01, limit)
 
-    async def _refuse(self, context, err: Refusal, identity: Identity | None, kind: str) -> None:
+    async def _refuse(self, context, err: StatusError, identity: Identity | None, kind: str) -> NoReturn:
+        """Log and fail the call with err's status (context.abort raises)."""
         log_fields(
             log,
-            20,
+            logging.INFO,
             "feedback refused",
-            code=err.code.name,
+            code=err.status.name,
             error=str(err),
             kind=kind,
             user_id=identity.user_id if identity else "",
         )
-        await context.abort(err.code, str(err))
+        await context.abort(grpc_code(err.status), str(err))
+        raise AssertionError("context.abort returned")  # unreachable: abort raises
 
 
 @dataclass
@@ -381,7 +394,11 @@ def start(settings: Settings, port: int = 0) -> FeedbackHandle:
     """Create the topics, connect the producer and serve FeedbackService on `port` (0: any free port)."""
     tokens = load_tokens(settings)
     if not tokens:
-        log_fields(log, 30, "no bearer tokens configured (RLHF_TOKENS / RLHF_TOKENS_FILE): every call will be refused")
+        log_fields(
+            log,
+            logging.WARNING,
+            "no bearer tokens configured (RLHF_TOKENS / RLHF_TOKENS_FILE): every call will be refused",
+        )
     bus.create_topics(settings)
     producer = make_event_producer(settings)
     servicer = FeedbackServicer(settings, producer, Authenticator(tokens))

@@ -3,6 +3,8 @@ RLHF_BIND_HOST:RLHF_PLAYGROUND_PORT until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 
 from services.common.config import exit_on_config_error, load_settings
@@ -15,12 +17,13 @@ def main() -> None:
     configure_logging("playground", settings.log_level)
     log_fields(
         get_logger(__name__),
-        20,
+        logging.INFO,
         "playground starting",
         host=settings.bind_host,
         port=settings.playground_port,
         policy=settings.policy_target,
         feedback=settings.feedback_target,
+        labeling=settings.labeling_target,
     )
     # uvicorn drains open requests on SIGTERM; log_config=None keeps our JSON logs.
     uvicorn.run(

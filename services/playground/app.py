@@ -1,94 +1,73 @@
 """The web playground's backend: static pages plus a small JSON/SSE API that
-forwards to the PolicyService and FeedbackService.
+forwards to the PolicyService, FeedbackService and LabelingService.
 
 API (every /api route but /api/config needs `Authorization: Bearer <token>`):
   POST /api/session          -> {user_id, role}: sign-in check
-  GET  /api/config           -> flags, K limits, the model now serving
+  GET  /api/config           -> flags and the Likert range
+  GET  /api/model            -> the model now serving
   POST /api/generate         -> text/event-stream: `prompt`, `token`..., `done` | `error`
-  POST /api/samples          -> K samples of one prompt, for ranking
-  POST /api/submission       -> {replies}: a labeling batch's ranking, labels and demonstration
-                                as one validate-first BulkSubmit (a bad field writes none of them);
-                                the page submits this way
-  POST /api/comparison       -> FeedbackService.SubmitComparison
-  POST /api/labels           -> FeedbackService.SubmitLabels
-  POST /api/demonstration    -> FeedbackService.SubmitDemonstration
+  GET  /api/task             -> LabelingService.NextTask: the caller's leased task
+  POST /api/task             -> LabelingService.SubmitTask: a demonstration, or every
+                                sample's Likert score, flags and rank; all or nothing
+  GET  /api/stats            -> LabelingService.GetStats: agreement and quality (the dashboard)
 
 A refused call answers {"error": {"code", "message", "service"}} with the
-HTTP status that matches the gRPC status (google.rpc's mapping), so the page
+HTTP status of its StatusError (services/common/errors.py), so the page
 shows the service's own words.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
+from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, Field
-from rlhf.v1 import feedback_pb2, policy_pb2
+from rlhf.v1 import policy_pb2
 
-from services.common.auth import Authenticator, AuthError, load_tokens
+from services.common.auth import Authenticator, load_tokens
 from services.common.config import Settings
+from services.common.errors import StatusError, http_status, invalid
+from services.common.feedback import CHAT_ROLES
 from services.common.logs import get_logger, log_fields
 from services.playground.client import (
     FLAG_NAMES,
     LIKERT_MAX,
     LIKERT_MIN,
-    MAX_K,
-    MIN_K,
     GenerationOptions,
+    Judgement,
     PlaygroundClient,
-    PlaygroundError,
-    comparison_request,
-    demonstration_request,
     flag_label,
-    labels_request,
     next_or_error,
+    service_of,
 )
 
 log = get_logger(__name__)
 STATIC_DIR = Path(__file__).parent / "static"
 
-# gRPC status -> HTTP status, as google.rpc.Code documents it.
-HTTP_STATUS = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-}
 # The page may load nothing from anywhere else (it must work offline).
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'",
+    "Content-Security-Policy": (
+        "default-src 'self'; img-src 'self' data:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
+    ),
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }
 
 
 class ChatTurn(BaseModel):
-    role: str = Field(pattern="^(system|user|assistant)$")
+    role: str = Field(pattern="^(" + "|".join(CHAT_ROLES) + ")$")
     content: str
 
 
@@ -103,50 +82,26 @@ class GenerateBody(BaseModel):
         return GenerationOptions(max_new_tokens=self.max_new_tokens, temperature=self.temperature)
 
 
-class SamplesBody(GenerateBody):
-    k: int
+class JudgementBody(BaseModel):
+    """One sample's Likert score, flags and rank: the page sends a list of these."""
 
-
-class RankedBody(BaseModel):
-    text: str
-    policy_version: str = ""
-    rank: int = Field(ge=0)
-
-
-class ComparisonBody(BaseModel):
-    request_id: str
-    prompt_id: str = ""
-    prompt_text: str = ""
-    responses: list[RankedBody]
-
-
-class LabelsBody(BaseModel):
-    request_id: str
-    prompt_id: str = ""
-    prompt_text: str = ""
-    response: str
-    policy_version: str = ""
+    sample_id: str
     likert: int = Field(0, ge=0)
+    rank: int = Field(0, ge=0)
     flags: list[str] = []
 
-
-class DemonstrationBody(BaseModel):
-    request_id: str
-    prompt_id: str = ""
-    prompt_text: str = ""
-    response: str
+    def value(self) -> Judgement:
+        return Judgement(self.sample_id, self.likert, self.rank, tuple(self.flags))
 
 
-class SubmissionBody(BaseModel):
-    """One labeling submission: written together or not at all."""
-
-    comparison: ComparisonBody | None = None
-    labels: list[LabelsBody] = []
-    demonstration: DemonstrationBody | None = None
+class SubmitTaskBody(BaseModel):
+    task_id: str
+    demonstration: str = ""
+    judgements: list[JudgementBody] = []
 
 
-def error_body(err: PlaygroundError) -> dict:
-    return {"error": {"code": err.code.name, "message": err.message, "service": err.service}}
+def error_body(err: StatusError) -> dict:
+    return {"error": {"code": err.status.name, "message": err.message, "service": service_of(err)}}
 
 
 def sse(event: str, data: dict) -> bytes:
@@ -170,22 +125,19 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
     def identify(request: Request, need: str = "user") -> str:
         """Check the caller's token for this page and return it for forwarding."""
         header = request.headers.get("authorization")
-        try:
-            auth.identify(header, need)
-        except AuthError as err:
-            raise PlaygroundError(err.code, str(err)) from None
+        auth.identify(header, need)  # raises StatusError: UNAUTHENTICATED or PERMISSION_DENIED
         return header.partition(" ")[2].strip()
 
-    @app.exception_handler(PlaygroundError)
-    async def on_playground_error(_request: Request, err: PlaygroundError):
-        return JSONResponse(error_body(err), status_code=HTTP_STATUS.get(err.code, 500))
+    @app.exception_handler(StatusError)
+    async def on_status_error(_request: Request, err: StatusError):
+        return JSONResponse(error_body(err), status_code=http_status(err.status))
 
     @app.exception_handler(RequestValidationError)
     async def on_bad_body(_request: Request, err: RequestValidationError):
         first = err.errors()[0]
         where = ".".join(str(p) for p in first.get("loc", ())[1:]) or "body"
-        err = PlaygroundError(grpc.StatusCode.INVALID_ARGUMENT, f"{where}: {first.get('msg', 'invalid value')}")
-        return JSONResponse(error_body(err), status_code=400)
+        err = invalid(f"{where}: {first.get('msg', 'invalid value')}")
+        return JSONResponse(error_body(err), status_code=http_status(err.status))
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):
@@ -204,8 +156,6 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
     @app.get("/api/config")
     async def config():
         return {
-            "k_min": MIN_K,
-            "k_max": MAX_K,
             "likert_min": LIKERT_MIN,
             "likert_max": LIKERT_MAX,
             "flags": [{"name": name, "label": flag_label(name)} for name in FLAG_NAMES],
@@ -214,16 +164,13 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
     @app.post("/api/session")
     async def session(request: Request):
         header = request.headers.get("authorization")
-        try:
-            identity = auth.identify(header, "user")
-        except AuthError as err:
-            raise PlaygroundError(err.code, str(err)) from None
+        identity = auth.identify(header, "user")
         return {"user_id": identity.user_id, "role": identity.role, "labeler": identity.may("labeler")}
 
     @app.get("/api/model")
     async def model(request: Request):
-        identify(request)
-        info = await run_in_threadpool(client.model_info)
+        token = identify(request)
+        info = await run_in_threadpool(client.model_info, token)
         return {"version": info.version, "kind": info.kind, "backend": info.backend}
 
     @app.post("/api/generate")
@@ -231,16 +178,16 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
         token = identify(request)
         messages = [m.model_dump() for m in body.messages]
         if not body.prompt.strip() and not messages:
-            raise PlaygroundError(grpc.StatusCode.INVALID_ARGUMENT, "prompt: type a prompt (or send chat messages)")
+            raise invalid("prompt: type a prompt (or send chat messages)")
         logged = await run_in_threadpool(
             client.log_prompt, token, body.prompt, messages, "chat" if messages else "prompt", body.request_id
         )
-        call = client.stream(body.prompt, messages, body.options())
+        call = client.stream(token, body.prompt, messages, body.options())
         try:
             # Pull the first message before answering, so an immediate refusal
             # (prompt too long, queue full) becomes a proper HTTP status.
             first = await run_in_threadpool(next_or_error, call)
-        except PlaygroundError:
+        except StatusError:
             call.cancel()
             raise
 
@@ -262,7 +209,7 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
                             },
                         )
                     message = await run_in_threadpool(next_or_error, call)
-            except PlaygroundError as err:
+            except StatusError as err:
                 yield sse("error", error_body(err)["error"])
             finally:
                 call.cancel()  # the reader left (or we are done): free the policy's slot at once
@@ -271,98 +218,26 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
             events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         )
 
-    @app.post("/api/samples")
-    async def samples(body: SamplesBody, request: Request):
-        token = identify(request)
-        result = await run_in_threadpool(client.samples, token, body.prompt, body.k, body.options(), body.request_id)
-        return {
-            "prompt_event_id": result.prompt_event_id,
-            "model_version": result.model_version,
-            "samples": [{"text": t, "finish_reason": f} for t, f in zip(result.texts, result.finish_reasons)],
-        }
+    @app.get("/api/task")
+    async def next_task(request: Request):
+        token = identify(request, "labeler")
+        task = await run_in_threadpool(client.next_task, token)
+        return task.as_dict()
 
-    @app.post("/api/comparison")
-    async def comparison(body: ComparisonBody, request: Request):
-        token = identify(request)
+    @app.post("/api/task")
+    async def submit_task(body: SubmitTaskBody, request: Request):
+        """One task's whole submission: the service checks it all, then writes it, or writes nothing."""
+        token = identify(request, "labeler")
+        judgements = [j.value() for j in body.judgements]
         return await run_in_threadpool(
-            client.submit_comparison,
-            token,
-            body.request_id,
-            body.prompt_text,
-            [r.text for r in body.responses],
-            [r.rank for r in body.responses],
-            [r.policy_version for r in body.responses],
-            body.prompt_id,
+            lambda: client.submit_task(token, body.task_id, judgements=judgements, demonstration=body.demonstration)
         )
 
-    @app.post("/api/labels")
-    async def labels(body: LabelsBody, request: Request):
-        token = identify(request)
-        return await run_in_threadpool(
-            client.submit_labels,
-            token,
-            body.request_id,
-            body.prompt_text,
-            body.response,
-            body.policy_version,
-            body.likert,
-            body.flags,
-            body.prompt_id,
-        )
-
-    @app.post("/api/submission")
-    async def submission(body: SubmissionBody, request: Request):
-        """The ranking, labels and demonstration of one labeling batch in one
-        validate-first stream: a bad field in any of them writes none."""
-        token = identify(request)
-        items = []
-        if body.comparison:
-            c = body.comparison
-            items.append(
-                feedback_pb2.BulkItem(
-                    comparison=comparison_request(
-                        c.request_id,
-                        c.prompt_text,
-                        [r.text for r in c.responses],
-                        [r.rank for r in c.responses],
-                        [r.policy_version for r in c.responses],
-                        c.prompt_id,
-                    )
-                )
-            )
-        for lab in body.labels:
-            items.append(
-                feedback_pb2.BulkItem(
-                    labels=labels_request(
-                        lab.request_id,
-                        lab.prompt_text,
-                        lab.response,
-                        lab.policy_version,
-                        lab.likert,
-                        lab.flags,
-                        lab.prompt_id,
-                    )
-                )
-            )
-        if body.demonstration:
-            d = body.demonstration
-            items.append(
-                feedback_pb2.BulkItem(
-                    demonstration=demonstration_request(d.request_id, d.prompt_text, d.response, d.prompt_id)
-                )
-            )
-        if not items:
-            raise PlaygroundError(
-                grpc.StatusCode.INVALID_ARGUMENT, "nothing to submit: give a comparison, labels or a demonstration"
-            )
-        return {"replies": await run_in_threadpool(client.submit_together, token, items)}
-
-    @app.post("/api/demonstration")
-    async def demonstration(body: DemonstrationBody, request: Request):
-        token = identify(request)
-        return await run_in_threadpool(
-            client.submit_demonstration, token, body.request_id, body.prompt_text, body.response, body.prompt_id
-        )
+    @app.get("/api/stats")
+    async def stats(request: Request):
+        token = identify(request, "labeler")
+        reply = await run_in_threadpool(client.stats, token)
+        return MessageToDict(reply, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
@@ -398,7 +273,7 @@ def start(settings: Settings, port: int | None = None) -> PlaygroundHandle:
     thread.start()
     handle = PlaygroundHandle(server, thread, sock.getsockname()[1], settings.bind_host)
     _wait_started(handle)
-    log_fields(log, 20, "playground started", url=handle.url)
+    log_fields(log, logging.INFO, "playground started", url=handle.url)
     return handle
 
 

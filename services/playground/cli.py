@@ -2,10 +2,12 @@
 
   rlhf-playground chat             interactive prompt; answers stream in
   rlhf-playground batch FILE       log every prompt of a file (text lines or JSONL)
-  rlhf-playground label [--k K]    rank K samples per prompt, score, flag, demonstrate
+  rlhf-playground label            work the labeling queue: demonstrate, or score,
+                                   flag and rank the task's samples
 
 The token comes from --token, or is asked for without echo. Targets come from
-RLHF_POLICY_TARGET / RLHF_FEEDBACK_TARGET like every other client.
+RLHF_POLICY_TARGET / RLHF_FEEDBACK_TARGET / RLHF_LABELING_TARGET like every
+other client.
 """
 
 from __future__ import annotations
@@ -15,26 +17,25 @@ import getpass
 import json
 import re
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
-import grpc
 from rlhf.v1 import policy_pb2
 
 from services.common.config import exit_on_config_error, load_settings
+from services.common.errors import Status, StatusError
 from services.common.logs import configure_logging
 from services.playground.client import (
     FLAG_NAMES,
     LIKERT_MAX,
     LIKERT_MIN,
-    MAX_K,
-    MIN_K,
     GenerationOptions,
+    Judgement,
     PlaygroundClient,
-    PlaygroundError,
-    check_k,
-    new_request_id,
+    Task,
+    describe,
     next_or_error,
     ranks_from_groups,
     request_id_for,
@@ -42,7 +43,7 @@ from services.playground.client import (
 
 LETTERS = "ABCDEFGHI"
 # Errors after which going on with the next item is pointless.
-FATAL = {grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAVAILABLE}
+FATAL = {Status.UNAUTHENTICATED, Status.PERMISSION_DENIED, Status.UNAVAILABLE}
 
 HELP_CHAT = """commands:
   /chat   keep the conversation (send the history with each prompt); again to turn off
@@ -124,10 +125,7 @@ class Terminal:
 
     @staticmethod
     def describe(err: Exception | str) -> str:
-        if isinstance(err, PlaygroundError):
-            who = f"{err.service} service" if err.service != "playground" else "playground"
-            return f"{who}: {err.code.name}: {err.message}"
-        return str(err)
+        return describe(err) if isinstance(err, StatusError) else str(err)
 
     def error(self, err: Exception | str) -> None:
         print(f"error: {self.describe(err)}", file=self.err, flush=True)
@@ -157,10 +155,15 @@ def ask_until_valid(term: Terminal, prompt: str, parse: Callable[[str], object],
 
 # --------------------------------------------------------------- modes
 def stream_answer(
-    client: PlaygroundClient, term: Terminal, prompt: str, messages: list[dict] | None, options: GenerationOptions
+    client: PlaygroundClient,
+    term: Terminal,
+    token: str,
+    prompt: str,
+    messages: list[dict] | None,
+    options: GenerationOptions,
 ) -> str | None:
     """Print one answer as it streams; return its final text (None if stopped or refused)."""
-    call = client.stream(prompt, messages, options)
+    call = client.stream(token, prompt, messages, options)
     final = None
     try:
         while (message := next_or_error(call)) is not None:
@@ -174,7 +177,7 @@ def stream_answer(
     except KeyboardInterrupt:
         call.cancel()  # frees the policy's slot at once
         term.say("\n[stopped]")
-    except PlaygroundError as err:
+    except StatusError as err:
         call.cancel()
         term.say()
         term.error(err)
@@ -207,13 +210,13 @@ def run_chat(client: PlaygroundClient, term: Terminal, token: str, options: Gene
             logged = client.log_prompt(
                 token, prompt="" if chat else text, messages=messages, mode="chat" if chat else "prompt"
             )
-        except PlaygroundError as err:
+        except StatusError as err:
             term.error(err)
-            if err.code in FATAL:
+            if err.status in FATAL:
                 return 1
             continue
         term.say(f"[prompt logged: {logged['event_id']}]")
-        answer = stream_answer(client, term, "" if chat else text, messages, options)
+        answer = stream_answer(client, term, token, "" if chat else text, messages, options)
         if chat and answer is not None:
             history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
 
@@ -257,10 +260,10 @@ def run_batch(client: PlaygroundClient, term: Terminal, token: str, path: Path) 
             reply = client.log_prompt(
                 token, prompt=item["prompt"], messages=item.get("messages"), mode="batch", request_id=request_id
             )
-        except PlaygroundError as err:
+        except StatusError as err:
             failed += 1
             bar.write(f"error: {path.name}:{number}: {term.describe(err)}", file=term.err)
-            if err.code in FATAL:
+            if err.status in FATAL:
                 break
             continue
         logged += 1
@@ -273,120 +276,82 @@ def run_batch(client: PlaygroundClient, term: Terminal, token: str, path: Path) 
     return 1 if failed else 0
 
 
-def label_one(
-    client: PlaygroundClient, term: Terminal, token: str, prompt: str, k: int, options: GenerationOptions
-) -> bool:
-    """Label one prompt; False when input ended."""
-    try:
-        batch = client.samples(token, prompt, k, options)
-    except PlaygroundError as err:
-        term.error(err)
-        return True
-    term.say(f"[model {batch.model_version} · prompt logged: {batch.prompt_event_id}]")
-    for i, text in enumerate(batch.texts):
-        term.say(f"\n[{LETTERS[i]}] {text or '(empty)'}")
-    term.say()
-    batch_id = new_request_id()
-
-    def submitted(what: str, reply: dict) -> None:
-        note = " (already recorded)" if reply["duplicate"] else ""
-        term.say(f"{what} recorded: event {reply['event_id']}{note}")
-
-    # The ranking goes to the service as typed; if it refuses (a sample left
-    # out, a bad K) its message is shown and the labeler tries again.
-    while True:
-        ranks = ask_until_valid(
-            term,
-            f"ranking, best first ({LETTERS[0]}..{LETTERS[k - 1]}, '=' marks a tie)> ",
-            lambda s: parse_ranking(s, k),
-        )
-        if ranks is None:
-            return False
-        try:
-            submitted(
-                "ranking",
-                client.submit_comparison(
-                    token,
-                    batch_id + "-cmp",
-                    prompt,
-                    batch.texts,
-                    ranks,
-                    batch.model_version,
-                    prompt_id=batch.prompt_event_id,
-                ),
-            )
-            break
-        except PlaygroundError as err:
-            term.error(err)
-            if err.code in FATAL:
-                return True
-
+def ask_judgements(term: Terminal, task: Task) -> list[Judgement] | None:
+    """Likert scores and flags for every sample, then the ranking with ties (InstructGPT's order)."""
+    k = len(task.samples)
     likert = ask_until_valid(
         term,
-        f"Likert scores {LIKERT_MIN}-{LIKERT_MAX}, e.g. 'A=6 C=2' (blank skips)> ",
+        f"Likert scores {LIKERT_MIN}-{LIKERT_MAX} for every sample, e.g. 'A=6 B=3 ...'> ",
         lambda s: parse_likert(s, k),
-        allow_blank=True,
     )
+    if likert is None:
+        return None
     flags = ask_until_valid(
         term,
-        "flags, e.g. 'B:hallucination,harmful_advice' (blank skips)> ",
+        "flags, e.g. 'B:hallucination,harmful_advice' (blank: none)> ",
         lambda s: parse_flags(s, k),
         allow_blank=True,
     )
-    if likert is None or flags is None:
-        return False
-    for i in sorted(set(likert) | set(flags)):
-        try:
-            submitted(
-                f"labels for {LETTERS[i]}",
-                client.submit_labels(
-                    token,
-                    f"{batch_id}-lab-{i}",
-                    prompt,
-                    batch.texts[i],
-                    batch.model_version,
-                    likert.get(i, 0),
-                    flags.get(i, []),
-                    prompt_id=batch.prompt_event_id,
-                ),
-            )
-        except PlaygroundError as err:
-            term.error(err)
-
-    demo = term.ask("demonstration: your ideal answer on one line ('@A' starts from sample A, blank skips)> ")
-    if demo is None:
-        return False
-    demo = demo.strip()
-    if demo.startswith("@"):
-        try:
-            index = sample_index(demo[1:2], k)
-        except InputError as err:
-            term.error(err)
-            return True
-        demo = (batch.texts[index] + demo[2:]).strip()
-    if demo:
-        try:
-            submitted(
-                "demonstration",
-                client.submit_demonstration(token, batch_id + "-demo", prompt, demo, prompt_id=batch.prompt_event_id),
-            )
-        except PlaygroundError as err:
-            term.error(err)
-    return True
+    if flags is None:
+        return None
+    ranks = ask_until_valid(
+        term, f"ranking, best first ({LETTERS[0]}..{LETTERS[k - 1]}, '=' marks a tie)> ", lambda s: parse_ranking(s, k)
+    )
+    if ranks is None:
+        return None
+    return [
+        Judgement(sample.sample_id, likert.get(i, 0), ranks[i], tuple(flags.get(i, ())))
+        for i, sample in enumerate(task.samples)
+    ]
 
 
-def run_label(client: PlaygroundClient, term: Terminal, token: str, k: int, options: GenerationOptions) -> int:
-    try:
-        check_k(k)
-    except PlaygroundError as err:
-        term.error(err)
-        return 2
-    term.say(f"Labeling: {k} samples per prompt. Empty prompt or Ctrl-D quits.")
+def label_one(client: PlaygroundClient, term: Terminal, token: str, task: Task) -> bool | None:
+    """Label one leased task; True when submitted, None when input ended.
+
+    The task is submitted in one call, all or nothing: when the service refuses
+    it, its message is shown, nothing was recorded, and the labeler answers again.
+    """
+    left = max(0, (task.lease_expires_unix_ms / 1000 - time.time()) / 60)
+    term.say(f"\n[task {task.task_id} · {task.kind} · lease {left:.0f} min left]")
+    term.say(f"prompt: {task.prompt_text}")
+    for i, sample in enumerate(task.samples):
+        term.say(f"\n[{LETTERS[i]}] {sample.text or '(empty)'}")
+    term.say()
     while True:
-        prompt = term.ask("prompt> ")
-        if prompt is None or not prompt.strip():
-            return 0
-        if not label_one(client, term, token, prompt.strip(), k, options):
+        if task.kind == "demonstration":
+            line = term.ask("demonstration: the answer you would want, on one line> ")
+            if line is None:
+                return None
+            kwargs = {"demonstration": line.strip()}
+        else:
+            judgements = ask_judgements(term, task)
+            if judgements is None:
+                return None
+            kwargs = {"judgements": judgements}
+        try:
+            reply = client.submit_task(token, task.task_id, **kwargs)
+        except StatusError as err:
+            term.error(err)
+            if err.status in FATAL or err.status is Status.FAILED_PRECONDITION:  # e.g. the lease expired
+                return False
+            continue
+        note = " (already recorded)" if reply["duplicate"] else ""
+        term.say(f"{task.kind} recorded: event {reply['event_id']}{note}")
+        return True
+
+
+def run_label(client: PlaygroundClient, term: Terminal, token: str) -> int:
+    term.say("Labeling: tasks come from the queue. Ctrl-D quits.")
+    while True:
+        try:
+            task = client.next_task(token)
+        except StatusError as err:
+            if err.status is Status.NOT_FOUND:
+                term.say("No task is queued now; come back later.")
+                return 0
+            term.error(err)
+            return 1
+        if label_one(client, term, token, task) is None:
             return 0
 
 
@@ -397,14 +362,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--token", help="bearer token (asked for without echo when left out)")
     parser.add_argument("--max-new-tokens", type=int, default=0, help="0: the server's default")
-    parser.add_argument("--temperature", type=float, default=None, help="default: the server's (labeling: 1.0)")
+    parser.add_argument("--temperature", type=float, default=None, help="default: the server's")
     sub = parser.add_subparsers(dest="mode")
     chat = sub.add_parser("chat", help="interactive prompt with streamed answers (the default)")
     chat.add_argument("--chat", action="store_true", help="start in chat mode (keep the conversation)")
     batch = sub.add_parser("batch", help="log every prompt of a file: one per line, or JSONL with prompt/messages")
     batch.add_argument("file", type=Path)
-    label = sub.add_parser("label", help="rank K samples per prompt, with optional scores, flags, demonstrations")
-    label.add_argument("--k", type=int, default=MIN_K, help=f"samples per prompt, {MIN_K}..{MAX_K}")
+    sub.add_parser("label", help="work the labeling queue: demonstrations, or Likert, flags and ranking per task")
     return parser
 
 
@@ -423,14 +387,13 @@ def main(argv: list[str] | None = None) -> int:
         term.error("a token is needed (--token)")
         return 2
     mode = args.mode or "chat"
-    temperature = args.temperature if args.temperature is not None or mode != "label" else 1.0
-    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=temperature)
+    options = GenerationOptions(max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     client = PlaygroundClient(settings)
     try:
         if mode == "batch":
             return run_batch(client, term, token, args.file)
         if mode == "label":
-            return run_label(client, term, token, args.k, options)
+            return run_label(client, term, token)
         return run_chat(client, term, token, options, getattr(args, "chat", False))
     except KeyboardInterrupt:
         term.say()

@@ -1,64 +1,74 @@
 """The playground's one way to talk to the platform: PolicyService for text,
-FeedbackService for everything that is recorded.
+FeedbackService for logged prompts, LabelingService for the labeling queue.
 
 Both front ends (the web backend in `app.py` and the terminal in `cli.py`)
-go through `PlaygroundClient`, so a prompt is logged, a ranking is encoded
-and an error is reported the same way in both.
+go through `PlaygroundClient`, so a prompt is logged, a task is submitted and
+an error is reported the same way in both.
 
-The caller's bearer token is forwarded as gRPC metadata on every
-FeedbackService call; the feedback service, not the playground, decides who
-may submit what. The playground checks only what is its own rule: labelers
-rank K = 4..9 samples per prompt.
+The caller's bearer token is forwarded as gRPC metadata on every call; the
+services, not the playground, decide who may do what. A labeler's work on a
+task travels as one value: a list of `Judgement`s (sample, Likert, flags,
+rank), submitted with `SubmitTask` all or nothing.
+
+Refusals are `services.common.errors.StatusError`s; `service_of(err)` names
+the service that refused ("playground" for the playground's own checks).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import grpc
-from rlhf.v1 import common_pb2, events_pb2, feedback_pb2, feedback_pb2_grpc, policy_pb2, policy_pb2_grpc
+from rlhf.v1 import (
+    common_pb2,
+    events_pb2,
+    feedback_pb2,
+    feedback_pb2_grpc,
+    labeling_pb2,
+    labeling_pb2_grpc,
+    policy_pb2,
+    policy_pb2_grpc,
+)
 
 from services.common.auth import bearer
 from services.common.config import Settings
+from services.common.errors import StatusError, invalid, status_of_grpc
+from services.common.feedback import MAX_LIKERT, MIN_LIKERT
 from services.common.grpc_server import channel_options
 from services.common.logs import get_logger, log_fields
-from services.feedback import VALIDATE_FIRST
+from services.policy.prompt_log import LOG_HEADER
 
 log = get_logger(__name__)
 
-# InstructGPT's labelers ranked between 4 and 9 responses per prompt.
-MIN_K, MAX_K = 4, 9
-LIKERT_MIN, LIKERT_MAX = 1, 7
+LIKERT_MIN, LIKERT_MAX = MIN_LIKERT, MAX_LIKERT
 SOURCE = "playground"
 # Generous deadlines: a CPU policy may queue a while before it decodes.
 GENERATE_TIMEOUT_S = 300.0
 SUBMIT_TIMEOUT_S = 30.0
 FLAG_NAMES = [name for name in events_pb2.LabelFlag.keys() if name != "LABEL_FLAG_UNSPECIFIED"]
+TASK_KINDS = {labeling_pb2.TASK_KIND_DEMONSTRATION: "demonstration", labeling_pb2.TASK_KIND_COMPARISON: "comparison"}
 
 
-class PlaygroundError(Exception):
-    """A request the playground refuses or a service refused.
+def rpc_error(err: grpc.RpcError, service: str) -> StatusError:
+    """A service's refusal as a StatusError that remembers which service refused."""
+    code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
+    details = err.details() if hasattr(err, "details") else str(err)
+    out = StatusError(status_of_grpc(code), details or (code.name if code else "unknown error"))
+    out.service = service
+    return out
 
-    `code` is a grpc.StatusCode, so both kinds map to HTTP and to the
-    terminal the same way; `message` is shown to the person verbatim.
-    """
 
-    def __init__(self, code: grpc.StatusCode, message: str, service: str = "playground"):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-        self.service = service
+def service_of(err: StatusError) -> str:
+    return getattr(err, "service", "playground")
 
-    @classmethod
-    def from_rpc(cls, err: grpc.RpcError, service: str) -> PlaygroundError:
-        code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
-        details = err.details() if hasattr(err, "details") else str(err)
-        return cls(code or grpc.StatusCode.UNKNOWN, details or (code.name if code else "unknown error"), service)
 
-    def __str__(self) -> str:
-        return f"{self.service}: {self.code.name}: {self.message}"
+def describe(err: StatusError) -> str:
+    """'labeling service: INVALID_ARGUMENT: judgements[1].likert: ...' (or 'playground: ...')."""
+    who = service_of(err)
+    return f"{who if who == 'playground' else who + ' service'}: {err.status.name}: {err.message}"
 
 
 def flag_label(name: str) -> str:
@@ -70,7 +80,7 @@ def ranks_from_groups(groups: Sequence[Sequence[int]], k: int) -> list[int]:
     """Turn a best-first list of tie groups over sample indices 0..k-1 into a
     rank per sample (1 = best, tied samples share a rank, dense ranks).
 
-    Samples absent from every group get rank 0 ("unranked"); the feedback
+    Samples absent from every group get rank 0 ("unranked"); the labeling
     service rejects such a ranking and its message is shown to the labeler.
     """
     ranks = [0] * k
@@ -103,12 +113,63 @@ class GenerationOptions:
         return params
 
 
-@dataclass
-class Samples:
-    prompt_event_id: str
-    model_version: str
-    texts: list[str]
-    finish_reasons: list[str] = field(default_factory=list)
+@dataclass(frozen=True)
+class Judgement:
+    """A labeler's judgement of one sample of a comparison task: the value that
+    travels from the page (or the terminal) to the LabelingService."""
+
+    sample_id: str
+    likert: int
+    rank: int  # 1 = best; equal ranks are ties
+    flags: tuple[str, ...] = ()  # LabelFlag names, e.g. "LABEL_FLAG_HALLUCINATION"
+
+    def to_proto(self, index: int) -> labeling_pb2.SampleJudgement:
+        unknown = [f for f in self.flags if f not in FLAG_NAMES]
+        if unknown:
+            raise invalid(f"judgements[{index}].flags: unknown flag {unknown[0]!r}; known: {', '.join(FLAG_NAMES)}")
+        return labeling_pb2.SampleJudgement(
+            sample_id=self.sample_id,
+            likert=self.likert,
+            rank=self.rank,
+            flags=[events_pb2.LabelFlag.Value(f) for f in self.flags],
+        )
+
+
+@dataclass(frozen=True)
+class TaskSample:
+    sample_id: str
+    text: str
+
+
+@dataclass(frozen=True)
+class Task:
+    task_id: str
+    kind: str  # "demonstration" | "comparison"
+    prompt_id: str
+    prompt_text: str
+    samples: tuple[TaskSample, ...]
+    lease_expires_unix_ms: int
+
+    @classmethod
+    def from_proto(cls, task: labeling_pb2.Task) -> Task:
+        return cls(
+            task.task_id,
+            TASK_KINDS.get(task.kind, "comparison"),
+            task.prompt_id,
+            task.prompt_text,
+            tuple(TaskSample(s.sample_id, s.text) for s in task.samples),
+            task.lease_expires_unix_ms,
+        )
+
+    def as_dict(self) -> dict:
+        return {
+            "task_id": self.task_id,
+            "kind": self.kind,
+            "prompt_id": self.prompt_id,
+            "prompt_text": self.prompt_text,
+            "samples": [{"sample_id": s.sample_id, "text": s.text} for s in self.samples],
+            "lease_expires_unix_ms": self.lease_expires_unix_ms,
+        }
 
 
 def _messages(messages: Iterable[dict] | None) -> list[common_pb2.ChatMessage]:
@@ -126,28 +187,56 @@ def reply_dict(reply: feedback_pb2.SubmitReply) -> dict:
 
 
 class PlaygroundClient:
-    """gRPC stubs for the policy and feedback services, plus the playground's rules."""
+    """gRPC stubs for the policy, feedback and labeling services."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
         options = channel_options(settings)
-        self._policy_channel = grpc.insecure_channel(settings.policy_target, options=options)
-        self._feedback_channel = grpc.insecure_channel(settings.feedback_target, options=options)
-        self.policy = policy_pb2_grpc.PolicyServiceStub(self._policy_channel)
-        self.feedback = feedback_pb2_grpc.FeedbackServiceStub(self._feedback_channel)
+        self._channels = [
+            grpc.insecure_channel(target, options=options)
+            for target in (settings.policy_target, settings.feedback_target, settings.labeling_target)
+        ]
+        self.policy = policy_pb2_grpc.PolicyServiceStub(self._channels[0])
+        self.feedback = feedback_pb2_grpc.FeedbackServiceStub(self._channels[1])
+        self.labeling = labeling_pb2_grpc.LabelingServiceStub(self._channels[2])
 
     def close(self) -> None:
-        self._policy_channel.close()
-        self._feedback_channel.close()
+        for channel in self._channels:
+            channel.close()
+
+    @staticmethod
+    def _call(service: str, method, request, token: str, timeout: float = SUBMIT_TIMEOUT_S):
+        try:
+            return method(request, metadata=bearer(token) if token else None, timeout=timeout)
+        except grpc.RpcError as err:
+            error = rpc_error(err, service)
+            log_fields(
+                log,
+                logging.INFO,
+                "a service refused a call",
+                service=service,
+                code=error.status.name,
+                error=error.message,
+            )
+            raise error from None
 
     # --- policy ----------------------------------------------------------------
-    def model_info(self) -> common_pb2.ModelInfo:
-        try:
-            return self.policy.GetModelInfo(common_pb2.GetModelInfoRequest(), timeout=SUBMIT_TIMEOUT_S)
-        except grpc.RpcError as err:
-            raise PlaygroundError.from_rpc(err, "policy") from None
+    @staticmethod
+    def _policy_metadata(token: str) -> list[tuple[str, str]]:
+        """The caller's token; the playground logs its prompts itself (LogPrompt), so the policy does not."""
+        return [*bearer(token), (LOG_HEADER, "false")]
 
-    def stream(self, prompt: str = "", messages: list[dict] | None = None, options: GenerationOptions | None = None):
+    def model_info(self, token: str) -> common_pb2.ModelInfo:
+        try:
+            return self.policy.GetModelInfo(
+                common_pb2.GetModelInfoRequest(), metadata=self._policy_metadata(token), timeout=SUBMIT_TIMEOUT_S
+            )
+        except grpc.RpcError as err:
+            raise rpc_error(err, "policy") from None
+
+    def stream(
+        self, token: str, prompt: str = "", messages: list[dict] | None = None, options: GenerationOptions | None = None
+    ):
         """Start GenerateStream; return the call (iterate it for tokens, cancel() to stop).
 
         Iterating raises grpc.RpcError; `next_or_error` converts it.
@@ -155,43 +244,9 @@ class PlaygroundClient:
         request = policy_pb2.GenerateRequest(
             prompt=prompt, messages=_messages(messages), parameters=(options or GenerationOptions()).to_proto(1)
         )
-        return self.policy.GenerateStream(request, timeout=GENERATE_TIMEOUT_S)
-
-    def samples(
-        self, token: str, prompt: str, k: int, options: GenerationOptions | None = None, request_id: str = ""
-    ) -> Samples:
-        """Log the prompt, then ask the policy for K samples to rank."""
-        check_k(k)
-        logged = self.log_prompt(token, prompt=prompt, mode="label", request_id=request_id)
-        request = policy_pb2.GenerateRequest(prompt=prompt, parameters=(options or GenerationOptions()).to_proto(k))
-        try:
-            reply = self.policy.Generate(request, timeout=GENERATE_TIMEOUT_S)
-        except grpc.RpcError as err:
-            raise PlaygroundError.from_rpc(err, "policy") from None
-        if len(reply.samples) != k:
-            raise PlaygroundError(
-                grpc.StatusCode.INTERNAL, f"asked the policy for {k} samples, got {len(reply.samples)}", "policy"
-            )
-        return Samples(
-            prompt_event_id=logged["event_id"],
-            model_version=reply.model_version,
-            texts=[s.text for s in reply.samples],
-            finish_reasons=[policy_pb2.FinishReason.Name(s.finish_reason) for s in reply.samples],
-        )
+        return self.policy.GenerateStream(request, metadata=self._policy_metadata(token), timeout=GENERATE_TIMEOUT_S)
 
     # --- feedback --------------------------------------------------------------
-    def _submit(self, method: str, request, token: str) -> dict:
-        try:
-            reply = getattr(self.feedback, method)(request, metadata=bearer(token), timeout=SUBMIT_TIMEOUT_S)
-        except grpc.RpcError as err:
-            error = PlaygroundError.from_rpc(err, "feedback")
-            log_fields(
-                log, 20, "feedback refused a submission", method=method, code=error.code.name, error=error.message
-            )
-            raise error from None
-        log_fields(log, 20, "submitted", method=method, event_id=reply.event_id, duplicate=reply.duplicate)
-        return reply_dict(reply)
-
     def log_prompt(
         self, token: str, prompt: str = "", messages: list[dict] | None = None, mode: str = "chat", request_id: str = ""
     ) -> dict:
@@ -202,94 +257,32 @@ class PlaygroundClient:
             source=SOURCE,
             metadata={"mode": mode},
         )
-        return self._submit("LogPrompt", request, token)
+        reply = self._call("feedback", self.feedback.LogPrompt, request, token)
+        log_fields(log, logging.INFO, "prompt logged", event_id=reply.event_id, duplicate=reply.duplicate)
+        return reply_dict(reply)
 
-    # One RPC each (the CLI submits as the labeler goes); arguments as the *_request builders below.
-    def submit_comparison(self, token: str, *args, **kwargs) -> dict:
-        return self._submit("SubmitComparison", comparison_request(*args, **kwargs), token)
+    # --- labeling ----------------------------------------------------------------
+    def next_task(self, token: str) -> Task:
+        """Lease the next task (the same one while a lease is open); NOT_FOUND when the queue is empty."""
+        return Task.from_proto(self._call("labeling", self.labeling.NextTask, labeling_pb2.NextTaskRequest(), token))
 
-    def submit_labels(self, token: str, *args, **kwargs) -> dict:
-        return self._submit("SubmitLabels", labels_request(*args, **kwargs), token)
-
-    def submit_demonstration(self, token: str, *args, **kwargs) -> dict:
-        return self._submit("SubmitDemonstration", demonstration_request(*args, **kwargs), token)
-
-    def submit_together(self, token: str, items: Sequence[feedback_pb2.BulkItem]) -> list[dict]:
-        """One labeling submission (ranking, labels, demonstration) as one
-        validate-first BulkSubmit: a bad item writes none of them."""
-        try:
-            replies = list(
-                self.feedback.BulkSubmit(
-                    iter(items), metadata=[*bearer(token), VALIDATE_FIRST], timeout=SUBMIT_TIMEOUT_S
-                )
-            )
-        except grpc.RpcError as err:
-            error = PlaygroundError.from_rpc(err, "feedback")
-            log_fields(
-                log, 20, "feedback refused a submission", method="BulkSubmit", code=error.code.name, error=error.message
-            )
-            raise error from None
-        log_fields(log, 20, "submitted", method="BulkSubmit", event_ids=[r.event_id for r in replies])
-        return [reply_dict(r) for r in replies]
-
-
-def comparison_request(
-    request_id: str,
-    prompt_text: str,
-    texts: Sequence[str],
-    ranks: Sequence[int],
-    policy_version: str | Sequence[str],
-    prompt_id: str = "",
-) -> feedback_pb2.SubmitComparisonRequest:
-    versions = [policy_version] * len(texts) if isinstance(policy_version, str) else list(policy_version)
-    return feedback_pb2.SubmitComparisonRequest(
-        request_id=request_id,
-        prompt_id=prompt_id,
-        prompt_text=prompt_text,
-        responses=[
-            events_pb2.RankedResponse(text=t, policy_version=v, rank=r) for t, v, r in zip(texts, versions, ranks)
-        ],
-    )
-
-
-def labels_request(
-    request_id: str,
-    prompt_text: str,
-    response: str,
-    policy_version: str,
-    likert: int = 0,
-    flags: Sequence[str] = (),
-    prompt_id: str = "",
-) -> feedback_pb2.SubmitLabelsRequest:
-    unknown = [f for f in flags if f not in FLAG_NAMES]
-    if unknown:
-        raise PlaygroundError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"flags: unknown flag {unknown[0]!r}; known: {', '.join(FLAG_NAMES)}"
+    def submit_task(
+        self, token: str, task_id: str, *, judgements: Sequence[Judgement] = (), demonstration: str = ""
+    ) -> dict:
+        """Submit a leased task: a demonstration, or a judgement of every sample. All or nothing."""
+        request = labeling_pb2.SubmitTaskRequest(
+            task_id=task_id,
+            demonstration=demonstration,
+            judgements=[j.to_proto(i) for i, j in enumerate(judgements)],
         )
-    return feedback_pb2.SubmitLabelsRequest(
-        request_id=request_id,
-        prompt_id=prompt_id,
-        prompt_text=prompt_text,
-        response=response,
-        policy_version=policy_version,
-        likert=likert,
-        flags=[events_pb2.LabelFlag.Value(f) for f in flags],
-    )
-
-
-def demonstration_request(
-    request_id: str, prompt_text: str, response: str, prompt_id: str = ""
-) -> feedback_pb2.SubmitDemonstrationRequest:
-    return feedback_pb2.SubmitDemonstrationRequest(
-        request_id=request_id, prompt_id=prompt_id, prompt_text=prompt_text, response=response
-    )
-
-
-def check_k(k: int) -> None:
-    if not MIN_K <= k <= MAX_K:
-        raise PlaygroundError(
-            grpc.StatusCode.INVALID_ARGUMENT, f"k (num_samples) must be between {MIN_K} and {MAX_K}, got {k}"
+        reply = self._call("labeling", self.labeling.SubmitTask, request, token)
+        log_fields(
+            log, logging.INFO, "task submitted", task_id=task_id, event_id=reply.event_id, duplicate=reply.duplicate
         )
+        return {"task_id": reply.task_id, "event_id": reply.event_id, "duplicate": reply.duplicate}
+
+    def stats(self, token: str) -> labeling_pb2.LabelingStats:
+        return self._call("labeling", self.labeling.GetStats, labeling_pb2.GetStatsRequest(), token)
 
 
 def new_request_id() -> str:
@@ -299,10 +292,10 @@ def new_request_id() -> str:
 
 
 def next_or_error(call) -> policy_pb2.GenerateStreamResponse | None:
-    """The next streamed message, None at the end; service errors become PlaygroundError."""
+    """The next streamed message, None at the end; service errors become StatusError."""
     try:
         return next(call)
     except StopIteration:
         return None
     except grpc.RpcError as err:
-        raise PlaygroundError.from_rpc(err, "policy") from None
+        raise rpc_error(err, "policy") from None

@@ -1,5 +1,5 @@
 """`python -m services.policy`: run the PolicyService (gRPC on RLHF_POLICY_PORT,
-TGI-compatible HTTP on RLHF_HTTP_PORT) until SIGTERM."""
+TGI- and OpenAI-compatible HTTP on RLHF_HTTP_PORT) until SIGTERM."""
 
 from __future__ import annotations
 

@@ -3,20 +3,28 @@
 One engine thread owns the model. Each iteration it
   1. drops rows whose client went away or whose deadline passed,
   2. admits waiting requests from the head of a bounded FIFO queue while they
-     fit (RLHF_MAX_BATCH rows, RLHF_KV_BUDGET_TOKENS), prefills them in one
-     left-padded batch, samples their first token and merges their KV cache
-     into the running batch,
+     fit (RLHF_MAX_BATCH rows, RLHF_KV_BUDGET_TOKENS, RLHF_MAX_PREFILL_TOKENS
+     padded prompt tokens per step), prefills them in one
+     left-padded batch (each prompt once, however many samples it asks for),
+     samples their first token and writes their keys/values into free slots
+     of the running batch's preallocated KV window (services/policy/kv.py),
   3. runs one decode step for every running row, samples each row with its
      own parameters and seeded generator, and removes finished rows.
 
 So a new request joins at the next step and a finished one leaves at once,
-as in TGI and vLLM. The running batch is a left-padded KV cache: each row's
-tokens are right-aligned, the attention mask marks real tokens, and position
-ids count only real tokens, so padding never changes a row's result.
+as in TGI and vLLM, and neither copies the running batch's cache.
 
 Memory is bounded by configuration, not luck: admission charges a cohort
 rows x (longest prompt + max_new_tokens among its rows), an upper bound of
-its padded cache, against RLHF_KV_BUDGET_TOKENS.
+its cache, against RLHF_KV_BUDGET_TOKENS, and the KV window never allocates
+more than that budget.
+
+Isolation: one request never fails another. Parameters that cannot be sampled
+are refused by validation (services/policy/params.py); a row whose scores are
+not finite fails alone; a forward pass that raises is retried row by row (or
+request by request for a prefill) and only the rows that fail again are
+failed. The engine keeps serving. Outcomes are `StatusError`s
+(services/common/errors.py): this module knows nothing of gRPC or HTTP.
 
 Hot swap: rows are grouped in cohorts, one per model version. A new version
 gets a new cohort that takes all new requests; the old cohort keeps decoding
@@ -26,21 +34,26 @@ model) is dropped.
 
 from __future__ import annotations
 
+import logging
+import math
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from pathlib import Path
 
-import grpc
 import torch
-import torch.nn.functional as F
-from transformers import DynamicCache
 
+from services.common.checkpoints import Manifest
 from services.common.config import Settings
-from services.common.hotswap import Loaded
-from services.common.logs import get_logger
+from services.common.dtypes import resolve_dtype
+from services.common.errors import Status, StatusError
+from services.common.hotswap import Loaded, ModelSwitcher
+from services.common.logs import get_logger, log_fields
 from services.common.metrics import BATCH_SIZE, GENERATED_TOKENS, QUEUE_DEPTH
-from services.common.models import pad_batch, position_ids_from_mask
-from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, ServingError, TokenOut
+from services.common.models import load_causal_lm, pad_batch, position_ids_from_mask, resolve_device
+from services.policy.kv import KvWindow, use_gqa_sdpa
+from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, TokenOut
 from services.policy.request import Finished, GenRequest, SampleDone, Token
 
 log = get_logger(__name__)
@@ -60,7 +73,19 @@ class _Group:
 class _Row:
     """One sample being decoded."""
 
-    __slots__ = ("group", "req", "index", "seed", "generator", "ids", "text", "tokens", "horizon")
+    __slots__ = (
+        "group",
+        "req",
+        "index",
+        "seed",
+        "generator",
+        "ids",
+        "text",
+        "tokens",
+        "horizon",
+        "prefix_offset",
+        "read_offset",
+    )
 
     def __init__(self, group: _Group, index: int, seed: int, device: torch.device):
         self.group = group
@@ -73,22 +98,27 @@ class _Row:
         self.tokens: list[TokenOut] = []
         # The most cache columns this row can ever need.
         self.horizon = len(self.req.prompt_ids) + self.req.params.max_new_tokens
+        # Incremental detokenisation: ids[prefix_offset:read_offset] is the text already shown,
+        # decoded again only as the context that makes the next piece's leading space right.
+        self.prefix_offset = 0
+        self.read_offset = 0
 
 
 class Cohort:
-    """The running rows of one model version and their shared KV cache."""
+    """The running rows of one model version and their KV window."""
 
-    def __init__(self, loaded: Loaded):
+    def __init__(self, loaded: Loaded, settings: Settings, held_elsewhere: Callable[[], int] = lambda: 0):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
         self.rows: list[_Row] = []
-        self.cache: DynamicCache | None = None
-        self.mask: torch.Tensor | None = None  # [rows, columns], 1 = real token
         self.last: torch.Tensor | None = None  # [rows] the token to feed next
         self.eos_id = self.tokenizer.eos_token_id
         self.special_ids = set(self.tokenizer.all_special_ids)
-        self.device = next(self.model.parameters()).device
+        param = next(self.model.parameters())
+        self.device = param.device
+        budget = settings.kv_budget_tokens
+        self.kv = KvWindow(self.model, self.device, param.dtype, lambda: budget - held_elsewhere(), settings.max_batch)
 
     @property
     def version(self) -> str:
@@ -98,47 +128,22 @@ class Cohort:
         horizon = max([r.horizon for r in self.rows] + [extra_horizon, 0])
         return (len(self.rows) + extra_rows) * horizon
 
-    def merge(
-        self, kv: list[tuple[torch.Tensor, torch.Tensor]], mask: torch.Tensor, rows: list[_Row], last: torch.Tensor
-    ) -> None:
-        """Add prefilled rows, left-padding whichever side is shorter."""
-        if not self.rows:
-            self.cache, self.mask, self.rows, self.last = DynamicCache(ddp_cache_data=kv), mask, list(rows), last
-            return
-        old = self.cache.to_legacy_cache()
-        width = max(self.mask.shape[1], mask.shape[1])
-
-        def left_pad(t: torch.Tensor, dim_from_end: int) -> torch.Tensor:
-            missing = width - t.shape[-dim_from_end]
-            if missing == 0:
-                return t
-            pad = [0, 0] * (dim_from_end - 1) + [missing, 0]
-            return F.pad(t, pad)
-
-        merged = [
-            (torch.cat([left_pad(ko, 2), left_pad(kn, 2)]), torch.cat([left_pad(vo, 2), left_pad(vn, 2)]))
-            for (ko, vo), (kn, vn) in zip(old, kv)
-        ]
-        self.cache = DynamicCache(ddp_cache_data=merged)
-        self.mask = torch.cat([left_pad(self.mask, 1), left_pad(mask, 1)])
+    def join(self, kv, mask: torch.Tensor, src: torch.Tensor, rows: list[_Row], last: torch.Tensor) -> None:
+        """Add prefilled rows (row j is a sample of prompt src[j])."""
+        self.kv.append_rows(kv, mask, src)
         self.rows = self.rows + list(rows)
-        self.last = torch.cat([self.last, last])
+        self.last = last if self.last is None else torch.cat([self.last, last])
 
     def keep(self, keep: list[int]) -> None:
-        """Keep only these rows, and drop cache columns that became all padding."""
-        if not keep:
-            self.rows, self.cache, self.mask, self.last = [], None, None, None
-            return
+        """Keep only these rows (freed slots are refilled from the end; nothing else moves)."""
         if len(keep) == len(self.rows):
             return
-        idx = torch.tensor(keep, dtype=torch.long, device=self.mask.device)
-        mask = self.mask[idx]
-        first = int(torch.nonzero(mask.sum(0))[0])
-        kv = [(k[idx, :, first:], v[idx, :, first:]) for k, v in self.cache.to_legacy_cache()]
-        self.cache = DynamicCache(ddp_cache_data=kv)  # copies, so the old cache is freed
-        self.mask = mask[:, first:]
-        self.rows = [self.rows[i] for i in keep]
-        self.last = self.last[idx]
+        order = self.kv.keep(keep)
+        if not order:
+            self.rows, self.last = [], None
+            return
+        self.rows = [self.rows[i] for i in order]
+        self.last = self.last[torch.tensor(order, dtype=torch.long, device=self.last.device)]
 
 
 class Engine:
@@ -153,7 +158,8 @@ class Engine:
         self._current: Cohort | None = None
         self._stopping = False
         self.steps = 0
-        # The largest KV cache held so far, rows x columns (padding included), summed over cohorts.
+        self.prefills = 0  # prefill forward passes (a batch of joining requests each)
+        # The largest KV cache allocated so far (slots x columns, padding included), summed over cohorts.
         self.peak_cache_tokens = 0
         self._thread = threading.Thread(target=self._run, name=f"{service}-engine", daemon=True)
         self._thread.start()
@@ -162,7 +168,11 @@ class Engine:
     def set_model(self, loaded: Loaded) -> None:
         """Route new requests to `loaded`; in-flight rows finish on their own version."""
         with self._cv:
-            cohort = Cohort(loaded)
+
+            def held_elsewhere() -> int:  # KV that other cohorts (older versions finishing) still hold
+                return sum(c.kv.allocated_tokens for c in self._cohorts if c is not cohort)
+
+            cohort = Cohort(loaded, self.settings, held_elsewhere)
             self._cohorts.append(cohort)
             self._current = cohort
             self._cv.notify_all()
@@ -174,10 +184,10 @@ class Engine:
     def submit(self, req: GenRequest) -> None:
         with self._cv:
             if self._stopping or self._current is None:
-                raise ServingError(grpc.StatusCode.UNAVAILABLE, "the policy engine is not running")
+                raise StatusError(Status.UNAVAILABLE, "the policy engine is not running")
             if len(self._queue) >= self.settings.max_queue:
-                raise ServingError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                raise StatusError(
+                    Status.RESOURCE_EXHAUSTED,
                     f"the request queue is full ({self.settings.max_queue} waiting, RLHF_MAX_QUEUE); retry later",
                 )
             self._queue.append(req)
@@ -193,6 +203,7 @@ class Engine:
                 "cohorts": [(c.version, len(c.rows)) for c in self._cohorts],
                 "kv_charge": sum(c.kv_charge() for c in self._cohorts),
                 "peak_cache_tokens": self.peak_cache_tokens,
+                "prefills": self.prefills,
             }
 
     def stop(self) -> None:
@@ -201,10 +212,10 @@ class Engine:
             self._cv.notify_all()
         self._thread.join(timeout=30)
         for req in list(self._queue):
-            req.fail(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            req.fail(Status.UNAVAILABLE, "the server is shutting down")
         for cohort in self._cohorts:
             for row in cohort.rows:
-                row.req.fail(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+                row.req.fail(Status.UNAVAILABLE, "the server is shutting down")
 
     def _wake(self) -> None:
         with self._cv:
@@ -224,26 +235,45 @@ class Engine:
                     self._cv.wait(timeout=0.5)  # wakes on submit/cancel; times out to check deadlines
                     continue
                 current = self._current
-            if joining:
-                self._guarded(current, self._prefill, joining)
-            for cohort in list(self._cohorts):
-                if cohort.rows:
-                    self._guarded(cohort, self._decode)
+            with torch.inference_mode():
+                if joining:
+                    self._prefill_isolated(current, joining)
+                for cohort in list(self._cohorts):
+                    if cohort.rows:
+                        self._decode_guarded(cohort)
+            self.peak_cache_tokens = max(self.peak_cache_tokens, sum(c.kv.allocated_tokens for c in self._cohorts))
             with self._cv:
                 self._cohorts = [c for c in self._cohorts if c.rows or c is self._current]
 
-    def _guarded(self, cohort: Cohort, fn, *args) -> None:
-        """A failed forward pass fails the requests it touched, never the engine."""
+    def _prefill_isolated(self, cohort: Cohort, reqs: list[GenRequest]) -> None:
+        """Prefill the joining requests together; if the forward pass raises, one by
+        one, so a request that breaks it fails alone."""
         try:
-            with torch.inference_mode():
-                fn(cohort, *args)
-        except Exception as err:
-            log.exception("generation step failed", extra={"fields": {"version": cohort.version, "error": str(err)}})
-            reqs = {id(r.req): r.req for r in cohort.rows}
-            for req in args[0] if args else []:
-                reqs[id(req)] = req
-            for req in reqs.values():
-                req.fail(grpc.StatusCode.INTERNAL, f"generation failed: {err}")
+            out = self._prefill_forward(cohort, reqs)
+        except Exception as err:  # noqa: BLE001 - any failure of the model is isolated to the requests it touched
+            log.exception("prefill failed", extra={"fields": {"version": cohort.version, "requests": len(reqs)}})
+            if len(reqs) == 1:
+                reqs[0].fail(Status.INTERNAL, f"generation failed: {err}")
+            else:
+                for req in reqs:
+                    self._prefill_isolated(cohort, [req])
+            return
+        try:
+            self._join(cohort, reqs, out)
+        except Exception as err:  # noqa: BLE001 - the batch's KV bookkeeping broke: its rows cannot continue
+            log.exception("joining the batch failed", extra={"fields": {"version": cohort.version}})
+            for req in [*reqs, *(row.req for row in cohort.rows)]:
+                req.fail(Status.INTERNAL, f"generation failed: {err}")
+            cohort.keep([])
+
+    def _decode_guarded(self, cohort: Cohort) -> None:
+        """A decode step that raises is retried row by row; rows that fail again fail alone."""
+        try:
+            self._decode(cohort)
+        except Exception as err:  # noqa: BLE001 - a failed step must not stop the engine or other cohorts
+            log.exception("decode step failed", extra={"fields": {"version": cohort.version, "error": str(err)}})
+            for row in cohort.rows:  # bookkeeping itself broke: only these rows can be affected
+                row.req.fail(Status.INTERNAL, f"generation failed: {err}")
             cohort.keep([])
 
     def _purge_queue(self) -> None:
@@ -251,9 +281,9 @@ class Engine:
         kept: deque[GenRequest] = deque()
         for req in self._queue:
             if req.cancelled:
-                req.fail(grpc.StatusCode.CANCELLED, "cancelled by the client")
+                req.fail(Status.CANCELLED, "cancelled by the client")
             elif req.expired(now):
-                req.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while queued")
+                req.fail(Status.DEADLINE_EXCEEDED, "deadline exceeded while queued")
             else:
                 kept.append(req)
         self._queue = kept
@@ -266,12 +296,16 @@ class Engine:
             return []
         rows = sum(len(c.rows) for c in self._cohorts)
         others = sum(c.kv_charge() for c in self._cohorts if c is not current)
-        add_rows, add_horizon, joining = 0, 0, []
+        add_rows, add_horizon, longest, joining = 0, 0, 0, []
         while self._queue:
             req = self._queue[0]
             k = req.params.num_samples
             horizon = max(add_horizon, len(req.prompt_ids) + req.params.max_new_tokens)
             if rows + add_rows + k > self.settings.max_batch:
+                break
+            # The prefill is one left-padded batch: its cost is prompts x the longest prompt.
+            padded = (len(joining) + 1) * max(longest, len(req.prompt_ids))
+            if joining and padded > self.settings.max_prefill_tokens:
                 break
             if others + current.kv_charge(add_rows + k, horizon) > self.settings.kv_budget_tokens:
                 break
@@ -279,17 +313,19 @@ class Engine:
             joining.append(req)
             add_rows += k
             add_horizon = horizon
+            longest = max(longest, len(req.prompt_ids))
         QUEUE_DEPTH.labels(self.service).set(len(self._queue))
         return joining
 
     # --- model work ---------------------------------------------------------
-    def _prefill(self, cohort: Cohort, reqs: list[GenRequest]) -> None:
-        """One left-padded forward over the new prompts; each prompt once, then its
-        cache row is repeated for its K samples."""
+    def _prefill_forward(self, cohort: Cohort, reqs: list[GenRequest]):
+        """One left-padded forward over the new prompts, each prompt once whatever its K;
+        returns (keys/values, mask, last-position logits, prompt scores)."""
         pad_id = cohort.tokenizer.pad_token_id
         ids, mask = pad_batch([r.prompt_ids for r in reqs], pad_id, side="left")
         ids, mask = ids.to(cohort.device), mask.to(cohort.device)
         scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs]
+        self.prefills += 1
         out = cohort.model(
             input_ids=ids,
             attention_mask=mask,
@@ -299,23 +335,25 @@ class Engine:
             output_hidden_states=bool(scored),
         )
         prefills = {i: self._score_prompt(cohort, reqs[i].prompt_ids, out.hidden_states[-1][i]) for i in scored}
+        kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
+        return kv, mask, out.logits[:, -1].float(), prefills
+
+    def _join(self, cohort: Cohort, reqs: list[GenRequest], prefilled) -> None:
+        """Sample the first token of every new row, and write the rows into the batch:
+        row j of a request with K samples gets that prompt's keys/values."""
+        kv, mask, logits, prefills = prefilled
         reps = torch.tensor([r.params.num_samples for r in reqs], device=cohort.device)
-        logits = out.logits[:, -1].float().repeat_interleave(reps, 0)
-        kv = [
-            (k.repeat_interleave(reps, 0), v.repeat_interleave(reps, 0))
-            for k, v in out.past_key_values.to_legacy_cache()
-        ]
-        mask = mask.repeat_interleave(reps, 0)
+        src = torch.repeat_interleave(torch.arange(len(reqs), device=cohort.device), reps)
         rows = []
         for n, req in enumerate(reqs):
             group = _Group(req, cohort.version)
             group.prefill = prefills.get(n, [])
             for i, seed in enumerate(req.params.sample_seeds()):
                 rows.append(_Row(group, i, seed, cohort.device))
-        next_ids, done = self._sample_and_advance(cohort, rows, logits)
-        cohort.merge(kv, mask, rows, next_ids)
-        if any(done):  # finished on their first token (EOS, stop, or max_new_tokens=1)
-            offset = len(cohort.rows) - len(rows)
+        next_ids, done = self._sample_and_advance(cohort, rows, logits[src])
+        offset = len(cohort.rows)
+        cohort.join(kv, mask, src, rows, next_ids)
+        if any(done):  # finished on their first token (EOS, stop, or max_new_tokens=1), or failed
             cohort.keep([i for i in range(len(cohort.rows)) if i < offset or not done[i - offset]])
 
     @staticmethod
@@ -335,31 +373,57 @@ class Engine:
             TokenOut(t, texts[j], None if j == 0 else scores[j - 1], t in special) for j, t in enumerate(prompt_ids)
         ]
 
+    def _forward_rows(self, cohort: Cohort, rows: slice) -> torch.Tensor:
+        """One decode step's logits for cohort rows `rows`, keys/values written in place."""
+        mask, positions = cohort.kv.decode_inputs(rows)
+        out = cohort.model(
+            input_ids=cohort.last[rows][:, None],
+            attention_mask=mask,
+            position_ids=positions,
+            cache_position=torch.tensor([cohort.kv.width], device=cohort.device),
+            past_key_values=cohort.kv,
+            use_cache=True,
+        )
+        return out.logits[:, -1].float()
+
     def _decode(self, cohort: Cohort) -> None:
         self._drop_abandoned(cohort)
         if not cohort.rows:
             return
         n = len(cohort.rows)
-        positions = cohort.mask.sum(-1, keepdim=True)  # real tokens before the fed one
-        mask = torch.cat([cohort.mask, torch.ones((n, 1), dtype=cohort.mask.dtype, device=cohort.device)], dim=1)
-        out = cohort.model(
-            input_ids=cohort.last[:, None],
-            attention_mask=mask,
-            position_ids=positions,
-            past_key_values=cohort.cache,
-            use_cache=True,
-        )
-        cohort.mask = mask
-        cohort.cache = out.past_key_values
+        cohort.kv.reserve(n, right=1)
+        failed: set[int] = set()
+        try:
+            logits = self._forward_rows(cohort, slice(0, n))
+        except Exception as err:  # noqa: BLE001 - retried row by row below, so only the rows that break fail
+            log_fields(log, logging.WARNING, "decode step failed; retrying row by row", error=str(err))
+            parts: list[torch.Tensor | None] = []
+            for i in range(n):
+                try:
+                    parts.append(self._forward_rows(cohort, slice(i, i + 1)))
+                except Exception as row_err:  # noqa: BLE001 - this row alone fails
+                    cohort.rows[i].req.fail(Status.INTERNAL, f"generation failed: {row_err}")
+                    cohort.kv.forget_row(i)
+                    failed.add(i)
+                    parts.append(None)
+            logits = self._stack_rows(parts, cohort)
+        cohort.kv.commit()
         self.steps += 1
-        held = sum(c.mask.numel() for c in self._cohorts if c.mask is not None)
-        self.peak_cache_tokens = max(self.peak_cache_tokens, held)
         BATCH_SIZE.labels(self.service).observe(n)
-        GENERATED_TOKENS.labels(cohort.version).inc(n)
-        next_ids, done = self._sample_and_advance(cohort, cohort.rows, out.logits[:, -1].float())
+        GENERATED_TOKENS.labels(cohort.version).inc(n - len(failed))
+        next_ids, done = self._sample_and_advance(cohort, cohort.rows, logits)
         cohort.last = next_ids
         if any(done):
             cohort.keep([i for i, d in enumerate(done) if not d])
+
+    @staticmethod
+    def _stack_rows(parts: list[torch.Tensor | None], cohort: Cohort) -> torch.Tensor:
+        """Row-by-row logits back into one tensor; rows that failed become NaN (failed again, harmlessly)."""
+        like = next((p for p in parts if p is not None), None)
+        if like is None:
+            vocab = cohort.model.get_output_embeddings().weight.shape[0]
+            like = torch.empty((1, vocab), device=cohort.device)
+        return torch.cat([p if p is not None else torch.full_like(like, float("nan")) for p in parts])
 
     def _drop_abandoned(self, cohort: Cohort) -> None:
         """Free the rows of cancelled or expired requests before spending a step on them."""
@@ -368,9 +432,9 @@ class Engine:
         for i, row in enumerate(cohort.rows):
             req = row.req
             if req.cancelled:
-                req.fail(grpc.StatusCode.CANCELLED, "cancelled by the client")
+                req.fail(Status.CANCELLED, "cancelled by the client")
             elif req.expired(now):
-                req.fail(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while generating")
+                req.fail(Status.DEADLINE_EXCEEDED, "deadline exceeded while generating")
             elif not req.closed:
                 keep.append(i)
         cohort.keep(keep)
@@ -379,27 +443,40 @@ class Engine:
     def _sample_and_advance(
         self, cohort: Cohort, rows: list[_Row], logits: torch.Tensor
     ) -> tuple[torch.Tensor, list[bool]]:
-        next_ids, logprobs = sample(logits, rows)
-        done = [
-            self._advance(cohort, row, int(next_ids[i]), logprobs[i] if logprobs is not None else None)
-            for i, row in enumerate(rows)
-        ]
+        next_ids, logprobs, ok = sample(logits, rows)
+        tokens = next_ids.tolist()
+        done = []
+        for i, row in enumerate(rows):
+            if row.req.closed:  # failed earlier in this step (another of its samples), or by the client
+                done.append(True)
+            elif not ok[i]:
+                log_fields(log, logging.WARNING, "non-finite scores; failing the request alone", index=row.index)
+                row.req.fail(
+                    Status.INTERNAL,
+                    "generation failed: the model's scores for this request were not finite (NaN or inf)",
+                )
+                done.append(True)
+            else:
+                try:
+                    done.append(self._advance(cohort, row, tokens[i], logprobs[i] if logprobs is not None else None))
+                except Exception as err:  # noqa: BLE001 - e.g. a tokenizer error: this request alone fails
+                    log.exception("advancing a row failed")
+                    row.req.fail(Status.INTERNAL, f"generation failed: {err}")
+                    done.append(True)
         return next_ids, done
 
-    def _advance(self, cohort: Cohort, row: _Row, token: int, logprobs: torch.Tensor | None) -> bool:
+    def _advance(self, cohort: Cohort, row: _Row, token: int, logprob: float | None) -> bool:
         """Append one token to a row: update its text, check stop conditions, emit."""
         req, params = row.req, row.req.params
         row.ids.append(token)
-        lp = float(logprobs[token]) if (logprobs is not None and params.return_logprobs) else None
+        lp = logprob if params.return_logprobs else None
         finish = None
         special = token in cohort.special_ids
         if token == cohort.eos_id:
             finish, piece = FINISH_EOS, ""
             shown = cohort.tokenizer.convert_ids_to_tokens(token)
         else:
-            full = cohort.tokenizer.decode(row.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-            # Hold back an incomplete UTF-8 character until its last byte arrives.
-            piece = "" if full.endswith("\ufffd") else full[len(row.text) :]
+            piece = _next_piece(cohort.tokenizer, row)
             old_len = len(row.text)
             if piece:
                 row.text = row.text + piece
@@ -431,6 +508,21 @@ class Engine:
         return True
 
 
+def _next_piece(tokenizer, row: _Row) -> str:
+    """The text the newest token adds, decoding only a few tokens (not the whole row).
+
+    The tokens already shown since `prefix_offset` are decoded again as context,
+    so a piece's leading space comes out as it would in a full decode; an
+    incomplete UTF-8 character (U+FFFD at the end) is held back until its last byte."""
+    ids = row.ids
+    prefix = tokenizer.decode(ids[row.prefix_offset : row.read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(ids[row.prefix_offset :], skip_special_tokens=True)
+    if len(full) <= len(prefix) or full.endswith("\ufffd"):
+        return ""
+    row.prefix_offset, row.read_offset = row.read_offset, len(ids)
+    return full[len(prefix) :]
+
+
 def _find_stop(text: str, stops: tuple[str, ...], old_len: int) -> int | None:
     """End index of the earliest stop sequence that the newest text completed."""
     best = None
@@ -441,44 +533,146 @@ def _find_stop(text: str, stops: tuple[str, ...], old_len: int) -> int | None:
     return best
 
 
-def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, torch.Tensor | None]:
+# Top-p looks for its nucleus among each row's NUCLEUS_CANDIDATES likeliest tokens first: sorting the
+# whole vocabulary (49k here) for every sampled row cost more than the model's decode step. A row whose
+# nucleus is wider (a very flat distribution) falls back to the full sort, so the result is exact.
+NUCLEUS_CANDIDATES = 256
+
+
+def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[float] | None, list[bool]]:
     """Pick each row's next token with that row's own parameters and generator.
 
-    Returns the tokens and, if any row asked for them, the log-probabilities
-    under the model's unmodified distribution (what RLHF needs), before
-    temperature, top-k, top-p and repetition penalty.
+    Returns the tokens; if any row asked for them, each chosen token's
+    log-probability under the model's unmodified distribution (what RLHF needs),
+    before temperature, top-k, top-p and repetition penalty; and per row whether
+    its scores were usable. A row whose logits or sampling distribution are
+    unusable (NaN, +inf) gets token 0 and ok=False, and the caller fails its
+    request alone: one row's NaN never reaches another row's draw.
+
+    Vectorised except for one uniform draw per sampled row from that row's own
+    generator (so a sample depends only on its seed, never on its batch), turned
+    into tokens for all rows at once by inverse-CDF lookup.
     """
     n, device = logits.shape[0], logits.device
-    logprobs = torch.log_softmax(logits, dim=-1) if any(r.req.params.return_logprobs for r in rows) else None
+    # logsumexp is NaN with any NaN, +inf with any +inf, -inf when every score is -inf (a token
+    # the model rules out is a legitimate -inf), finite otherwise: one pass checks each row.
+    lse = torch.logsumexp(logits, dim=-1)
+    ok = torch.isfinite(lse)
+    if not bool(ok.all()):
+        logits = torch.where(ok[:, None], logits, 0.0)  # keep the batch's arithmetic finite
+        lse = torch.where(ok, lse, math.log(logits.shape[-1]))
+    want_logprobs = any(r.req.params.return_logprobs for r in rows)
+    raw = logits if want_logprobs and any(r.req.params.repetition_penalty != 1.0 for r in rows) else None
+    if raw is not None:
+        logits = logits.clone()  # the penalty below must not change the reported log-probabilities
     for i, row in enumerate(rows):
         penalty = row.req.params.repetition_penalty
         if penalty != 1.0:
             seen = torch.tensor(row.req.prompt_ids + row.ids, dtype=torch.long, device=device).unique()
             values = logits[i, seen]
             logits[i, seen] = torch.where(values < 0, values * penalty, values / penalty)
-    out = torch.empty(n, dtype=torch.long, device=device)
+    out = torch.zeros(n, dtype=torch.long, device=device)
     greedy = [i for i, r in enumerate(rows) if r.req.params.greedy]
     if greedy:
         out[greedy] = logits[greedy].argmax(-1)
     sampled = [i for i, r in enumerate(rows) if not r.req.params.greedy]
-    if not sampled:
-        return out, logprobs
-    x = logits[sampled] / torch.tensor([rows[i].req.params.temperature for i in sampled], device=device)[:, None]
-    ks = torch.tensor([rows[i].req.params.top_k for i in sampled], device=device)
-    if bool((ks > 0).any()):
-        kmax = min(int(ks.max()), x.shape[-1])
-        top = x.topk(kmax, dim=-1).values
-        kth = top.gather(1, (ks.clamp(1, kmax) - 1)[:, None])
-        x = torch.where((ks > 0)[:, None] & (x < kth), float("-inf"), x)
-    ps = torch.tensor([rows[i].req.params.top_p for i in sampled], device=device)
-    if bool((ps < 1.0).any()):
-        ordered, order = x.sort(dim=-1, descending=True)
-        probs = ordered.softmax(-1)
-        # Drop a token once the mass before it already reaches top_p; the first always stays.
-        drop = (probs.cumsum(-1) - probs) >= ps[:, None]
-        ordered = ordered.masked_fill(drop, float("-inf"))
-        x = torch.full_like(x, float("-inf")).scatter(1, order, ordered)
+    if sampled:
+        x = logits[sampled] / torch.tensor([rows[i].req.params.temperature for i in sampled], device=device)[:, None]
+        ks = torch.tensor([rows[i].req.params.top_k for i in sampled], device=device)
+        if bool((ks > 0).any()):
+            kmax = min(int(ks.max()), x.shape[-1])
+            top = x.topk(kmax, dim=-1).values
+            kth = top.gather(1, (ks.clamp(1, kmax) - 1)[:, None])
+            x = torch.where((ks > 0)[:, None] & (x < kth), float("-inf"), x)
+        nucleus = [j for j, i in enumerate(sampled) if rows[i].req.params.top_p < 1.0]
+        if nucleus:
+            ps = torch.tensor([rows[sampled[j]].req.params.top_p for j in nucleus], device=device)
+            x[nucleus] = _top_p(x[nucleus], ps)
+        probs = x.softmax(-1)
+        cdf = probs.cumsum(-1)
+        total = cdf[:, -1]
+        usable = torch.isfinite(total) & (total > 0)
+        uniform = torch.stack([torch.rand((), generator=rows[i].generator, device=device) for i in sampled])
+        pick = torch.searchsorted(cdf, (uniform * total)[:, None], right=True).squeeze(1)
+        pick = pick.clamp(max=probs.shape[-1] - 1)
+        # Rounding at the top of the CDF can land on a zero-probability token: take the likeliest then.
+        zero = probs.gather(1, pick[:, None]).squeeze(1) <= 0
+        if bool(zero.any()):
+            pick = torch.where(zero, probs.argmax(-1), pick)
+        index = torch.tensor(sampled, device=device)
+        out[index] = torch.where(usable, pick, 0)
+        ok[index] &= usable
+    chosen = None
+    if want_logprobs:
+        source = raw if raw is not None else logits
+        chosen = (source.gather(1, out[:, None]).squeeze(1) - lse).tolist()
+    return out, chosen, ok.tolist()
+
+
+def _top_p(x: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
+    """Keep each row's smallest set of likeliest tokens whose probability reaches ps
+    (the first token always stays); the rest become -inf."""
     probs = x.softmax(-1)
-    for j, i in enumerate(sampled):
-        out[i] = torch.multinomial(probs[j], 1, generator=rows[i].generator)[0]
-    return out, logprobs
+    k = min(NUCLEUS_CANDIDATES, x.shape[-1])
+    top, index = probs.topk(k, dim=-1)  # sorted, likeliest first
+    if k < x.shape[-1] and not bool((top.sum(-1) >= ps).all()):
+        top, index = probs.sort(dim=-1, descending=True)  # some nucleus is wider: the exact, slow way
+    # Drop a token once the mass before it already reaches top_p.
+    keep = (top.cumsum(-1) - top) < ps[:, None]
+    kept = torch.full_like(x, float("-inf"))
+    return kept.scatter(1, index, torch.where(keep, x.gather(1, index), float("-inf")))
+
+
+class LocalBackend:
+    """The continuous-batching engine fed by the hot-swapping model switcher
+    (implements services/policy/backend.py's PolicyBackend)."""
+
+    name = "local"
+
+    def __init__(self, settings: Settings, service: str = "policy"):
+        self.settings = settings
+        self.engine = Engine(settings, service)
+        device = resolve_device(settings.device)
+        dtype, reason = resolve_dtype(settings.serve_dtype, device)
+        self.dtype = dtype
+        log_fields(log, logging.INFO, "serving dtype", dtype=str(dtype).removeprefix("torch."), reason=reason)
+
+        def load(path: Path, manifest: Manifest):
+            model = load_causal_lm(path, device=device, dtype=dtype)
+            use_gqa_sdpa(model)  # this backend's own models only: others may be shared with a trainer
+            return model
+
+        def warmup(loaded: Loaded) -> None:
+            # One tiny prefill + decode, so the first real request pays no first-call cost.
+            with torch.inference_mode():
+                ids = torch.tensor(
+                    [loaded.tokenizer("Hello", add_special_tokens=False).input_ids or [0]], device=device
+                )
+                out = loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+                loaded.model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
+
+        self.switcher = ModelSwitcher(settings, "policy", service, load, warmup, on_switch=self.engine.set_model)
+
+    def start(self, follow: bool = True) -> None:
+        self.switcher.start(follow=follow)
+
+    def stop(self) -> None:
+        self.switcher.stop()
+        self.engine.stop()
+
+    @property
+    def tokenizer(self):
+        return self.switcher.current.tokenizer
+
+    @property
+    def version(self) -> str:
+        return self.switcher.current.version
+
+    def submit(self, req: GenRequest) -> None:
+        self.engine.submit(req)
+
+    def model_info(self) -> dict:
+        return self.switcher.model_info(self.name)
+
+    def pin(self, version: str) -> None:
+        self.switcher.pin(version)

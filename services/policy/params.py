@@ -1,8 +1,14 @@
-"""Generation parameters: one validated form shared by gRPC, the TGI-compatible
-HTTP API and both backends, and the errors a generation can end with.
+"""Generation parameters: one validated form shared by gRPC, the HTTP API and
+both backends, and what a generation produces.
 
 Every check names the field and the limit it broke, so a client can fix its
-request without reading server logs.
+request without reading server logs. Failures are `StatusError`s
+(services/common/errors.py); the gRPC and HTTP edges map them to their codes.
+
+Validation also keeps one request from harming the others it is batched with:
+a parameter that cannot be sampled (a temperature so small that logits/T
+overflows to inf, a repetition penalty that does the same) is refused here,
+before it reaches the engine.
 """
 
 from __future__ import annotations
@@ -10,26 +16,25 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
-import grpc
-
 from services.common.config import Settings
+from services.common.errors import invalid
 
 MAX_STOP_SEQUENCES = 8
 MAX_STOP_CHARS = 256
 SEED_MASK = (1 << 64) - 1
+# Logits are fp32 and, for the models served here, within a few hundred of 0:
+# dividing them by anything >= 0.01 (twice: penalty, then temperature) stays far
+# from fp32's 3e38, so softmax is finite. vLLM applies the same 0.01 floor.
+MIN_TEMPERATURE = 0.01
+MAX_TEMPERATURE = 100.0
+MIN_REPETITION_PENALTY = 0.01
+MAX_REPETITION_PENALTY = 100.0
+MAX_TOP_K = (1 << 32) - 1  # the proto's uint32; larger values act as "no limit" anyway
 
 
-class ServingError(Exception):
-    """A request failed with a gRPC status (mapped to TGI's HTTP errors by the HTTP API)."""
-
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
-def invalid(message: str) -> ServingError:
-    return ServingError(grpc.StatusCode.INVALID_ARGUMENT, message)
+def _within(value: float, low: float, high: float) -> bool:
+    """low <= value <= high, allowing for the float32 rounding of gRPC's fields (float32(0.01) < 0.01)."""
+    return low * (1 - 1e-6) <= value <= high * (1 + 1e-6)
 
 
 @dataclass(frozen=True)
@@ -73,7 +78,7 @@ def validate(
     prompt_logprobs: bool = False,
 ) -> GenParams:
     """Check every parameter against its rule and the server's limits; raise
-    ServingError(INVALID_ARGUMENT) naming the first bad field."""
+    StatusError(INVALID_ARGUMENT) naming the first bad field."""
     limit = settings.max_new_tokens_limit
     if max_new_tokens is None or max_new_tokens == 0:
         max_new_tokens = settings.default_max_new_tokens
@@ -81,19 +86,25 @@ def validate(
         raise invalid(f"max_new_tokens must be between 1 and {limit} (RLHF_MAX_NEW_TOKENS_LIMIT); got {max_new_tokens}")
     if temperature is None:
         temperature = 1.0
-    if not temperature >= 0.0 or temperature != temperature or temperature > 100.0:
-        raise invalid(f"temperature must be >= 0 and <= 100 (0 = greedy); got {temperature}")
+    if temperature != 0.0 and not _within(temperature, MIN_TEMPERATURE, MAX_TEMPERATURE):
+        raise invalid(
+            f"temperature must be >= 0: 0 for greedy, else between {MIN_TEMPERATURE} and {MAX_TEMPERATURE:g}; "
+            f"got {temperature}"
+        )
     if top_p is None:
         top_p = 1.0
     if not 0.0 < top_p <= 1.0:
         raise invalid(f"top_p must be in (0, 1]; got {top_p}")
     top_k = top_k or 0
-    if top_k < 0:
-        raise invalid(f"top_k must be >= 0 (0 = disabled); got {top_k}")
+    if not 0 <= top_k <= MAX_TOP_K:
+        raise invalid(f"top_k must be >= 0 (0 = disabled) and <= {MAX_TOP_K}; got {top_k}")
     if repetition_penalty is None:
         repetition_penalty = 1.0
-    if not repetition_penalty > 0.0 or repetition_penalty > 100.0:
-        raise invalid(f"repetition_penalty must be > 0 and <= 100 (1 = disabled); got {repetition_penalty}")
+    if not _within(repetition_penalty, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY):
+        raise invalid(
+            f"repetition_penalty must be > 0: between {MIN_REPETITION_PENALTY} and {MAX_REPETITION_PENALTY:g} "
+            f"(1 = disabled); got {repetition_penalty}"
+        )
     stops = tuple(stop or ())
     if len(stops) > MAX_STOP_SEQUENCES:
         raise invalid(f"stop has {len(stops)} sequences; the limit is {MAX_STOP_SEQUENCES}")

@@ -14,11 +14,9 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Union
 
-import grpc
-
-from services.policy.params import GenParams, SampleOut, ServingError, TokenOut
+from services.common.errors import Status, StatusError
+from services.policy.params import GenParams, SampleOut, TokenOut
 
 
 @dataclass
@@ -47,10 +45,10 @@ class Finished:
 
 @dataclass
 class Failed:
-    error: ServingError
+    error: StatusError  # the backend's own outcome; the gRPC and HTTP edges map its status
 
 
-Event = Union[Token, SampleDone, Finished, Failed]
+Event = Token | SampleDone | Finished | Failed
 
 
 class GenRequest:
@@ -99,8 +97,8 @@ class GenRequest:
             self.closed = True
         self.sink(event)
 
-    def fail(self, code: grpc.StatusCode, message: str) -> None:
-        self.emit(Failed(ServingError(code, message)))
+    def fail(self, status: Status, message: str) -> None:
+        self.emit(Failed(StatusError(status, message)))
 
 
 class EventQueue:
@@ -120,7 +118,7 @@ class EventQueue:
                 event = self._q.get(timeout=timeout)
             except queue.Empty:
                 request.cancel()
-                yield Failed(ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while generating"))
+                yield Failed(StatusError(Status.DEADLINE_EXCEEDED, "deadline exceeded while generating"))
                 return
             yield event
             if isinstance(event, (Finished, Failed)):

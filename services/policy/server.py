@@ -1,6 +1,10 @@
 """The PolicyService: gRPC generation (unary and streaming, K samples per
-prompt), the TGI-compatible HTTP API on the same process, and checkpoint
-hot-swap.
+prompt), the HTTP APIs on the same process (TGI- and OpenAI-compatible,
+services/policy/http_api.py), and checkpoint hot-swap.
+
+Every call but health is authenticated (bearer token, role `user`; PinVersion
+needs `admin`); RLHF_ANONYMOUS_GENERATE opens generation to callers without a
+token. Served prompts are logged as training data (services/policy/prompt_log.py).
 
 Backends: the local continuous-batching engine (default) or, when
 RLHF_TGI_URL is set, a TGI server through the `text_generation` client.
@@ -9,23 +13,25 @@ RLHF_TGI_URL is set, a TGI server through the `text_generation` client.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import torch
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
-from services.common.auth import Authenticator, load_tokens
-from services.common.checkpoints import Manifest
+from services.common.auth import Authenticator, Identity, metadata_value
+from services.common.checkpoints import version_name_problem
 from services.common.config import Settings
+from services.common.errors import Status, StatusError, abort
 from services.common.grpc_server import RunningServer, start_server
-from services.common.hotswap import Loaded, ModelSwitcher, SwapError
 from services.common.logs import get_logger, log_fields
-from services.common.models import load_causal_lm, render_prompt, resolve_device
-from services.policy.engine import Engine
-from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, ServingError, check_prompt, invalid, validate
+from services.common.models import render_prompt
+from services.policy.backend import PolicyBackend
+from services.policy.engine import LocalBackend
+from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, check_prompt, invalid, validate
+from services.policy.prompt_log import LOG_HEADER, PromptLog, wanted
 from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token
 
 log = get_logger(__name__)
@@ -39,69 +45,18 @@ _FINISH = {
 }
 
 
-def dtype_of(settings: Settings) -> torch.dtype:
-    return torch.bfloat16 if settings.serve_dtype == "bfloat16" else torch.float32
-
-
-class LocalBackend:
-    """The continuous-batching engine fed by the hot-swapping model switcher."""
-
-    name = "local"
-
-    def __init__(self, settings: Settings):
-        self.settings = settings
-        self.engine = Engine(settings, SERVICE)
-        device = resolve_device(settings.device)
-        dtype = dtype_of(settings)
-
-        def load(path: Path, manifest: Manifest):
-            return load_causal_lm(path, device=device, dtype=dtype)
-
-        def warmup(loaded: Loaded) -> None:
-            # One tiny prefill + decode, so the first real request pays no first-call cost.
-            with torch.inference_mode():
-                ids = torch.tensor(
-                    [loaded.tokenizer("Hello", add_special_tokens=False).input_ids or [0]], device=device
-                )
-                out = loaded.model(input_ids=ids, use_cache=True, logits_to_keep=1)
-                loaded.model(input_ids=ids[:, -1:], past_key_values=out.past_key_values, use_cache=True)
-
-        self.switcher = ModelSwitcher(settings, "policy", SERVICE, load, warmup, on_switch=self.engine.set_model)
-
-    def start(self, follow: bool = True) -> None:
-        self.switcher.start(follow=follow)
-
-    def stop(self) -> None:
-        self.switcher.stop()
-        self.engine.stop()
-
-    @property
-    def tokenizer(self):
-        return self.switcher.current.tokenizer
-
-    @property
-    def version(self) -> str:
-        return self.switcher.current.version
-
-    def submit(self, req: GenRequest) -> None:
-        self.engine.submit(req)
-
-    def model_info(self) -> dict:
-        return self.switcher.model_info(self.name)
-
-    def pin(self, version: str) -> None:
-        self.switcher.pin(version)
-
-
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
-    def __init__(self, settings: Settings, backend, auth: Authenticator):
+    def __init__(
+        self, settings: Settings, backend: PolicyBackend, auth: Authenticator, prompt_log: PromptLog | None = None
+    ):
         self.settings = settings
         self.backend = backend
         self.auth = auth
+        self.prompt_log = prompt_log
 
     # --- request building ---------------------------------------------------
     def _build(
-        self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext, stream: bool
+        self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext, stream: bool, identity: Identity
     ) -> tuple[GenRequest, EventQueue]:
         p = request.parameters
         params = validate(
@@ -137,6 +92,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         text = render_prompt(tokenizer, request.prompt, messages)
         ids = tokenizer(text, add_special_tokens=False).input_ids
         check_prompt(self.settings, ids, params)
+        log_it = self.prompt_log is not None and wanted(identity, metadata_value(context, LOG_HEADER))
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
         events = EventQueue()
@@ -144,13 +100,18 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         # Called when the RPC ends for any reason; a cancel before the end frees the slot.
         context.add_callback(req.cancel)
         self.backend.submit(req)
+        if log_it:
+            # The user's own words: the prompt, or a chat's last user turn (the turns travel along).
+            said = request.prompt or next((m["content"] for m in reversed(messages) if m["role"] == "user"), "")
+            self.prompt_log.record(identity, "api", self.backend.version, said, messages or ())
         return req, events
 
     def _start(self, request, context, stream: bool):
+        identity = self.auth.require(context, "user", open_to_anonymous=True)
         try:
-            return self._build(request, context, stream)
-        except ServingError as err:
-            context.abort(err.code, err.message)
+            return self._build(request, context, stream, identity)
+        except StatusError as err:
+            abort(context, err)
 
     # --- RPCs ---------------------------------------------------------------
     def Generate(self, request, context):
@@ -160,7 +121,7 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             if isinstance(event, SampleDone):
                 samples[event.sample.index] = event.sample
             elif isinstance(event, Failed):
-                context.abort(event.error.code, event.error.message)
+                abort(context, event.error)
             elif isinstance(event, Finished):
                 return policy_pb2.GenerateResponse(
                     samples=[_sample_pb(samples[i]) for i in sorted(samples)],
@@ -189,24 +150,28 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
                     message.usage.completion_tokens = event.final.generated_tokens
                 yield message
             elif isinstance(event, Failed):
-                context.abort(event.error.code, event.error.message)
+                abort(context, event.error)
             elif isinstance(event, Finished):
                 return
 
     def GetModelInfo(self, request, context):
+        self.auth.require(context, "user", open_to_anonymous=True)
         try:
             return common_pb2.ModelInfo(**self.backend.model_info())
-        except (ServingError, SwapError) as err:
-            context.abort(err.code, err.message)
+        except StatusError as err:
+            abort(context, err)
 
     def PinVersion(self, request, context):
         identity = self.auth.require(context, "admin")
-        log_fields(log, 20, "pin requested", user=identity.user_id, version=request.version)
+        problem = request.version and version_name_problem(request.version)
+        if problem:  # before any filesystem call
+            abort(context, StatusError(Status.INVALID_ARGUMENT, problem))
+        log_fields(log, logging.INFO, "pin requested", user=identity.user_id, version=request.version)
         try:
             self.backend.pin(request.version)
             return common_pb2.ModelInfo(**self.backend.model_info())
-        except (ServingError, SwapError) as err:
-            context.abort(err.code, err.message)
+        except StatusError as err:
+            abort(context, err)
 
 
 def _sample_pb(sample) -> policy_pb2.Sample:
@@ -228,8 +193,9 @@ def _token_pb(t) -> policy_pb2.Token:
 @dataclass
 class PolicyHandle:
     grpc_server: RunningServer
-    backend: object
+    backend: PolicyBackend
     http: object | None
+    prompt_log: PromptLog | None = None
 
     @property
     def port(self) -> int:
@@ -251,13 +217,16 @@ class PolicyHandle:
         """Stop what runs beside the gRPC server (after it drained)."""
         if self.http:
             self.http.stop()
+        if self.prompt_log:
+            self.prompt_log.stop()
         self.backend.stop()
 
 
 def start(settings: Settings, port: int = 0, http_port: int | None = 0, follow: bool = True) -> PolicyHandle:
-    """Load the serving version, start the gRPC server and the TGI-compatible HTTP API."""
+    """Load the serving version, start the gRPC server and the HTTP APIs (TGI and OpenAI)."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
+    backend: PolicyBackend
     if settings.tgi_url:
         from services.policy.tgi_backend import TgiBackend
 
@@ -266,7 +235,9 @@ def start(settings: Settings, port: int = 0, http_port: int | None = 0, follow: 
     else:
         backend = LocalBackend(settings)
         backend.start(follow=follow)
-    servicer = PolicyServicer(settings, backend, Authenticator(load_tokens(settings)))
+    auth = Authenticator.from_settings(settings)
+    prompt_log = PromptLog(settings).start() if settings.prompt_log else None
+    servicer = PolicyServicer(settings, backend, auth, prompt_log)
 
     def register(server: grpc.Server) -> str:
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
@@ -275,13 +246,15 @@ def start(settings: Settings, port: int = 0, http_port: int | None = 0, follow: 
     try:
         running = start_server(settings, SERVICE, [register], port)
     except Exception:
+        if prompt_log:
+            prompt_log.stop(flush_s=0)
         backend.stop()
         raise
     http = None
     if http_port is not None:
-        from services.policy.tgi_http import HttpServer
+        from services.policy.http_api import HttpServer
 
-        http = HttpServer(settings, backend, http_port).start()
+        http = HttpServer(settings, backend, http_port, auth, prompt_log).start()
     log_fields(
         log,
         20,
@@ -291,4 +264,4 @@ def start(settings: Settings, port: int = 0, http_port: int | None = 0, follow: 
         version=backend.version,
         backend=backend.name,
     )
-    return PolicyHandle(running, backend, http)
+    return PolicyHandle(running, backend, http, prompt_log)

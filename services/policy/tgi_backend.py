@@ -14,18 +14,19 @@ services/controller/tgi_rollout.py).
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import grpc
 import httpx
 
 from services.common.config import Settings
+from services.common.errors import Status, StatusError
 from services.common.logs import get_logger, log_fields
 from services.common.models import ensure_tokenizer, load_tokenizer
-from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, ServingError, TokenOut
+from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, TokenOut
 from services.policy.request import Finished, GenRequest, SampleDone, Token
 
 log = get_logger(__name__)
@@ -34,16 +35,16 @@ _FINISH = {"length": FINISH_LENGTH, "eos_token": FINISH_EOS, "stop_sequence": FI
 INFO_TTL_S = 2.0
 
 
-def _client_error(err: Exception) -> ServingError:
+def _client_error(err: Exception) -> StatusError:
     from text_generation import errors
 
     if isinstance(err, (errors.ValidationError, errors.BadRequestError)):
-        return ServingError(grpc.StatusCode.INVALID_ARGUMENT, f"TGI refused the request: {err}")
+        return StatusError(Status.INVALID_ARGUMENT, f"TGI refused the request: {err}")
     if isinstance(err, (errors.OverloadedError, errors.RateLimitExceededError)):
-        return ServingError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"TGI is overloaded: {err}")
+        return StatusError(Status.RESOURCE_EXHAUSTED, f"TGI is overloaded: {err}")
     if isinstance(err, errors.GenerationError):
-        return ServingError(grpc.StatusCode.INTERNAL, f"TGI generation failed: {err}")
-    return ServingError(grpc.StatusCode.UNAVAILABLE, f"TGI at the configured RLHF_TGI_URL is unavailable: {err}")
+        return StatusError(Status.INTERNAL, f"TGI generation failed: {err}")
+    return StatusError(Status.UNAVAILABLE, f"TGI at the configured RLHF_TGI_URL is unavailable: {err}")
 
 
 def version_of(model_id: str) -> str:
@@ -58,6 +59,8 @@ class TgiBackend:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.url = settings.tgi_url.rstrip("/")
+        # RLHF_TGI_TOKEN, for an upstream that checks bearer tokens (such as another policy service).
+        self.headers = {"Authorization": f"Bearer {settings.tgi_token}"} if settings.tgi_token else None
         self.tokenizer = load_tokenizer(ensure_tokenizer(settings.model_cache))
         # At most RLHF_MAX_BATCH requests upstream at once; RLHF_MAX_QUEUE more may wait.
         self._pool = ThreadPoolExecutor(max_workers=settings.max_batch, thread_name_prefix="tgi-call")
@@ -68,7 +71,7 @@ class TgiBackend:
 
     def start(self) -> None:
         info = self.info()
-        log_fields(log, 20, "generating through TGI", url=self.url, model_id=info.get("model_id"))
+        log_fields(log, logging.INFO, "generating through TGI", url=self.url, model_id=info.get("model_id"))
 
     def stop(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -78,13 +81,13 @@ class TgiBackend:
         now = time.monotonic()
         if now - self._info_at > INFO_TTL_S:
             try:
-                reply = httpx.get(f"{self.url}/info", timeout=5.0)
+                reply = httpx.get(f"{self.url}/info", headers=self.headers, timeout=5.0)
                 reply.raise_for_status()
                 self._info, self._info_at = reply.json(), now
             except (httpx.HTTPError, ValueError) as err:
                 if not self._info:
-                    raise ServingError(
-                        grpc.StatusCode.UNAVAILABLE, f"TGI at RLHF_TGI_URL={self.url} is unavailable: {err}"
+                    raise StatusError(
+                        Status.UNAVAILABLE, f"TGI at RLHF_TGI_URL={self.url} is unavailable: {err}"
                     ) from None
         return self._info
 
@@ -99,8 +102,8 @@ class TgiBackend:
         ) | ({"kind": info["kind"]} if "kind" in info else {})
 
     def pin(self, version: str):
-        raise ServingError(
-            grpc.StatusCode.FAILED_PRECONDITION,
+        raise StatusError(
+            Status.FAILED_PRECONDITION,
             "this policy service generates through TGI (RLHF_TGI_URL); pin versions on the TGI server",
         )
 
@@ -108,8 +111,8 @@ class TgiBackend:
     def submit(self, req: GenRequest) -> None:
         with self._lock:
             if self._pending >= self.settings.max_batch + self.settings.max_queue:
-                raise ServingError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                raise StatusError(
+                    Status.RESOURCE_EXHAUSTED,
                     f"the request queue is full ({self.settings.max_queue} waiting, RLHF_MAX_QUEUE); retry later",
                 )
             self._pending += 1
@@ -118,11 +121,11 @@ class TgiBackend:
     def _run(self, req: GenRequest) -> None:
         try:
             self._generate(req)
-        except ServingError as err:
-            req.fail(err.code, err.message)
-        except Exception as err:
+        except StatusError as err:
+            req.fail(err.status, err.message)
+        except Exception as err:  # noqa: BLE001 - any client failure is mapped to a status for this request alone
             mapped = _client_error(err)
-            req.fail(mapped.code, mapped.message)
+            req.fail(mapped.status, mapped.message)
         finally:
             with self._lock:
                 self._pending -= 1
@@ -137,7 +140,7 @@ class TgiBackend:
 
         version = self.version
         timeout = 600 if req.deadline is None else max(1, int(req.deadline - time.monotonic()) + 1)
-        client = AsyncClient(self.url, timeout=timeout)
+        client = AsyncClient(self.url, headers=self.headers, timeout=timeout)
         tasks = [
             asyncio.create_task(self._sample(client, req, index, seed, version))
             for index, seed in enumerate(req.params.sample_seeds())
@@ -176,9 +179,9 @@ class TgiBackend:
         try:
             async for reply in stream:
                 if req.cancelled:
-                    raise ServingError(grpc.StatusCode.CANCELLED, "cancelled by the client")
+                    raise StatusError(Status.CANCELLED, "cancelled by the client")
                 if req.expired():
-                    raise ServingError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while generating")
+                    raise StatusError(Status.DEADLINE_EXCEEDED, "deadline exceeded while generating")
                 tok = TokenOut(reply.token.id, reply.token.text, reply.token.logprob, reply.token.special)
                 tokens.append(tok)
                 final = None
@@ -198,4 +201,4 @@ class TgiBackend:
                     return final.generated_tokens
         finally:
             await stream.aclose()
-        raise ServingError(grpc.StatusCode.UNAVAILABLE, f"TGI ended sample {index}'s stream without its final details")
+        raise StatusError(Status.UNAVAILABLE, f"TGI ended sample {index}'s stream without its final details")

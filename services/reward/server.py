@@ -12,10 +12,14 @@ of up to RLHF_REWARD_BATCH sequences, mixing responses of different requests
 that were accepted on the same model version. A request is bound to the
 version serving when it arrived, so a hot swap never splits a request across
 versions; the response names that version.
+
+Every call but health is authenticated: Score and GetModelInfo need a bearer
+token of role `user`, PinVersion `admin`.
 """
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -26,11 +30,13 @@ import grpc
 import torch
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
-from services.common.auth import Authenticator, load_tokens
-from services.common.checkpoints import Manifest
+from services.common.auth import Authenticator
+from services.common.checkpoints import Manifest, version_name_problem
 from services.common.config import Settings
+from services.common.dtypes import resolve_dtype
+from services.common.errors import Status, StatusError, abort, grpc_code, invalid
 from services.common.grpc_server import RunningServer, start_server
-from services.common.hotswap import Loaded, ModelSwitcher, SwapError
+from services.common.hotswap import Loaded, ModelSwitcher
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import BATCH_SIZE, QUEUE_DEPTH
 from services.common.models import RewardModel, encode_prompt_response, pad_batch, render_prompt, resolve_device
@@ -41,20 +47,13 @@ SERVICE = "reward"
 CHAT_ROLES = ("system", "user", "assistant")
 
 
-class ScoreError(Exception):
-    def __init__(self, code: grpc.StatusCode, message: str):
-        super().__init__(message)
-        self.code = code
-        self.message = message
-
-
 @dataclass
 class _Job:
     loaded: Loaded
     sequences: list[list[int]]
     deadline: float | None
     scores: list[float | None] = field(default_factory=list)
-    error: ScoreError | None = None
+    error: StatusError | None = None
     done: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
@@ -84,10 +83,10 @@ class Scorer:
     def submit(self, job: _Job) -> None:
         with self._cv:
             if self._stopping:
-                raise ScoreError(grpc.StatusCode.UNAVAILABLE, "the reward service is shutting down")
+                raise StatusError(Status.UNAVAILABLE, "the reward service is shutting down")
             if len(self._jobs) >= self.settings.max_queue:
-                raise ScoreError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                raise StatusError(
+                    Status.RESOURCE_EXHAUSTED,
                     f"the scoring queue is full ({self.settings.max_queue} waiting, RLHF_MAX_QUEUE); retry later",
                 )
             self._jobs.append(job)
@@ -100,7 +99,7 @@ class Scorer:
             self._cv.notify_all()
         self._thread.join(timeout=30)
         for job in self._jobs:
-            job.error = ScoreError(grpc.StatusCode.UNAVAILABLE, "the reward service is shutting down")
+            job.error = StatusError(Status.UNAVAILABLE, "the reward service is shutting down")
             job.done.set()
 
     def _take(self) -> list[_Job]:
@@ -133,7 +132,7 @@ class Scorer:
             live = []
             for job in jobs:
                 if job.deadline is not None and now >= job.deadline:
-                    job.error = ScoreError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded while queued")
+                    job.error = StatusError(Status.DEADLINE_EXCEEDED, "deadline exceeded while queued")
                     job.done.set()
                 else:
                     live.append(job)
@@ -142,7 +141,7 @@ class Scorer:
             except Exception as err:
                 log.exception("scoring failed", extra={"fields": {"error": str(err)}})
                 for job in live:
-                    job.error = ScoreError(grpc.StatusCode.INTERNAL, f"scoring failed: {err}")
+                    job.error = StatusError(Status.INTERNAL, f"scoring failed: {err}")
             for job in live:
                 job.done.set()
 
@@ -158,7 +157,7 @@ class Scorer:
             scores = score_sequences(loaded.model, [seq for _, _, seq in chunk], loaded.tokenizer.pad_token_id)
             self.forward_passes += 1
             BATCH_SIZE.labels(SERVICE).observe(len(chunk))
-            for (job, i, _), value in zip(chunk, scores):
+            for (job, i, _), value in zip(chunk, scores, strict=True):
                 job.scores[i] = value
 
 
@@ -172,23 +171,22 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
     def _job(self, request: reward_pb2.ScoreRequest, context: grpc.ServicerContext) -> _Job:
         s = self.settings
         if not request.responses:
-            raise ScoreError(grpc.StatusCode.INVALID_ARGUMENT, "responses is empty; send at least one response")
+            raise invalid("responses is empty; send at least one response")
         if len(request.responses) > s.reward_max_responses:
-            raise ScoreError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"responses has {len(request.responses)} entries; the limit is {s.reward_max_responses} (RLHF_REWARD_MAX_RESPONSES)",
+            raise invalid(
+                f"responses has {len(request.responses)} entries; "
+                f"the limit is {s.reward_max_responses} (RLHF_REWARD_MAX_RESPONSES)",
             )
         messages = None
         if request.messages:
             for i, m in enumerate(request.messages):
                 if m.role not in CHAT_ROLES:
-                    raise ScoreError(
-                        grpc.StatusCode.INVALID_ARGUMENT,
+                    raise invalid(
                         f"messages[{i}].role must be one of {', '.join(CHAT_ROLES)}; got {m.role!r}",
                     )
             messages = [{"role": m.role, "content": m.content} for m in request.messages]
         elif not request.prompt.strip():
-            raise ScoreError(grpc.StatusCode.INVALID_ARGUMENT, "prompt is empty (set prompt or messages)")
+            raise invalid("prompt is empty (set prompt or messages)")
         loaded = self.switcher.current  # the whole request is scored by this version
         prompt_text = render_prompt(loaded.tokenizer, request.prompt, messages)
         max_tokens = s.max_prompt_tokens + s.max_new_tokens_limit
@@ -198,26 +196,31 @@ class RewardServicer(reward_pb2_grpc.RewardServiceServicer):
         return _Job(loaded, sequences, deadline)
 
     def Score(self, request, context):
+        self.auth.require(context, "user")
         try:
             job = self._job(request, context)
             self.scorer.submit(job)
-        except (ScoreError, SwapError) as err:
-            context.abort(err.code, err.message)
+        except StatusError as err:
+            abort(context, err)
         job.done.wait()
         if job.error is not None:
-            context.abort(job.error.code, job.error.message)
+            abort(context, job.error)
         return reward_pb2.ScoreResponse(scores=job.scores, model_version=job.loaded.version)
 
     def GetModelInfo(self, request, context):
+        self.auth.require(context, "user")
         return common_pb2.ModelInfo(**self.switcher.model_info("local"))
 
     def PinVersion(self, request, context):
         identity = self.auth.require(context, "admin")
-        log_fields(log, 20, "pin requested", user=identity.user_id, version=request.version)
+        problem = request.version and version_name_problem(request.version)
+        if problem:  # before any filesystem call
+            context.abort(grpc_code(Status.INVALID_ARGUMENT), problem)
+        log_fields(log, logging.INFO, "pin requested", user=identity.user_id, version=request.version)
         try:
             self.switcher.pin(request.version)
-        except SwapError as err:
-            context.abort(err.code, err.message)
+        except StatusError as err:
+            abort(context, err)
         return common_pb2.ModelInfo(**self.switcher.model_info("local"))
 
 
@@ -249,7 +252,7 @@ def start(settings: Settings, port: int = 0, follow: bool = True) -> RewardHandl
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
-    dtype = torch.bfloat16 if settings.serve_dtype == "bfloat16" else torch.float32
+    dtype = resolve_dtype(settings.serve_dtype, device)[0]
 
     def load(path: Path, manifest: Manifest) -> RewardModel:
         return RewardModel.from_pretrained(path, device=device, dtype=dtype)
@@ -262,7 +265,7 @@ def start(settings: Settings, port: int = 0, follow: bool = True) -> RewardHandl
     switcher = ModelSwitcher(settings, "reward", SERVICE, load, warmup)
     try:
         switcher.start(follow=follow)
-        servicer = RewardServicer(settings, switcher, scorer, Authenticator(load_tokens(settings)))
+        servicer = RewardServicer(settings, switcher, scorer, Authenticator.from_settings(settings))
 
         def register(server: grpc.Server) -> str:
             reward_pb2_grpc.add_RewardServiceServicer_to_server(servicer, server)
@@ -273,5 +276,5 @@ def start(settings: Settings, port: int = 0, follow: bool = True) -> RewardHandl
         switcher.stop()
         scorer.stop()
         raise
-    log_fields(log, 20, "reward service ready", port=running.port, version=switcher.current.version)
+    log_fields(log, logging.INFO, "reward service ready", port=running.port, version=switcher.current.version)
     return RewardHandle(running, switcher, scorer)

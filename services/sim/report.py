@@ -347,7 +347,7 @@ def write_report(
 
 
 def _read_metrics(run_dir: Path) -> list[dict]:
-    """The trainer's metrics.jsonl (see trainers/common.py); [] when absent."""
+    """The trainer's metrics.jsonl (see trainers/job.py); [] when absent."""
     path = run_dir / "metrics.jsonl"
     if not path.exists():
         return []
@@ -363,7 +363,7 @@ def _read_metrics(run_dir: Path) -> list[dict]:
 
 
 def _plot_run(out_dir: Path, name: str, records: list[dict]) -> str:
-    from trainers.common import plot_curves  # the trainers' own plotting, so curves look alike
+    from trainers.report import plot_curves  # the trainers' own plotting, so curves look alike
 
     keys = sorted(
         {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}

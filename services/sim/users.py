@@ -95,7 +95,7 @@ class Population:
     def tokens(self) -> dict[str, Identity]:
         """Bearer token -> identity, for RLHF_TOKENS_FILE (see `write_tokens`)."""
         out = {u.token: Identity(u.user_id, "user") for u in self.users}
-        out.update({l.token: Identity(l.user_id, "labeler") for l in self.labelers})
+        out.update({lab.token: Identity(lab.user_id, "labeler") for lab in self.labelers})
         return out
 
     def write_tokens(self, path: Path) -> Path:
@@ -176,7 +176,7 @@ def make_population(
     labelers = [SimUser(f"labeler-{i}", _token(seed, f"labeler-{i}")) for i in range(n_labelers)]
     counts = zipf_counts(n_users, n_prompts, exponent, heavy_users, heavy_prompts)
     prompts: list[SimPrompt] = []
-    for user, count in zip(users, counts):
+    for user, count in zip(users, counts, strict=True):
         own: list[SimPrompt] = []
         for j in range(count):
             request_id = f"sim{seed}-{user.user_id}-{j:04d}"

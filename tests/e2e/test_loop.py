@@ -36,6 +36,7 @@ import grpc
 from rlhf.v1 import common_pb2, events_pb2, policy_pb2_grpc
 
 from services.common import bus
+from services.common.auth import with_token
 from services.common.broker import free_port
 from services.common.checkpoints import CheckpointStore
 from services.common.config import to_env
@@ -124,7 +125,7 @@ def test_two_rounds_iterate_gate_and_recover(tmp_path, broker, tiny_model_dir):
         start_reward(settings),
     )
     feedback = grpc.insecure_channel(f"127.0.0.1:{feedback_srv.port}")
-    policy = grpc.insecure_channel(f"127.0.0.1:{policy_srv.port}")
+    policy = with_token(grpc.insecure_channel(f"127.0.0.1:{policy_srv.port}"), population.labelers[0].token)
     settings = dataclasses.replace(
         settings, policy_target=f"127.0.0.1:{policy_srv.port}", feedback_target=f"127.0.0.1:{feedback_srv.port}"
     )

@@ -1,7 +1,10 @@
 """The web playground in real headless Chromium (Debian's /usr/bin/chromium and
-chromedriver) against the real services: sign in, stream an answer, rank K
-samples by drag-and-drop and keyboard, get refused for an incomplete
-ranking, submit, then read the events back from the broker."""
+chromedriver) against the real services: sign in, stream an answer, then
+label tasks the LabelingService serves from other users' logged prompts
+without typing a prompt: Likert and flags per output, a ranking with ties by
+drag-and-drop and keyboard, a refusal for an incomplete ranking that writes
+nothing, the submission, the next task, and the quality dashboard; the events
+are read back from the broker."""
 
 from __future__ import annotations
 
@@ -13,7 +16,8 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.integration.test_playground_api import LONG_ANSWER, playground_stack, read_events, wait_running  # noqa: F401  (module fixture)
+from services.playground.client import PlaygroundClient
+from tests.integration.test_playground_api import LONG_ANSWER, read_events, wait_running
 
 CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 WAIT_S = 60
@@ -81,19 +85,32 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
     assert driver.find_element(By.ID, "model-version").text == stack.policy.version
     assert stack.policy.version in driver.find_element(By.ID, "prompt-status").text
 
-    # --- label: keyboard to the Label tab, ask for K = 5 samples
+    # --- another user logged a prompt; the labeler moves to the Label tab and a task is served
+    client = PlaygroundClient(stack.settings)
+    try:
+        client.log_prompt("tok-user", prompt="Name a colour.", mode="prompt", request_id="browser-colour")
+    finally:
+        client.close()
     driver.find_element(By.ID, "tab-prompt").send_keys(Keys.ARROW_RIGHT)
     assert driver.switch_to.active_element.get_attribute("id") == "tab-label"
-    driver.find_element(By.ID, "label-prompt").send_keys("Name a colour.")
-    k = driver.find_element(By.ID, "k")
-    k.clear()
-    k.send_keys("3", Keys.ENTER)  # wrong K: refused in words, nothing logged
-    wait_for(driver, lambda d: d.find_element(By.ID, "label-error").is_displayed(), "no error for K = 3")
-    assert "k (num_samples) must be between 4 and 9, got 3" in driver.find_element(By.ID, "label-error").text
-    assert len(read_events(stack.settings, "prompts")) == 1
-    k.clear()
-    k.send_keys("5", Keys.ENTER)
-    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#unranked .sample")) == 5, "no 5 samples")
+    wait_for(
+        driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#unranked .sample")) == 4, "no task with 4 outputs"
+    )
+    assert (
+        driver.find_elements(By.CSS_SELECTOR, "#panel-label textarea:not([hidden])") == []
+        or not driver.find_element(By.ID, "demo-area").is_displayed()
+    )  # a comparison: nothing to type
+    task_prompt = driver.find_element(By.ID, "task-prompt").text
+    assert task_prompt in ("Name a colour.", "Write a haiku about the sea.")
+    wait_for(driver, lambda d: d.find_element(By.ID, "lease").text.startswith("Lease: 29:"), "no lease time shown")
+
+    # Likert by keyboard on A, C, D, by the select on B, plus a flag on B
+    card(driver, "A").send_keys("6")
+    Select(card(driver, "B").find_element(By.CLASS_NAME, "likert")).select_by_value("3")
+    card(driver, "B").find_element(By.CSS_SELECTOR, ".flags summary").click()
+    card(driver, "B").find_element(By.CSS_SELECTOR, '.flag[value="LABEL_FLAG_HALLUCINATION"]').click()
+    card(driver, "C").send_keys("2")
+    card(driver, "D").send_keys("5")
 
     # --- an incomplete ranking is refused by the service, visibly, and writes nothing
     card(driver, "A").send_keys(Keys.ENTER)  # keyboard: A into the ranking
@@ -102,11 +119,11 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
         driver, lambda d: d.find_element(By.ID, "label-error").is_displayed(), "no error for an incomplete ranking"
     )
     error = driver.find_element(By.ID, "label-error").text
-    assert "feedback service: INVALID_ARGUMENT (HTTP 400): items[0].comparison.responses[1].rank: is 0" in error
+    assert "labeling service: INVALID_ARGUMENT (HTTP 422): judgements[1].rank: is 0" in error
     assert error.endswith("(nothing was recorded)")
     assert read_events(stack.settings, "comparisons") == []
 
-    # --- complete it: B by drag-and-drop below A, then C, D, E by keyboard
+    # --- complete it: B by drag-and-drop below A, then C, D by keyboard; D moves above C, C ties with it
     a, b = card(driver, "A"), card(driver, "B")
     ActionChains(driver).click_and_hold(b).move_to_element_with_offset(
         a, 0, a.size["height"] // 2 - 4
@@ -114,61 +131,48 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
     wait_for(
         driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#ranking .sample")) == 2, "drag-and-drop did not rank B"
     )
-    for letter in "CDE":
+    for letter in "CD":
         card(driver, letter).send_keys(Keys.ENTER)
-    card(driver, "D").send_keys("t")  # D ties with C
-    card(driver, "E").send_keys(Keys.ALT, Keys.ARROW_UP)  # E above D: A, B, C, E, D(tied with E)
-    card(driver, "E").send_keys(Keys.ALT, Keys.ARROW_UP)  # A, B, E, C, D(tied with C)
+    card(driver, "D").send_keys(Keys.ALT, Keys.ARROW_UP)  # A, B, D, C
+    card(driver, "C").send_keys("t")  # C ties with D above it
     order = [c.get_attribute("aria-label")[-1] for c in driver.find_elements(By.CSS_SELECTOR, "#ranking .sample")]
-    assert order == ["A", "B", "E", "C", "D"]
-    expected_ranks = {"A": 1, "B": 2, "E": 3, "C": 4, "D": 4}
+    assert order == ["A", "B", "D", "C"]
+    expected_ranks = {"A": 1, "B": 2, "D": 3, "C": 3}
     assert {
         c.get_attribute("aria-label")[-1]: int(c.get_attribute("data-rank"))
         for c in driver.find_elements(By.CSS_SELECTOR, "#ranking .sample")
     } == expected_ranks
 
-    # Likert by keyboard on A, by the select on B, plus a flag on B
-    card(driver, "A").send_keys("6")
-    Select(card(driver, "B").find_element(By.CLASS_NAME, "likert")).select_by_value("3")
-    card(driver, "B").find_element(By.CSS_SELECTOR, ".flags summary").click()
-    card(driver, "B").find_element(By.CSS_SELECTOR, '.flag[value="LABEL_FLAG_HALLUCINATION"]').click()
-    # Demonstration: start from sample A and edit it
-    card(driver, "A").find_element(By.CLASS_NAME, "use-demo").click()
-    driver.find_element(By.ID, "demonstration").send_keys(" Edited.")
-
-    driver.find_element(By.ID, "submit-labels").click()
-    wait_for(driver, lambda d: d.find_element(By.ID, "label-result").is_displayed(), "no confirmation")
-    assert not driver.find_element(By.ID, "label-error").is_displayed()
-    shown_ids = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#label-result .event-id")]
-    assert len(shown_ids) == 4  # ranking, labels for A and B, demonstration
-    # the whole page in one picture: grow the window to the document's height
+    # the whole task in one picture: grow the window to the document's height
     driver.set_window_size(1280, driver.execute_script("return document.documentElement.scrollHeight") + 140)
-    driver.execute_script("window.scrollTo(0, 0)")
     screenshot = tmp_path / "playground.png"
     driver.save_screenshot(str(screenshot))
     assert screenshot.stat().st_size > 10_000
+    driver.find_element(By.ID, "submit-labels").click()
+    wait_for(driver, lambda d: d.find_element(By.ID, "label-result").is_displayed(), "no confirmation")
+    assert not driver.find_element(By.ID, "label-error").is_displayed()
+    [shown_id] = [e.text for e in driver.find_elements(By.CSS_SELECTOR, "#label-result .event-id")]
+    assert driver.switch_to.active_element.get_attribute("id") == "next-task"  # keyboard: Enter for the next one
 
-    # --- what the broker holds
-    settings = stack.settings
-    prompts = read_events(settings, "prompts")
-    assert [(p.text, p.user_id, p.metadata["mode"]) for p in prompts] == [
-        ("Write a haiku about the sea.", "lab1", "prompt"),
-        ("Name a colour.", "lab1", "label"),
-    ]
-    [comparison] = read_events(settings, "comparisons")
-    assert comparison.event_id == shown_ids[0] and comparison.labeler_id == "lab1"
-    assert comparison.prompt_id == prompts[1].event_id
-    # responses stay in sample order A..E
-    assert [r.rank for r in comparison.responses] == [expected_ranks[letter] for letter in "ABCDE"]
-    texts = [r.text for r in comparison.responses]
+    # --- what the broker holds: the server's versions, per-output Likert and flags, ranks with the tie
+    [comparison] = read_events(stack.settings, "comparisons")
+    assert comparison.event_id == shown_id and comparison.labeler_id == "lab1" and comparison.task_id
+    assert comparison.prompt_text == task_prompt
+    assert [r.rank for r in comparison.responses] == [expected_ranks[letter] for letter in "ABCD"]
+    assert [(r.likert, list(r.flags)) for r in comparison.responses] == [(6, []), (3, [2]), (2, []), (5, [])]
     assert {r.policy_version for r in comparison.responses} == {stack.policy.version}
-    labels = read_events(settings, "labels")
-    assert [(e.event_id, e.response, e.likert, list(e.flags)) for e in labels] == [
-        (shown_ids[1], texts[0], 6, []),
-        (shown_ids[2], texts[1], 3, [2]),
-    ]
-    [demonstration] = read_events(settings, "demonstrations")
-    assert (demonstration.event_id, demonstration.response) == (shown_ids[3], (texts[0] + " Edited.").strip())
+    logged = {p.text: p.user_id for p in read_events(stack.settings, "prompts")}
+    assert logged[comparison.prompt_text] in ("u1", "lab1")  # a logged prompt, not typed on this tab
+
+    # --- the queue serves the next prompt; then the quality dashboard
+    driver.switch_to.active_element.send_keys(Keys.ENTER)
+    wait_for(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#unranked .sample")) == 4, "no next task")
+    assert driver.find_element(By.ID, "task-prompt").text != task_prompt
+    driver.find_element(By.ID, "tab-quality").click()
+    wait_for(driver, lambda d: d.find_elements(By.CSS_SELECTOR, "#versions-table tbody tr"), "no quality figures")
+    version_row = driver.find_element(By.CSS_SELECTOR, "#versions-table tbody tr").text
+    assert stack.policy.version in version_row and "hallucination 25.0%" in version_row
+    assert "lab1" in driver.find_element(By.ID, "labelers-table").text
 
 
 def test_stop_ends_the_answer_and_frees_the_policy(playground_stack, browser):

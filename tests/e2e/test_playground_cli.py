@@ -1,6 +1,7 @@
 """`rlhf-playground` in a pseudo-terminal against the real services: a
-streamed chat turn, batch logging (idempotent on re-run), and labeling K
-samples with an incomplete ranking refused first; events checked on the broker."""
+streamed chat turn, batch logging (idempotent on re-run), and working the
+labeling queue, with an incomplete ranking refused first (nothing written);
+events checked on the broker."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import os
 import subprocess
 import sys
 
+import grpc
 import pexpect
+from rlhf.v1 import feedback_pb2, feedback_pb2_grpc
 
-from tests.integration.test_playground_api import LONG_ANSWER, playground_stack, read_events, wait_running  # noqa: F401  (module fixture)
+from services.common.auth import bearer
+from tests.integration.test_playground_api import LONG_ANSWER, read_events, wait_running
 
 TIMEOUT_S = 60
 
@@ -20,6 +24,7 @@ def cli_env(stack) -> dict[str, str]:
     env.update(
         RLHF_POLICY_TARGET=stack.settings.policy_target,
         RLHF_FEEDBACK_TARGET=stack.settings.feedback_target,
+        RLHF_LABELING_TARGET=stack.settings.labeling_target,
         RLHF_HOME=str(stack.settings.home),
         TERM="dumb",
         PYTHONUNBUFFERED="1",
@@ -98,61 +103,52 @@ def test_batch_logs_each_prompt_once(playground_stack, tmp_path):
     )
 
 
-def test_label_k_samples_in_the_terminal(playground_stack):
+def test_label_a_queued_task_in_the_terminal(playground_stack):
     stack = playground_stack
-    child = spawn(stack, "label", "--k", "4")
-    child.expect_exact("prompt> ")
-    child.sendline("Name a fruit.")
-    child.expect(r"\[model (\S+) · prompt logged: (ev-\w+)\]")
-    assert child.match.group(1) == stack.policy.version
-    prompt_id = child.match.group(2)
+    with grpc.insecure_channel(stack.settings.feedback_target) as channel:  # another user's logged prompt
+        feedback_pb2_grpc.FeedbackServiceStub(channel).LogPrompt(
+            feedback_pb2.LogPromptRequest(request_id="cli-fruit", text="Name a fruit."),
+            metadata=bearer("tok-user"),
+            timeout=30,
+        )
+    before = len(read_events(stack.settings, "comparisons"))
+    child = spawn(stack, "label")
+    child.expect(r"\[task (task-\w+) · comparison · lease \d+ min left\]")
+    task_id = child.match.group(1)
+    child.expect(r"prompt: ([^\r\n]+)")
+    prompt = child.match.group(1)
     for letter in "ABCD":
         child.expect_exact(f"[{letter}] ")
-    child.expect_exact("ranking, best first")
-    child.expect_exact("> ")
-
-    # incomplete: the service's message is shown, nothing is written, we may try again
-    child.sendline("B A")
-    child.expect(r"error: feedback service: INVALID_ARGUMENT: (responses\[2\]\.rank: is 0;[^\r\n]*)")
-    assert read_events(stack.settings, "comparisons") == []
-    child.expect_exact("ranking, best first")
-    child.sendline("B A=D C")
-    child.expect(r"ranking recorded: event (ev-\w+)")
-    comparison_id = child.match.group(1)
     child.expect_exact("Likert scores")
-    child.sendline("B=7 C=2")
+    child.sendline("A=6 B=7 C=2 D=6")
     child.expect_exact("flags")
     child.sendline("C:harmful_advice")
-    child.expect(r"labels for B recorded: event (ev-\w+)")
-    child.expect(r"labels for C recorded: event (ev-\w+)")
-    child.expect_exact("demonstration")
-    child.sendline("A better answer: mango.")
-    child.expect(r"demonstration recorded: event (ev-\w+)")
-    demo_id = child.match.group(1)
-    child.expect_exact("prompt> ")
-    child.sendeof()
+    child.expect_exact("ranking, best first")
+    child.sendline("B A")  # incomplete: refused whole, nothing written, asked again
+    child.expect(r"error: labeling service: INVALID_ARGUMENT: (judgements\[2\]\.rank: is 0;[^\r\n]*)")
+    assert len(read_events(stack.settings, "comparisons")) == before
+    child.expect_exact("Likert scores")
+    child.sendline("A=6 B=7 C=2 D=6")
+    child.expect_exact("flags")
+    child.sendline("C:harmful_advice")
+    child.expect_exact("ranking, best first")
+    child.sendline("B A=D C")
+    child.expect(r"comparison recorded: event (ev-\w+)")
+    event_id = child.match.group(1)
+    # the queue serves the next task (the other tests' logged prompts), or says it is empty; Ctrl-D ends it
+    if child.expect(["Likert scores", "demonstration:", "No task is queued now"], timeout=120) < 2:
+        child.sendeof()
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
 
-    settings = stack.settings
-    [comparison] = read_events(settings, "comparisons")
-    assert (comparison.event_id, comparison.labeler_id, comparison.prompt_id) == (comparison_id, "lab1", prompt_id)
+    [comparison] = [e for e in read_events(stack.settings, "comparisons") if e.event_id == event_id]
+    assert (comparison.labeler_id, comparison.task_id, comparison.prompt_text) == ("lab1", task_id, prompt)
     # responses stay in sample order A..D; "B A=D C" gives B 1, A and D 2 (tie), C 3
-    assert [r.rank for r in comparison.responses] == [2, 1, 3, 2]
+    assert [(r.rank, r.likert, list(r.flags)) for r in comparison.responses] == [
+        (2, 6, []),
+        (1, 7, []),
+        (3, 2, [8]),
+        (2, 6, []),
+    ]
     assert {r.policy_version for r in comparison.responses} == {stack.policy.version}
-    texts = [r.text for r in comparison.responses]
-    labels = read_events(settings, "labels")
-    assert [(e.response, e.likert, list(e.flags)) for e in labels] == [(texts[1], 7, []), (texts[2], 2, [8])]
-    [demo] = read_events(settings, "demonstrations")
-    assert (demo.event_id, demo.response, demo.prompt_id) == (demo_id, "A better answer: mango.", prompt_id)
-    [prompt] = [p for p in read_events(settings, "prompts") if p.event_id == prompt_id]
-    assert (prompt.text, prompt.metadata["mode"]) == ("Name a fruit.", "label")
-
-
-def test_label_refuses_a_wrong_k(playground_stack):
-    child = spawn(playground_stack, "label", "--k", "10")
-    child.expect_exact("error: playground: INVALID_ARGUMENT: k (num_samples) must be between 4 and 9, got 10")
-    child.expect(pexpect.EOF)
-    child.close()
-    assert child.exitstatus == 2

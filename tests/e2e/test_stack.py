@@ -22,13 +22,15 @@ def test_up_twice_then_down(tmp_path, tiny_model_dir):
         "RLHF_MODEL_CACHE": MODEL_CACHE,
         "RLHF_TRAINER_PRESET": "tiny",
         "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{free_port()}",
+        "RLHF_BROKER_S3_PORT": str(free_port()),  # the durable default: Tansu on a local S3 store
         "RLHF_CONTROLLER_INTERVAL_S": "3600",
     }
-    for name in ("POLICY", "REWARD", "FEEDBACK", "HTTP", "PLAYGROUND", "CONTROLLER"):
+    for name in ("POLICY", "REWARD", "FEEDBACK", "LABELING", "HTTP", "PLAYGROUND", "CONTROLLER"):
         env[f"RLHF_{name}_PORT"] = str(free_port())
     env["RLHF_POLICY_TARGET"] = f"127.0.0.1:{env['RLHF_POLICY_PORT']}"
     env["RLHF_FEEDBACK_TARGET"] = f"127.0.0.1:{env['RLHF_FEEDBACK_PORT']}"
     env["RLHF_REWARD_TARGET"] = f"127.0.0.1:{env['RLHF_REWARD_PORT']}"
+    env["RLHF_LABELING_TARGET"] = f"127.0.0.1:{env['RLHF_LABELING_PORT']}"
     stack = [sys.executable, "-m", "services.stack"]
     try:
         started = time.monotonic()
@@ -38,11 +40,20 @@ def test_up_twice_then_down(tmp_path, tiny_model_dir):
         assert "all services SERVING" in up.stdout
         assert elapsed < 60, f"stack took {elapsed:.1f}s"
         pids = {p.stem: json.loads(p.read_text())["pid"] for p in (home / "run").glob("*.pid")}
-        assert set(pids) == {"broker", "policy", "reward", "feedback", "playground", "controller"}
+        assert set(pids) == {
+            "broker-store",
+            "broker",
+            "policy",
+            "reward",
+            "feedback",
+            "labeling",
+            "playground",
+            "controller",
+        }
 
         again = subprocess.run([*stack, "up", "--timeout", "60"], env=env, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stdout + again.stderr
-        assert again.stdout.count("already running") == 6
+        assert again.stdout.count("already running") == 7
         assert {p.stem: json.loads(p.read_text())["pid"] for p in (home / "run").glob("*.pid")} == pids
     finally:
         down = subprocess.run([*stack, "down"], env=env, capture_output=True, text=True, timeout=120)

@@ -108,6 +108,58 @@ def test_retry_with_the_same_request_id_leaves_one_record(service):
     assert err.value.code() == grpc.StatusCode.ALREADY_EXISTS and "request_id" in err.value.details()
 
 
+def test_a_retry_after_a_client_deadline_gets_the_first_calls_reply_within_the_broker_timeout(broker, tmp_path):
+    """Calls cut off by their deadline (1 ms, and 300 ms while the broker is
+    frozen, so the record is surely on its way): the retry with the same
+    request id returns the first write's reply once the broker acknowledges it,
+    never UNAVAILABLE for a healthy broker, and each request lands once."""
+    port = free_port()
+    proc = start_broker(port, log_path=tmp_path / "tansu.log")
+    settings = make_settings(tmp_path / "home", f"127.0.0.1:{port}", RLHF_TOKENS=TOKENS)
+    handle = start(settings)
+    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    stub = feedback_pb2_grpc.FeedbackServiceStub(channel)
+    requests = {
+        deadline: feedback_pb2.SubmitComparisonRequest(
+            request_id=f"cmp-deadline-{deadline}", prompt_text="Pick one", responses=ranked("a", "b", "c", "d")
+        )
+        for deadline in (0.001, 0.3)
+    }
+    try:
+        stub.SubmitComparison(  # warm: connections and metadata
+            feedback_pb2.SubmitComparisonRequest(request_id="warm", prompt_text="p", responses=ranked("a", "b")),
+            metadata=bearer("tok-lab"),
+            timeout=10,
+        )
+        proc.send_signal(signal.SIGSTOP)  # the broker stalls: the records wait for their acks
+        for deadline, request in requests.items():
+            with pytest.raises(grpc.RpcError) as err:
+                stub.SubmitComparison(request, metadata=bearer("tok-lab"), timeout=deadline)
+            # the client's deadline, or the service's UNAVAILABLE just before it
+            assert err.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.UNAVAILABLE)
+        proc.send_signal(signal.SIGCONT)
+        replies = {}
+        for deadline, request in requests.items():
+            started = time.monotonic()
+            replies[deadline] = stub.SubmitComparison(request, metadata=bearer("tok-lab"), timeout=30)
+            assert time.monotonic() - started < settings.kafka_timeout_s
+        assert replies[0.3].duplicate  # the first call's record landed: its reply, not a second write
+        for deadline, request in requests.items():
+            again = stub.SubmitComparison(request, metadata=bearer("tok-lab"), timeout=10)
+            assert again.duplicate and (again.event_id, again.offset) == (
+                replies[deadline].event_id,
+                replies[deadline].offset,
+            )
+        events = [e.request_id for _, e in read_topic(settings, "comparisons")]
+        assert all(events.count(r.request_id) == 1 for r in requests.values()), events
+        assert handle.servicer.cache.in_flight == 0  # every entry settled: none left behind
+    finally:
+        proc.send_signal(signal.SIGCONT)
+        channel.close()
+        handle.stop()
+        stop_process(proc)
+
+
 def test_bad_token_and_wrong_role_are_refused_and_nothing_is_written(service):
     settings, stub, _ = service
     before = len(read_topic(settings, "prompts")), len(read_topic(settings, "labels"))

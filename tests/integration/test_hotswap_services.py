@@ -13,6 +13,7 @@ import grpc
 import pytest
 from rlhf.v1 import events_pb2, policy_pb2, policy_pb2_grpc, reward_pb2, reward_pb2_grpc
 
+from services.common.auth import with_token
 from services.common.bus import announce_checkpoint, checkpoint_event, promote_checkpoint
 from services.common.checkpoints import CheckpointStore
 from services.common.models import RewardModel, load_tokenizer
@@ -49,10 +50,10 @@ def announce_promoted(settings, version):
 
 @pytest.fixture
 def policy(tmp_path, broker, tiny_model_dir):
-    settings = make_settings(tmp_path, broker)
+    settings = make_settings(tmp_path, broker, RLHF_TOKENS="usr=u1:user")
     handle = start_policy(settings, port=0, http_port=None)
     assert handle.backend.switcher.following
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    channel = with_token(grpc.insecure_channel(f"127.0.0.1:{handle.port}"), "usr")
     yield settings, handle, policy_pb2_grpc.PolicyServiceStub(channel)
     channel.close()
     handle.stop()
@@ -78,7 +79,7 @@ def test_swap_under_streaming_load_has_no_failures(policy, tiny_model_dir):
             first = next(it)
             started.wait()
             results.append({first.model_version} | {m.model_version for m in it})
-        except Exception as err:  # any failure fails the test below
+        except Exception as err:  # noqa: BLE001 - any failure in the thread fails the test below
             errors.append(err)
             started.abort()
 
@@ -140,7 +141,7 @@ def test_corrupt_and_incompatible_checkpoints_are_rejected(policy, tiny_model_di
 
 
 def test_reward_service_follows_reward_promotions_only(tmp_path, broker, tiny_model_dir):
-    settings = make_settings(tmp_path, broker)
+    settings = make_settings(tmp_path, broker, RLHF_TOKENS="usr=u1:user")
     handle = start_reward(settings, port=0)
     try:
         assert handle.switcher.following
@@ -151,7 +152,7 @@ def test_reward_service_follows_reward_promotions_only(tmp_path, broker, tiny_mo
         with store.stage("rm", parents=[policy_copy]) as (folder, manifest):
             model.save_pretrained(folder, tokenizer=load_tokenizer(tiny_model_dir))
         promote_checkpoint(settings, manifest.version, reason="test")
-        with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+        with with_token(grpc.insecure_channel(f"127.0.0.1:{handle.port}"), "usr") as channel:
             stub = reward_pb2_grpc.RewardServiceStub(channel)
             assert wait_for(
                 lambda: (

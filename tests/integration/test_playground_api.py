@@ -1,6 +1,6 @@
-"""The playground's HTTP API against the real PolicyService, FeedbackService
-and broker: streamed answers, K samples, submissions, and refusals that
-show the service's message and write nothing.
+"""The playground's HTTP API against the real PolicyService, FeedbackService,
+LabelingService and broker: streamed answers, the labeling queue's tasks and
+their submissions, and refusals that show the service's message and write nothing.
 
 `playground_stack` and `read_events` are reused by the e2e playground tests.
 """
@@ -17,17 +17,19 @@ import pytest
 from services.common.bus import read_topic
 from services.common.config import Settings
 from services.feedback import server as feedback_server
+from services.labeling import server as labeling_server
 from services.playground import app as playground_app
 from services.policy import server as policy_server
 from tests.conftest import make_settings
 
-TOKENS = "tok-lab=lab1:labeler,tok-user=u1:user"
+TOKENS = "tok-lab=lab1:labeler,tok-lab2=lab2:labeler,tok-user=u1:user"
 LAB = {"Authorization": "Bearer tok-lab"}
 # Greedy decoding of the tiny model never stops early: an answer this long keeps
 # a policy row busy for many seconds, so a freed slot can only mean a cancel.
 LONG_ANSWER = 2000
 FREED_WITHIN_S = 3.0
 USER = {"Authorization": "Bearer tok-user"}
+LAB2 = {"Authorization": "Bearer tok-lab2"}
 
 
 @dataclass
@@ -35,6 +37,7 @@ class Stack:
     settings: Settings  # targets point at the running services
     policy: object
     feedback: object
+    labeling: object
     web: playground_app.PlaygroundHandle
 
 
@@ -51,11 +54,17 @@ def playground_stack(tmp_path_factory, broker, tiny_model_dir):
     policy = policy_server.start(settings, port=0, http_port=None)
     feedback = feedback_server.start(settings, port=0)
     settings = settings.with_overrides(
-        policy_target=f"127.0.0.1:{policy.port}", feedback_target=f"127.0.0.1:{feedback.port}"
+        policy_target=f"127.0.0.1:{policy.port}",
+        feedback_target=f"127.0.0.1:{feedback.port}",
+        labeling_demonstration_share=0.0,
+        labeling_max_new_tokens=8,
     )
+    labeling = labeling_server.start(settings, port=0)
+    settings = settings.with_overrides(labeling_target=f"127.0.0.1:{labeling.port}")
     web = playground_app.start(settings, port=0)
-    yield Stack(settings, policy, feedback, web)
+    yield Stack(settings, policy, feedback, labeling, web)
     web.stop()
+    labeling.stop()
     feedback.stop()
     policy.stop()
 
@@ -143,133 +152,56 @@ def test_chat_sends_the_history_and_logs_it(playground_stack, api):
     assert logged.metadata["mode"] == "chat"
 
     empty = api.post("/api/generate", json={"prompt": "  "}, headers=USER)
-    assert empty.status_code == 400 and empty.json()["error"]["message"].startswith("prompt:")
+    assert empty.status_code == 422 and empty.json()["error"]["message"].startswith("prompt:")
 
 
-def test_k_samples_ranked_labeled_and_demonstrated(playground_stack, api):
-    reply = api.post("/api/samples", json={"prompt": "Name a colour.", "k": 5, "temperature": 1.0}, headers=LAB)
-    assert reply.status_code == 200, reply.text
-    batch = reply.json()
-    texts = [s["text"] for s in batch["samples"]]
-    assert len(texts) == 5 and batch["model_version"] == playground_stack.policy.version
-    ranks = [2, 1, 3, 1, 4]  # samples 1 and 3 tie for best
-    body = {
-        "request_id": "cmp-1",
-        "prompt_id": batch["prompt_event_id"],
-        "prompt_text": "Name a colour.",
-        "responses": [{"text": t, "policy_version": batch["model_version"], "rank": r} for t, r in zip(texts, ranks)],
-    }
-    first = api.post("/api/comparison", json=body, headers=LAB).json()
-    again = api.post("/api/comparison", json=body, headers=LAB).json()
-    assert again["event_id"] == first["event_id"] and (first["duplicate"], again["duplicate"]) == (False, True)
-    label = api.post(
-        "/api/labels",
-        json={
-            "request_id": "lab-1",
-            "prompt_id": batch["prompt_event_id"],
-            "response": texts[1],
-            "policy_version": batch["model_version"],
-            "likert": 6,
-            "flags": ["LABEL_FLAG_EXPRESSES_OPINION"],
-        },
-        headers=LAB,
-    )
-    demo = api.post(
-        "/api/demonstration",
-        json={"request_id": "demo-1", "prompt_id": batch["prompt_event_id"], "response": "Teal."},
-        headers=LAB,
-    )
-    assert label.status_code == demo.status_code == 200, (label.text, demo.text)
+def next_task(api, headers=LAB, timeout: float = 60.0) -> dict:
+    """The next task, once the LabelingService has read the logged prompts."""
+    deadline = time.monotonic() + timeout
+    while True:
+        reply = api.get("/api/task", headers=headers)
+        if reply.status_code != 404 or time.monotonic() > deadline:
+            assert reply.status_code == 200, reply.text
+            return reply.json()
+        time.sleep(0.2)
 
+
+def test_a_task_from_a_logged_prompt_judged_and_submitted_whole(playground_stack, api):
     settings = playground_stack.settings
-    prompt = next(p for p in read_events(settings, "prompts") if p.event_id == batch["prompt_event_id"])
-    assert (prompt.text, dict(prompt.metadata)) == ("Name a colour.", {"mode": "label"})
-    [comparison] = [c for c in read_events(settings, "comparisons") if c.event_id == first["event_id"]]
-    assert comparison.labeler_id == "lab1" and comparison.prompt_id == batch["prompt_event_id"]
-    assert [(r.text, r.rank, r.policy_version) for r in comparison.responses] == [
-        (t, r, batch["model_version"]) for t, r in zip(texts, ranks)
+    logged = api.post("/api/generate", json={"prompt": "Name a colour.", "max_new_tokens": 2}, headers=USER)
+    assert logged.status_code == 200
+    task = next_task(api)
+    assert task["kind"] == "comparison" and len(task["samples"]) == 4 and task["lease_expires_unix_ms"] > 0
+    judgements = [
+        {"sample_id": s["sample_id"], "likert": lk, "rank": r, "flags": f}
+        for s, lk, r, f in zip(
+            task["samples"], [6, 5, 2, 2], [1, 1, 2, 3], [[], ["LABEL_FLAG_EXPRESSES_OPINION"], [], []], strict=True
+        )
     ]
-    [labels] = [e for e in read_events(settings, "labels") if e.event_id == label.json()["event_id"]]
-    assert (labels.response, labels.likert, list(labels.flags)) == (texts[1], 6, [9])
-    [demonstration] = [e for e in read_events(settings, "demonstrations") if e.event_id == demo.json()["event_id"]]
-    assert demonstration.response == "Teal."
+    before = len(read_events(settings, "comparisons"))
 
+    bad = [dict(j) for j in judgements]
+    bad[2]["likert"] = 9
+    refused = api.post("/api/task", json={"task_id": task["task_id"], "judgements": bad}, headers=LAB)
+    assert refused.status_code == 422 and refused.json()["error"]["service"] == "labeling"
+    assert refused.json()["error"]["message"].startswith("judgements[2].likert: is 9")
+    other = api.post("/api/task", json={"task_id": task["task_id"], "judgements": judgements}, headers=LAB2)
+    assert other.status_code == 403 and "not leased to lab2" in other.json()["error"]["message"]
+    assert len(read_events(settings, "comparisons")) == before  # nothing written
 
-def test_bad_submissions_show_the_service_error_and_write_nothing(playground_stack, api):
-    settings = playground_stack.settings
-    before = {key: len(read_events(settings, key)) for key in ("prompts", "comparisons", "labels")}
-    one = {
-        "request_id": "bad-k",
-        "prompt_text": "p",
-        "responses": [{"text": "only one", "policy_version": "v", "rank": 1}],
-    }
-    reply = api.post("/api/comparison", json=one, headers=LAB)
-    assert reply.status_code == 400
-    assert reply.json()["error"] == {
-        "code": "INVALID_ARGUMENT",
-        "service": "feedback",
-        "message": "responses: has 1 responses; K must be between 2 and 9",
-    }
+    first = api.post("/api/task", json={"task_id": task["task_id"], "judgements": judgements}, headers=LAB).json()
+    again = api.post("/api/task", json={"task_id": task["task_id"], "judgements": judgements}, headers=LAB).json()
+    assert again["event_id"] == first["event_id"] and (first["duplicate"], again["duplicate"]) == (False, True)
+    [event] = [e for e in read_events(settings, "comparisons") if e.event_id == first["event_id"]]
+    assert (event.labeler_id, event.task_id, event.prompt_text) == ("lab1", task["task_id"], task["prompt_text"])
+    assert [(r.rank, r.likert, list(r.flags)) for r in event.responses] == [
+        (1, 6, []),
+        (1, 5, [9]),
+        (2, 2, []),
+        (3, 2, []),
+    ]
+    assert {r.policy_version for r in event.responses} == {playground_stack.policy.version}
 
-    incomplete = {
-        "request_id": "bad-rank",
-        "prompt_text": "p",
-        "responses": [{"text": f"answer {i}", "policy_version": "v", "rank": r} for i, r in enumerate([1, 2, 0, 0])],
-    }
-    reply = api.post("/api/comparison", json=incomplete, headers=LAB)
-    assert reply.status_code == 400 and reply.json()["error"]["service"] == "feedback"
-    assert reply.json()["error"]["message"].startswith("responses[2].rank: is 0;")
-
-    reply = api.post("/api/comparison", json={**incomplete, "request_id": "as-user"}, headers=USER)
-    assert reply.status_code == 403 and reply.json()["error"]["code"] == "PERMISSION_DENIED"
-
-    reply = api.post(
-        "/api/labels",
-        json={"request_id": "bad-likert", "prompt_text": "p", "response": "r", "policy_version": "v", "likert": 8},
-        headers=LAB,
-    )
-    assert reply.status_code == 400 and "likert" in reply.json()["error"]["message"]
-
-    reply = api.post("/api/samples", json={"prompt": "p", "k": 10}, headers=LAB)
-    assert reply.status_code == 400 and "between 4 and 9" in reply.json()["error"]["message"]
-
-    assert {key: len(read_events(settings, key)) for key in before} == before
-
-
-def test_a_labeling_submission_is_written_whole_or_not_at_all(playground_stack, api):
-    settings = playground_stack.settings
-    responses = [{"text": f"colour {i}", "policy_version": "v1", "rank": i + 1} for i in range(4)]
-    body = {
-        "comparison": {"request_id": "sub-cmp", "prompt_text": "Name a colour.", "responses": responses},
-        "labels": [
-            {
-                "request_id": "sub-lab-0",
-                "prompt_text": "Name a colour.",
-                "response": "colour 0",
-                "policy_version": "v1",
-                "likert": 9,
-            }
-        ],
-        "demonstration": {"request_id": "sub-demo", "prompt_text": "Name a colour.", "response": "Teal."},
-    }
-    refused = api.post("/api/submission", json=body, headers=LAB)
-    assert refused.status_code == 400 and refused.json()["error"]["message"].startswith("items[1].labels.likert")
-    written = lambda: {
-        e.request_id for k in ("comparisons", "labels", "demonstrations") for e in read_events(settings, k)
-    }  # noqa: E731
-    assert not written() & {
-        "sub-cmp",
-        "sub-lab-0",
-        "sub-demo",
-    }  # the good ranking before the bad labels is not written either
-
-    body["labels"][0]["likert"] = 6
-    replies = api.post("/api/submission", json=body, headers=LAB).json()["replies"]
-    assert [r["duplicate"] for r in replies] == [False, False, False] and {
-        "sub-cmp",
-        "sub-lab-0",
-        "sub-demo",
-    } <= written()
-    again = api.post("/api/submission", json=body, headers=LAB).json()["replies"]
-    assert [r["event_id"] for r in again] == [r["event_id"] for r in replies] and all(r["duplicate"] for r in again)
-    assert api.post("/api/submission", json={}, headers=LAB).status_code == 400
+    stats = api.get("/api/stats", headers=LAB)
+    assert stats.status_code == 200 and stats.json()["versions"][0]["samples"] == 4
+    assert api.get("/api/stats", headers=USER).status_code == 403

@@ -11,7 +11,7 @@ import pytest
 import torch
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
-from services.common.auth import bearer
+from services.common.auth import bearer, with_token
 from services.common.models import load_causal_lm, load_tokenizer, render_prompt
 from services.policy.server import start
 from tests.conftest import make_settings
@@ -30,7 +30,7 @@ def policy(tmp_path_factory, broker, tiny_model_dir):
         RLHF_TOKENS=f"{ADMIN}=root:admin,usr=u1:user",
     )
     handle = start(settings, port=0, http_port=None)
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    channel = with_token(grpc.insecure_channel(f"127.0.0.1:{handle.port}"), "usr")
     yield handle, policy_pb2_grpc.PolicyServiceStub(channel)
     channel.close()
     handle.stop()
@@ -135,8 +135,10 @@ def test_deadline_is_honoured(policy):
 
 def test_pin_needs_admin_and_unknown_version_is_invalid(policy):
     handle, stub = policy
-    with pytest.raises(grpc.RpcError) as err:
-        stub.PinVersion(common_pb2.PinVersionRequest(version="base-tiny-seed"), timeout=10)
+    with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as anonymous, pytest.raises(grpc.RpcError) as err:
+        policy_pb2_grpc.PolicyServiceStub(anonymous).PinVersion(
+            common_pb2.PinVersionRequest(version="base-tiny-seed"), timeout=10
+        )
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     with pytest.raises(grpc.RpcError) as err:
         stub.PinVersion(common_pb2.PinVersionRequest(version="base-tiny-seed"), metadata=bearer("usr"), timeout=10)
@@ -158,10 +160,10 @@ def test_pin_needs_admin_and_unknown_version_is_invalid(policy):
 
 
 def test_full_queue_is_resource_exhausted(tmp_path, broker, tiny_model_dir):
-    settings = make_settings(tmp_path, broker, RLHF_MAX_BATCH="1", RLHF_MAX_QUEUE="1")
+    settings = make_settings(tmp_path, broker, RLHF_MAX_BATCH="1", RLHF_MAX_QUEUE="1", RLHF_TOKENS="usr=u1:user")
     handle = start(settings, port=0, http_port=None, follow=False)
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{handle.port}") as channel:
+        with with_token(grpc.insecure_channel(f"127.0.0.1:{handle.port}"), "usr") as channel:
             stub = policy_pb2_grpc.PolicyServiceStub(channel)
             running = stub.GenerateStream(gen(max_new_tokens=500, temperature=0.0), timeout=60)
             next(running)  # occupies the only batch slot
@@ -200,3 +202,24 @@ def test_prompt_logprobs_score_the_rendered_prompt(policy, tiny_model_dir):
         err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         and "parameters.return_prompt_logprobs" in err.value.details()
     )
+
+
+def test_unsampleable_parameters_are_refused_beside_an_in_flight_stream(policy):
+    """temperature=1e-45 or repetition_penalty=1e-45 once turned sampling into NaN and failed
+    every row of the batch; now they are refused up front, and the stream beside them is untouched."""
+    _, stub = policy
+    alone = list(stub.GenerateStream(gen(max_new_tokens=24, temperature=0.0), metadata=bearer("usr"), timeout=60))
+    stream = stub.GenerateStream(gen(max_new_tokens=24, temperature=0.0), metadata=bearer("usr"), timeout=60)
+    got = [next(stream)]
+    for field, bad in (
+        ("temperature", {"temperature": 1e-45}),
+        ("repetition_penalty", {"temperature": 0.7, "repetition_penalty": 1e-45}),
+        ("repetition_penalty", {"temperature": 0.7, "num_samples": 4, "repetition_penalty": 1e-45}),
+    ):
+        with pytest.raises(grpc.RpcError) as err:
+            stub.Generate(gen(max_new_tokens=8, **bad), metadata=bearer("usr"), timeout=10)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert f"{field} must be" in err.value.details()
+    got += list(stream)
+    assert got[-1].generated_text == alone[-1].generated_text
+    assert [m.token.id for m in got] == [m.token.id for m in alone]

@@ -8,7 +8,7 @@ import grpc
 import pytest
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
-from services.common.auth import bearer
+from services.common.auth import bearer, with_token
 from services.common.checkpoints import CheckpointStore
 from services.common.models import RewardModel, encode_prompt_response, load_tokenizer, render_prompt
 from services.reward.server import score_sequences, start
@@ -20,10 +20,10 @@ RESPONSES = ["Blue.", "It is blue because of Rayleigh scattering of sunlight.", 
 @pytest.fixture(scope="module")
 def reward(tmp_path_factory, broker, tiny_model_dir):
     settings = make_settings(
-        tmp_path_factory.mktemp("reward"), broker, RLHF_REWARD_BATCH="3", RLHF_TOKENS="adm=root:admin"
+        tmp_path_factory.mktemp("reward"), broker, RLHF_REWARD_BATCH="3", RLHF_TOKENS="adm=root:admin,usr=u1:user"
     )
     handle = start(settings, port=0, follow=False)
-    channel = grpc.insecure_channel(f"127.0.0.1:{handle.port}")
+    channel = with_token(grpc.insecure_channel(f"127.0.0.1:{handle.port}"), "usr")
     yield settings, handle, reward_pb2_grpc.RewardServiceStub(channel)
     channel.close()
     handle.stop()
@@ -38,7 +38,7 @@ def test_scores_match_the_model_at_the_last_real_token(reward):
     path = store.path(reply.model_version)
     model, tok = RewardModel.from_pretrained(path), load_tokenizer(path)
     prompt = render_prompt(tok, "Why is the sky blue?")
-    for response, score in zip(RESPONSES, reply.scores):
+    for response, score in zip(RESPONSES, reply.scores, strict=True):
         seq = encode_prompt_response(tok, prompt, response, 1024)
         assert score == pytest.approx(score_sequences(model, [seq], tok.pad_token_id)[0], abs=1e-4)
     # Alone, or in another request's company, a response scores the same.

@@ -15,14 +15,18 @@ from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 from text_generation import AsyncClient, Client
 from text_generation.errors import OverloadedError, ValidationError
 
+from services.common.auth import bearer_header, with_token
 from services.common.models import load_causal_lm, load_tokenizer
 from services.policy.server import start
 from tests.conftest import make_settings
 
+TOKENS = "usr=u1:user"
+AUTH = bearer_header("usr")
+
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, broker, tiny_model_dir):
-    settings = make_settings(tmp_path_factory.mktemp("tgi"), broker, RLHF_MAX_PROMPT_TOKENS="64")
+    settings = make_settings(tmp_path_factory.mktemp("tgi"), broker, RLHF_MAX_PROMPT_TOKENS="64", RLHF_TOKENS=TOKENS)
     handle = start(settings, port=0, http_port=0, follow=False)
     yield handle, f"http://127.0.0.1:{handle.http_port}"
     handle.stop()
@@ -30,26 +34,34 @@ def server(tmp_path_factory, broker, tiny_model_dir):
 
 def test_client_generate_and_details(server):
     handle, url = server
-    reply = Client(url, timeout=30).generate("Once upon a time", max_new_tokens=7, decoder_input_details=False)
+    reply = Client(url, headers=AUTH, timeout=30).generate(
+        "Once upon a time", max_new_tokens=7, decoder_input_details=False
+    )
     assert reply.details.finish_reason.value in ("length", "eos_token")
     assert reply.details.generated_tokens == len(reply.details.tokens) <= 7
     assert reply.generated_text == "".join(t.text for t in reply.details.tokens if not t.special)
     assert all(t.logprob <= 0 for t in reply.details.tokens)
     assert reply.details.seed is None  # greedy
-    sampled = Client(url, timeout=30).generate("Once upon a time", max_new_tokens=5, do_sample=True, seed=42, top_p=0.9)
+    sampled = Client(url, headers=AUTH, timeout=30).generate(
+        "Once upon a time", max_new_tokens=5, do_sample=True, seed=42, top_p=0.9
+    )
     assert sampled.details.seed == 42
-    again = Client(url, timeout=30).generate("Once upon a time", max_new_tokens=5, do_sample=True, seed=42, top_p=0.9)
+    again = Client(url, headers=AUTH, timeout=30).generate(
+        "Once upon a time", max_new_tokens=5, do_sample=True, seed=42, top_p=0.9
+    )
     assert again.generated_text == sampled.generated_text
-    full = Client(url, timeout=30).generate("Once upon a time", max_new_tokens=5, return_full_text=True)
+    full = Client(url, headers=AUTH, timeout=30).generate("Once upon a time", max_new_tokens=5, return_full_text=True)
     assert full.generated_text == "Once upon a time" + reply.generated_text[: len(full.generated_text) - 16]
-    best = Client(url, timeout=30).generate("Once upon a time", max_new_tokens=4, best_of=3, do_sample=True)
+    best = Client(url, headers=AUTH, timeout=30).generate(
+        "Once upon a time", max_new_tokens=4, best_of=3, do_sample=True
+    )
     assert len(best.details.best_of_sequences) == 2
 
 
 def test_decoder_input_details_scores_the_prompt(server, tiny_model_dir, tmp_path, broker):
     _, url = server
     prompt = "Once upon a time there was"
-    reply = Client(url, timeout=30).generate(prompt, max_new_tokens=3, decoder_input_details=True)
+    reply = Client(url, headers=AUTH, timeout=30).generate(prompt, max_new_tokens=3, decoder_input_details=True)
     prefill = reply.details.prefill
     # the same numbers from a plain forward pass of the served weights
     tokenizer, model = load_tokenizer(tiny_model_dir), load_causal_lm(tiny_model_dir)
@@ -61,10 +73,13 @@ def test_decoder_input_details_scores_the_prompt(server, tiny_model_dir, tmp_pat
         [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4
     )
     assert "".join(t.text for t in prefill) == prompt
-    assert Client(url, timeout=30).generate(prompt, max_new_tokens=3).details.prefill == []  # only when asked
+    assert (
+        Client(url, headers=AUTH, timeout=30).generate(prompt, max_new_tokens=3).details.prefill == []
+    )  # only when asked
     refused = httpx.post(
         f"{url}/generate_stream",
         json={"inputs": prompt, "parameters": {"decoder_input_details": True, "details": True}},
+        headers=AUTH,
         timeout=30,
     )
     assert (
@@ -73,9 +88,11 @@ def test_decoder_input_details_scores_the_prompt(server, tiny_model_dir, tmp_pat
     )
 
     # through a second policy server whose backend is TGI (the first server)
-    proxy = start(make_settings(tmp_path, broker, RLHF_TGI_URL=url), port=0, http_port=0)
+    proxy = start(
+        make_settings(tmp_path, broker, RLHF_TGI_URL=url, RLHF_TGI_TOKEN="usr", RLHF_TOKENS=TOKENS), port=0, http_port=0
+    )
     try:
-        via = Client(f"http://127.0.0.1:{proxy.http_port}", timeout=30).generate(
+        via = Client(f"http://127.0.0.1:{proxy.http_port}", headers=AUTH, timeout=30).generate(
             prompt, max_new_tokens=3, decoder_input_details=True
         )
         assert [(t.id, t.text) for t in via.details.prefill] == [(t.id, t.text) for t in prefill]
@@ -86,7 +103,7 @@ def test_decoder_input_details_scores_the_prompt(server, tiny_model_dir, tmp_pat
 
 def test_client_stream_matches_generate(server):
     _, url = server
-    client = Client(url, timeout=30)
+    client = Client(url, headers=AUTH, timeout=30)
     whole = client.generate("Tell me", max_new_tokens=9)
     events = list(client.generate_stream("Tell me", max_new_tokens=9))
     assert [e.token.id for e in events] == [t.id for t in whole.details.tokens]
@@ -100,7 +117,7 @@ def test_async_client_generate_and_stream(server):
     _, url = server
 
     async def run():
-        client = AsyncClient(url, timeout=30)
+        client = AsyncClient(url, headers=AUTH, timeout=30)
         reply = await client.generate("Hi", max_new_tokens=5)
         tokens = [r async for r in client.generate_stream("Hi", max_new_tokens=5)]
         return reply, tokens
@@ -112,16 +129,16 @@ def test_async_client_generate_and_stream(server):
 def test_validation_errors_are_tgi_422(server):
     handle, url = server
     with pytest.raises(ValidationError, match="RLHF_MAX_PROMPT_TOKENS"):
-        Client(url, timeout=30).generate("word " * 200, max_new_tokens=5)
+        Client(url, headers=AUTH, timeout=30).generate("word " * 200, max_new_tokens=5)
     with pytest.raises(ValidationError, match="RLHF_MAX_PROMPT_TOKENS"):
-        list(Client(url, timeout=30).generate_stream("word " * 200, max_new_tokens=5))
+        list(Client(url, headers=AUTH, timeout=30).generate_stream("word " * 200, max_new_tokens=5))
 
     async def run():
-        await AsyncClient(url, timeout=30).generate("Hi", max_new_tokens=100000)
+        await AsyncClient(url, headers=AUTH, timeout=30).generate("Hi", max_new_tokens=100000)
 
     with pytest.raises(ValidationError, match="max_new_tokens"):
         asyncio.run(run())
-    reply = httpx.post(f"{url}/generate", json={"inputs": "", "parameters": {}})
+    reply = httpx.post(f"{url}/generate", json={"inputs": "", "parameters": {}}, headers=AUTH)
     assert reply.status_code == 422 and reply.json() == {
         "error": "`inputs` cannot be empty",
         "error_type": "validation",
@@ -131,11 +148,11 @@ def test_validation_errors_are_tgi_422(server):
 def test_root_route_info_health_metrics(server):
     handle, url = server
     reply = httpx.post(
-        url + "/", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3, "details": True}}, timeout=30
+        url + "/", json={"inputs": "Hi", "parameters": {"max_new_tokens": 3, "details": True}}, headers=AUTH, timeout=30
     )
     assert reply.status_code == 200 and isinstance(reply.json(), list) and len(reply.json()) == 1
     assert reply.headers["x-model-version"] == handle.version
-    info = httpx.get(f"{url}/info").json()
+    info = httpx.get(f"{url}/info", headers=AUTH).json()
     assert info["model_id"] == handle.version and info["max_input_tokens"] == 64
     assert httpx.get(f"{url}/health").status_code == 200
     metrics = httpx.get(f"{url}/metrics").text
@@ -151,37 +168,47 @@ def test_root_route_info_health_metrics(server):
 
 def test_overload_is_tgi_429(tmp_path, broker, tiny_model_dir):
     handle = start(
-        make_settings(tmp_path, broker, RLHF_MAX_BATCH="1", RLHF_MAX_QUEUE="1"), port=0, http_port=0, follow=False
+        make_settings(tmp_path, broker, RLHF_MAX_BATCH="1", RLHF_MAX_QUEUE="1", RLHF_TOKENS=TOKENS),
+        port=0,
+        http_port=0,
+        follow=False,
     )
     try:
         url = f"http://127.0.0.1:{handle.http_port}"
-        with httpx.Client(timeout=30) as http:
+        with httpx.Client(headers=AUTH, timeout=30) as http:
             with http.stream(
                 "POST", f"{url}/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 500}}
             ) as busy:
                 lines = busy.iter_lines()  # keep the iterator: dropping it closes the stream
                 next(lines)
                 with httpx.stream(
-                    "POST", f"{url}/generate_stream", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
-                ) as queued:
+                    "POST",
+                    f"{url}/generate_stream",
+                    json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+                    headers=AUTH,
+                ) as _queued:
                     with pytest.raises(OverloadedError):
-                        Client(url, timeout=30).generate("Hi", max_new_tokens=2)
+                        Client(url, headers=AUTH, timeout=30).generate("Hi", max_new_tokens=2)
         # Both streams were closed by the client: their slots are freed without waiting for 500 tokens.
         deadline = time.monotonic() + 5
         while sum(handle.backend.engine.stats()[k] for k in ("running", "queued")) and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert Client(url, timeout=30).generate("Hi", max_new_tokens=2).details.generated_tokens >= 1
+        assert Client(url, headers=AUTH, timeout=30).generate("Hi", max_new_tokens=2).details.generated_tokens >= 1
     finally:
         handle.stop()
 
 
 def test_tgi_backend_generates_through_a_tgi_endpoint(server, tmp_path, broker):
     upstream, url = server
-    proxy = start(make_settings(tmp_path, broker, RLHF_TGI_URL=url), port=0, http_port=None)
+    proxy = start(
+        make_settings(tmp_path, broker, RLHF_TGI_URL=url, RLHF_TGI_TOKEN="usr", RLHF_TOKENS=TOKENS),
+        port=0,
+        http_port=None,
+    )
     try:
         with (
-            grpc.insecure_channel(f"127.0.0.1:{upstream.port}") as a,
-            grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as b,
+            with_token(grpc.insecure_channel(f"127.0.0.1:{upstream.port}"), "usr") as a,
+            with_token(grpc.insecure_channel(f"127.0.0.1:{proxy.port}"), "usr") as b,
         ):
             direct, via = policy_pb2_grpc.PolicyServiceStub(a), policy_pb2_grpc.PolicyServiceStub(b)
             request = policy_pb2.GenerateRequest(
@@ -208,7 +235,11 @@ def test_tgi_backend_generates_through_a_tgi_endpoint(server, tmp_path, broker):
 
 def test_tgi_backend_sends_k_samples_at_once_and_a_cancel_stops_them_all(server, tmp_path, broker):
     upstream, url = server
-    proxy = start(make_settings(tmp_path, broker, RLHF_TGI_URL=url), port=0, http_port=None)
+    proxy = start(
+        make_settings(tmp_path, broker, RLHF_TGI_URL=url, RLHF_TGI_TOKEN="usr", RLHF_TOKENS=TOKENS),
+        port=0,
+        http_port=None,
+    )
     engine = upstream.backend.engine
 
     def peak_running(seconds: float, until=lambda: False) -> int:
@@ -220,7 +251,7 @@ def test_tgi_backend_sends_k_samples_at_once_and_a_cancel_stops_them_all(server,
         return peak
 
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{proxy.port}") as channel:
+        with with_token(grpc.insecure_channel(f"127.0.0.1:{proxy.port}"), "usr") as channel:
             via = policy_pb2_grpc.PolicyServiceStub(channel)
             # Greedy decoding of the tiny model runs to the limit: long enough to see all four upstream at once.
             request = policy_pb2.GenerateRequest(

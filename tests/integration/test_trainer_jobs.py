@@ -40,7 +40,7 @@ from tests.conftest import MODEL_CACHE
 from trainers import evaluate
 from trainers import rm as rm_trainer
 from trainers import sft as sft_trainer
-from trainers.common import JobError
+from trainers.config import JobError
 from trainers.synthetic import write_snapshot
 
 pytestmark = pytest.mark.integration
@@ -270,10 +270,11 @@ def test_killed_job_resumes_to_the_same_result(world, trained, trainer):
     assert expected.keys() == actual.keys()
     for key in expected:
         assert torch.equal(expected[key], actual[key]), key
-    strip = lambda row: {k: v for k, v in row.items() if k != "time_s"}  # noqa: E731
-    rows = lambda result: [
-        strip(json.loads(x)) for x in (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
-    ]  # noqa: E731
+
+    def rows(result: dict) -> list[dict]:  # the logged metrics, wall time aside
+        lines = (Path(result["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(x).items() if k != "time_s"} for x in lines]
+
     assert rows(resumed) == rows(reference)
     assert '"msg": "resuming from run dir"' in (world.root / f"{name}.stderr").read_text()
 

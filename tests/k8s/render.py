@@ -82,7 +82,7 @@ def render(name: str) -> list[dict]:
 
 def render_all() -> dict[str, list[dict]]:
     with ThreadPoolExecutor(max_workers=4) as pool:
-        return dict(zip(VARIANTS, pool.map(render, VARIANTS)))
+        return dict(zip(VARIANTS, pool.map(render, VARIANTS), strict=True))
 
 
 # --- reading rendered objects ---------------------------------------------------------

@@ -46,6 +46,7 @@ GRPC_SERVICES = {
     "policy": "policy_port",
     "reward": "reward_port",
     "feedback": "feedback_port",
+    "labeling": "labeling_port",
     "trainer-controller": "controller_port",
 }
 DEFAULTS = load_settings({})
@@ -202,13 +203,18 @@ def test_services_use_grpc_probes_on_the_configured_ports(renders):
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_the_configmap_loads_and_matches_the_pods(renders, variant):
     objects = renders[variant]
-    for name in ("policy", "reward", "feedback", "playground", "trainer-controller"):
+    for name in ("policy", "reward", "feedback", "labeling", "playground", "trainer-controller"):
         settings = settings_of(objects, name)  # raises on any unknown or invalid RLHF_* value
         c = pod_spec(one(objects, "Deployment", name))["containers"][0]
         ports = {p["name"]: p["containerPort"] for p in c["ports"]}
         if "metrics" in ports:
             assert ports["metrics"] == settings.metrics_port
-        for target in (settings.policy_target, settings.reward_target, settings.feedback_target):
+        for target in (
+            settings.policy_target,
+            settings.reward_target,
+            settings.feedback_target,
+            settings.labeling_target,
+        ):
             host, port = target.split(":")
             service = one(objects, "Service", host)
             assert int(port) in {p["port"] for p in service["spec"]["ports"]}
@@ -229,6 +235,7 @@ def test_modules_that_pods_run_exist(renders):
         "services.policy",
         "services.reward",
         "services.feedback",
+        "services.labeling",
         "services.playground",
         "services.controller",
     } <= modules
@@ -400,7 +407,7 @@ def test_grpc_services_stop_taking_traffic_then_drain_within_the_grace_period(re
         ),
     )
     grace = float(config["data"].get("RLHF_GRPC_GRACE_S", load_settings({}).grpc_grace_s))
-    for name in ("policy", "reward", "feedback"):
+    for name in ("policy", "reward", "feedback", "labeling"):
         spec = pod_spec(one(objects, "Deployment", name))
         (container,) = spec["containers"]
         pause = container["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -432,7 +439,8 @@ def _selects(selector: dict, labels: dict) -> bool:
 
 
 def _allows(policies: list[dict], direction: str, labels: dict, peer: dict | None, port: int) -> bool:
-    """Whether some policy lets a pod with `labels` talk in `direction` to/from `peer` (pod labels, None = outside) on `port`."""
+    """Whether some policy lets a pod with `labels` talk in `direction` to/from `peer`
+    (pod labels, None = outside) on `port`."""
     key, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
     for pol in policies:
         if direction not in pol["spec"]["policyTypes"] or not _selects(pol["spec"]["podSelector"], labels):
@@ -465,7 +473,7 @@ def test_network_policies_deny_by_default_and_allow_what_each_needs(renders):
     labels = {o["metadata"]["name"]: o["spec"]["template"]["metadata"]["labels"] for o in workloads(objects)}
     trainer = controller_job(objects)[0]["spec"]["template"]["metadata"]["labels"]
     kafka = labels["kafka-broker"]
-    for client in ("policy", "reward", "feedback", "trainer-controller", "create-topics"):
+    for client in ("policy", "reward", "feedback", "labeling", "trainer-controller", "create-topics"):
         assert _allows(policies, "Egress", labels[client], kafka, 9092) and _allows(
             policies, "Ingress", kafka, labels[client], 9092
         ), client
@@ -473,9 +481,13 @@ def test_network_policies_deny_by_default_and_allow_what_each_needs(renders):
     assert not _allows(policies, "Ingress", kafka, labels["playground"], 9092)
     for name in labels:
         assert _allows(policies, "Egress", labels[name], None, 53), f"{name}: DNS"
-    for target, port in (("policy", 50051), ("reward", 50052), ("feedback", 50053)):
+    for target, port in (("policy", 50051), ("reward", 50052), ("feedback", 50053), ("labeling", 50055)):
         assert _allows(policies, "Egress", labels["playground"], labels[target], port)
         assert _allows(policies, "Ingress", labels[target], labels["playground"], port)
+    for target, port in (("policy", 50051), ("feedback", 50053)):  # samples in, submissions out
+        assert _allows(policies, "Egress", labels["labeling"], labels[target], port)
+        assert _allows(policies, "Ingress", labels[target], labels["labeling"], port)
+    assert not _allows(policies, "Egress", labels["labeling"], labels["reward"], 50052)
     assert _allows(policies, "Egress", labels["trainer-controller"], None, 443), "controller -> API server"
     assert not _allows(policies, "Egress", labels["policy"], None, 443)
     assert _allows(policies, "Ingress", labels["policy"], None, 50051) and not _allows(
@@ -493,7 +505,7 @@ def test_tokens_come_from_a_secret_that_is_never_committed(renders):
     for name, objects in renders.items():
         assert not find(objects, "Secret"), name
     objects = renders["base"]
-    for name in ("policy", "reward", "feedback", "playground"):
+    for name in ("policy", "reward", "feedback", "labeling", "playground"):
         dep = one(objects, "Deployment", name)
         spec = pod_spec(dep)
         c = spec["containers"][0]
@@ -518,6 +530,44 @@ def test_policy_scales_with_an_autoscaler_and_a_disruption_budget(renders):
     pdb = one(objects, "PodDisruptionBudget", "policy")["spec"]
     assert pdb["minAvailable"] < hpa["minReplicas"]
     assert pdb["selector"] == one(objects, "Deployment", "policy")["spec"]["selector"]
+
+
+def _kafka_env(objects: list[dict]) -> dict[str, str | dict]:
+    kafka = one(objects, "StatefulSet", "kafka-broker")
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in pod_spec(kafka)["containers"][0]["env"]}
+
+
+def test_kafka_is_three_replicated_brokers_that_match_acks_all(renders):
+    """acks=all means something: 3 KRaft brokers, topics on 3 of them, a write on >= 2, one may be drained."""
+    objects = renders["base"]
+    kafka = one(objects, "StatefulSet", "kafka-broker")
+    assert kafka["spec"]["replicas"] == 3 and kafka["spec"]["podManagementPolicy"] == "Parallel"
+    env = _kafka_env(objects)
+    voters = env["KAFKA_CONTROLLER_QUORUM_VOTERS"].split(",")
+    assert voters == [f"{i}@kafka-broker-{i}.kafka-broker.$(POD_NAMESPACE).svc:9093" for i in range(3)]
+    assert env["KAFKA_NODE_ID"] == {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+    assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "2" and env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "3"
+    assert env["KAFKA_UNCLEAN_LEADER_ELECTION_ENABLE"] == "false"
+    assert one(objects, "Service", "kafka-broker")["spec"]["publishNotReadyAddresses"] is True
+    for deployment in ("feedback", "trainer-controller"):  # the topics' creators and writers
+        settings = settings_of(objects, deployment)
+        assert (settings.topic_replication, settings.topic_min_insync_replicas) == (3, 2)
+    pdb = one(objects, "PodDisruptionBudget", "kafka-broker")["spec"]
+    assert pdb == {"maxUnavailable": 1, "selector": kafka["spec"]["selector"]}
+    policies = find(objects, "NetworkPolicy")
+    brokers = kafka["spec"]["template"]["metadata"]["labels"]
+    for port in (9092, 9093):  # replication and the quorum, under default deny
+        assert _allows(policies, "Egress", brokers, brokers, port) and _allows(
+            policies, "Ingress", brokers, brokers, port
+        )
+
+    dev = renders["dev"]
+    assert one(dev, "StatefulSet", "kafka-broker")["spec"]["replicas"] == 1
+    env = _kafka_env(dev)
+    assert env["KAFKA_CONTROLLER_QUORUM_VOTERS"] == "0@kafka-broker-0.kafka-broker.$(POD_NAMESPACE).svc:9093"
+    assert env["KAFKA_MIN_INSYNC_REPLICAS"] == "1" and env["KAFKA_OFFSETS_TOPIC_REPLICATION_FACTOR"] == "1"
+    settings = settings_of(dev, "feedback")
+    assert (settings.topic_replication, settings.topic_min_insync_replicas) == (1, 1)
 
 
 def test_labels_do_not_touch_selectors(renders):

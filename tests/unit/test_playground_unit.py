@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import re
 
-import grpc
 import pytest
 from fastapi.testclient import TestClient
 
 from services.common.config import load_settings
-from services.playground.app import HTTP_STATUS, STATIC_DIR, create_app
+from services.common.errors import Status, StatusError
+from services.playground.app import STATIC_DIR, create_app
 from services.playground.cli import InputError, parse_flags, parse_likert, parse_ranking, read_batch
-from services.playground.client import FLAG_NAMES, ranks_from_groups, request_id_for
+from services.playground.client import FLAG_NAMES, Judgement, ranks_from_groups, request_id_for
 
 
 def test_ranks_from_groups_are_dense_and_leave_unranked_at_zero():
@@ -65,12 +65,12 @@ def test_request_ids_are_stable_and_valid_for_the_feedback_service():
     assert re.fullmatch(r"[0-9a-f]{32}", rid)
 
 
-def test_every_grpc_status_maps_to_an_http_error():
-    assert set(HTTP_STATUS) == set(grpc.StatusCode)
-    assert HTTP_STATUS[grpc.StatusCode.INVALID_ARGUMENT] == 400
-    assert HTTP_STATUS[grpc.StatusCode.UNAUTHENTICATED] == 401
-    assert HTTP_STATUS[grpc.StatusCode.RESOURCE_EXHAUSTED] == 429
-    assert HTTP_STATUS[grpc.StatusCode.UNAVAILABLE] == 503
+def test_a_judgement_travels_as_one_value_and_names_a_bad_flag():
+    proto = Judgement("task-1-s0", 6, 1, ("LABEL_FLAG_HALLUCINATION",)).to_proto(0)
+    assert (proto.sample_id, proto.likert, proto.rank, list(proto.flags)) == ("task-1-s0", 6, 1, [2])
+    with pytest.raises(StatusError) as info:
+        Judgement("task-1-s1", 6, 1, ("LABEL_FLAG_NOPE",)).to_proto(3)
+    assert info.value.status is Status.INVALID_ARGUMENT and info.value.message.startswith("judgements[3].flags:")
 
 
 @pytest.fixture
@@ -82,6 +82,7 @@ def web(tmp_path):
             "RLHF_TOKENS": "tok-u=u1:user,tok-lab=lab1:labeler",
             "RLHF_POLICY_TARGET": "127.0.0.1:9",
             "RLHF_FEEDBACK_TARGET": "127.0.0.1:9",
+            "RLHF_LABELING_TARGET": "127.0.0.1:9",
         }
     )
     with TestClient(create_app(settings)) as client:
@@ -104,30 +105,25 @@ def test_sign_in_checks_the_token(web):
     assert web.post("/api/session").status_code == 401
 
 
-def test_wrong_k_is_refused_before_any_service_call(web):
-    reply = web.post("/api/samples", json={"prompt": "hi", "k": 3}, headers={"Authorization": "Bearer tok-lab"})
-    assert reply.status_code == 400
-    assert reply.json()["error"]["message"] == "k (num_samples) must be between 4 and 9, got 3"
+def test_labeling_routes_need_a_labeler(web):
+    reply = web.get("/api/task", headers={"Authorization": "Bearer tok-u"})
+    assert reply.status_code == 403 and reply.json()["error"]["code"] == "PERMISSION_DENIED"
 
 
 def test_bad_body_names_the_field(web):
     reply = web.post(
-        "/api/comparison",
-        json={"request_id": "r", "responses": [{"text": "a", "rank": -1}]},
+        "/api/task",
+        json={"task_id": "t", "judgements": [{"sample_id": "s", "likert": 3, "rank": -1}]},
         headers={"Authorization": "Bearer tok-lab"},
     )
-    assert reply.status_code == 400
-    assert reply.json()["error"]["message"].startswith("responses.0.rank:")
+    assert reply.status_code == 422
+    assert reply.json()["error"]["message"].startswith("judgements.0.rank:")
 
 
 def test_unreachable_service_is_reported_not_swallowed(web):
-    reply = web.post(
-        "/api/demonstration",
-        json={"request_id": "r1", "prompt_text": "p", "response": "r"},
-        headers={"Authorization": "Bearer tok-lab"},
-    )
+    reply = web.get("/api/task", headers={"Authorization": "Bearer tok-lab"})
     assert reply.status_code == 503
-    assert reply.json()["error"]["code"] == "UNAVAILABLE" and reply.json()["error"]["service"] == "feedback"
+    assert reply.json()["error"]["code"] == "UNAVAILABLE" and reply.json()["error"]["service"] == "labeling"
 
 
 def test_page_is_offline_and_labelled(web):

@@ -4,26 +4,35 @@ reproducible, and queue / batch / KV limits hold."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
-import grpc
 import pytest
 import torch
 
 from services.common.checkpoints import Manifest
 from services.common.config import load_settings
+from services.common.errors import Status, StatusError
 from services.common.hotswap import Loaded
 from services.common.models import load_causal_lm, load_tokenizer, render_prompt
 from services.policy.engine import Engine
-from services.policy.params import ServingError, validate
+from services.policy.kv import use_gqa_sdpa
+from services.policy.params import validate
 from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token
 
 PROMPTS = ["Write a haiku about the sea.", "What is 2+2?", "Tell me a long story about a dragon and a knight.", "Hi"]
 
 
 @pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    """The plain transformers model: what the engine's results are checked against."""
+    return load_causal_lm(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
 def loaded(tiny_model_dir):
     model = load_causal_lm(tiny_model_dir)
+    use_gqa_sdpa(model)  # as LocalBackend serves it
     return Loaded(
         "tiny-v1", Manifest("tiny-v1", "base", "policy"), tiny_model_dir, model, load_tokenizer(tiny_model_dir)
     )
@@ -59,7 +68,7 @@ def collect(req, events):
     return out, [e.sample for e in out if isinstance(e, SampleDone)], out[-1]
 
 
-def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded):
+def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded, reference):
     engine = make_engine(loaded)
     try:
         reqs = []
@@ -67,10 +76,10 @@ def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded):
             reqs.append(request(loaded, prompt, max_new_tokens=6 + 5 * i, num_samples=2))
             engine.submit(reqs[-1][0])
             time.sleep(0.01)  # arrive while others decode: joins at a later step
-        for (req, events), prompt in zip(reqs, PROMPTS):
+        for req, events in reqs:
             _, samples, last = collect(req, events)
             ids = torch.tensor([req.prompt_ids])
-            ref = loaded.model.generate(
+            ref = reference.generate(
                 ids, attention_mask=torch.ones_like(ids), max_new_tokens=req.params.max_new_tokens, do_sample=False
             )
             want = loaded.tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
@@ -82,7 +91,7 @@ def test_greedy_matches_hf_generate_while_requests_join_and_leave(loaded):
         engine.stop()
 
 
-def test_prompt_logprobs_are_right_for_left_padded_prompts_in_one_batch(loaded):
+def test_prompt_logprobs_are_right_for_left_padded_prompts_in_one_batch(loaded, reference):
     engine = make_engine(loaded)
     try:
         scored = [
@@ -97,7 +106,7 @@ def test_prompt_logprobs_are_right_for_left_padded_prompts_in_one_batch(loaded):
             *_, last = collect(req, events)
             ids = req.prompt_ids
             with torch.no_grad():
-                logp = torch.log_softmax(loaded.model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
+                logp = torch.log_softmax(reference(input_ids=torch.tensor([ids])).logits[0].float(), -1)
             assert [t.id for t in last.prefill] == ids and last.prefill[0].logprob is None
             assert [t.logprob for t in last.prefill[1:]] == pytest.approx(
                 [float(logp[j - 1, ids[j]]) for j in range(1, len(ids))], abs=1e-4
@@ -161,7 +170,7 @@ def test_cancel_frees_the_slot_at_once_and_deadlines_are_honoured(loaded):
         req, events = request(loaded, "Hi", max_new_tokens=500, deadline=time.monotonic() + 0.2)
         engine.submit(req)
         _, _, last = collect(req, events)
-        assert isinstance(last, Failed) and last.error.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert isinstance(last, Failed) and last.error.status == Status.DEADLINE_EXCEEDED
     finally:
         engine.stop()
 
@@ -181,9 +190,9 @@ def test_queue_bound_and_batch_and_kv_limits_hold(loaded):
         try:
             reqs = [request(loaded, "Hi", max_new_tokens=40) for _ in range(2)]
             engine.submit(reqs[0][0])
-            with pytest.raises(ServingError) as err:
+            with pytest.raises(StatusError) as err:
                 engine.submit(reqs[1][0])
-            assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "RLHF_MAX_QUEUE" in err.value.message
+            assert err.value.status == Status.RESOURCE_EXHAUSTED and "RLHF_MAX_QUEUE" in err.value.message
         finally:
             engine._cv.release()
         collect(*reqs[0])
@@ -229,5 +238,143 @@ def test_bfloat16_weights_serve_too(tiny_model_dir):
         _, samples, last = collect(req, events)
         assert isinstance(last, Finished) and [s.generated_tokens for s in samples] == [7, 7]
         assert all(t.logprob is not None and t.logprob <= 0 for t in samples[0].tokens)
+    finally:
+        engine.stop()
+
+
+def test_one_requests_unsampleable_parameters_or_broken_prompt_fail_it_alone(loaded):
+    """Parameters that make sampling overflow (validation refuses them; built directly here,
+    as a trainer may) and a prompt the model cannot embed fail only their own request:
+    a greedy stream decoding beside them finishes with exactly its solo result."""
+    engine = make_engine(loaded)
+    try:
+        solo, events = request(loaded, PROMPTS[2], max_new_tokens=24, stream=True)
+        engine.submit(solo)
+        want = collect(solo, events)[1][0].text
+
+        stream, stream_events = request(loaded, PROMPTS[2], max_new_tokens=24, stream=True)
+        engine.submit(stream)
+        first = next(iter(stream_events.events(stream)))  # the stream is in flight
+        assert isinstance(first, Token)
+        bad = []
+        for overrides in (
+            {"temperature": 1e-45},
+            {"temperature": 1.0, "repetition_penalty": 1e-45},
+            {"temperature": 1.0, "repetition_penalty": 1e-45, "num_samples": 3, "seed": 5},
+        ):
+            req, events = request(loaded, "Hi", max_new_tokens=8)
+            req.params = dataclasses.replace(req.params, **overrides)  # past validation, as trainers build them
+            bad.append((req, events))
+        vocab = loaded.model.config.vocab_size
+        broken, broken_events = request(loaded, "Hi", max_new_tokens=8)
+        broken.prompt_ids = [vocab + 7, *broken.prompt_ids]  # no such token: the embedding lookup raises
+        fine, fine_events = request(loaded, PROMPTS[1], max_new_tokens=6)
+        with engine._cv:  # all join one prefill batch beside the running stream
+            for req, _ in [*bad, (broken, broken_events), (fine, fine_events)]:
+                engine.submit(req)
+        for req, events in bad:
+            *_, last = collect(req, events)
+            assert isinstance(last, Failed) and last.error.status == Status.INTERNAL
+            assert "not finite" in last.error.message
+        *_, last = collect(broken, broken_events)
+        assert isinstance(last, Failed) and last.error.status == Status.INTERNAL
+        _, samples, last = collect(fine, fine_events)
+        assert isinstance(last, Finished) and samples[0].generated_tokens == 6
+        out = [first, *stream_events.events(stream)]
+        assert isinstance(out[-1], Finished)
+        assert [e.sample.text for e in out if isinstance(e, SampleDone)] == [want]
+        deadline = time.monotonic() + 5
+        while engine.stats()["running"] and time.monotonic() < deadline:
+            time.sleep(0.01)  # Finished is sent just before the row leaves the batch
+        assert engine.stats()["running"] == 0
+        # The engine keeps serving.
+        again, events = request(loaded, PROMPTS[0], max_new_tokens=4)
+        engine.submit(again)
+        assert isinstance(collect(again, events)[2], Finished)
+    finally:
+        engine.stop()
+
+
+class _UnderAutocast(torch.nn.Module):
+    """A model called under bf16 autocast, as the PPO trainer hands its live policy to the engine."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.inner = model
+
+    def forward(self, *args, **kwargs):
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+            return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+
+def test_a_model_wrapped_to_run_under_autocast_is_served(tiny_model_dir):
+    wrapped = _UnderAutocast(load_causal_lm(tiny_model_dir))
+    loaded = Loaded("ppo", Manifest("ppo", "ppo", "policy"), None, wrapped, load_tokenizer(tiny_model_dir))
+    engine = make_engine(loaded)
+    try:
+        reqs = [request(loaded, p, max_new_tokens=5, temperature=1.0, seed=3, num_samples=2) for p in PROMPTS[:2]]
+        for req, _ in reqs:
+            engine.submit(req)
+        for req, events in reqs:
+            _, samples, last = collect(req, events)
+            assert isinstance(last, Finished) and [s.generated_tokens for s in samples] == [5, 5]
+    finally:
+        engine.stop()
+
+
+def test_a_decode_step_that_breaks_on_one_row_fails_only_that_row(loaded):
+    """A row whose state the model cannot run (here: a token id past the vocabulary, as a
+    checkpoint whose unembedding outgrew its embedding would sample) makes the batched step
+    raise; the step is retried row by row, that row's request fails, the other row continues."""
+    engine = make_engine(loaded)
+    try:
+        solo, events = request(loaded, PROMPTS[0], max_new_tokens=16)
+        engine.submit(solo)
+        want = collect(solo, events)[1][0].text
+        healthy, healthy_events = request(loaded, PROMPTS[0], max_new_tokens=16, stream=True)
+        victim, victim_events = request(loaded, PROMPTS[1], max_new_tokens=16, stream=True)
+        with engine._cv:
+            engine.submit(healthy)
+            engine.submit(victim)
+        assert isinstance(next(iter(victim_events.events(victim))), Token)  # both joined and are decoding
+        with engine._cv:  # the engine thread stops at its next iteration
+            time.sleep(0.5)  # let the step in flight finish
+            cohort = engine._current
+            row = next(i for i, r in enumerate(cohort.rows) if r.req is victim)
+            with torch.inference_mode():
+                cohort.last[row] = loaded.model.config.vocab_size + 5
+        *_, last = collect(victim, victim_events)
+        assert isinstance(last, Failed) and last.error.status == Status.INTERNAL
+        out, samples, last = collect(healthy, healthy_events)
+        assert isinstance(last, Finished) and [s.text for s in samples] == [want]
+        again, events = request(loaded, PROMPTS[3], max_new_tokens=3)
+        engine.submit(again)
+        assert isinstance(collect(again, events)[2], Finished)
+    finally:
+        engine.stop()
+
+
+def test_a_burst_of_prompts_is_prefilled_within_the_prefill_token_budget(loaded, reference):
+    """RLHF_MAX_PREFILL_TOKENS bounds one prefill (prompts x longest prompt): three prompts that
+    together exceed it join over three steps, and each still gets generate's result."""
+    engine = make_engine(loaded, RLHF_MAX_PREFILL_TOKENS="64")
+    try:
+        reqs = [request(loaded, p, max_new_tokens=4) for p in PROMPTS[:3]]
+        assert all(32 < len(r.prompt_ids) <= 64 for r, _ in reqs)  # any two exceed 64 padded tokens
+        with engine._cv:
+            for req, _ in reqs:
+                engine.submit(req)
+        for req, events in reqs:
+            _, samples, _ = collect(req, events)
+            ids = torch.tensor([req.prompt_ids])
+            ref = reference.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+            assert samples[0].text == loaded.tokenizer.decode(ref[0, ids.shape[1] :], skip_special_tokens=True)
+        assert engine.stats()["prefills"] == 3
     finally:
         engine.stop()

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import grpc
 import pytest
 
 from services.common.config import load_settings
-from services.policy.params import ServingError, check_prompt, validate
+from services.common.errors import Status, StatusError
+from services.policy.params import check_prompt, validate
 
 SETTINGS = load_settings(
     {
@@ -47,6 +47,8 @@ def test_defaults_fill_in_unset_fields():
         1,
     )
     assert params(temperature=0.0).greedy
+    # The floors allow for gRPC's float32 fields: float32(0.01) is a little below 0.01.
+    assert params(temperature=0.009999999776482582, repetition_penalty=0.009999999776482582).temperature > 0
 
 
 @pytest.mark.parametrize(
@@ -59,6 +61,12 @@ def test_defaults_fill_in_unset_fields():
         ("top_p", 1.01, ["top_p", "(0, 1]"]),
         ("top_k", -1, ["top_k"]),
         ("repetition_penalty", 0.0, ["repetition_penalty", "> 0"]),
+        # Unsampleable: logits / 1e-45 overflow to inf and softmax gives NaN for every token.
+        ("temperature", 1e-45, ["temperature", "0 for greedy", "between 0.01 and 100"]),
+        ("temperature", float("nan"), ["temperature"]),
+        ("repetition_penalty", 1e-45, ["repetition_penalty", "between 0.01 and 100"]),
+        ("repetition_penalty", float("inf"), ["repetition_penalty"]),
+        ("top_k", 1 << 40, ["top_k", "4294967295"]),
         ("max_new_tokens", 65, ["max_new_tokens", "64", "RLHF_MAX_NEW_TOKENS_LIMIT"]),
         ("stop", [""], ["stop"]),
         ("stop", ["a"] * 9, ["stop", "limit is 8"]),
@@ -66,9 +74,9 @@ def test_defaults_fill_in_unset_fields():
     ],
 )
 def test_bad_fields_are_named_with_their_limit(field, value, words):
-    with pytest.raises(ServingError) as err:
+    with pytest.raises(StatusError) as err:
         params(**{field: value})
-    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert err.value.status == Status.INVALID_ARGUMENT
     for word in words:
         assert word in err.value.message
 
@@ -76,12 +84,12 @@ def test_bad_fields_are_named_with_their_limit(field, value, words):
 def test_prompt_checks_name_the_limit():
     p = params(max_new_tokens=8)
     check_prompt(SETTINGS, [1] * 32, p)  # exactly at the limit is fine
-    with pytest.raises(ServingError, match=r"prompt is empty"):
+    with pytest.raises(StatusError, match=r"prompt is empty"):
         check_prompt(SETTINGS, [], p)
-    with pytest.raises(ServingError, match=r"prompt has 33 tokens; the limit is 32 \(RLHF_MAX_PROMPT_TOKENS\)"):
+    with pytest.raises(StatusError, match=r"prompt has 33 tokens; the limit is 32 \(RLHF_MAX_PROMPT_TOKENS\)"):
         check_prompt(SETTINGS, [1] * 33, p)
     # K samples that could never fit the KV budget together are refused up front.
-    with pytest.raises(ServingError, match=r"RLHF_KV_BUDGET_TOKENS"):
+    with pytest.raises(StatusError, match=r"RLHF_KV_BUDGET_TOKENS"):
         check_prompt(SETTINGS, [1] * 30, params(max_new_tokens=64, num_samples=5))
 
 

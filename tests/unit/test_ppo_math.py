@@ -58,7 +58,8 @@ def test_clipped_policy_loss_four_cases():
     new = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]]))
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
     loss, clipfrac = clipped_policy_loss(new, old, adv, torch.ones(1, 4), clip=0.2)
-    # max(-Aρ, -A·clip(ρ)):  max(-1.5,-1.2)=-1.2 (clipped)  max(1.5,1.2)=1.5  max(-0.5,-0.8)=-0.5  max(0.5,0.8)=0.8 (clipped)
+    # max(-Aρ, -A·clip(ρ)):  max(-1.5,-1.2)=-1.2 (clipped)  max(1.5,1.2)=1.5
+    #                       max(-0.5,-0.8)=-0.5  max(0.5,0.8)=0.8 (clipped)
     assert float(loss) == pytest.approx((-1.2 + 1.5 - 0.5 + 0.8) / 4, abs=1e-6)
     assert float(clipfrac) == pytest.approx(0.5)
 
@@ -92,7 +93,7 @@ def test_adaptive_kl_controller():
 
 
 def test_weight_ema_averages_the_trainable_weights_and_round_trips():
-    from trainers.common import WeightEMA
+    from trainers.nn import WeightEMA
 
     model = torch.nn.Linear(2, 1, bias=True)
     model.bias.requires_grad_(False)  # frozen tensors are not averaged

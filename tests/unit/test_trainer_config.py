@@ -5,7 +5,10 @@ import re
 
 import pytest
 
-from trainers.common import JobError, build_config, epoch_order, global_batch, lr_at
+from services.common.dtypes import cpu_has_native_bf16
+from trainers.config import JobError, build_config
+from trainers.job import epoch_order, global_batch, lr_at
+from trainers.nn import resolve_autocast
 from trainers.ppo import PRESETS as PPO_PRESETS
 from trainers.ppo import PPOConfig
 from trainers.rm import PRESETS as RM_PRESETS
@@ -17,8 +20,8 @@ from trainers.sft import SFTConfig
 def test_layers_apply_in_order(tmp_path):
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps({"lr": 0.5, "epochs": 3}))
-    cfg = build_config(SFTConfig, SFT_PRESETS, "tiny", str(path), ["epochs=7", "bf16=true", "lora_targets=q_proj"])
-    assert (cfg.lr, cfg.epochs, cfg.bf16, cfg.lora_targets) == (0.5, 7, True, "q_proj")
+    cfg = build_config(SFTConfig, SFT_PRESETS, "tiny", str(path), ["epochs=7", "dtype=bfloat16", "lora_targets=q_proj"])
+    assert (cfg.lr, cfg.epochs, cfg.dtype, cfg.lora_targets) == (0.5, 7, "bfloat16", "q_proj")
     assert cfg.max_tokens == SFT_PRESETS["tiny"]["max_tokens"]
     inline = build_config(
         RMConfig, RM_PRESETS, "cpu", '{"batch_size": 2}', ['lr="0.01"']
@@ -35,11 +38,21 @@ def test_layers_apply_in_order(tmp_path):
         (["kl_beta=x"], "config key 'kl_beta' must be a number"),
         (["mini_batch_size=64"], "mini_batch_size=64 exceeds rollout_batch_size=4"),
         (["nokey"], "expected key=value"),
+        (["dtype=fp16"], "config key 'dtype' must be one of auto, float32, bfloat16; got 'fp16'"),
     ],
 )
 def test_bad_values_name_the_key(sets, message):
     with pytest.raises(JobError, match=re.escape(message)):
         build_config(PPOConfig, PPO_PRESETS, "tiny", None, sets)
+
+
+def test_dtype_auto_trains_in_bf16_only_where_it_is_native():
+    assert resolve_autocast("auto", "cpu") is cpu_has_native_bf16()
+    assert resolve_autocast("auto", "cuda:0") is True
+    assert resolve_autocast("float32", "cuda:0") is False and resolve_autocast("bfloat16", "cpu") is True
+    for cls, presets in ((SFTConfig, SFT_PRESETS), (RMConfig, RM_PRESETS), (PPOConfig, PPO_PRESETS)):
+        assert build_config(cls, presets, "cpu").dtype == "auto"  # the demo preset follows the machine
+        assert build_config(cls, presets, "tiny").dtype == "float32"  # tests: the same numbers on every CPU
 
 
 def test_unknown_preset_and_bad_json():
@@ -56,7 +69,9 @@ def test_every_preset_is_valid():
 
 
 def test_batches_cover_each_epoch_once_and_are_reproducible():
-    order = lambda e: epoch_order(10, seed=3, epoch=e)  # noqa: E731
+    def order(e):
+        return epoch_order(10, seed=3, epoch=e)
+
     epoch0 = [i for step in range(3) for i in global_batch(order, 10, 4, step)]
     assert sorted(epoch0) == list(range(10))  # 4 + 4 + 2
     assert global_batch(order, 10, 4, 3) == epoch_order(10, 3, 1)[:4]  # step 3 starts epoch 1
@@ -70,7 +85,23 @@ def test_lr_schedule():
 
 
 def test_short_last_batch_is_topped_up_so_every_rank_gets_work():
-    order = lambda e: epoch_order(5, seed=0, epoch=e)  # noqa: E731
+    def order(e):
+        return epoch_order(5, seed=0, epoch=e)
+
     first_epoch = epoch_order(5, 0, 0)
     assert global_batch(order, 5, 4, 1) == first_epoch[4:]  # one process: the short batch as is
     assert global_batch(order, 5, 4, 1, min_size=2) == [first_epoch[4], first_epoch[0]]  # two ranks: topped up
+
+
+def test_shared_fields_are_declared_once():
+    # LoRA, bf16 and the optimiser fields live in trainers/config.py; an algorithm
+    # repeats a shared field only to change its default.
+    from trainers.config import SupervisedConfig, TrainConfig
+
+    assert issubclass(SFTConfig, SupervisedConfig) and issubclass(RMConfig, SupervisedConfig)
+    assert issubclass(PPOConfig, TrainConfig)
+    for cls in (SFTConfig, RMConfig, PPOConfig):
+        own = vars(cls).get("__annotations__", {})
+        assert not {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "bf16", "seed"} & set(own), cls
+        for name in set(own) & {f for f in vars(TrainConfig)["__annotations__"]}:
+            assert getattr(cls(), name) != getattr(TrainConfig(), name), f"{cls.__name__}.{name} repeats the default"

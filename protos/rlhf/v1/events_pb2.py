@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/events.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\x9d\x02\n\x0bPromptEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x11\n\tprompt_id\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12&\n\x08messages\x18\x06 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x34\n\x08metadata\x18\x08 \x03(\x0b\x32\".rlhf.v1.PromptEvent.MetadataEntry\x12\x17\n\x0f\x63reated_unix_ms\x18\t \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb2\x01\n\x12\x44\x65monstrationEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x11\n\tprompt_id\x18\x04 \x01(\t\x12\x13\n\x0bprompt_text\x18\x05 \x01(\t\x12\x10\n\x08response\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x0f\n\x07user_id\x18\x08 \x01(\t\"D\n\x0eRankedResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\"\xc9\x01\n\x0f\x43omparisonEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x11\n\tprompt_id\x18\x04 \x01(\t\x12\x13\n\x0bprompt_text\x18\x05 \x01(\t\x12*\n\tresponses\x18\x06 \x03(\x0b\x32\x17.rlhf.v1.RankedResponse\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x0f\n\x07user_id\x18\x08 \x01(\t\"\xf5\x01\n\nLabelEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x11\n\tprompt_id\x18\x04 \x01(\t\x12\x13\n\x0bprompt_text\x18\x05 \x01(\t\x12\x10\n\x08response\x18\x06 \x01(\t\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12\x0e\n\x06likert\x18\x08 \x01(\r\x12!\n\x05\x66lags\x18\t \x03(\x0e\x32\x12.rlhf.v1.LabelFlag\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x12\x0f\n\x07user_id\x18\x0b \x01(\t\"\xbc\x02\n\x0f\x43heckpointEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.rlhf.v1.CheckpointEvent.Type\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x06 \x01(\t\x12\x0f\n\x07parents\x18\x07 \x03(\t\x12\x18\n\x10\x64\x61taset_snapshot\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\"T\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cTYPE_CREATED\x10\x01\x12\x11\n\rTYPE_PROMOTED\x10\x02\x12\x11\n\rTYPE_REJECTED\x10\x03\"\x84\x01\n\x0f\x44\x65\x61\x64LetterEvent\x12\x14\n\x0csource_topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03*\x9e\x03\n\tLabelFlag\x12\x1a\n\x16LABEL_FLAG_UNSPECIFIED\x10\x00\x12*\n&LABEL_FLAG_FAILS_TO_FOLLOW_INSTRUCTION\x10\x01\x12\x1c\n\x18LABEL_FLAG_HALLUCINATION\x10\x02\x12\x33\n/LABEL_FLAG_INAPPROPRIATE_FOR_CUSTOMER_ASSISTANT\x10\x03\x12\x1d\n\x19LABEL_FLAG_SEXUAL_CONTENT\x10\x04\x12\x1e\n\x1aLABEL_FLAG_VIOLENT_CONTENT\x10\x05\x12\"\n\x1eLABEL_FLAG_ENCOURAGES_VIOLENCE\x10\x06\x12)\n%LABEL_FLAG_DENIGRATES_PROTECTED_CLASS\x10\x07\x12\x1d\n\x19LABEL_FLAG_HARMFUL_ADVICE\x10\x08\x12 \n\x1cLABEL_FLAG_EXPRESSES_OPINION\x10\t\x12\'\n#LABEL_FLAG_EXPRESSES_MORAL_JUDGMENT\x10\nb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14rlhf/v1/events.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\"\x9d\x02\n\x0bPromptEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x0f\n\x07user_id\x18\x03 \x01(\t\x12\x11\n\tprompt_id\x18\x04 \x01(\t\x12\x0c\n\x04text\x18\x05 \x01(\t\x12&\n\x08messages\x18\x06 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x0e\n\x06source\x18\x07 \x01(\t\x12\x34\n\x08metadata\x18\x08 \x03(\x0b\x32\".rlhf.v1.PromptEvent.MetadataEntry\x12\x17\n\x0f\x63reated_unix_ms\x18\t \x01(\x03\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xc3\x01\n\x12\x44\x65monstrationEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x11\n\tprompt_id\x18\x04 \x01(\t\x12\x13\n\x0bprompt_text\x18\x05 \x01(\t\x12\x10\n\x08response\x18\x06 \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x0f\n\x07user_id\x18\x08 \x01(\t\x12\x0f\n\x07task_id\x18\t \x01(\t\"\x8a\x01\n\x0eRankedResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\r\x12\x11\n\tsample_id\x18\x04 \x01(\t\x12\x0e\n\x06likert\x18\x05 \x01(\r\x12!\n\x05\x66lags\x18\x06 \x03(\x0e\x32\x12.rlhf.v1.LabelFlag\"\xda\x01\n\x0f\x43omparisonEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x11\n\tprompt_id\x18\x04 \x01(\t\x12\x13\n\x0bprompt_text\x18\x05 \x01(\t\x12*\n\tresponses\x18\x06 \x03(\x0b\x32\x17.rlhf.v1.RankedResponse\x12\x17\n\x0f\x63reated_unix_ms\x18\x07 \x01(\x03\x12\x0f\n\x07user_id\x18\x08 \x01(\t\x12\x0f\n\x07task_id\x18\t \x01(\t\"\xf5\x01\n\nLabelEvent\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x12\n\nlabeler_id\x18\x03 \x01(\t\x12\x11\n\tprompt_id\x18\x04 \x01(\t\x12\x13\n\x0bprompt_text\x18\x05 \x01(\t\x12\x10\n\x08response\x18\x06 \x01(\t\x12\x16\n\x0epolicy_version\x18\x07 \x01(\t\x12\x0e\n\x06likert\x18\x08 \x01(\r\x12!\n\x05\x66lags\x18\t \x03(\x0e\x32\x12.rlhf.v1.LabelFlag\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\x12\x0f\n\x07user_id\x18\x0b \x01(\t\"\xbc\x02\n\x0f\x43heckpointEvent\x12+\n\x04type\x18\x01 \x01(\x0e\x32\x1d.rlhf.v1.CheckpointEvent.Type\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x0c\n\x04role\x18\x04 \x01(\t\x12\x0c\n\x04path\x18\x05 \x01(\t\x12\x17\n\x0fmanifest_sha256\x18\x06 \x01(\t\x12\x0f\n\x07parents\x18\x07 \x03(\t\x12\x18\n\x10\x64\x61taset_snapshot\x18\x08 \x01(\t\x12\x0e\n\x06reason\x18\t \x01(\t\x12\x17\n\x0f\x63reated_unix_ms\x18\n \x01(\x03\"T\n\x04Type\x12\x14\n\x10TYPE_UNSPECIFIED\x10\x00\x12\x10\n\x0cTYPE_CREATED\x10\x01\x12\x11\n\rTYPE_PROMOTED\x10\x02\x12\x11\n\rTYPE_REJECTED\x10\x03\"\x84\x01\n\x0f\x44\x65\x61\x64LetterEvent\x12\x14\n\x0csource_topic\x18\x01 \x01(\t\x12\x11\n\tpartition\x18\x02 \x01(\x05\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\x12\x0f\n\x07payload\x18\x05 \x01(\x0c\x12\x17\n\x0f\x63reated_unix_ms\x18\x06 \x01(\x03*\xc3\x03\n\tLabelFlag\x12\x1a\n\x16LABEL_FLAG_UNSPECIFIED\x10\x00\x12*\n&LABEL_FLAG_FAILS_TO_FOLLOW_INSTRUCTION\x10\x01\x12\x1c\n\x18LABEL_FLAG_HALLUCINATION\x10\x02\x12\x33\n/LABEL_FLAG_INAPPROPRIATE_FOR_CUSTOMER_ASSISTANT\x10\x03\x12\x1d\n\x19LABEL_FLAG_SEXUAL_CONTENT\x10\x04\x12\x1e\n\x1aLABEL_FLAG_VIOLENT_CONTENT\x10\x05\x12\"\n\x1eLABEL_FLAG_ENCOURAGES_VIOLENCE\x10\x06\x12)\n%LABEL_FLAG_DENIGRATES_PROTECTED_CLASS\x10\x07\x12\x1d\n\x19LABEL_FLAG_HARMFUL_ADVICE\x10\x08\x12 \n\x1cLABEL_FLAG_EXPRESSES_OPINION\x10\t\x12\'\n#LABEL_FLAG_EXPRESSES_MORAL_JUDGMENT\x10\n\x12#\n\x1fLABEL_FLAG_SATISFIES_CONSTRAINT\x10\x0b\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PROMPTEVENT_METADATAENTRY']._loaded_options = None
   _globals['_PROMPTEVENT_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_LABELFLAG']._serialized_start=1501
-  _globals['_LABELFLAG']._serialized_end=1915
+  _globals['_LABELFLAG']._serialized_start=1606
+  _globals['_LABELFLAG']._serialized_end=2057
   _globals['_PROMPTEVENT']._serialized_start=56
   _globals['_PROMPTEVENT']._serialized_end=341
   _globals['_PROMPTEVENT_METADATAENTRY']._serialized_start=294
   _globals['_PROMPTEVENT_METADATAENTRY']._serialized_end=341
   _globals['_DEMONSTRATIONEVENT']._serialized_start=344
-  _globals['_DEMONSTRATIONEVENT']._serialized_end=522
-  _globals['_RANKEDRESPONSE']._serialized_start=524
-  _globals['_RANKEDRESPONSE']._serialized_end=592
-  _globals['_COMPARISONEVENT']._serialized_start=595
-  _globals['_COMPARISONEVENT']._serialized_end=796
-  _globals['_LABELEVENT']._serialized_start=799
-  _globals['_LABELEVENT']._serialized_end=1044
-  _globals['_CHECKPOINTEVENT']._serialized_start=1047
-  _globals['_CHECKPOINTEVENT']._serialized_end=1363
-  _globals['_CHECKPOINTEVENT_TYPE']._serialized_start=1279
-  _globals['_CHECKPOINTEVENT_TYPE']._serialized_end=1363
-  _globals['_DEADLETTEREVENT']._serialized_start=1366
-  _globals['_DEADLETTEREVENT']._serialized_end=1498
+  _globals['_DEMONSTRATIONEVENT']._serialized_end=539
+  _globals['_RANKEDRESPONSE']._serialized_start=542
+  _globals['_RANKEDRESPONSE']._serialized_end=680
+  _globals['_COMPARISONEVENT']._serialized_start=683
+  _globals['_COMPARISONEVENT']._serialized_end=901
+  _globals['_LABELEVENT']._serialized_start=904
+  _globals['_LABELEVENT']._serialized_end=1149
+  _globals['_CHECKPOINTEVENT']._serialized_start=1152
+  _globals['_CHECKPOINTEVENT']._serialized_end=1468
+  _globals['_CHECKPOINTEVENT_TYPE']._serialized_start=1384
+  _globals['_CHECKPOINTEVENT_TYPE']._serialized_end=1468
+  _globals['_DEADLETTEREVENT']._serialized_start=1471
+  _globals['_DEADLETTEREVENT']._serialized_end=1603
 # @@protoc_insertion_point(module_scope)

@@ -21,6 +21,7 @@ class LabelFlag(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LABEL_FLAG_HARMFUL_ADVICE: _ClassVar[LabelFlag]
     LABEL_FLAG_EXPRESSES_OPINION: _ClassVar[LabelFlag]
     LABEL_FLAG_EXPRESSES_MORAL_JUDGMENT: _ClassVar[LabelFlag]
+    LABEL_FLAG_SATISFIES_CONSTRAINT: _ClassVar[LabelFlag]
 LABEL_FLAG_UNSPECIFIED: LabelFlag
 LABEL_FLAG_FAILS_TO_FOLLOW_INSTRUCTION: LabelFlag
 LABEL_FLAG_HALLUCINATION: LabelFlag
@@ -32,6 +33,7 @@ LABEL_FLAG_DENIGRATES_PROTECTED_CLASS: LabelFlag
 LABEL_FLAG_HARMFUL_ADVICE: LabelFlag
 LABEL_FLAG_EXPRESSES_OPINION: LabelFlag
 LABEL_FLAG_EXPRESSES_MORAL_JUDGMENT: LabelFlag
+LABEL_FLAG_SATISFIES_CONSTRAINT: LabelFlag
 
 class PromptEvent(_message.Message):
     __slots__ = ("event_id", "request_id", "user_id", "prompt_id", "text", "messages", "source", "metadata", "created_unix_ms")
@@ -63,7 +65,7 @@ class PromptEvent(_message.Message):
     def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., created_unix_ms: _Optional[int] = ...) -> None: ...
 
 class DemonstrationEvent(_message.Message):
-    __slots__ = ("event_id", "request_id", "labeler_id", "prompt_id", "prompt_text", "response", "created_unix_ms", "user_id")
+    __slots__ = ("event_id", "request_id", "labeler_id", "prompt_id", "prompt_text", "response", "created_unix_ms", "user_id", "task_id")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABELER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +74,7 @@ class DemonstrationEvent(_message.Message):
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     request_id: str
     labeler_id: str
@@ -80,20 +83,27 @@ class DemonstrationEvent(_message.Message):
     response: str
     created_unix_ms: int
     user_id: str
-    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., response: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., user_id: _Optional[str] = ...) -> None: ...
+    task_id: str
+    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., response: _Optional[str] = ..., created_unix_ms: _Optional[int] = ..., user_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class RankedResponse(_message.Message):
-    __slots__ = ("text", "policy_version", "rank")
+    __slots__ = ("text", "policy_version", "rank", "sample_id", "likert", "flags")
     TEXT_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANK_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_ID_FIELD_NUMBER: _ClassVar[int]
+    LIKERT_FIELD_NUMBER: _ClassVar[int]
+    FLAGS_FIELD_NUMBER: _ClassVar[int]
     text: str
     policy_version: str
     rank: int
-    def __init__(self, text: _Optional[str] = ..., policy_version: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
+    sample_id: str
+    likert: int
+    flags: _containers.RepeatedScalarFieldContainer[LabelFlag]
+    def __init__(self, text: _Optional[str] = ..., policy_version: _Optional[str] = ..., rank: _Optional[int] = ..., sample_id: _Optional[str] = ..., likert: _Optional[int] = ..., flags: _Optional[_Iterable[_Union[LabelFlag, str]]] = ...) -> None: ...
 
 class ComparisonEvent(_message.Message):
-    __slots__ = ("event_id", "request_id", "labeler_id", "prompt_id", "prompt_text", "responses", "created_unix_ms", "user_id")
+    __slots__ = ("event_id", "request_id", "labeler_id", "prompt_id", "prompt_text", "responses", "created_unix_ms", "user_id", "task_id")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     LABELER_ID_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +112,7 @@ class ComparisonEvent(_message.Message):
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     CREATED_UNIX_MS_FIELD_NUMBER: _ClassVar[int]
     USER_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: str
     request_id: str
     labeler_id: str
@@ -110,7 +121,8 @@ class ComparisonEvent(_message.Message):
     responses: _containers.RepeatedCompositeFieldContainer[RankedResponse]
     created_unix_ms: int
     user_id: str
-    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., responses: _Optional[_Iterable[_Union[RankedResponse, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ..., user_id: _Optional[str] = ...) -> None: ...
+    task_id: str
+    def __init__(self, event_id: _Optional[str] = ..., request_id: _Optional[str] = ..., labeler_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., responses: _Optional[_Iterable[_Union[RankedResponse, _Mapping]]] = ..., created_unix_ms: _Optional[int] = ..., user_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class LabelEvent(_message.Message):
     __slots__ = ("event_id", "request_id", "labeler_id", "prompt_id", "prompt_text", "response", "policy_version", "likert", "flags", "created_unix_ms", "user_id")

@@ -26,7 +26,7 @@ from rlhf.v1 import common_pb2 as rlhf_dot_v1_dot_common__pb2
 from rlhf.v1 import events_pb2 as rlhf_dot_v1_dot_events__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\x1a\x14rlhf/v1/events.proto\"\xe9\x01\n\x10LogPromptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x39\n\x08metadata\x18\x05 \x03(\x0b\x32\'.rlhf.v1.LogPromptRequest.MetadataEntry\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"~\n\x1aSubmitDemonstrationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x12\n\nlabeler_id\x18\x05 \x01(\t\"\x95\x01\n\x17SubmitComparisonRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12*\n\tresponses\x18\x04 \x03(\x0b\x32\x17.rlhf.v1.RankedResponse\x12\x12\n\nlabeler_id\x18\x05 \x01(\t\"\xc2\x01\n\x13SubmitLabelsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x0e\n\x06likert\x18\x06 \x01(\r\x12!\n\x05\x66lags\x18\x07 \x03(\x0e\x32\x12.rlhf.v1.LabelFlag\x12\x12\n\nlabeler_id\x18\x08 \x01(\t\"\xe5\x01\n\x08\x42ulkItem\x12+\n\x06prompt\x18\x01 \x01(\x0b\x32\x19.rlhf.v1.LogPromptRequestH\x00\x12<\n\rdemonstration\x18\x02 \x01(\x0b\x32#.rlhf.v1.SubmitDemonstrationRequestH\x00\x12\x36\n\ncomparison\x18\x03 \x01(\x0b\x32 .rlhf.v1.SubmitComparisonRequestH\x00\x12.\n\x06labels\x18\x04 \x01(\x0b\x32\x1c.rlhf.v1.SubmitLabelsRequestH\x00\x42\x06\n\x04item\"d\n\x0bSubmitReply\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05topic\x18\x03 \x01(\t\x12\x11\n\tpartition\x18\x04 \x01(\x05\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x32\xec\x02\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12<\n\tLogPrompt\x12\x19.rlhf.v1.LogPromptRequest\x1a\x14.rlhf.v1.SubmitReply\x12P\n\x13SubmitDemonstration\x12#.rlhf.v1.SubmitDemonstrationRequest\x1a\x14.rlhf.v1.SubmitReply\x12J\n\x10SubmitComparison\x12 .rlhf.v1.SubmitComparisonRequest\x1a\x14.rlhf.v1.SubmitReply\x12\x42\n\x0cSubmitLabels\x12\x1c.rlhf.v1.SubmitLabelsRequest\x1a\x14.rlhf.v1.SubmitReply\x12\x39\n\nBulkSubmit\x12\x11.rlhf.v1.BulkItem\x1a\x14.rlhf.v1.SubmitReply(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16rlhf/v1/feedback.proto\x12\x07rlhf.v1\x1a\x14rlhf/v1/common.proto\x1a\x14rlhf/v1/events.proto\"\xe9\x01\n\x10LogPromptRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12&\n\x08messages\x18\x03 \x03(\x0b\x32\x14.rlhf.v1.ChatMessage\x12\x0e\n\x06source\x18\x04 \x01(\t\x12\x39\n\x08metadata\x18\x05 \x03(\x0b\x32\'.rlhf.v1.LogPromptRequest.MetadataEntry\x12\x0f\n\x07user_id\x18\x06 \x01(\t\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x8f\x01\n\x1aSubmitDemonstrationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x12\n\nlabeler_id\x18\x05 \x01(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\"\xa6\x01\n\x17SubmitComparisonRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12*\n\tresponses\x18\x04 \x03(\x0b\x32\x17.rlhf.v1.RankedResponse\x12\x12\n\nlabeler_id\x18\x05 \x01(\t\x12\x0f\n\x07task_id\x18\x06 \x01(\t\"\xc2\x01\n\x13SubmitLabelsRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\tprompt_id\x18\x02 \x01(\t\x12\x13\n\x0bprompt_text\x18\x03 \x01(\t\x12\x10\n\x08response\x18\x04 \x01(\t\x12\x16\n\x0epolicy_version\x18\x05 \x01(\t\x12\x0e\n\x06likert\x18\x06 \x01(\r\x12!\n\x05\x66lags\x18\x07 \x03(\x0e\x32\x12.rlhf.v1.LabelFlag\x12\x12\n\nlabeler_id\x18\x08 \x01(\t\"\xe5\x01\n\x08\x42ulkItem\x12+\n\x06prompt\x18\x01 \x01(\x0b\x32\x19.rlhf.v1.LogPromptRequestH\x00\x12<\n\rdemonstration\x18\x02 \x01(\x0b\x32#.rlhf.v1.SubmitDemonstrationRequestH\x00\x12\x36\n\ncomparison\x18\x03 \x01(\x0b\x32 .rlhf.v1.SubmitComparisonRequestH\x00\x12.\n\x06labels\x18\x04 \x01(\x0b\x32\x1c.rlhf.v1.SubmitLabelsRequestH\x00\x42\x06\n\x04item\"d\n\x0bSubmitReply\x12\x10\n\x08\x65vent_id\x18\x01 \x01(\t\x12\x11\n\tduplicate\x18\x02 \x01(\x08\x12\r\n\x05topic\x18\x03 \x01(\t\x12\x11\n\tpartition\x18\x04 \x01(\x05\x12\x0e\n\x06offset\x18\x05 \x01(\x03\x32\xec\x02\n\x0f\x46\x65\x65\x64\x62\x61\x63kService\x12<\n\tLogPrompt\x12\x19.rlhf.v1.LogPromptRequest\x1a\x14.rlhf.v1.SubmitReply\x12P\n\x13SubmitDemonstration\x12#.rlhf.v1.SubmitDemonstrationRequest\x1a\x14.rlhf.v1.SubmitReply\x12J\n\x10SubmitComparison\x12 .rlhf.v1.SubmitComparisonRequest\x1a\x14.rlhf.v1.SubmitReply\x12\x42\n\x0cSubmitLabels\x12\x1c.rlhf.v1.SubmitLabelsRequest\x1a\x14.rlhf.v1.SubmitReply\x12\x39\n\nBulkSubmit\x12\x11.rlhf.v1.BulkItem\x1a\x14.rlhf.v1.SubmitReply(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,16 +39,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LOGPROMPTREQUEST']._serialized_end=313
   _globals['_LOGPROMPTREQUEST_METADATAENTRY']._serialized_start=266
   _globals['_LOGPROMPTREQUEST_METADATAENTRY']._serialized_end=313
-  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_start=315
-  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_end=441
-  _globals['_SUBMITCOMPARISONREQUEST']._serialized_start=444
-  _globals['_SUBMITCOMPARISONREQUEST']._serialized_end=593
-  _globals['_SUBMITLABELSREQUEST']._serialized_start=596
-  _globals['_SUBMITLABELSREQUEST']._serialized_end=790
-  _globals['_BULKITEM']._serialized_start=793
-  _globals['_BULKITEM']._serialized_end=1022
-  _globals['_SUBMITREPLY']._serialized_start=1024
-  _globals['_SUBMITREPLY']._serialized_end=1124
-  _globals['_FEEDBACKSERVICE']._serialized_start=1127
-  _globals['_FEEDBACKSERVICE']._serialized_end=1491
+  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_start=316
+  _globals['_SUBMITDEMONSTRATIONREQUEST']._serialized_end=459
+  _globals['_SUBMITCOMPARISONREQUEST']._serialized_start=462
+  _globals['_SUBMITCOMPARISONREQUEST']._serialized_end=628
+  _globals['_SUBMITLABELSREQUEST']._serialized_start=631
+  _globals['_SUBMITLABELSREQUEST']._serialized_end=825
+  _globals['_BULKITEM']._serialized_start=828
+  _globals['_BULKITEM']._serialized_end=1057
+  _globals['_SUBMITREPLY']._serialized_start=1059
+  _globals['_SUBMITREPLY']._serialized_end=1159
+  _globals['_FEEDBACKSERVICE']._serialized_start=1162
+  _globals['_FEEDBACKSERVICE']._serialized_end=1526
 # @@protoc_insertion_point(module_scope)

@@ -32,32 +32,36 @@ class LogPromptRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[_common_pb2.ChatMessage, _Mapping]]] = ..., source: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., user_id: _Optional[str] = ...) -> None: ...
 
 class SubmitDemonstrationRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_id", "prompt_text", "response", "labeler_id")
+    __slots__ = ("request_id", "prompt_id", "prompt_text", "response", "labeler_id", "task_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     RESPONSE_FIELD_NUMBER: _ClassVar[int]
     LABELER_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_id: str
     prompt_text: str
     response: str
     labeler_id: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., response: _Optional[str] = ..., labeler_id: _Optional[str] = ...) -> None: ...
+    task_id: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., response: _Optional[str] = ..., labeler_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class SubmitComparisonRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_id", "prompt_text", "responses", "labeler_id")
+    __slots__ = ("request_id", "prompt_id", "prompt_text", "responses", "labeler_id", "task_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TEXT_FIELD_NUMBER: _ClassVar[int]
     RESPONSES_FIELD_NUMBER: _ClassVar[int]
     LABELER_ID_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_id: str
     prompt_text: str
     responses: _containers.RepeatedCompositeFieldContainer[_events_pb2.RankedResponse]
     labeler_id: str
-    def __init__(self, request_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., responses: _Optional[_Iterable[_Union[_events_pb2.RankedResponse, _Mapping]]] = ..., labeler_id: _Optional[str] = ...) -> None: ...
+    task_id: str
+    def __init__(self, request_id: _Optional[str] = ..., prompt_id: _Optional[str] = ..., prompt_text: _Optional[str] = ..., responses: _Optional[_Iterable[_Union[_events_pb2.RankedResponse, _Mapping]]] = ..., labeler_id: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class SubmitLabelsRequest(_message.Message):
     __slots__ = ("request_id", "prompt_id", "prompt_text", "response", "policy_version", "likert", "flags", "labeler_id")

@@ -1,4 +1,4 @@
-// The playground page: sign-in, streamed prompting, and K-way ranking.
+// The playground page: sign-in, streamed prompting, the labeling queue, and its quality figures.
 // Plain browser JavaScript, no build step and nothing loaded from elsewhere.
 "use strict";
 
@@ -8,7 +8,8 @@ const state = {
   config: null,
   history: [],          // chat turns kept when "Keep the conversation" is on
   streaming: null,      // AbortController of the running stream
-  label: null,          // the batch being labeled, see newBatch()
+  task: null,           // the leased task being labeled (from GET /api/task)
+  leaseTimer: null,
 };
 
 // ---------------------------------------------------------------- helpers
@@ -76,8 +77,10 @@ async function signIn(token) {
   $("whoami").hidden = false;
   $("signin").hidden = true;
   $("workspace").hidden = false;
-  $("tab-label").disabled = !who.labeler;
-  $("tab-label").title = who.labeler ? "" : "Labeling needs a labeler token";
+  for (const tab of [$("tab-label"), $("tab-quality")]) {
+    tab.disabled = !who.labeler;
+    tab.title = who.labeler ? "" : "Labeling needs a labeler token";
+  }
   state.config = await api("/api/config", undefined, "GET");
   api("/api/model", undefined, "GET").then((m) => setModelVersion(m.version)).catch(() => {});
   $("prompt").focus();
@@ -104,7 +107,7 @@ $("signin-form").addEventListener("submit", async (ev) => {
 $("sign-out").addEventListener("click", signOut);
 
 // ---------------------------------------------------------------- tabs
-const tabs = [$("tab-prompt"), $("tab-label")];
+const tabs = [$("tab-prompt"), $("tab-label"), $("tab-quality")];
 function selectTab(tab) {
   for (const t of tabs) {
     const on = t === tab;
@@ -113,6 +116,8 @@ function selectTab(tab) {
     $(t.getAttribute("aria-controls")).hidden = !on;
   }
   tab.focus();
+  if (tab === $("tab-label") && !state.task) nextTask();  // nothing to type: the queue serves the task
+  if (tab === $("tab-quality")) loadStats();
 }
 tabs.forEach((tab, i) => {
   tab.addEventListener("click", () => selectTab(tab));
@@ -236,16 +241,6 @@ $("new-chat").addEventListener("click", () => {
 // ---------------------------------------------------------------- labeling
 const LETTERS = "ABCDEFGHI";
 
-function newBatch(prompt, reply) {
-  return {
-    id: randomId(),           // request ids derive from it: a retry is idempotent
-    prompt,
-    promptEventId: reply ? reply.prompt_event_id : "",
-    modelVersion: reply ? reply.model_version : "",
-    samples: reply ? reply.samples : [],
-  };
-}
-
 function cardOf(index) {
   return document.querySelector(`.sample[data-index="${index}"]`);
 }
@@ -256,7 +251,6 @@ function buildCard(sample, index) {
   li.dataset.index = index;
   li.setAttribute("aria-label", name);
   li.querySelector(".sample-name").textContent = name;
-  li.querySelector(".sample-meta").textContent = sample.finish_reason.replace("FINISH_REASON_", "").toLowerCase();
   li.querySelector(".sample-text").textContent = sample.text || "(empty)";
   const likert = li.querySelector(".likert");
   for (let v = state.config.likert_min; v <= state.config.likert_max; v++) likert.add(new Option(String(v), String(v)));
@@ -278,10 +272,6 @@ function buildCard(sample, index) {
   li.querySelector(".move-up").addEventListener("click", () => move(li, -1));
   li.querySelector(".move-down").addEventListener("click", () => move(li, +1));
   li.querySelector(".tie").addEventListener("change", renumber);
-  li.querySelector(".use-demo").addEventListener("click", () => {
-    $("demonstration").value = sample.text;
-    $("demonstration").focus();
-  });
   li.addEventListener("keydown", (ev) => onCardKey(ev, li));
   li.addEventListener("dragstart", (ev) => {
     ev.dataTransfer.setData("text/plain", String(index));
@@ -317,7 +307,7 @@ function renumber() {
     li.querySelector(".toggle-rank").textContent = "Rank next";
   }
   const left = $("unranked").children.length;
-  $("samples-status").textContent = left ? `${left} sample(s) still unranked.` : "All samples ranked.";
+  $("task-status").textContent = left ? `${left} output(s) still unranked.` : "All outputs ranked.";
 }
 
 function toggleRanked(li) {
@@ -400,112 +390,143 @@ for (const list of [$("unranked"), $("ranking")]) {
   });
 }
 
-function resetLabeling(keepPrompt) {
-  state.label = null;
+function showLease() {
+  if (!state.task) { $("lease").textContent = ""; return; }
+  const left = Math.max(0, Math.round((state.task.lease_expires_unix_ms - Date.now()) / 1000));
+  const mm = String(Math.floor(left / 60)), ss = String(left % 60).padStart(2, "0");
+  $("lease").textContent = left ? `Lease: ${mm}:${ss} left` : "Lease expired: the task went back to the queue.";
+  $("lease").classList.toggle("expiring", left < 60);
+}
+
+function clearTask() {
+  state.task = null;
+  clearInterval(state.leaseTimer);
   $("unranked").replaceChildren();
   $("ranking").replaceChildren();
-  $("ranking-area").hidden = true;
+  $("task-area").hidden = true;
   $("demonstration").value = "";
-  $("samples-status").textContent = "";
   $("label-result").hidden = true;
   $("label-result").replaceChildren();
   show($("label-error"), "");
-  $("submit-labels").disabled = false;
-  if (!keepPrompt) $("label-prompt").value = "";
+  showLease();
 }
 
-$("samples-form").addEventListener("submit", async (ev) => {
-  ev.preventDefault();
-  const prompt = $("label-prompt").value.trim();
-  resetLabeling(true);
-  if (!prompt) { show($("label-error"), "Type the prompt to label first."); $("label-prompt").focus(); return; }
-  const k = Number($("k").value);
-  $("get-samples").disabled = true;
-  $("samples-status").textContent = `Generating ${k} samples…`;
+// Ask the queue for the next task: the same one while this labeler's lease is open.
+async function nextTask() {
+  clearTask();
+  $("next-task").disabled = true;
+  $("task-status").textContent = "Getting the next task…";
   try {
-    const reply = await api("/api/samples", {
-      prompt, k, request_id: randomId(), ...generationSettings($("label-max-tokens"), $("label-temperature")),
-    });
-    state.label = newBatch(prompt, reply);
-    setModelVersion(reply.model_version);
-    reply.samples.forEach((s, i) => $("unranked").append(buildCard(s, i)));
-    $("ranking-area").hidden = false;
-    renumber();
-    $("unranked").firstElementChild.focus();
+    const task = await api("/api/task", undefined, "GET");
+    state.task = task;
+    $("task-prompt").textContent = task.prompt_text;
+    const comparison = task.kind === "comparison";
+    $("task-kind").textContent = comparison ? `rank ${task.samples.length} outputs` : "write a demonstration";
+    $("ranking-area").hidden = !comparison;
+    $("demo-area").hidden = comparison;
+    task.samples.forEach((s, i) => $("unranked").append(buildCard(s, i)));
+    $("task-area").hidden = false;
+    state.leaseTimer = setInterval(showLease, 1000);
+    showLease();
+    $("submit-labels").disabled = false;
+    if (comparison) { renumber(); $("unranked").firstElementChild.focus(); }
+    else { $("task-status").textContent = "Write the answer you would want."; $("demonstration").focus(); }
   } catch (err) {
-    $("samples-status").textContent = "";
-    show($("label-error"), describeError(err));
+    $("task-status").textContent = "";
+    show($("label-error"), err && err.code === "NOT_FOUND" ? "No task is queued now; try again later." : describeError(err));
   } finally {
-    $("get-samples").disabled = false;
+    $("next-task").disabled = false;
   }
-});
-
-function confirmLine(what, reply) {
-  const li = document.createElement("li");
-  li.append(`${what}: event `);
-  const code = document.createElement("code");
-  code.className = "event-id";
-  code.textContent = reply.event_id;
-  li.append(code, reply.duplicate ? " (already recorded; not written twice)" : ` (${reply.topic} #${reply.offset})`);
-  return li;
 }
 
-// Submit the ranking, the per-sample labels and the demonstration as one
-// submission: the service checks every part before it writes any, so a bad
-// field writes nothing. Request ids derive from the batch, so pressing Submit
-// again after a failure never records anything twice.
-async function submitLabels() {
-  show($("label-error"), "");
-  const prompt = $("label-prompt").value.trim();
-  const demo = $("demonstration").value.trim();
-  if (!state.label) state.label = newBatch(prompt, null);
-  const batch = state.label;
-  const body = { labels: [] };
-  const parts = [];  // what each reply confirms, in the order the service answers
-  if (batch.samples.length) {
-    const responses = batch.samples.map((s, i) => ({
-      text: s.text, policy_version: batch.modelVersion, rank: Number(cardOf(i).dataset.rank || 0),
-    }));
-    body.comparison = { request_id: batch.id + "-cmp", prompt_id: batch.promptEventId, prompt_text: batch.prompt, responses };
-    parts.push("Ranking");
-    batch.samples.forEach((s, i) => {
-      const card = cardOf(i);
-      const likert = Number(card.querySelector(".likert").value || 0);
-      const flags = Array.from(card.querySelectorAll(".flag:checked"), (b) => b.value);
-      if (!likert && !flags.length) return;
-      body.labels.push({
-        request_id: `${batch.id}-lab-${i}`, prompt_id: batch.promptEventId, prompt_text: batch.prompt,
-        response: s.text, policy_version: batch.modelVersion, likert, flags,
-      });
-      parts.push(`Labels for sample ${LETTERS[i]}`);
-    });
-  }
-  if (demo) {
-    body.demonstration = {
-      request_id: batch.id + "-demo", prompt_id: batch.promptEventId, prompt_text: batch.prompt || prompt, response: demo,
-    };
-    parts.push("Demonstration");
-  }
-  if (!parts.length) { show($("label-error"), "Nothing to submit: get samples to rank, or write a demonstration."); return; }
+function confirmLine(reply) {
+  const p = document.createElement("p");
+  p.append("Recorded: event ");
+  const code = Object.assign(document.createElement("code"), { className: "event-id", textContent: reply.event_id });
+  p.append(code, reply.duplicate ? " (already recorded; not written twice)." : ".");
+  return p;
+}
 
-  const result = $("label-result");
+// One submission per task: every output's Likert score, flags and rank, or the
+// demonstration. The service checks all of it before writing any, so a refusal
+// records nothing, and Submit again never records anything twice.
+async function submitTask() {
+  show($("label-error"), "");
+  const task = state.task;
+  if (!task) return;
+  const body = { task_id: task.task_id };
+  if (task.kind === "comparison") {
+    body.judgements = task.samples.map((s, i) => {
+      const card = cardOf(i);
+      return {
+        sample_id: s.sample_id,
+        likert: Number(card.querySelector(".likert").value || 0),
+        rank: Number(card.dataset.rank || 0),
+        flags: Array.from(card.querySelectorAll(".flag:checked"), (b) => b.value),
+      };
+    });
+  } else {
+    body.demonstration = $("demonstration").value.trim();
+  }
   $("submit-labels").disabled = true;
   try {
-    const { replies } = await api("/api/submission", body);
-    const list = document.createElement("ul");
-    replies.forEach((reply, i) => list.append(confirmLine(parts[i], reply)));
-    result.replaceChildren(Object.assign(document.createElement("strong"), { textContent: "Submitted." }), list);
+    const reply = await api("/api/task", body);
+    clearInterval(state.leaseTimer);
+    state.task = null;
+    $("lease").textContent = "";
+    const result = $("label-result");
+    result.replaceChildren(confirmLine(reply));
     result.hidden = false;
-    result.focus();
+    $("task-area").hidden = true;
+    $("task-status").textContent = "Submitted. Press Next task for another.";
+    $("next-task").focus();
   } catch (err) {
-    // A refused field writes nothing; after a fault, part may be recorded, and Submit again completes it once.
-    const refused = err && (err.code === "INVALID_ARGUMENT" || err.code === "PERMISSION_DENIED");
+    const refused = err && ["INVALID_ARGUMENT", "PERMISSION_DENIED", "FAILED_PRECONDITION"].includes(err.code);
     show($("label-error"), describeError(err) + (refused ? " (nothing was recorded)" : " (press Submit again: nothing is recorded twice)"));
     $("submit-labels").disabled = false;
   }
 }
-$("submit-labels").addEventListener("click", submitLabels);
-$("reset-labels").addEventListener("click", () => { resetLabeling(false); $("label-prompt").focus(); });
+$("submit-labels").addEventListener("click", submitTask);
+$("next-task").addEventListener("click", nextTask);
+
+// ---------------------------------------------------------------- quality dashboard
+function pct(x) { return `${(100 * x).toFixed(1)}%`; }
+
+function row(cells) {
+  const tr = document.createElement("tr");
+  for (const c of cells) tr.append(Object.assign(document.createElement("td"), { textContent: String(c) }));
+  return tr;
+}
+
+async function loadStats() {
+  show($("stats-error"), "");
+  try {
+    const s = await api("/api/stats", undefined, "GET");
+    const figures = [
+      ["Pairwise agreement", s.compared_pairs ? `${pct(s.pairwise_agreement)} of ${s.compared_pairs} response pairs` : "no overlapping tasks yet"],
+      ["Kendall's τ-b", s.compared_pairs ? s.kendall_tau_b.toFixed(3) : "–"],
+      ["Overlapping tasks", s.overlap_tasks],
+      ["Submitted per split", Object.entries(s.submitted_per_split).map(([k, v]) => `${k} ${v}`).join(", ") || "none"],
+      ["Open leases", s.open_leases],
+      ["Prompts waiting", s.queued_prompts],
+    ];
+    $("agreement").replaceChildren(...figures.flatMap(([k, v]) => [
+      Object.assign(document.createElement("dt"), { textContent: k }),
+      Object.assign(document.createElement("dd"), { textContent: String(v), id: "stat-" + k.split(" ")[0].toLowerCase() }),
+    ]));
+    $("labelers-table").tBodies[0].replaceChildren(...s.labelers.map((l) => row([
+      l.labeler_id, l.submitted, l.tasks_per_hour.toFixed(1), l.compared_pairs ? pct(l.agreement_with_others) : "–", l.compared_pairs,
+    ])));
+    $("versions-table").tBodies[0].replaceChildren(...s.versions.map((v) => row([
+      v.policy_version, v.samples, v.likert_mean.toFixed(2),
+      Object.entries(v.flag_rates).filter(([, r]) => r > 0).sort((a, b) => b[1] - a[1]).slice(0, 3)
+        .map(([f, r]) => `${f.replaceAll("_", " ")} ${pct(r)}`).join(", ") || "none",
+    ])));
+  } catch (err) {
+    show($("stats-error"), describeError(err));
+  }
+}
+$("refresh-stats").addEventListener("click", loadStats);
 
 // ---------------------------------------------------------------- start
 if (state.token) {

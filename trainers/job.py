@@ -1,4 +1,4 @@
-"""Job plumbing shared by every trainer, so each trainer file is one flat loop.
+"""The trainer job lifecycle, shared by every trainer so each trainer file is one flat loop.
 
 A trainer job (SFT, RM, PPO, evaluate) is:
 
@@ -10,10 +10,8 @@ A trainer job (SFT, RM, PPO, evaluate) is:
     job.publish("sft", write_fn, parents=..., metrics=...)      # CheckpointStore.stage + CREATED
     job.finish(metrics)                                         # plots, report, result JSON
 
-Config: one @dataclass per algorithm. Values come from the preset, then an
-optional `--config` JSON file (or inline JSON), then `--set key=value`
-overrides; an unknown key or a value of the wrong type stops the job with a
-message that names the key.
+Config and CLI: trainers/config.py. Model helpers (autocast, LoRA, EMA,
+collectives): trainers/nn.py. Curves and report: trainers/report.py.
 
 Run directory (`--run-dir`, rank 0 writes it):
     run.json            the checkpoint version this run will publish (fixed at
@@ -34,9 +32,9 @@ batch with DDP (gloo on CPU, nccl on GPU). Only rank 0 writes files.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
+import logging
 import math
 import os
 import resource
@@ -56,117 +54,16 @@ from services.common.config import Settings, exit_on_config_error, load_settings
 from services.common.datasets import SnapshotError, SnapshotStore
 from services.common.logs import configure_logging, get_logger, log_fields
 from services.common.models import ensure_preset, resolve_device
+from trainers.config import JobError, parse_cli
+from trainers.nn import resolve_autocast
+from trainers.report import plot_curves
 
 log = get_logger(__name__)
 
 STATE_FILE = "latest.pt"
 
 
-class JobError(Exception):
-    """Bad input or an unusable dependency; the message names what and why."""
-
-
-# --- config -------------------------------------------------------------------
-
-
-def _coerce(cls: type, key: str, value: Any) -> Any:
-    """Turn a JSON / --set value into the type of config field `key`."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    if key not in fields:
-        known = ", ".join(sorted(fields))
-        raise JobError(f"unknown config key {key!r} for {cls.__name__}; known keys: {known}")
-    default = getattr(cls(), key)
-    kind = type(default)
-    if kind is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
-            return value.lower() in ("true", "1", "yes", "on")
-        raise JobError(f"config key {key!r} must be a boolean (true/false), got {value!r}")
-    if kind is int:
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, str))
-            or (isinstance(value, str) and not value.lstrip("-").isdigit())
-        ):
-            raise JobError(f"config key {key!r} must be an integer, got {value!r}")
-        return int(value)
-    if kind is float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        except (TypeError, ValueError):
-            raise JobError(f"config key {key!r} must be a number, got {value!r}") from None
-    if not isinstance(value, str):
-        raise JobError(f"config key {key!r} must be a string, got {value!r}")
-    return value
-
-
-def build_config(
-    cls: type,
-    presets: Mapping[str, Mapping[str, Any]],
-    preset: str,
-    config: str | None = None,
-    sets: Iterable[str] = (),
-) -> Any:
-    """Preset, then the --config JSON (a file path or inline JSON), then --set key=value."""
-    if preset not in presets:
-        raise JobError(f"unknown preset {preset!r}; expected one of {', '.join(presets)}")
-    values: dict[str, Any] = {}
-    layers: list[Mapping[str, Any]] = [presets[preset]]
-    if config:
-        text = config if config.lstrip().startswith("{") else _read_text(config, "--config")
-        try:
-            loaded = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise JobError(f"--config is not valid JSON: {err}") from None
-        if not isinstance(loaded, dict):
-            raise JobError("--config must hold a JSON object of config keys")
-        layers.append(loaded)
-    overrides = {}
-    for item in sets:
-        key, sep, raw = item.partition("=")
-        if not sep or not key:
-            raise JobError(f"--set {item!r}: expected key=value")
-        try:  # the controller passes JSON-encoded values; bare strings are fine too
-            overrides[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            overrides[key.strip()] = raw
-    layers.append(overrides)
-    for layer in layers:
-        for key, value in layer.items():
-            values[key] = _coerce(cls, key, value)
-    cfg = cls(**values)
-    check = getattr(cfg, "validate", None)
-    if check:
-        check()
-    return cfg
-
-
-def _read_text(path: str, what: str) -> str:
-    try:
-        return Path(path).read_text()
-    except OSError as err:
-        raise JobError(f"{what} {path}: {err.strerror}") from None
-
-
-def require(condition: bool, message: str) -> None:
-    """Config validation helper: raise JobError(message) unless condition holds."""
-    if not condition:
-        raise JobError(message)
-
-
-def validate_supervised(cfg) -> None:
-    """The checks SFT and RM configs share (both have these optimisation fields)."""
-    require(cfg.epochs >= 1, f"epochs={cfg.epochs} must be at least 1")
-    require(cfg.batch_size >= 1 and cfg.micro_batch_size >= 1, "batch_size and micro_batch_size must be at least 1")
-    require(cfg.max_tokens >= 8, f"max_tokens={cfg.max_tokens} is below the minimum 8")
-    require(cfg.lr > 0, f"lr={cfg.lr} must be positive")
-    require(cfg.save_every >= 1, f"save_every={cfg.save_every} must be at least 1")
-
-
-# --- schedule, seeds, small math helpers ---------------------------------------
+# --- data order, seeds, schedule: what makes a resume exact ------------------------
 
 
 def lr_at(step: int, total: int, lr: float, warmup: int, min_ratio: float = 0.1) -> float:
@@ -206,95 +103,7 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def autocast(device: str, enabled: bool):
-    """bf16 autocast where it helps (CPU with AVX-512 bf16, GPUs); a no-op when off."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type="cuda" if device.startswith("cuda") else "cpu", dtype=torch.bfloat16)
-
-
-# --- models: LoRA, trainable state ---------------------------------------------
-
-
-def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, targets: str) -> torch.nn.Module:
-    """Wrap `model` with LoRA adapters (peft); only the adapters train."""
-    from peft import LoraConfig, get_peft_model
-
-    modules = [t.strip() for t in targets.split(",") if t.strip()]
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none")
-    return get_peft_model(model, config)
-
-
-def merge_lora(model: torch.nn.Module) -> torch.nn.Module:
-    """Fold LoRA adapters into the weights so serving loads a plain HF model."""
-    from peft import PeftModel
-
-    return model.merge_and_unload() if isinstance(model, PeftModel) else model
-
-
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
-
-
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in unwrap(model).named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(model: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    model = unwrap(model)
-    wanted = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing = wanted - set(state)
-    if missing:
-        raise JobError(
-            f"resume state lacks {len(missing)} trainable tensors (e.g. {sorted(missing)[0]}); was the config changed?"
-        )
-    model.load_state_dict(dict(state), strict=False)
-
-
-def all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    """In-place all-reduce (sum by default) when distributed; identity otherwise."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
-    return tensor
-
-
-def sum_over_ranks(values: list[float], device: str) -> list[float]:
-    """Each value summed over the ranks (for logging what every rank saw)."""
-    return all_reduce_(torch.tensor(values, dtype=torch.float64, device=device)).tolist()
-
-
-class WeightEMA:
-    """An exponential moving average of a model's trainable weights:
-    ema ← decay·ema + (1 − decay)·w after every optimizer step, starting from
-    the weights at construction. InstructGPT publishes the EMA of the PPO
-    policy (decay 0.992) rather than its last iterate."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = trainable_state(model)
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
-        for name, param in unwrap(model).named_parameters():
-            if param.requires_grad:
-                self.shadow[name].mul_(self.decay).add_(param.detach(), alpha=1 - self.decay)
-
-    def copy_to(self, model: torch.nn.Module) -> None:
-        load_trainable_state(model, self.shadow)
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return self.shadow
-
-    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        missing = set(self.shadow) - set(state)
-        if missing:
-            raise JobError(
-                f"resume state's EMA lacks {len(missing)} tensors (e.g. {sorted(missing)[0]}); was the config changed?"
-            )
-        self.shadow = {name: state[name].clone() for name in self.shadow}
-
-
-# --- the job ------------------------------------------------------------------
+# --- the job ------------------------------------------------------------------------
 
 
 class Job:
@@ -314,6 +123,7 @@ class Job:
         if self.device == "cuda":
             self.device = f"cuda:{self.local_rank}"
             torch.cuda.set_device(self.device)
+        self.bf16 = resolve_autocast(getattr(cfg, "dtype", "float32"), self.device)  # autocast on/off
         self.run_dir = Path(args.run_dir) if getattr(args, "run_dir", None) else None
         self.store = CheckpointStore(settings.checkpoint_dir)
         self.snapshots = SnapshotStore(settings.dataset_dir)
@@ -331,24 +141,11 @@ class Job:
         add_args: Callable[[argparse.ArgumentParser], None],
         run_dir: bool = True,
     ) -> Job:
-        """Parse the CLI, load settings and config, join torchrun's process group.
+        """Parse the CLI and config (trainers/config.py), load settings, join torchrun's process group.
         `run_dir`: whether --run-dir is required (evaluate takes it optionally)."""
-        parser = argparse.ArgumentParser(
-            prog=f"python -m trainers.{name}", description=(config_cls.__doc__ or "").split("\n\n")[0]
-        )
-        add_args(parser)
-        parser.add_argument("--run-dir", required=run_dir, help="working folder; re-running with it resumes")
-        parser.add_argument("--result-file", required=True, help="where the result JSON is written")
-        parser.add_argument("--preset", default="cpu", help=f"one of {', '.join(presets)} (default cpu)")
-        parser.add_argument("--config", help="JSON file (or inline JSON object) of config keys")
-        parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one config key")
-        args = parser.parse_args(argv)
+        args, cfg = parse_cli(name, config_cls, presets, argv, add_args, run_dir)
         settings = exit_on_config_error(load_settings)
         configure_logging(f"trainer-{name}", settings.log_level)
-        try:
-            cfg = build_config(config_cls, presets, args.preset, args.config, args.set)
-        except JobError as err:
-            parser.error(str(err))
         if settings.torch_threads:
             torch.set_num_threads(settings.torch_threads)
         job = cls(name, cfg, args.preset, args, settings)
@@ -361,7 +158,7 @@ class Job:
             )
         log_fields(
             log,
-            20,
+            logging.INFO,
             f"{name} job starting",
             preset=args.preset,
             rank=job.rank,
@@ -464,7 +261,7 @@ class Job:
             kept = [r for r in self.metrics_history() if r["step"] < state["step"]]
             _atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
             self.records = kept
-        log_fields(log, 20, "resuming from run dir", step=state["step"], run_dir=str(self.run_dir))
+        log_fields(log, logging.INFO, "resuming from run dir", step=state["step"], run_dir=str(self.run_dir))
         return state
 
     # output ---------------------------------------------------------------
@@ -497,7 +294,7 @@ class Job:
                 write(folder)
                 manifest.metrics = {k: _plain(v) for k, v in metrics.items()}
             self.store.verify(version)
-            log_fields(log, 20, "checkpoint published", version=version, kind=kind)
+            log_fields(log, logging.INFO, "checkpoint published", version=version, kind=kind)
         try:
             event = bus.checkpoint_event(
                 self.settings, version, bus.events_pb2.CheckpointEvent.TYPE_CREATED, reason=f"{self.name} run"
@@ -507,7 +304,7 @@ class Job:
         except Exception as err:  # noqa: BLE001 - any broker failure: the checkpoint stands
             log_fields(
                 log,
-                30,
+                logging.WARNING,
                 "could not announce the checkpoint; it is published in the store",
                 version=version,
                 error=str(err),
@@ -529,7 +326,7 @@ class Job:
             _atomic_write(Path(self.args.result_file), json.dumps(payload, indent=2, default=_plain))
             log_fields(
                 log,
-                20,
+                logging.INFO,
                 f"{self.name} job finished",
                 result_file=self.args.result_file,
                 wall_s=round(time.time() - self.started, 1),
@@ -562,55 +359,3 @@ def _plain(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return value
-
-
-# --- reporting ------------------------------------------------------------------
-
-
-def plot_curves(path: Path, records: list[dict], keys: list[str], title: str) -> None:
-    """One small panel per metric against step (matplotlib, Agg: no display needed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [k for k in keys if any(isinstance(r.get(k), (int, float)) for r in records)]
-    if not keys:
-        return
-    cols = min(3, len(keys))
-    rows = math.ceil(len(keys) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
-    for ax, key in zip(axes.flat, keys):
-        points = [(r["step"], r[key]) for r in records if isinstance(r.get(key), (int, float))]
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="." if len(points) < 30 else None)
-        ax.set_title(key, fontsize=9)
-        ax.set_xlabel("step", fontsize=8)
-        ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(keys) :]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-
-
-def markdown_report(title: str, summary: Mapping[str, Any], cfg: Any, notes: str = "") -> str:
-    lines = [f"# {title}", ""]
-    if notes:
-        lines += [notes, ""]
-    lines += ["| metric | value |", "|---|---|"]
-    for key, value in summary.items():
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
-        lines.append(f"| {key} | {shown} |")
-    lines += [
-        "",
-        "![training curves](curves.png)",
-        "",
-        "## Config",
-        "",
-        "```json",
-        json.dumps(dataclasses.asdict(cfg), indent=2),
-        "```",
-        "",
-    ]
-    return "\n".join(lines)

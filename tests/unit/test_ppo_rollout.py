@@ -1,0 +1,126 @@
+"""PPO rollouts through the policy engine on the tiny model: the engine's
+sampled-token log-probs equal the trainer's forward pass (left padding,
+mixed prompt lengths, LoRA), the engine decodes with the live weights after
+an update, seeds reach generation, and tokens after EOS are padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.common.config import load_settings
+from services.common.models import RewardModel, load_causal_lm, load_tokenizer
+from trainers.nn import add_lora
+from trainers.ppo import encode_prompts, response_logprobs, rollout_stats
+from trainers.rollout import EngineRollouts, assemble
+
+PROMPTS = ["Hi", "Write a haiku about the sea.", "Tell me a long story about a dragon, a knight and a castle.", "Hi"]
+MAX_NEW = 10
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_model_dir):
+    torch.manual_seed(0)
+    model = add_lora(load_causal_lm(tiny_model_dir), 4, 16.0, 0.0, "q_proj,v_proj,up_proj")
+    with torch.no_grad():  # a non-zero adapter, so the LoRA path changes the output
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return load_tokenizer(tiny_model_dir)
+
+
+@pytest.fixture(scope="module")
+def engine(policy, tokenizer):
+    rollouts = EngineRollouts(
+        policy,
+        tokenizer,
+        load_settings({}),
+        rows=len(PROMPTS),
+        max_prompt_tokens=48,
+        max_new_tokens=MAX_NEW,
+        device="cpu",
+    )
+    yield rollouts
+    rollouts.close()
+
+
+def trainer_logprobs(policy, rollouts) -> torch.Tensor:
+    with torch.no_grad():
+        logp, _ = response_logprobs(policy, rollouts.ids, rollouts.mask, rollouts.prompt_width)
+    return logp * rollouts.response_mask
+
+
+def test_engine_logprobs_match_the_training_forward_pass(policy, tokenizer, engine):
+    prompt_ids = encode_prompts(tokenizer, PROMPTS, 48)
+    assert len({len(p) for p in prompt_ids}) == 3  # different lengths: the batch is left-padded
+    rollouts = engine.generate(prompt_ids, 1.0, [11, 12, 13, 14])
+    assert rollouts.response_mask.sum() > len(PROMPTS)
+    for row, ids in enumerate(prompt_ids):  # the prompt sits right-aligned before the response
+        assert rollouts.ids[row, rollouts.prompt_width - len(ids) : rollouts.prompt_width].tolist() == ids
+        assert rollouts.mask[row, : rollouts.prompt_width].sum() == len(ids)
+    torch.testing.assert_close(rollouts.sampler_logprobs, trainer_logprobs(policy, rollouts), atol=2e-4, rtol=0)
+
+
+def test_reused_sampler_logprobs_give_the_same_rollout_stats(policy, tokenizer, engine, tiny_model_dir):
+    rollouts = engine.generate(encode_prompts(tokenizer, PROMPTS, 48), 1.0, [7, 8, 9, 10])
+    reference = load_causal_lm(tiny_model_dir).eval()
+    reward_model = RewardModel.from_causal_lm(tiny_model_dir).eval()
+    with torch.no_grad():
+        recomputed = rollout_stats(policy, reference, reward_model, rollouts, 1.0, 3, "cpu")
+        reused = rollout_stats(
+            policy, reference, reward_model, rollouts, 1.0, 3, "cpu", False, rollouts.sampler_logprobs
+        )
+    for key in ("logprobs", "kl"):
+        got, want = reused[key] * rollouts.response_mask, recomputed[key] * rollouts.response_mask
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=0)
+    torch.testing.assert_close(reused["scores"], recomputed["scores"])
+
+
+def test_engine_decodes_with_the_updated_weights(policy, tokenizer, engine):
+    prompt_ids = encode_prompts(tokenizer, PROMPTS[:2], 48)
+    before = engine.generate(prompt_ids, 1.0, [5, 6])
+    saved = {n: p.detach().clone() for n, p in policy.named_parameters() if "lora_B" in n}
+    try:
+        with torch.no_grad():  # an "optimizer step" on the live module, in place
+            for name, p in policy.named_parameters():
+                if "lora_B" in name:
+                    p.add_(torch.randn_like(p) * 0.2)
+        after = engine.generate(prompt_ids, 1.0, [5, 6])
+        torch.testing.assert_close(after.sampler_logprobs, trainer_logprobs(policy, after), atol=2e-4, rtol=0)
+        assert not torch.allclose(after.sampler_logprobs, before.sampler_logprobs)
+    finally:
+        with torch.no_grad():
+            for name, p in policy.named_parameters():
+                if name in saved:
+                    p.copy_(saved[name])
+
+
+def test_seeds_reach_generation_and_a_sample_does_not_depend_on_its_batch(tokenizer, engine):
+    prompt_ids = encode_prompts(tokenizer, PROMPTS[1:3], 48)
+    first = engine.generate(prompt_ids, 1.0, [101, 202])
+    again = engine.generate(prompt_ids, 1.0, [101, 202])
+    other = engine.generate(prompt_ids, 1.0, [303, 404])
+    alone = engine.generate(prompt_ids[1:], 1.0, [202])
+    assert torch.equal(first.ids, again.ids)
+    assert not torch.equal(first.ids[:, first.prompt_width :], other.ids[:, other.prompt_width :])
+    width = first.prompt_width
+    assert torch.equal(first.ids[1, width:], alone.ids[0, alone.prompt_width :])
+
+
+def test_tokens_after_the_first_eos_are_padding():
+    pad, eos = 0, 9
+    responses = torch.tensor([[5, 9, 7, 9], [5, 6, 7, 8], [9, 3, 3, 3]])
+    rollouts = assemble([[1, 2], [3]], responses[:2], pad, eos, "cpu")
+    assert rollouts.response_mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+    assert rollouts.ids.tolist() == [[1, 2, 5, 9, 0, 0], [0, 3, 5, 6, 7, 8]]
+    assert rollouts.has_eos.tolist() == [True, False]
+    short = assemble(
+        [[4], [5]], responses[[0, 2]], pad, eos, "cpu", torch.ones(2, 4)
+    )  # columns of padding only: dropped
+    assert short.ids.tolist() == [[4, 5, 9], [5, 9, 0]] and short.prompt_width == 1
+    assert short.response_mask.tolist() == [[1, 1], [1, 0]] and short.sampler_logprobs.tolist() == [[1, 1], [1, 0]]

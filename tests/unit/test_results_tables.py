@@ -1,0 +1,88 @@
+"""The results tables in README.md and docs/results.md are generated from docs/results/*.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+from bench import report
+
+ROOT = report.ROOT
+
+
+def test_every_generated_table_matches_the_checked_in_results():
+    blocks = report.render(report.load())
+    for doc in report.DOCUMENTS:
+        text = doc.read_text()
+        assert report.blocks_in(text), f"{doc.name} has no generated results block"
+        assert report.with_blocks(text, blocks) == text, (
+            f"{doc.relative_to(ROOT)} differs from docs/results/*.json: python -m bench.report --write"
+        )
+    readme = (ROOT / "README.md").read_text()
+    assert "RESULTS-SUMMARY" in report.blocks_in(readme)
+    results_md = (ROOT / "docs" / "results.md").read_text()
+    assert {"DEMO-COMPARISONS", "DEMO-SEEDS", "BENCH-TABLE"} <= set(report.blocks_in(results_md))
+
+
+def test_a_changed_figure_makes_the_tables_stale(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "docs" / "results", results)
+    seed0 = results / "demo" / "cpu-seed0.json"
+    data = json.loads(seed0.read_text())
+    data["win_rates"]["ppo_vs_sft"]["win_rate"] = 0.612
+    seed0.write_text(json.dumps(data))
+    blocks = report.render(report.load(results))
+    readme = (ROOT / "README.md").read_text()
+    assert report.with_blocks(readme, blocks) != readme
+    assert "0.612 [0.539, 0.770]" in blocks["DEMO-SEEDS"] and "0.664" not in blocks["DEMO-SEEDS"]
+
+
+def test_new_and_unknown_result_files_are_listed_not_dropped(tmp_path):
+    results = tmp_path / "results"
+    (results / "bench").mkdir(parents=True)
+    (results / "demo").mkdir()
+    # A benchmark that writes rows, one that does not yet, and a demo of another shape.
+    (results / "bench" / "mfu.json").write_text(
+        json.dumps(
+            {
+                "date": "2026-12-02",
+                "machine": "m",
+                "commit": "abc",
+                "rows": [
+                    {"what": "decode MFU", "result": {"value": 0.31, "unit": "of peak"}, "baseline": "b", "ratio": 2.5},
+                    {"what": "prefill", "result": "9 ms", "headline": True, "ratio": None},
+                ],
+            }
+        )
+    )
+    (results / "bench" / "durable.json").write_text(json.dumps({"date": "2026-12-02", "events_per_s": 2300}))
+    (results / "demo" / "rounds-seed0.json").write_text(json.dumps({"kind": "demo", "rounds": [{"round": 1}]}))
+    blocks = report.render(report.load(results))
+    assert "| decode MFU | 0.31 of peak | b | 2.5× | 2026-12-02 |" in blocks["BENCH-TABLE"]
+    assert "Benchmarks without table rows yet: `durable`" in blocks["BENCH-TABLE"]
+    assert "`durable`: 2026-12-02; machine not recorded; commit not recorded." in blocks["BENCH-TABLE"]
+    assert "| prefill | 9 ms; – | 2026-12-02 |" in blocks["RESULTS-SUMMARY"]
+    assert "Other demo results (no gold win rates to tabulate): `rounds-seed0`" in blocks["DEMO-SEEDS"]
+
+
+def test_update_copies_a_demo_report_into_its_result_file(tmp_path, monkeypatch):
+    measured = tmp_path / "report.json"
+    measured.write_text(
+        json.dumps(
+            {
+                "win_rates": {"ppo_vs_sft": {"win_rate": 0.6, "ci_low": 0.51, "ci_high": 0.7}},
+                "rm_accuracy": {"held_out": {"accuracy": 0.7}},
+                "kl_to_sft": 0.5,
+                "extra": {"preset": {"name": "tiny", "seed": 3}, "timings_s": {"a": 10.4, "b": 20.3}},
+            }
+        )
+    )
+    monkeypatch.setattr(report, "MEASURED_DEMO", measured)
+    monkeypatch.setattr(report, "MEASURED_BENCH", tmp_path / "no-bench-results")
+    written = report.update(tmp_path / "results")
+    data = json.loads((tmp_path / "results" / "demo" / "tiny-seed3.json").read_text())
+    assert written == [tmp_path / "results" / "demo" / "tiny-seed3.json"]
+    assert (data["preset"], data["seed"], data["wall_s"], data["kl_to_sft"]) == ("tiny", 3, 31, 0.5)
+    assert data["date"] and data["commit"] and "CPU capability" in data["machine"]
+    row = report.demo_seeds(report.load(tmp_path / "results")).splitlines()[2]
+    assert row.startswith("| tiny | 3 | **0.600 [0.510, 0.700]** | – | – | 70.0% | 0.50 | 31 s |")
