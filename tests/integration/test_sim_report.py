@@ -28,7 +28,8 @@ def _comparison(rng: random.Random, i: int, user: str) -> dict:
         "labeler_id": "labeler-0",
         "prompt_text": prompt,
         "responses": [
-            {"text": t, "policy_version": "sft-x", "rank": r} for t, r in zip(texts, gold_ranks(prompt, texts))
+            {"text": t, "policy_version": "sft-x", "rank": r}
+            for t, r in zip(texts, gold_ranks(prompt, texts), strict=True)
         ],
     }
 
