@@ -14,7 +14,7 @@ scores a response between 0 and 1:
 
 | check | when the prompt says | score |
 |---|---|---|
-| `length` (weight 2) | "in at most N words" (N = 50 if not stated) | 1 for w words in [lo, N]; N/w above; w/lo below (*) |
+| `length` (weight 2) | "in at most N words" (else N = 50) | 1 for w words in [lo, N], N/w above, w/lo below (*) |
 | `keyword` (1) | 'include the word "K"' | 1 if a word starts with K (so "waves" counts for "wave"), else 0 |
 | `bullets` (1) | "as B bullet points" | max(0, 1 - abs(b - B) / B) for b lines starting with -, *, • or "1." |
 | `lowercase` (1) | "in all lowercase" | 1 - min(1, uppercase letters / 5) |
