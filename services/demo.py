@@ -247,6 +247,8 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
         with step(f"{preset.users} simulated users log {preset.prompts} prompts"):
             sim_users.submit_prompts(feedback, population)
         with step(f"labelers write {preset.demonstrations} demonstrations"):
+            queued = sim_labelers.wait_for_prompts(labeling, watcher)
+            print(f"  the LabelingService queued {queued} logged prompts (per-user cap and de-duplication applied)")
             demos = sim_labelers.run_labelers(
                 labeling, population.labelers, preset.demonstrations, kind="demonstration", seed=seed
             )

@@ -212,6 +212,24 @@ def labeling_stats(labeling: grpc.Channel, token: str, timeout: float = 30.0) ->
     return stub.GetStats(labeling_pb2.GetStatsRequest(), metadata=bearer(token), timeout=timeout)
 
 
+def wait_for_prompts(labeling: grpc.Channel, token: str, settle_s: float = 3.0, timeout: float = 120.0) -> int:
+    """Wait until the service's prompt feed has read what users logged: its queue is
+    non-empty and stopped growing for `settle_s`. Returns the prompts queued.
+
+    Labeling before that would draw every task from the first prompts read,
+    whatever split their authors are in (the service balances splits only
+    over the prompts it has)."""
+    deadline, last, since = time.monotonic() + timeout, -1, time.monotonic()
+    while time.monotonic() < deadline:
+        queued = labeling_stats(labeling, token).queued_prompts
+        if queued != last:
+            last, since = queued, time.monotonic()
+        elif queued and time.monotonic() - since >= settle_s:
+            return queued
+        time.sleep(0.5)
+    raise TimeoutError(f"the LabelingService queued {last} prompts and was still changing after {timeout:.0f}s")
+
+
 def versions_judged_between(before: labeling_pb2.LabelingStats, after: labeling_pb2.LabelingStats) -> list[str]:
     """The policy versions whose samples were judged between two GetStats calls.
 

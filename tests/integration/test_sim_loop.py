@@ -16,7 +16,7 @@ from services.common.bus import read_topic
 from services.feedback import server as feedback_server
 from services.labeling import server as labeling_server
 from services.policy import server as policy_server
-from services.sim.labelers import labeling_stats, run_labelers, versions_judged_between
+from services.sim.labelers import labeling_stats, run_labelers, versions_judged_between, wait_for_prompts
 from services.sim.tasks import gold_ranks, gold_score
 from services.sim.users import make_population, submit_prompts
 from tests.conftest import make_settings
@@ -70,6 +70,12 @@ def test_users_log_prompts_and_labelers_demonstrate(stack):
     # Re-running the simulation re-sends the same request ids: nothing new is written.
     again = submit_prompts(channel, population, population.prompts[:5], progress=False)
     assert all(p.duplicate for p in again) and [p.event_id for p in again] == [p.event_id for p in logged[:5]]
+
+    # The LabelingService reads them itself, under the dataset rules: the heavy user's 205 are capped at 200,
+    # and near-duplicates (same prefix) are queued once.
+    queued = wait_for_prompts(labeling, population.labelers[0].token)
+    near_duplicates = sum(p.prompt.kind == "near_duplicate" for p in logged)
+    assert 200 < queued <= 240 - 5 and queued < 240 - near_duplicates + 1, (queued, near_duplicates)
 
     # Demonstrations for tasks the LabelingService drew from those logged prompts.
     run = run_labelers(labeling, population.labelers, 6, kind="demonstration", seed=1, wait_s=30, progress=False)
