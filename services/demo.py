@@ -2,27 +2,33 @@
 services and the real broker, ending in an evaluation report.
 
   1. start an isolated local stack (broker, policy, reward, feedback,
-     playground) on free ports, with the simulated population's tokens;
+     labeling, playground) on free ports, with the simulated population's
+     tokens;
   2. simulated users log prompts through FeedbackService;
-  3. simulated labelers write demonstrations;
+  3. simulated labelers write demonstrations: tasks the LabelingService drew
+     from those logged prompts (the labelers only ever call its front door);
   4. the controller builds a snapshot and trains SFT, which is promoted and
      hot-swapped into the policy service;
   5. then, round after round (DemoPreset.rounds, at least 3):
-     a. labelers rank K samples of the policy being served: SFT in round 1,
-        after that whatever the previous round's gate promoted;
+     a. labelers rank K samples that the LabelingService generated with the
+        policy being served: SFT in round 1, after that whatever the previous
+        round's gate promoted (the service records each sample's version);
      b. the controller trains a new RM from SFT on every comparison so far,
         PPO against it, measures both in the gate job, and the RM gate and
         the policy gate decide what is promoted;
   6. the report: the final policy against SFT and the base model on the gold
-     preference, and round by round the served policy's gold score, its win
-     rate against SFT, each RM's accuracy, KL, the gate decisions, the
-     over-optimisation curves and the lineage of each RM's data.
+     preference; the labelers' measured agreement beside the RM's accuracy
+     against gold and against the labelers; and round by round the served
+     policy's gold score, its win rate against SFT, each RM's accuracy, KL,
+     the gate decisions, the over-optimisation curves and the lineage of each
+     RM's data.
 
 `python -m services.demo --preset cpu|gpu|tiny [--seed N] [--home DIR] [--keep-up]`
 
-Every step is seeded, so a run repeats exactly on one machine. `--seed`
-changes all of them at once (population, labelers, trainers, evaluation
-sampling): runs with different seeds show how much the results vary.
+Every step is seeded (population, each labeler's noise, the service's
+sampling, trainers, evaluation). `--seed` changes all of them at once: runs
+with different seeds show how much the results vary. Which labeler takes
+which task depends on thread timing, so two runs can differ a little.
 """
 
 from __future__ import annotations
@@ -49,7 +55,10 @@ from services.common.dtypes import cpu_capability
 class DemoPreset:
     """Sizes of one demo run. `cpu` must finish in about 20 minutes on 2 cores.
 
-    comparisons: collected per round, on the policy served at the time; rounds:
+    comparisons: tasks labeled per round (an overlapping task counts once per
+    labeler), on the policy served at the time; k: samples per comparison
+    (RLHF_LABELING_K, 4..9); overlap: share of tasks given to two labelers, to
+    measure their agreement; rounds:
     RM+PPO rounds after SFT; ppo_init: "best" continues PPO from the policy the
     last round promoted (RLHF_PPO_INIT), which buys more optimisation per CPU
     minute than restarting from SFT each round as the paper does."""
@@ -65,6 +74,7 @@ class DemoPreset:
     eval_prompts: int
     eval_tokens: int
     rounds: int = 3
+    overlap: float = 0.2
     ppo_init: str = "best"
     trainer_overrides: dict = field(default_factory=dict)
 
@@ -169,11 +179,21 @@ def configure_environment(preset: DemoPreset, home: Path, seed: int = 0) -> None
             # The gates measure on validation users: the cpu preset's gate wants 64 of their prompts.
             # At 0.15, seed 0 gave 34 (heavy users are few; where they land decides the count).
             "RLHF_DATASET_VALIDATION_FRACTION": "0.3",
+            # The LabelingService: labels go to each split in proportion to its users (the split
+            # fractions above), so the gates have held-out comparisons. The demo asks for each kind
+            # of task explicitly (demonstrations first, then comparisons every round), so the
+            # service's own mix is not used. K samples, all from the served (promoted) policy.
+            "RLHF_LABELING_SPLIT_SHARES": "train=0.6,validation=0.3,test=0.1",
+            "RLHF_LABELING_DEMONSTRATION_SHARE": "0",
+            "RLHF_LABELING_K": str(preset.k),
+            "RLHF_LABELING_MAX_NEW_TOKENS": str(preset.sample_tokens),
+            "RLHF_LABELING_OVERLAP_SHARE": str(preset.overlap),
+            "RLHF_LABELING_POLICY_TARGETS": "",
         }
     )
-    for name in ("POLICY", "REWARD", "FEEDBACK", "HTTP", "PLAYGROUND", "CONTROLLER"):
+    for name in ("POLICY", "REWARD", "FEEDBACK", "LABELING", "HTTP", "PLAYGROUND", "CONTROLLER"):
         os.environ[f"RLHF_{name}_PORT"] = str(free_port())
-    for name in ("POLICY", "REWARD", "FEEDBACK"):
+    for name in ("POLICY", "REWARD", "FEEDBACK", "LABELING"):
         os.environ[f"RLHF_{name}_TARGET"] = f"127.0.0.1:{os.environ[f'RLHF_{name}_PORT']}"
 
 
@@ -182,9 +202,18 @@ def gate_kl(record) -> float:
     return json.loads((Path(record.run_dirs["gate"]) / "result.json").read_text())["policy"]["mean_kl_to_reference"]
 
 
-def collect_comparisons(pool, preset: DemoPreset):
-    """One round of labeling on the policy being served: the demo's only labeling call site."""
-    return pool.compare(preset.comparisons, k=preset.k, max_new_tokens=preset.sample_tokens)
+def collect_comparisons(labeling: grpc.Channel, population, preset: DemoPreset, seed: int):
+    """One round of comparisons through the LabelingService, on the policy it samples now (the served one).
+
+    Returns (the labelers' run, the policy versions the service recorded for
+    the samples judged this round, the service's statistics after it)."""
+    from services.sim import labelers as sim_labelers
+
+    token = population.labelers[0].token
+    before = sim_labelers.labeling_stats(labeling, token)
+    run = sim_labelers.run_labelers(labeling, population.labelers, preset.comparisons, kind="comparison", seed=seed)
+    after = sim_labelers.labeling_stats(labeling, token)
+    return run, sim_labelers.versions_judged_between(before, after), after
 
 
 def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> Path:
@@ -212,15 +241,18 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
         with step("start the local stack"):
             stack.up(timeout=300)
         feedback = grpc.insecure_channel(settings.feedback_target)
-        policy = grpc.insecure_channel(settings.policy_target)
+        labeling = grpc.insecure_channel(settings.labeling_target)
         watcher = population.labelers[0].token  # GetModelInfo needs a token too
 
         with step(f"{preset.users} simulated users log {preset.prompts} prompts"):
             sim_users.submit_prompts(feedback, population)
         with step(f"labelers write {preset.demonstrations} demonstrations"):
-            queued = sim_labelers.read_prompt_events(settings)
-            pool = sim_labelers.LabelerPool(population, feedback, policy, prompts=queued, seed=seed)
-            pool.demonstrate(preset.demonstrations)
+            queued = sim_labelers.wait_for_prompts(labeling, watcher)
+            print(f"  the LabelingService queued {queued} logged prompts (per-user cap and de-duplication applied)")
+            demos = sim_labelers.run_labelers(
+                labeling, population.labelers, preset.demonstrations, kind="demonstration", seed=seed
+            )
+            print(f"  {demos.demonstrations} demonstrations in {demos.seconds:.0f}s")
 
         controller = Controller(settings, LocalExecutor(settings.home / "controller" / "jobs", echo=True))
         with step("controller: snapshot -> SFT -> promote"):
@@ -237,7 +269,11 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
         for n in range(1, preset.rounds + 1):
             serving = store.promoted("policy")
             with step(f"round {n}: labelers rank K={preset.k} samples of {serving} for {preset.comparisons} prompts"):
-                stats = collect_comparisons(pool, preset)
+                collected, collected_on, stats = collect_comparisons(labeling, population, preset, seed)
+                print(
+                    f"  {collected.comparisons} comparisons on {', '.join(collected_on)}; labeler agreement so far "
+                    f"{stats.pairwise_agreement:.3f} over {stats.compared_pairs} response pairs"
+                )
             with step(f"round {n}: controller: snapshot -> RM -> PPO -> gate job -> RM gate, policy gate"):
                 last = controller.step(force=True)
                 if not last or not last.finished:
@@ -249,13 +285,15 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
             rounds.append(
                 sim_rounds.RoundRecord(
                     round=n,
-                    collected_on=sorted(stats.policy_versions),
-                    comparisons=stats.submitted,
+                    collected_on=collected_on,
+                    comparisons=collected.comparisons,
                     rm=last.trained["rm"],
                     candidate=last.trained["ppo"],
                     served_after=served,
                     decisions=last.decisions,
                     run_dirs=last.run_dirs,
+                    labeler_agreement=stats.pairwise_agreement if stats.compared_pairs else None,
+                    agreement_pairs=stats.compared_pairs,
                 )
             )
 
@@ -288,6 +326,9 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
                     "controller_decisions": str(settings.home / "controller" / "decisions.jsonl"),
                 },
                 config=eval_cfg,
+                labeler_agreement=sim_labelers.agreement_summary(
+                    sim_labelers.labeling_stats(labeling, population.labelers[0].token)
+                ),
             )
             sim_rounds.write_rounds(
                 settings, home / "report", rounds, sft_version=sft, snapshot_id=last.snapshot, config=eval_cfg

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from services.common.datasets import count_by_policy_version
 from services.common.models import (
     RewardModel,
     encode_prompt_response,
@@ -325,6 +326,8 @@ def main(argv: list[str] | None = None) -> int:
         "train_pairs": int(sum(len(ranking_pairs([r])[0]) for _, r in train)),
         "train_seconds": round(train_seconds, 3),
         "val_users_overlapping_train": len(val_records) - len(held_out),
+        # lineage: which policy versions produced the comparisons this RM learned from
+        "comparisons_by_policy_version": count_by_policy_version(train_records),
     }
     if job.is_main:
         demos = job.read(args.snapshot, "train", "demonstrations")[: cfg.max_bias_examples]

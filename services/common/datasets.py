@@ -34,6 +34,7 @@ import os
 import secrets
 import shutil
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,17 @@ MANIFEST = "manifest.json"
 
 class SnapshotError(Exception):
     pass
+
+
+def count_by_policy_version(comparisons: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """{policy version: comparisons with at least one response it produced} (a mixed comparison counts for each).
+
+    The RM trainer writes it into its manifest; lineage reads it from there."""
+    counts: Counter[str] = Counter()
+    for c in comparisons:
+        for version in {r.get("policy_version") or "unknown" for r in c.get("responses", ())}:
+            counts[version] += 1
+    return dict(sorted(counts.items()))
 
 
 def _canonical(record: Mapping[str, Any]) -> str:

@@ -20,25 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections import Counter
-from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 from services.common.checkpoints import CheckpointError, CheckpointStore, Manifest
 from services.common.config import Settings, exit_on_config_error, load_settings
-from services.common.datasets import SnapshotStore
+from services.common.datasets import SnapshotStore, count_by_policy_version
 
 COUNTS_KEY = "comparisons_by_policy_version"
-
-
-def count_by_policy_version(comparisons: Iterable[Mapping[str, Any]]) -> dict[str, int]:
-    """{policy version: comparisons with at least one response it produced} (a mixed comparison counts for each)."""
-    counts: Counter[str] = Counter()
-    for c in comparisons:
-        for version in {r.get("policy_version") or "unknown" for r in c.get("responses", ())}:
-            counts[version] += 1
-    return dict(sorted(counts.items()))
 
 
 def comparisons_by_policy_version(settings: Settings, snapshot: str, split: str = "train") -> dict[str, int]:

@@ -3,9 +3,12 @@
 `write_report(...)` measures, on users the trainers never saw (the dataset
 snapshot's test split, topped up from validation when test is small):
 
-1. the reward model's pairwise accuracy against the gold labeler, on the
-   held-out users' comparisons (ties dropped), with a Wilson interval, and
-   on a sample of training comparisons for contrast;
+1. the reward model's pairwise accuracy on the held-out users' comparisons
+   (ties dropped, Wilson intervals), against the gold preference and against
+   the labelers' own rankings, beside the labelers' agreement with each
+   other as the LabelingService measured it (their agreement bounds what an
+   RM can reach against them); and on a sample of training comparisons for
+   contrast;
 2. the gold win rate of PPO against SFT, of PPO against the base model and
    of SFT against the base model: every model answers the same prompts, in
    the same batches, with the same seeds and sampling settings, and each
@@ -46,7 +49,7 @@ from services.common.models import (
     resolve_device,
 )
 from services.sim.stats import mean_ci, paired_win_rate, wilson
-from services.sim.tasks import check_scores, gold_score, parse_constraints, words
+from services.sim.tasks import check_scores, gold_ranks, gold_score, parse_constraints, words
 
 log = get_logger(__name__)
 
@@ -179,6 +182,15 @@ def rm_pairwise(
     }
 
 
+def gold_ranked(comparisons: Sequence[Mapping[str, Any]]) -> list[dict]:
+    """The same comparisons, ranked by the gold preference instead of the labeler."""
+    out = []
+    for c in comparisons:
+        ranks = gold_ranks(c["prompt_text"], [r["text"] for r in c["responses"]])
+        out.append({**c, "responses": [{**r, "rank": k} for r, k in zip(c["responses"], ranks, strict=True)]})
+    return out
+
+
 def _constraint_kind(prompt: str) -> str:
     c = parse_constraints(prompt)
     for name, on in (
@@ -223,6 +235,7 @@ def write_report(
     run_dirs: Mapping[str, Path] | None = None,
     extra: Mapping[str, Any] | None = None,
     config: EvalConfig | None = None,
+    labeler_agreement: Mapping[str, Any] | None = None,
 ) -> Path:
     """Evaluate against the gold preference and write report.md; return its path.
 
@@ -231,6 +244,8 @@ def write_report(
     `run_dirs` maps a run's name ("sft", "rm", "ppo") to its --run-dir.
     `extra` holds run facts shown in a table; its key `kl_to_sft`, when
     given, is the final KL (else the PPO run's last logged KL is used).
+    `labeler_agreement` is the LabelingService's GetStats figures
+    (pairwise_agreement, compared_pairs, kendall_tau_b, overlap_tasks).
     `base_version=None` skips the base model (saves a third of the time).
     Raises CheckpointError / SnapshotError for a missing or corrupt input,
     before anything is written.
@@ -252,11 +267,16 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    # 1. reward model against the gold labeler
+    # 1. reward model against the labelers and against the gold preference
     rm_tok = load_tokenizer(store.path(rm_version))
     rm = RewardModel.from_pretrained(store.path(rm_version), device=device)
     held_cmp, cmp_splits = held_out(snapshots, snapshot_id, "comparisons")
-    rm_result = {"held_out": rm_pairwise(rm, rm_tok, held_cmp, device, "held-out"), "held_out_splits": cmp_splits}
+    rm_result = {
+        "held_out": rm_pairwise(rm, rm_tok, held_cmp, device, "held-out vs labelers"),
+        "held_out_vs_gold": rm_pairwise(rm, rm_tok, gold_ranked(held_cmp), device, "held-out vs gold"),
+        "held_out_splits": cmp_splits,
+        "labeler_agreement": dict(labeler_agreement) if labeler_agreement else None,
+    }
     if cfg.rm_held_in:
         train_cmp = snapshots.read(snapshot_id, "train", "comparisons")
         sample = random.Random(cfg.seed).sample(train_cmp, min(cfg.rm_held_in, len(train_cmp)))
@@ -423,6 +443,38 @@ def _f(x: Any, digits: int = 3) -> str:
     return f"{x:.{digits}f}" if isinstance(x, (int, float)) else str(x)
 
 
+def _accuracy(a: Mapping[str, Any]) -> str:
+    return f"**{_f(a['accuracy'])}** [{_f(a['ci_low'])}, {_f(a['ci_high'])}], {a['pairs']} pairs"
+
+
+def _rm_section(rm: Mapping[str, Any]) -> list[str]:
+    """Three figures side by side: how far labelers agree, and the RM against gold and against the labelers."""
+    agreement = rm.get("labeler_agreement") or {}
+    if agreement.get("compared_pairs"):
+        measured = (
+            f"**{_f(agreement['pairwise_agreement'])}**, {agreement['compared_pairs']} pairs "
+            f"on {agreement.get('overlap_tasks', '?')} overlapping tasks"
+        )
+    else:
+        measured = "not measured (no overlapping tasks)"
+    splits = " + ".join(rm["held_out_splits"]) or "none"
+    lines = [
+        "## Reward model: labeler agreement, accuracy against gold and against the labelers",
+        "",
+        f"On held-out users' comparisons ({splits}; ties dropped; 95% Wilson intervals). The labelers' agreement "
+        "(LabelingService, pairs of labelers on the same task; a response pair both tie counts as agreement, one "
+        "tie against an order as disagreement) bounds the accuracy an RM can reach against them.",
+        "",
+        "| labeler agreement | RM accuracy vs gold | RM accuracy vs labelers |",
+        "|---|---|---|",
+    ]
+    vs_gold = _accuracy(rm["held_out_vs_gold"]) if "held_out_vs_gold" in rm else "-"
+    lines += [f"| {measured} | {vs_gold} | {_accuracy(rm['held_out'])} |", ""]
+    if "held_in" in rm:
+        lines.append(f"- training users (sample), vs labelers: {_accuracy(rm['held_in'])}.")
+    return lines
+
+
 def _markdown(r: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     v, e = r["versions"], r["eval"]
     lines = [
@@ -476,21 +528,10 @@ def _markdown(r: Mapping[str, Any], plots: Mapping[str, str]) -> str:
     ]
     for kind, row in sorted(r["by_constraint"].items()):
         lines.append(f"| {kind} | {row['n']} | " + " | ".join(_f(row[n]) for n in names) + " |")
-    lines += ["", "![gold scores](gold_scores.png)", "", "## Reward model against the gold labeler", ""]
-    rm = r["rm_accuracy"]
-    for key, label in (
-        ("held_out", f"held-out users ({' + '.join(rm['held_out_splits']) or 'none'})"),
-        ("held_in", "training users (sample)"),
-    ):
-        if key in rm:
-            a = rm[key]
-            lines.append(
-                f"- {label}: accuracy **{_f(a['accuracy'])}** [{_f(a['ci_low'])}, {_f(a['ci_high'])}] "
-                f"over {a['pairs']} ranked pairs from {a['comparisons']} comparisons (ties dropped)."
-            )
+    lines += ["", "![gold scores](gold_scores.png)", ""]
+    lines += _rm_section(r["rm_accuracy"])
     lines += [
-        "",
-        "(InstructGPT reports 72.4% on held-in and 69.6% on held-out labelers.)",
+        "(InstructGPT: labelers agree 72.6 ± 1.5%; its RM reaches 72.4% on held-in and 69.6% on held-out labelers.)",
         "",
         "## KL to the SFT policy",
         "",

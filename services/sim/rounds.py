@@ -34,9 +34,18 @@ from services.common.config import Settings
 from services.common.datasets import SnapshotStore
 from services.common.models import RewardModel, load_tokenizer, resolve_device
 from services.controller.lineage import lineage
-from services.sim.report import EvalConfig, _f, _read_metrics, eval_prompts, generate, held_out, rm_pairwise
+from services.sim.report import (
+    EvalConfig,
+    _f,
+    _read_metrics,
+    eval_prompts,
+    generate,
+    gold_ranked,
+    held_out,
+    rm_pairwise,
+)
 from services.sim.stats import mean_ci, paired_win_rate
-from services.sim.tasks import gold_ranks, gold_score
+from services.sim.tasks import gold_score
 
 
 @dataclass
@@ -44,23 +53,15 @@ class RoundRecord:
     """What the demo knows about one RM+PPO round."""
 
     round: int
-    collected_on: list[str]  # policy versions the labelers sampled this round
+    collected_on: list[str]  # policy versions that produced this round's samples (the LabelingService's record)
     comparisons: int  # comparisons submitted this round
     rm: str  # the round's new reward model
     candidate: str  # the round's PPO policy
     served_after: str  # the policy served once the round's gates decided
     decisions: list[dict] = field(default_factory=list)
     run_dirs: dict[str, str] = field(default_factory=dict)
-
-
-def _gold_ranked(comparisons: Sequence[Mapping[str, Any]]) -> list[dict]:
-    """The same comparisons, ranked by the gold preference instead of the labeler."""
-    out = []
-    for c in comparisons:
-        texts = [r["text"] for r in c["responses"]]
-        ranks = gold_ranks(c["prompt_text"], texts)
-        out.append({**c, "responses": [{**r, "rank": k} for r, k in zip(c["responses"], ranks, strict=True)]})
-    return out
+    labeler_agreement: float | None = None  # measured by the LabelingService on every overlapping task so far
+    agreement_pairs: int = 0  # response pairs behind it
 
 
 def _gate_samples(run_dir: str) -> tuple[list[dict], dict]:
@@ -84,7 +85,7 @@ def evaluate_rounds(
             answers = generate(store.path(version), prompts, cfg, device, version.split("-")[0])
             gold[version] = [gold_score(p, a) for p, a in zip(prompts, answers, strict=True)]
     comparisons, cmp_splits = held_out(snapshots, snapshot_id, "comparisons")
-    by_gold = _gold_ranked(comparisons)
+    by_gold = gold_ranked(comparisons)
 
     kl = {sft_version: 0.0}
     rows = []
@@ -111,6 +112,8 @@ def evaluate_rounds(
                 "mean_gold": mean,
                 "gold_ci": [low, high],
                 "win_vs_sft": paired_win_rate(gold[r.served_after], gold[sft_version]).as_dict(),
+                "labeler_agreement": r.labeler_agreement,
+                "agreement_pairs": r.agreement_pairs,
                 "rm_accuracy_vs_labelers": vs_labelers,
                 "rm_accuracy_vs_gold": vs_gold,
                 "kl_to_sft": kl.get(r.served_after),
@@ -214,6 +217,12 @@ def _plot_lineage(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
 
 
 # --- the report section ---------------------------------------------------------------------
+def _agreement(row: Mapping[str, Any]) -> str:
+    if row.get("labeler_agreement") is None or not row.get("agreement_pairs"):
+        return "- (no overlap yet)"
+    return f"{_f(row['labeler_agreement'])} ({row['agreement_pairs']})"
+
+
 def _markdown(result: Mapping[str, Any]) -> str:
     rows = result["rows"]
     lines = [
@@ -224,21 +233,25 @@ def _markdown(result: Mapping[str, Any]) -> str:
         f"({' + '.join(result['prompt_splits'])}); each round's RM on {result['comparisons']} held-out comparisons "
         f"({' + '.join(result['comparison_splits']) or 'none'}), ranked by the labelers and by the gold preference.",
         "",
-        "| round | comparisons on | served | mean gold [95% CI] | win vs SFT [95% CI] | RM acc. vs labelers | "
-        "RM acc. vs gold | KL to SFT | gates |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "Labeler agreement is the LabelingService's measure over every overlapping task so far (response pairs "
+        "in brackets): it bounds the RM's accuracy against the labelers.",
+        "",
+        "| round | comparisons on | served | mean gold [95% CI] | win vs SFT [95% CI] | labeler agreement | "
+        "RM acc. vs gold | RM acc. vs labelers | KL to SFT | gates |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ci = f"{_f(r['mean_gold'])} [{_f(r['gold_ci'][0])}, {_f(r['gold_ci'][1])}]"
         if r["round"] == 0:
-            lines.append(f"| SFT | - | `{r['served']}` | {ci} | - | - | - | 0 | - |")
+            lines.append(f"| SFT | - | `{r['served']}` | {ci} | - | - | - | - | 0 | - |")
             continue
         w = r["win_vs_sft"]
         gates = "; ".join(f"{d['model']} {'promoted' if d['promote'] else 'rejected'}" for d in r["gate"])
         lines.append(
             f"| {r['round']} | {', '.join(f'`{v}`' for v in r['collected_on'])} ({r['comparisons_collected']}) | "
             f"`{r['served']}` | {ci} | {_f(w['win_rate'])} [{_f(w['ci_low'])}, {_f(w['ci_high'])}] | "
-            f"{_f(r['rm_accuracy_vs_labelers']['accuracy'])} | {_f(r['rm_accuracy_vs_gold']['accuracy'])} | "
+            f"{_agreement(r)} | "
+            f"{_f(r['rm_accuracy_vs_gold']['accuracy'])} | {_f(r['rm_accuracy_vs_labelers']['accuracy'])} | "
             f"{_f(r['kl_to_sft'])} | {gates} |"
         )
     lines += ["", "![gold by round](gold_by_round.png)", "", "Gate decisions:", ""]

@@ -71,7 +71,7 @@ def paired_win_rate(a: Sequence[float], b: Sequence[float], z: float = Z95) -> W
     """A against B, paired per prompt (a[i] and b[i] are scores of one prompt)."""
     if len(a) != len(b):
         raise ValueError(f"paired scores need equal lengths, got {len(a)} and {len(b)}")
-    diffs = [x - y for x, y in zip(a, b)]
+    diffs = [x - y for x, y in zip(a, b, strict=True)]
     wins = sum(d > 0 for d in diffs)
     ties = sum(d == 0 for d in diffs)
     losses = len(diffs) - wins - ties

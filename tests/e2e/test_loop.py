@@ -1,10 +1,12 @@
 """The loop iterates, with the tiny model, through the real gRPC services and
-the real broker: simulated users and labelers -> controller -> SFT, then two
-RM+PPO rounds (local subprocess jobs) -> gates -> hot-swap.
+the real broker: simulated users -> LabelingService (tasks from their logged
+prompts, samples from the served policy) <- simulated labelers -> controller
+-> SFT, then two RM+PPO rounds (local subprocess jobs) -> gates -> hot-swap.
 
 It shows:
-  - round 2's comparisons come from round 1's promoted policy, and round 2's
-    RM trained on them (read from lineage);
+  - round 2's comparisons come from round 1's promoted policy (the versions the
+    LabelingService recorded for the samples it generated), and round 2's RM
+    trained on them (read from lineage);
   - a killed job is retried and resumes;
   - a PPO that keeps failing leaves its round open and retryable, with
     nothing promoted ahead of it;
@@ -44,8 +46,8 @@ from services.common.datasets import SnapshotStore
 from services.controller.controller import Controller
 from services.controller.lineage import lineage
 from services.controller.local_executor import LocalExecutor
-from services.sim import labelers as sim_labelers
 from services.sim import users as sim_users
+from services.sim.labelers import labeling_stats, run_labelers, versions_judged_between
 from tests.conftest import make_settings
 
 
@@ -69,6 +71,15 @@ def _kill_first(executor: LocalExecutor, prefix: str, killed: list, stop: thread
                 killed.append(name)
                 return
         time.sleep(0.1)
+
+
+def _compare(labeling, population, n: int) -> list[str]:
+    """n comparisons through the LabelingService; the policy versions it recorded for their samples."""
+    token = population.labelers[0].token
+    before = labeling_stats(labeling, token)
+    run = run_labelers(labeling, population.labelers, n, kind="comparison", wait_s=30, progress=False)
+    assert run.comparisons == n and run.duplicates == 0, run
+    return versions_judged_between(before, labeling_stats(labeling, token))
 
 
 def _log(settings) -> list[dict]:
@@ -102,6 +113,7 @@ def _controller_process(settings) -> subprocess.Popen:
 
 def test_two_rounds_iterate_gate_and_recover(tmp_path, broker, tiny_model_dir):
     from services.feedback.server import start as start_feedback
+    from services.labeling.server import start as start_labeling
     from services.policy.server import start as start_policy
     from services.reward.server import start as start_reward
 
@@ -129,20 +141,31 @@ def test_two_rounds_iterate_gate_and_recover(tmp_path, broker, tiny_model_dir):
     settings = dataclasses.replace(
         settings, policy_target=f"127.0.0.1:{policy_srv.port}", feedback_target=f"127.0.0.1:{feedback_srv.port}"
     )
+    # Labels per split in proportion to its users; no overlap, so that every task is labeled within its round
+    # (agreement has its own tests); the test asks for each kind of task itself.
+    labeling_srv = start_labeling(
+        dataclasses.replace(
+            settings,
+            labeling_split_shares={"train": 0.6, "validation": 0.3, "test": 0.1},
+            labeling_overlap_share=0.0,
+            labeling_demonstration_share=0.0,
+            labeling_k=4,
+            labeling_max_new_tokens=12,
+        )
+    )
+    labeling = grpc.insecure_channel(f"127.0.0.1:{labeling_srv.port}")
     service = None
     try:
         sim_users.submit_prompts(feedback, population, progress=False)
-        pool = sim_labelers.LabelerPool(
-            population, feedback, policy, prompts=sim_labelers.read_prompt_events(settings), seed=0
-        )
-        pool.demonstrate(12, progress=False)
+        demos = run_labelers(labeling, population.labelers, 12, kind="demonstration", wait_s=30, progress=False)
+        assert demos.demonstrations == 12
         executor = LocalExecutor(settings.home / "controller" / "jobs")
         controller = Controller(settings, executor)
         sft = controller.step(force=True).trained["sft"]
         assert _serving(policy, sft), "the first SFT policy was not hot-swapped in"
 
         # --- RL round 1, on comparisons of SFT samples; its first PPO attempt is killed ---
-        assert pool.compare(10, k=4, max_new_tokens=12, progress=False).policy_versions == {sft}
+        assert _compare(labeling, population, 10) == [sft]
         killed: list[str] = []
         stop = threading.Event()
         threading.Thread(target=_kill_first, args=(executor, "ppo-", killed, stop), daemon=True).start()
@@ -165,7 +188,7 @@ def test_two_rounds_iterate_gate_and_recover(tmp_path, broker, tiny_model_dir):
         assert _serving(policy, ppo1), "round 1's promoted policy is not being served"
 
         # --- RL round 2: comparisons on round 1's policy; its PPO fails every attempt ---
-        assert pool.compare(10, k=4, max_new_tokens=12, progress=False).policy_versions == {ppo1}
+        assert _compare(labeling, population, 10) == [ppo1]
         broken = Controller(dataclasses.replace(settings, trainer_overrides={"ppo": {"no_such_key": 1}}), executor)
         failing = broken.step(force=True)
         assert not failing.finished and "ppo job ppo-r3 failed 2 time(s)" in failing.decision["reason"]
@@ -233,6 +256,8 @@ def test_two_rounds_iterate_gate_and_recover(tmp_path, broker, tiny_model_dir):
         if service is not None:
             service.kill()
             service.wait()
+        labeling.close()
+        labeling_srv.stop()
         for srv in (policy_srv, reward_srv, feedback_srv):
             srv.stop(0)
         feedback.close()

@@ -18,18 +18,18 @@ from tests.conftest import make_settings
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
-def _comparison(rng: random.Random, i: int, user: str) -> dict:
+def _comparison(rng: random.Random, i: int, user: str, labeler_agrees: bool = True) -> dict:
+    """Three responses ranked by gold, or (labeler_agrees=False) in the order a careless labeler gives."""
     prompt = sample_task(rng, family="describe").render()
     texts = [write_demonstration(prompt, random.Random(i)), "The thing is big " * 6, "ok"]
+    ranks = gold_ranks(prompt, texts) if labeler_agrees else [3, 2, 1]
     return {
         "event_id": f"c{i}",
         "prompt_id": f"p{i}",
         "user_id": user,
         "labeler_id": "labeler-0",
         "prompt_text": prompt,
-        "responses": [
-            {"text": t, "policy_version": "sft-x", "rank": r} for t, r in zip(texts, gold_ranks(prompt, texts))
-        ],
+        "responses": [{"text": t, "policy_version": "sft-x", "rank": r} for t, r in zip(texts, ranks, strict=True)],
     }
 
 
@@ -68,7 +68,7 @@ def tiny_run(tmp_path, tiny_model_dir):
                 }
                 for i in range(5)
             ],
-            "comparisons": [_comparison(rng, 10 + i, "user-009") for i in range(3)],
+            "comparisons": [_comparison(rng, 10 + i, "user-009", labeler_agrees=i > 0) for i in range(3)],
         },
     }
     snapshot = SnapshotStore(settings.dataset_dir).write(data)["snapshot_id"]
@@ -102,12 +102,18 @@ def test_report_end_to_end(tmp_path, tiny_run):
         run_dirs=run_dirs,
         extra={"demo_wall_s": 12.5},
         config=cfg,
+        labeler_agreement={
+            "pairwise_agreement": 0.73,
+            "compared_pairs": 120,
+            "kendall_tau_b": 0.5,
+            "overlap_tasks": 20,
+        },
     )
     out = path.parent
     text = path.read_text()
     for heading in (
         "## Gold win rates",
-        "## Reward model against the gold labeler",
+        "## Reward model: labeler agreement, accuracy against gold and against the labelers",
         "## KL to the SFT policy",
         "## Examples, before and after",
     ):
@@ -132,6 +138,17 @@ def test_report_end_to_end(tmp_path, tiny_run):
         if a["rank"] != b["rank"]
     )
     assert result["rm_accuracy"]["held_out"]["pairs"] == pairs and result["rm_accuracy"]["held_out"]["comparisons"] == 3
+    # Against gold, the careless labeler's comparison counts by its gold ranks: the two figures differ.
+    gold = [gold_ranks(c["prompt_text"], [r["text"] for r in c["responses"]]) for c in data["test"]["comparisons"]]
+    gold_pairs = sum(1 for ranks in gold for i, a in enumerate(ranks) for b in ranks[i + 1 :] if a != b)
+    vs_gold, vs_labelers = result["rm_accuracy"]["held_out_vs_gold"], result["rm_accuracy"]["held_out"]
+    assert vs_gold["pairs"] == gold_pairs and vs_gold["comparisons"] == 3
+    assert vs_gold["accuracy"] != vs_labelers["accuracy"]
+    assert result["rm_accuracy"]["labeler_agreement"]["pairwise_agreement"] == 0.73
+    row = next(
+        line for line in text.splitlines() if line.startswith("| **0.730**, 120 pairs on 20 overlapping tasks |")
+    )
+    assert f"**{vs_gold['accuracy']:.3f}**" in row.split("|")[2] and f"**{vs_labelers['accuracy']:.3f}**" in row
     assert (
         0.0
         <= result["rm_accuracy"]["held_out"]["ci_low"]

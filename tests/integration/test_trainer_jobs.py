@@ -156,6 +156,9 @@ def test_chain_publishes_verified_checkpoints_that_load(world, trained):
     # RM: learns the synthetic preference; held-out users; demonstrations centred at 0
     manifest = world.store.verify(rm["version"])
     assert (manifest.kind, manifest.parents) == ("rm", [sft["version"]])
+    # lineage reads which policy produced the RM's training comparisons from the manifest
+    train_comparisons = SnapshotStore(world.settings.dataset_dir).read(world.snapshot, "train", "comparisons")
+    assert manifest.metrics["comparisons_by_policy_version"] == {"synthetic": len(train_comparisons)}
     metrics = rm["metrics"]
     assert metrics["val_pair_accuracy"] >= 0.75 and metrics["val_prompt_accuracy"] >= 0.75, metrics
     assert metrics["val_users_overlapping_train"] == 0 and metrics["val_prompts"] == 8

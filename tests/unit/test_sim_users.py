@@ -9,7 +9,6 @@ import pytest
 
 from services.common.auth import load_tokens
 from services.common.config import load_settings
-from services.sim.labelers import QueuedPrompt, labelling_queue
 from services.sim.users import make_population, zipf_counts
 
 EMAIL = re.compile(r"[\w.]+@[\w.]+\.\w+")
@@ -73,29 +72,23 @@ def test_bad_rates_are_refused():
         make_population(pii_rate=1.5)
 
 
-def test_labelling_queue_round_robins_users_and_skips_repeats():
-    prompts = [QueuedPrompt(f"h{i}", "heavy", f"text {i}") for i in range(10)]
-    prompts += [QueuedPrompt("l1", "light", "light text"), QueuedPrompt("l2", "light", "text 3")]
-    queue = labelling_queue(prompts, seed=0)
-    assert {queue[0].user_id, queue[1].user_id} == {"heavy", "light"}
-    texts = [p.text for p in queue]
-    assert len(texts) == len(set(texts)) == 11
-    assert next(p for p in queue if p.text == "text 3").prompt_id == "h3"  # the first arrival of a repeated text
-    assert labelling_queue(prompts, seed=0) == queue and labelling_queue(prompts, seed=1) != queue
-
-
-def test_labeler_pool_refuses_bad_k_and_a_missing_policy():
+def test_run_labelers_refuses_an_empty_team_and_an_unknown_task_kind():
     import grpc
 
-    from services.sim.labelers import LabelerPool
+    from services.sim.labelers import run_labelers
 
-    pop = make_population(seed=0, n_users=5, n_prompts=20, heavy_users=0)
     channel = grpc.insecure_channel("127.0.0.1:9")  # lazy: never dialled, every call is refused before it
-    prompts = [QueuedPrompt("p1", "user-000", "Describe rain in at most 8 words.")]
-    with pytest.raises(ValueError, match="PolicyService"):
-        LabelerPool(pop, channel, prompts=prompts).compare(1)
-    with pytest.raises(ValueError, match=r"k=10 must be in \[2, 9\]"):
-        LabelerPool(pop, channel, channel, prompts=prompts).compare(1, k=10)
-    with pytest.raises(ValueError, match="no labelers"):
-        LabelerPool(make_population(seed=0, n_users=5, n_prompts=20, heavy_users=0, n_labelers=0), channel)
+    labelers = make_population(seed=0, n_users=5, n_prompts=20, heavy_users=0).labelers
+    with pytest.raises(ValueError, match="at least one labeler"):
+        run_labelers(channel, [], 1, progress=False)
+    with pytest.raises(ValueError, match="TASK_KIND_REVIEW"):
+        run_labelers(channel, labelers, 1, kind="review", progress=False)
     channel.close()
+
+
+@pytest.mark.parametrize("k, message", [("10", "above the maximum 9"), ("3", "below the minimum 4")])
+def test_comparison_k_outside_4_to_9_is_refused_by_the_configuration(k, message):
+    from services.common.config import ConfigError
+
+    with pytest.raises(ConfigError, match=f"RLHF_LABELING_K={k} is {message}"):
+        load_settings({"RLHF_LABELING_K": k})
