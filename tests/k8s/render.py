@@ -63,7 +63,9 @@ def compose(folder: str, components: tuple[str, ...] = (), **extra) -> list[dict
     """Render k8s/<folder> plus components and any other kustomization fields, as a user's overlay would."""
     with tempfile.TemporaryDirectory(prefix="k8s-variant-") as tmp:
         # kustomize accepts only relative paths to other kustomizations.
-        rel = lambda p: os.path.relpath(p, tmp)  # noqa: E731
+        def rel(path) -> str:
+            return os.path.relpath(path, tmp)
+
         doc = {
             "apiVersion": "kustomize.config.k8s.io/v1beta1",
             "kind": "Kustomization",
