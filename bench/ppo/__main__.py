@@ -47,6 +47,22 @@ TARGET = 1.5
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
+def report_rows(model_name: str, results: dict, ratio: float) -> list[dict]:
+    """The row bench/report.py renders into the results tables (see its docstring)."""
+    ours, trl = results["ours"], results["trl"]
+    return [
+        {
+            "what": f"PPO episodes per second, {model_name}, trainers/ppo.py (engine rollouts)",
+            "result": f"{ours['episodes_per_s']:.3f} episodes/s",
+            "baseline": f"TRL {trl['trl_version']} `PPOTrainer`, same model, prompts and batches:"
+            f" {trl['episodes_per_s']:.3f} episodes/s",
+            "ratio": round(ratio, 2),
+            "ratio_note": f" (target {TARGET}×)",
+            "headline": True,
+        }
+    ]
+
+
 def trl_python() -> str:
     out = subprocess.run([str(HERE / "setup_trl.sh")], check=True, capture_output=True, text=True)
     return out.stdout.strip().splitlines()[-1]
@@ -266,6 +282,7 @@ def main() -> int:
             "ratio": ratio,
             "target": TARGET,
             "target_met": met,
+            "rows": report_rows(model_name, results, ratio),
         },
     )
     return 0

@@ -70,6 +70,37 @@ GB = 1024**3
 BENCH_TOKEN = "bench-serving"
 
 
+def report_rows(dtype: str, base: dict, levels: list[dict], swap: dict) -> list[dict]:
+    """The rows bench/report.py renders into the results tables (see its docstring)."""
+    by_clients = {level["clients"]: level for level in levels}
+    rows = []
+    for clients in (1, 16, 32):
+        level = by_clients.get(clients)
+        if level is None:
+            continue
+        rows.append(
+            {
+                "what": f"serving, {clients} concurrent gRPC stream{'s' if clients > 1 else ''}, 64 new tokens,"
+                f" base model {dtype}",
+                "result": f"{level['tok_s']:.0f} tok/s, MFU {level['mfu']:.0%}, TTFT p99 {level['ttft_p99_ms']:.0f} ms,"
+                f" peak RSS {level['peak_rss_gb']:.2f} GB",
+                "baseline": f"HF `generate` fp32, one request at a time: {base['tok_s']:.1f} tok/s",
+                "ratio": round(level["tok_s"] / base["tok_s"], 2),
+                "headline": clients == 16,
+            }
+        )
+    if swap:
+        rows.append(
+            {
+                "what": "hot swap under 8 streams",
+                "result": f"new version served {swap['swap_latency_s']:.2f} s after the announcement,"
+                f" {swap['failed']} of {swap['requests']} requests failed",
+                "ratio": None,
+            }
+        )
+    return rows
+
+
 class RssSampler:
     """Samples a process's resident set size every 50 ms; keeps the peak per phase."""
 
@@ -512,6 +543,7 @@ def main(argv: list[str]) -> int:
                 "llama_cpp": llama,
                 "swap": {**swap, "peak_rss_gb": swap_rss},
                 "checks": checks,
+                "rows": report_rows(dtype_name, base, results, swap),
             },
         )
         return 0
