@@ -373,7 +373,9 @@ class FeedbackServicer:
                 f"broker did not acknowledge within {timeout:.1f}s ({str(err) or type(err).__name__});"
                 " retry with the same request_id (a late write is de-duplicated by event id)",
             ) from None
-        return _reply(item.prepared, written)
+        # The outcome callback built the reply already (unless a timeout failed
+        # the entry before this late ack): answer with that one.
+        return item.entry.reply if item.entry.reply is not None else _reply(item.prepared, written)
 
     def _timeout(self, context) -> float:
         remaining = context.time_remaining() if context is not None else None
