@@ -102,7 +102,7 @@ def check_id(value: str, field: str, required: bool = False) -> None:
         raise InvalidField(field, "is required")
     if len(value) > MAX_ID_CHARS:
         raise InvalidField(field, f"is {len(value)} characters; the limit is {MAX_ID_CHARS}")
-    if not _PRINTABLE_TOKEN.fullmatch(value):
+    if value and not _PRINTABLE_TOKEN.fullmatch(value):
         raise InvalidField(field, "must be printable and contain no whitespace")
 
 
@@ -121,22 +121,29 @@ def check_ranked_responses(responses: Sequence[events_pb2.RankedResponse], limit
         raise InvalidField("responses", f"has {k} responses; K must be between {MIN_K} and {MAX_K}")
     seen: dict[str, int] = {}
     for i, response in enumerate(responses):
-        check_text(response.text, f"responses[{i}].text", limits)
-        first = seen.setdefault(response.text.strip(), i)
-        if first != i:
-            raise InvalidField(f"responses[{i}].text", f"duplicates responses[{first}].text")
-        check_id(response.policy_version, f"responses[{i}].policy_version", required=True)
-        check_id(response.sample_id, f"responses[{i}].sample_id")
-        if response.likert:  # per-response Likert and flags are optional on a comparison
-            check_likert(response.likert, f"responses[{i}].likert")
-        check_flags(response.flags, f"responses[{i}].flags")
-        if not 1 <= response.rank <= k:
-            raise InvalidField(
-                f"responses[{i}].rank",
-                f"is {response.rank}; every response needs a rank between 1 (best) and K={k}; equal ranks are ties",
-            )
+        try:  # field names are relative to the response; its index is added only on an error
+            check_text(response.text, "text", limits)
+            first = seen.setdefault(response.text.strip(), i)
+            if first != i:
+                raise InvalidField("text", f"duplicates responses[{first}].text")
+            _check_ranked_response(response, k)
+        except InvalidField as err:
+            raise err.within(f"responses[{i}]") from None
     if min(r.rank for r in responses) != 1:
         raise InvalidField("responses", "the ranking has no best response (no rank 1)")
+
+
+def _check_ranked_response(response: events_pb2.RankedResponse, k: int) -> None:
+    """A ranked response's fields after its text (names relative to the response)."""
+    check_id(response.policy_version, "policy_version", required=True)
+    check_id(response.sample_id, "sample_id")
+    if response.likert:  # per-response Likert and flags are optional on a comparison
+        check_likert(response.likert)
+    check_flags(response.flags)
+    if not 1 <= response.rank <= k:
+        raise InvalidField(
+            "rank", f"is {response.rank}; every response needs a rank between 1 (best) and K={k}; equal ranks are ties"
+        )
 
 
 def check_likert(likert: int, field: str = "likert") -> None:

@@ -83,6 +83,13 @@ def prepare(kind: str, request: Message, identity: Identity, limits: Limits) -> 
     return Prepared(kind, event, request_fingerprint(kind, request))
 
 
+# kind -> (payload field, whether it is repeated), looked up once rather than per request
+_PAYLOAD_FIELDS = {
+    key: tuple((name, kind.event_type.DESCRIPTOR.fields_by_name[name].is_repeated) for name in kind.payload)
+    for key, kind in feedback.KINDS.items()
+}
+
+
 def _feedback_event(spec: feedback.FeedbackKind, request: Message, identity: Identity, limits: Limits) -> Message:
     """A demonstration, comparison or labels event: the prompt reference, the
     labeler, and the kind's payload fields copied from the request and checked."""
@@ -91,12 +98,11 @@ def _feedback_event(spec: feedback.FeedbackKind, request: Message, identity: Ide
     if not request.prompt_id:  # a labeler-written prompt: its author is the labeler
         event.prompt_id = labeler_prompt_id(identity.user_id, request.prompt_text)
         event.user_id = identity.user_id
-    for name in spec.payload:
-        value = getattr(request, name)
-        if spec.event_type.DESCRIPTOR.fields_by_name[name].is_repeated:
-            getattr(event, name).extend(value)
+    for name, repeated in _PAYLOAD_FIELDS[spec.key]:
+        if repeated:
+            getattr(event, name).extend(getattr(request, name))
         else:
-            setattr(event, name, value)
+            setattr(event, name, getattr(request, name))
     spec.check(event, limits)
     return event
 

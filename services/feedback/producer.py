@@ -22,6 +22,7 @@ import asyncio
 import logging
 import threading
 from collections import defaultdict, deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from services.common import bus
@@ -42,19 +43,27 @@ class Written:
     offset: int
 
 
-Outcome = tuple[asyncio.Future, "Written | None", "Exception | None"]
+# (future, written, error, on_outcome): on_outcome(written, error) runs on the
+# future's loop whether or not anyone still awaits the future.
+Outcome = tuple[asyncio.Future, "Written | None", "Exception | None", "OnOutcome | None"]
+OnOutcome = Callable[["Written | None", "Exception | None"], None]
 
 
 def _settle(outcomes: list[Outcome]) -> None:
     """Resolve futures on their loop. A caller that stopped waiting (its
-    deadline passed) has cancelled its future; a late outcome is dropped."""
-    for future, written, error in outcomes:
-        if future.done():
-            continue
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(written)
+    deadline passed) has cancelled its future; its outcome still reaches
+    `on_outcome`, which settles the write's bookkeeping."""
+    for future, written, error, on_outcome in outcomes:
+        if not future.done():
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(written)
+        if on_outcome is not None:
+            try:
+                on_outcome(written, error)
+            except Exception:  # noqa: BLE001 - one record's bookkeeping bug must not strand the batch's others
+                log.exception("feedback write outcome callback failed")
 
 
 def _hand_over(outcomes: list[Outcome]) -> None:
@@ -132,8 +141,17 @@ class LibrdkafkaProducer:
 
         return Producer(self._config)
 
-    def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> asyncio.Future:
-        """Queue one record; call on the event loop that will await the future."""
+    def send(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+        on_outcome: OnOutcome | None = None,
+    ) -> asyncio.Future:
+        """Queue one record; call on the event loop that will await the future.
+        `on_outcome(written, error)` runs on that loop when the broker answers,
+        even if the future was cancelled (its caller stopped waiting)."""
         from confluent_kafka import KafkaException
 
         future = asyncio.get_running_loop().create_future()
@@ -143,9 +161,9 @@ class LibrdkafkaProducer:
             if err is not None:
                 if err.fatal() or err.code() in _identity_lost():
                     self._mark_broken(producer)
-                delivered.append((future, None, PublishError(f"{err.name()}: {err.str()}")))
+                delivered.append((future, None, PublishError(f"{err.name()}: {err.str()}"), on_outcome))
             else:
-                delivered.append((future, Written(msg.topic(), msg.partition(), msg.offset()), None))
+                delivered.append((future, Written(msg.topic(), msg.partition(), msg.offset()), None, on_outcome))
 
         producer = self._producer
         try:
@@ -223,7 +241,14 @@ class KafkaPythonProducer:
         self._broken = None
         self.replacements = 0
 
-    def send(self, topic: str, key: bytes, value: bytes, headers: list[tuple[str, bytes]]) -> asyncio.Future:
+    def send(
+        self,
+        topic: str,
+        key: bytes,
+        value: bytes,
+        headers: list[tuple[str, bytes]],
+        on_outcome: OnOutcome | None = None,
+    ) -> asyncio.Future:
         from kafka.errors import KafkaError
 
         if self._broken is not None:
@@ -238,9 +263,11 @@ class KafkaPythonProducer:
         def failed(err) -> None:
             if not getattr(err, "retriable", False):
                 self._broken = producer
-            _hand_over([(future, None, PublishError(str(err)))])
+            _hand_over([(future, None, PublishError(str(err)), on_outcome)])
 
-        sent.add_callback(lambda md: _hand_over([(future, Written(md.topic, md.partition, md.offset), None)]))
+        sent.add_callback(
+            lambda md: _hand_over([(future, Written(md.topic, md.partition, md.offset), None, on_outcome)])
+        )
         sent.add_errback(failed)
         return future
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import NoReturn
@@ -87,6 +88,9 @@ class FeedbackServicer:
         self.cache = IdempotencyCache(settings.feedback_idempotency_entries)
         self.calls = 0  # feedback calls in progress (all on the server's one event loop)
         self.draining = False  # set on shutdown: new calls are refused, those in progress finish
+        # (deadline, event id, entry) of the writes in flight, in send order (see _expire_later)
+        self._expiries: deque[tuple[float, str, Entry]] = deque()
+        self._expiry_timer: asyncio.TimerHandle | None = None
 
     def register(self, server: grpc.Server) -> str:
         reply = feedback_pb2.SubmitReply.SerializeToString
@@ -276,48 +280,64 @@ class FeedbackServicer:
         return self._send(prepared, entry, identity)
 
     def _send(self, prepared: Prepared, entry: Entry, identity: Identity) -> _Pending:
-        """Publish the event of an entry this call owns; the write settles the entry itself."""
+        """Publish the event of an entry this call owns; the write settles the entry itself.
+
+        The entry settles when the broker answers, whether or not the calling
+        client still waits (grpc.aio cancels a handler whose deadline passed):
+        the producer runs the outcome callback even for a cancelled future. A
+        write not acknowledged within the broker timeout counts as failed
+        (`_expire`), so a retry takes it over; a later ack still wins."""
         event = prepared.event
+        key = prepared.event_id
+
+        def settled(written, error) -> None:
+            if error is not None:
+                if not future.cancelled():
+                    future.exception()  # retrieved here: a bulk stream that ended early never awaits it
+                self.cache.fail(key, entry, StatusError(Status.UNAVAILABLE, f"broker refused the write: {error}"))
+                return
+            self.cache.complete(key, entry, _reply(prepared, written))
+            EVENTS_WRITTEN.labels(written.topic).inc()
+
         try:
             future = self.producer.send(
                 self.topics.name(prepared.kind),
                 key=identity.user_id.encode(),  # one user's events stay in order on one partition
                 value=event.SerializeToString(),
                 headers=bus.headers_for(event),
+                on_outcome=settled,
             )
         except PublishError as err:
             refusal = StatusError(Status.UNAVAILABLE, f"broker unavailable: {err}")
-            self.cache.fail(prepared.event_id, entry, refusal)
+            self.cache.fail(key, entry, refusal)
             raise refusal from None
-        self._settle_on_outcome(prepared, entry, future)
+        self._expire_later(key, entry)
         return _Pending(prepared, entry, owner=True, identity=identity, future=future)
 
-    def _settle_on_outcome(self, prepared: Prepared, entry: Entry, future: asyncio.Future) -> None:
-        """Complete or fail the idempotency entry when the broker answers, whether
-        or not the calling client still waits (grpc.aio cancels a handler whose
-        deadline passed). A write not acknowledged within the broker timeout
-        counts as failed, so a retry takes it over; a later ack still wins."""
-        key, limit = prepared.event_id, self.settings.kafka_timeout_s
+    def _expire_later(self, key: str, entry: Entry) -> None:
+        """Fail `entry` if the broker has not answered within RLHF_KAFKA_TIMEOUT_S.
 
-        def expire() -> None:
-            if not future.done():
+        Every write gets the same timeout, so their deadlines come in send
+        order: one queue and one loop timer serve them all (a timer per write
+        cost a heap push, a cancel and a callback on the hot path)."""
+        loop = asyncio.get_running_loop()
+        queue = self._expiries
+        while queue and queue[0][2].done.is_set():  # settled already: nothing to expire
+            queue.popleft()
+        queue.append((loop.time() + self.settings.kafka_timeout_s, key, entry))
+        if self._expiry_timer is None:
+            self._expiry_timer = loop.call_at(queue[0][0], self._expire)
+
+    def _expire(self) -> None:
+        loop = asyncio.get_running_loop()
+        queue, now, limit = self._expiries, loop.time(), self.settings.kafka_timeout_s
+        while queue and (queue[0][0] <= now or queue[0][2].done.is_set()):
+            _, key, entry = queue.popleft()
+            if not entry.done.is_set():
                 self.cache.fail(
                     key, entry, StatusError(Status.UNAVAILABLE, f"broker did not acknowledge within {limit:.1f}s")
                 )
-
-        timer = asyncio.get_running_loop().call_later(limit, expire)
-
-        def settled(done: asyncio.Future) -> None:
-            timer.cancel()
-            error = None if done.cancelled() else done.exception()
-            if done.cancelled() or error is not None:
-                detail = str(error) if error is not None else "cancelled"
-                self.cache.fail(key, entry, StatusError(Status.UNAVAILABLE, f"broker refused the write: {detail}"))
-                return
-            self.cache.complete(key, entry, _reply(prepared, done.result()))
-            EVENTS_WRITTEN.labels(done.result().topic).inc()
-
-        future.add_done_callback(settled)
+        self._expiry_timer = loop.call_at(queue[0][0], self._expire) if queue else None
 
     async def _finish(self, item: _Pending, context) -> feedback_pb2.SubmitReply:
         """Wait for the broker's ack (within the call's deadline) and build the reply.
@@ -343,16 +363,19 @@ class FeedbackServicer:
             if item.future.done():  # common in bulk imports: acked while earlier replies were written
                 written = item.future.result()
             else:
-                # shield: a cancelled call (client deadline) leaves the write to settle its entry
+                # A cancelled call (client deadline) cancels only its wait: the
+                # write still settles its entry through its outcome callback.
                 async with asyncio.timeout(timeout):
-                    written = await asyncio.shield(item.future)
+                    written = await item.future
         except (PublishError, TimeoutError) as err:
             raise StatusError(
                 Status.UNAVAILABLE,
                 f"broker did not acknowledge within {timeout:.1f}s ({str(err) or type(err).__name__});"
                 " retry with the same request_id (a late write is de-duplicated by event id)",
             ) from None
-        return _reply(item.prepared, written)
+        # The outcome callback built the reply already (unless a timeout failed
+        # the entry before this late ack): answer with that one.
+        return item.entry.reply if item.entry.reply is not None else _reply(item.prepared, written)
 
     def _timeout(self, context) -> float:
         remaining = context.time_remaining() if context is not None else None
