@@ -7,14 +7,17 @@ because these machines are noisy. Results go to bench/results/<name>.json.
 from __future__ import annotations
 
 import json
+import os
 import platform
+import subprocess
 import threading
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -49,13 +52,30 @@ def print_table(title: str, rows: Sequence[Mapping[str, Any]]) -> str:
     return text
 
 
+def machine() -> str:
+    """This machine in words: cores, architecture and CPU capability (it decides the auto dtype)."""
+    from services.common.dtypes import cpu_capability
+
+    return f"{os.cpu_count()}-core {platform.machine()}, CPU capability {cpu_capability()}"
+
+
+def commit() -> str:
+    """The checked-out commit, so that a figure names the code that produced it."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def write_results(name: str, payload: Mapping[str, Any]) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     body = {
         "benchmark": name,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": platform.machine(),
+        "machine": machine(),
+        "commit": commit(),
         **payload,
     }
     path.write_text(json.dumps(body, indent=2, default=str))

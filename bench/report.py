@@ -35,16 +35,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import re
-import subprocess
 import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from bench.common import commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "docs" / "results"
@@ -257,25 +256,6 @@ def blocks_in(text: str) -> list[str]:
 
 
 # --- copying fresh measurements in -----------------------------------------------------
-
-
-def machine() -> str:
-    """This machine in words: architecture, cores and torch's CPU capability (it decides the dtype)."""
-    try:
-        import torch
-
-        capability = torch.backends.cpu.get_cpu_capability()
-    except ImportError:
-        capability = "unknown"
-    return f"{os.cpu_count()}-core {platform.machine()}, CPU capability {capability}"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def _stamp(data: dict[str, Any], date: str) -> dict[str, Any]:
