@@ -31,6 +31,7 @@ $RLHF_HOME/controller/decisions.jsonl and announced on the checkpoints topic
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -131,7 +132,7 @@ class Controller:
         entry = {"at_unix_ms": int(time.time() * 1000), "round": self.state.round, "kind": kind, **fields}
         with open(self.dir / "decisions.jsonl", "a") as fh:
             fh.write(json.dumps(entry) + "\n")
-        log_fields(log, 20, f"controller {kind}", **fields)
+        log_fields(log, logging.INFO, f"controller {kind}", **fields)
 
     def decisions(self) -> list[dict]:
         path = self.dir / "decisions.jsonl"
@@ -255,7 +256,7 @@ class Controller:
                 bus.checkpoint_event(self.settings, version, events_pb2.CheckpointEvent.TYPE_REJECTED, reason),
             )
         except Exception as err:  # noqa: BLE001 - the rejection is recorded locally either way
-            log_fields(log, 30, "could not announce the rejection", error=str(err))
+            log_fields(log, logging.WARNING, "could not announce the rejection", error=str(err))
         self.record("rejected", version=version, reason=reason)
 
     def _apply(self, rs: RoundState, decision: dict) -> None:

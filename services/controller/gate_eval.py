@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import sys
 import time
@@ -188,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     dtype, why = resolve_dtype("auto", device)
-    log_fields(log, 20, "gate evaluation dtype", dtype=str(dtype), reason=why)
+    log_fields(log, logging.INFO, "gate evaluation dtype", dtype=str(dtype), reason=why)
     started = time.time()
     store, snapshots = CheckpointStore(settings.checkpoint_dir), SnapshotStore(settings.dataset_dir)
     for version in filter(None, (args.candidate, args.incumbent, args.reference, args.reward, args.incumbent_reward)):
@@ -263,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(result, indent=2))
     os.replace(tmp, out)
-    log_fields(log, 20, "gate evaluation done", result_file=str(out), wall_s=result["wall_s"])
+    log_fields(log, logging.INFO, "gate evaluation done", result_file=str(out), wall_s=result["wall_s"])
     return 0
 
 

@@ -29,6 +29,7 @@ retries (RLHF_JOB_RETRIES) and trainers resume from their run folder.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from pathlib import PurePosixPath
@@ -410,7 +411,7 @@ class KubernetesExecutor(Executor):
                 raise
             if not job_status(self._read(spec.name)).state.finished:
                 # A controller restarted mid-round finds its job still running: follow it.
-                log_fields(log, 30, "job already running; following it", job=spec.name)
+                log_fields(log, logging.WARNING, "job already running; following it", job=spec.name)
                 return spec.name
             # A retry (the controller reuses the name): remove the finished
             # attempt and everything it owns, then start afresh.
@@ -485,7 +486,7 @@ class KubernetesExecutor(Executor):
         except ApiException as err:
             if err.status != 404:
                 raise
-        log_fields(log, 20, "trainer job cancelled", job=handle, namespace=self.namespace)
+        log_fields(log, logging.INFO, "trainer job cancelled", job=handle, namespace=self.namespace)
 
     # --- helpers -----------------------------------------------------------------------
     def _delete_and_wait(self, name: str, timeout: float = 120.0) -> None:
@@ -526,5 +527,5 @@ class KubernetesExecutor(Executor):
                         )
                         return JobStatus(JobState.FAILED, f"{status.message}\n{tail}".strip(), term.exit_code)
         except ApiException as err:
-            log_fields(log, 30, "could not read the failed job's pods", job=handle, error=str(err.reason))
+            log_fields(log, logging.WARNING, "could not read the failed job's pods", job=handle, error=str(err.reason))
         return status

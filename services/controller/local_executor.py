@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -71,7 +72,7 @@ class LocalExecutor(Executor):
         tmp = self.log_dir / f".{spec.name}.pid.tmp"
         tmp.write_text(json.dumps({"pid": proc.pid, "start": _start_time(proc.pid)}))
         os.replace(tmp, self._pid_file(spec.name))
-        log_fields(log, 20, "job launched", job=spec.name, pid=proc.pid, argv=argv)
+        log_fields(log, logging.INFO, "job launched", job=spec.name, pid=proc.pid, argv=argv)
         return spec.name
 
     @staticmethod
