@@ -10,14 +10,17 @@ import json
 import os
 import platform
 import subprocess
+import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+MODEL_CACHE = Path(os.environ.get("RLHF_MODEL_CACHE", "~/.cache/rlhf-platform")).expanduser()
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -81,6 +84,29 @@ def write_results(name: str, payload: Mapping[str, Any]) -> Path:
     path.write_text(json.dumps(body, indent=2, default=str))
     print(f"wrote {path}", flush=True)
     return path
+
+
+def trainer_sandbox(prefix: str, **env: str) -> tuple[Path, subprocess.Popen]:
+    """A scratch folder with a broker of its own, and this process's environment pointed at both,
+    for a benchmark that runs trainer jobs in-process: the trainers announce their checkpoints as
+    in production. Returns (folder, broker); stop the broker with services.common.broker.stop_process."""
+    from services.common.broker import free_port, start_broker
+
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    port = free_port()
+    broker = start_broker(port, log_path=work / "tansu.log")
+    os.environ.update(
+        {
+            "RLHF_HOME": str(work / "home"),
+            "RLHF_MODEL": "tiny",
+            "RLHF_MODEL_CACHE": str(MODEL_CACHE),
+            "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
+            "RLHF_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:6]}",
+            "RLHF_TOPIC_PARTITIONS": "1",
+            **env,
+        }
+    )
+    return work, broker
 
 
 def run_threads(n_threads: int, work) -> float:

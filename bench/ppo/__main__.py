@@ -32,17 +32,14 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
-import uuid
 from pathlib import Path
 
 import torch
 
-from bench.common import print_table, write_results
-from services.common.broker import free_port, start_broker, stop_process
+from bench.common import print_table, trainer_sandbox, write_results
+from services.common.broker import stop_process
 
 HERE = Path(__file__).resolve().parent
-MODEL_CACHE = Path(os.environ.get("RLHF_MODEL_CACHE", "~/.cache/rlhf-platform")).expanduser()
 TARGET = 1.5
 LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
@@ -167,20 +164,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     python = trl_python()
-    work = Path(tempfile.mkdtemp(prefix="bench-ppo-"))
-    port = free_port()
-    broker = start_broker(port, log_path=work / "tansu.log")  # our trainer announces its checkpoint
-    os.environ.update(
-        {
-            "RLHF_HOME": str(work / "home"),
-            "RLHF_MODEL": "tiny",
-            "RLHF_MODEL_CACHE": str(MODEL_CACHE),
-            "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
-            "RLHF_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:6]}",
-            "RLHF_TOPIC_PARTITIONS": "1",
-            "RLHF_TORCH_THREADS": str(args.threads),
-        }
-    )
+    work, broker = trainer_sandbox("bench-ppo-", RLHF_TORCH_THREADS=str(args.threads))
     try:
         from bench.train.__main__ import bench_model
         from services.common.checkpoints import CheckpointStore

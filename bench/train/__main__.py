@@ -19,19 +19,15 @@ Accuracy: every held-out pair (validation users), scored by each model.
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import time
-import uuid
 from pathlib import Path
 
 import torch
 
-from bench.common import print_table, write_results
-from services.common.broker import free_port, start_broker, stop_process
+from bench.common import MODEL_CACHE, print_table, trainer_sandbox, write_results
+from services.common.broker import stop_process
 from services.common.models import ensure_preset
 
-MODEL_CACHE = Path(os.environ.get("RLHF_MODEL_CACHE", "~/.cache/rlhf-platform")).expanduser()
 PAIRS_PER_PROMPT = 28  # C(8, 2)
 
 
@@ -181,19 +177,7 @@ def main() -> int:
     n_prompts = args.prompts or (40 if args.quick else 160)
     lr = args.lr or (1e-3 if kind == "tiny" else 1e-4)
 
-    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    port = free_port()
-    broker = start_broker(port, log_path=work / "tansu.log")  # the trainer announces its checkpoint as in production
-    os.environ.update(
-        {
-            "RLHF_HOME": str(work / "home"),
-            "RLHF_MODEL": "tiny",
-            "RLHF_MODEL_CACHE": str(MODEL_CACHE),
-            "RLHF_KAFKA_BOOTSTRAP": f"127.0.0.1:{port}",
-            "RLHF_TOPIC_PREFIX": f"bench{uuid.uuid4().hex[:6]}",
-            "RLHF_TOPIC_PARTITIONS": "1",
-        }
-    )
+    work, broker = trainer_sandbox("bench-train-")
     try:
         from services.common.checkpoints import CheckpointStore
         from services.common.config import load_settings
