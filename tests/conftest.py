@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -22,6 +24,28 @@ from services.common.config import load_settings
 from services.common.models import ensure_preset
 
 MODEL_CACHE = os.environ.get("RLHF_MODEL_CACHE", str(Path("~/.cache/rlhf-platform").expanduser()))
+
+
+class _WithFields(logging.Formatter):
+    """pytest's log lines plus the structured fields `log_fields` attaches, so a
+    failure's captured log says why (e.g. the reason a checkpoint was rejected)."""
+
+    def __init__(self, inner: logging.Formatter):
+        super().__init__()
+        self.inner = inner
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = self.inner.format(record)
+        fields = getattr(record, "fields", None)
+        return f"{line} {json.dumps(fields, default=str)}" if fields else line
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_configure(config):
+    plugin = config.pluginmanager.get_plugin("logging-plugin")
+    if plugin is not None:
+        for handler in (plugin.caplog_handler, plugin.report_handler):
+            handler.setFormatter(_WithFields(plugin.formatter))
 
 
 @pytest.fixture(scope="session")

@@ -40,7 +40,11 @@ PRESETS = ("base", "tiny")
 REWARD_HEAD_FILE = "reward_head.safetensors"
 REWARD_CONFIG_FILE = "reward_config.json"
 
-_lock = threading.Lock()
+# transformers builds a model under a process-wide "empty weights" patch (parameters on the meta
+# device) while `from_pretrained` runs, so a module created meanwhile in another thread keeps no
+# weights. The hot-swap workers of the policy and reward services load in background threads,
+# possibly in one process: every model construction in this module (and the preset build) holds this lock.
+_LOAD_LOCK = threading.RLock()
 
 # The tiny preset: the base model's architecture family, shrunk.
 TINY_ARCH = dict(
@@ -112,7 +116,7 @@ def ensure_preset(preset: str, cache: Path) -> Path:
     target = cache / preset
     if (target / "model.safetensors").exists():
         return target
-    with _lock:
+    with _LOAD_LOCK:
         if (target / "model.safetensors").exists():
             return target
         tok_dir = ensure_tokenizer(cache)
@@ -154,7 +158,8 @@ def load_tokenizer(path: Path | str):
 def load_causal_lm(path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32):
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    with _LOAD_LOCK:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
     return model.to(device).eval()
 
 
@@ -208,8 +213,9 @@ class RewardModel(nn.Module):
         """Start from an SFT/base checkpoint: drop the LM head, add a fresh scalar head."""
         from transformers import AutoModel
 
-        backbone = AutoModel.from_pretrained(str(path), dtype=dtype)
-        return cls(backbone).to(device)
+        with _LOAD_LOCK:
+            model = cls(AutoModel.from_pretrained(str(path), dtype=dtype))
+        return model.to(device)
 
     @classmethod
     def from_pretrained(cls, path: Path | str, device: str = "cpu", dtype: torch.dtype = torch.float32) -> RewardModel:
@@ -219,9 +225,9 @@ class RewardModel(nn.Module):
         path = Path(path)
         if not (path / REWARD_HEAD_FILE).exists():
             raise FileNotFoundError(f"{path} is not a reward model checkpoint (no {REWARD_HEAD_FILE})")
-        backbone = AutoModel.from_pretrained(str(path), dtype=dtype)
         meta = json.loads((path / REWARD_CONFIG_FILE).read_text())
-        model = cls(backbone, bias=meta.get("output_bias", 0.0))
+        with _LOAD_LOCK:
+            model = cls(AutoModel.from_pretrained(str(path), dtype=dtype), bias=meta.get("output_bias", 0.0))
         head = load_file(str(path / REWARD_HEAD_FILE))
         model.head.load_state_dict({"weight": head["weight"], "bias": head["bias"]})
         return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,46 @@
+"""Loading models from several threads of one process at once.
+
+transformers builds a model's modules under a global "empty weights" (meta
+device) patch while `from_pretrained` runs, so a module created at the same
+moment in another thread (the reward head, the policy's layers) can end up
+on the meta device and silently keep no weights. The policy and reward
+services' hot-swap workers load checkpoints in background threads, and one
+process may host both (the e2e tests do, and a round promotes an RM and a
+policy together), so every load goes through one lock
+(services/common/models.py).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from services.common.models import RewardModel, load_causal_lm
+
+
+def _meta_tensors(model: torch.nn.Module) -> list[str]:
+    return [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+
+
+def test_concurrent_loads_never_leave_weights_on_the_meta_device(tmp_path, tiny_model_dir):
+    rm_dir = tmp_path / "rm"
+    RewardModel.from_causal_lm(tiny_model_dir).save_pretrained(rm_dir)
+    broken: list[str] = []
+    errors: list[BaseException] = []
+
+    def load(kind: str) -> None:
+        try:
+            for _ in range(12):
+                model = RewardModel.from_pretrained(rm_dir) if kind == "rm" else load_causal_lm(tiny_model_dir)
+                broken.extend(f"{kind}: {name}" for name in _meta_tensors(model))
+        except BaseException as err:  # noqa: BLE001 - reported by the assertion below
+            errors.append(err)
+
+    threads = [threading.Thread(target=load, args=(kind,)) for kind in ("rm", "policy", "rm", "policy")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert not broken, f"weights left on the meta device by a concurrent load: {sorted(set(broken))[:5]}"
