@@ -6,6 +6,7 @@
     python -m bench.report --update    first copy the latest measured files into docs/results/, then --write:
                                        bench/results/<name>.json -> docs/results/bench/<name>.json,
                                        var/demo/report/report.json -> docs/results/demo/<preset>-seed<N>.json
+                                       (--demo-report PATH, repeatable, copies other demo homes' reports)
 
 The checked-in results live in docs/results/ (bench/results/ and var/ are not
 tracked): one JSON file per benchmark and one per demo run. Each names its
@@ -27,8 +28,9 @@ How a benchmark adds its table: put a `rows` list in the JSON it writes
 Then `make bench` + `python -m bench.report --update` put it in the tables. A
 benchmark file without `rows` is still listed (name, date, machine), so a new
 benchmark shows up before it has a table. A demo file is rendered from the keys
-services/sim/report.py writes (`win_rates`, `rm_accuracy`, `kl_to_sft`); one
-without `win_rates` (e.g. another kind of demo) is listed by name.
+services/sim/report.py writes (`win_rates`, `rm_accuracy`, `kl_to_sft`, and
+`rounds` from services/sim/rounds.py); one without `win_rates` (e.g. another
+kind of demo) is listed by name.
 """
 
 from __future__ import annotations
@@ -186,6 +188,39 @@ def demo_seeds(results: Results) -> str:
     return "\n".join(lines)
 
 
+def _gate(decisions: list[Mapping[str, Any]]) -> str:
+    return ", ".join(f"{d['model']} {'promoted' if d.get('promote') else 'rejected'}" for d in decisions) or "–"
+
+
+def demo_rounds(results: Results) -> str:
+    """Per demo run with rounds: the served policy round by round (services/sim/rounds.py)."""
+    out: list[str] = []
+    for stem, d in _demos(results):
+        rounds = d.get("rounds") or []
+        if not rounds:
+            continue
+        out += [
+            f"{d.get('preset', '?')} preset, seed {d.get('seed', '?')} ({d.get('date', 'undated')}, `{stem}`, "
+            f"{d.get('cpu_capability') or 'CPU capability not recorded'}):",
+            "",
+            "| round | samples from | served after | gold score [95% CI] | win rate vs SFT [95% CI] "
+            "| RM acc. vs gold / labelers | KL to SFT | gates |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rounds:
+            low, high = r.get("gold_ci") or (None, None)
+            gold = f"{_num(r['mean_gold'], 3)} [{_num(low, 3)}, {_num(high, 3)}]" if low is not None else "–"
+            win, win_sig = _win(r["win_vs_sft"]) if r.get("win_vs_sft") else ("–", False)
+            rm = f"{_pct(r['rm_vs_gold'])} / {_pct(r['rm_vs_labelers'])}" if r.get("rm_vs_gold") is not None else "–"
+            kl = "–" if r.get("kl_to_sft") is None else _num(r["kl_to_sft"], 2)
+            out.append(
+                f"| {r['round']} | {', '.join(r.get('collected_on') or []) or '–'} | {r['served']} | {gold} "
+                f"| {_bold(win, win_sig)} | {rm} | {kl} | {_gate(r.get('gate') or [])} |"
+            )
+        out.append("")
+    return "\n".join(out).rstrip() or "No demo result with rounds yet."
+
+
 def bench_table(results: Results) -> str:
     """Every benchmark's rows; benchmarks without rows are listed by name."""
     lines = ["| benchmark | result | baseline (same run) | ratio | date |", "|---|---|---|---|---|"]
@@ -231,6 +266,7 @@ BLOCKS = {
     "RESULTS-SUMMARY": summary,
     "DEMO-COMPARISONS": demo_comparisons,
     "DEMO-SEEDS": demo_seeds,
+    "DEMO-ROUNDS": demo_rounds,
     "BENCH-TABLE": bench_table,
 }
 
@@ -270,20 +306,41 @@ def demo_result(report: Mapping[str, Any], date: str) -> dict[str, Any]:
     extra = report.get("extra", {})
     preset = extra.get("preset", {})
     timings = extra.get("timings_s", {})
+    wall = report.get("total_wall_s") or (sum(timings.values()) if timings else None)
     data = {
         "kind": "demo",
         "preset": preset.get("name", "?"),
         "seed": preset.get("seed", 0),
-        "wall_s": round(sum(timings.values())) if timings else None,
+        "wall_s": None if wall is None else round(wall),
+        "cpu_capability": extra.get("cpu_capability"),
         "win_rates": report.get("win_rates", {}),
         "rm_accuracy": report.get("rm_accuracy", {}),
         "kl_to_sft": report.get("kl_to_sft"),
-        "source": "python -m bench.report --update from var/demo/report/report.json",
+        "rounds": [_round_row(r) for r in report.get("rounds", {}).get("rows", [])],
+        "timings_s": timings,
+        "source": "python -m bench.report --update from the demo's report/report.json",
     }
     return _stamp(data, date)
 
 
-def update(results_dir: Path = RESULTS_DIR) -> list[Path]:
+def _round_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The table's share of one row of services/sim/rounds.py's per-round evaluation."""
+    win = row.get("win_vs_sft") or {}
+    return {
+        "round": row["round"],
+        "collected_on": row.get("collected_on", []),
+        "served": row["served"],
+        "mean_gold": row["mean_gold"],
+        "gold_ci": row.get("gold_ci"),
+        "win_vs_sft": {k: win[k] for k in ("win_rate", "ci_low", "ci_high", "wins", "ties", "losses") if k in win},
+        "rm_vs_gold": (row.get("rm_accuracy_vs_gold") or {}).get("accuracy"),
+        "rm_vs_labelers": (row.get("rm_accuracy_vs_labelers") or {}).get("accuracy"),
+        "kl_to_sft": row.get("kl_to_sft"),
+        "gate": [{"model": g["model"], "promote": g["promote"]} for g in row.get("gate", [])],
+    }
+
+
+def update(results_dir: Path = RESULTS_DIR, demo_reports: list[Path] | None = None) -> list[Path]:
     """Copy the latest measured files into `results_dir`; return what was written."""
     written = []
     (results_dir / "bench").mkdir(parents=True, exist_ok=True)
@@ -292,9 +349,10 @@ def update(results_dir: Path = RESULTS_DIR) -> list[Path]:
         data = json.loads(path.read_text())
         data = _stamp(data, str(data.get("at", ""))[:10] or _today())
         written.append(_write_json(results_dir / "bench" / path.name, data))
-    if MEASURED_DEMO.exists():
-        data = demo_result(json.loads(MEASURED_DEMO.read_text()), _today())
-        written.append(_write_json(results_dir / "demo" / f"{data['preset']}-seed{data['seed']}.json", data))
+    for path in demo_reports if demo_reports is not None else [MEASURED_DEMO]:
+        if path.exists():
+            data = demo_result(json.loads(path.read_text()), _today())
+            written.append(_write_json(results_dir / "demo" / f"{data['preset']}-seed{data['seed']}.json", data))
     return written
 
 
@@ -313,9 +371,18 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--write", action="store_true", help="rewrite the generated blocks in place")
     mode.add_argument("--check", action="store_true", help="exit 1 if a generated block is stale")
     mode.add_argument("--update", action="store_true", help="copy the latest measured files in, then --write")
+    parser.add_argument(
+        "--demo-report",
+        action="append",
+        type=Path,
+        metavar="PATH",
+        help="with --update: a demo report.json to copy (repeatable; default var/demo/report/report.json)",
+    )
     args = parser.parse_args(argv)
+    if args.demo_report and not args.update:
+        parser.error("--demo-report goes with --update")
     if args.update:
-        for path in update():
+        for path in update(demo_reports=args.demo_report):
             print(f"updated {path.relative_to(ROOT)}")
     blocks = render(load())
     if not (args.write or args.check or args.update):

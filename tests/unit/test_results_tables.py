@@ -21,7 +21,7 @@ def test_every_generated_table_matches_the_checked_in_results():
     readme = (ROOT / "README.md").read_text()
     assert "RESULTS-SUMMARY" in report.blocks_in(readme)
     results_md = (ROOT / "docs" / "results.md").read_text()
-    assert {"DEMO-COMPARISONS", "DEMO-SEEDS", "BENCH-TABLE"} <= set(report.blocks_in(results_md))
+    assert {"DEMO-COMPARISONS", "DEMO-SEEDS", "DEMO-ROUNDS", "BENCH-TABLE"} <= set(report.blocks_in(results_md))
 
 
 def test_a_changed_figure_makes_the_tables_stale(tmp_path):
@@ -29,12 +29,15 @@ def test_a_changed_figure_makes_the_tables_stale(tmp_path):
     shutil.copytree(ROOT / "docs" / "results", results)
     seed0 = results / "demo" / "cpu-seed0.json"
     data = json.loads(seed0.read_text())
-    data["win_rates"]["ppo_vs_sft"]["win_rate"] = 0.612
+    rate = data["win_rates"]["ppo_vs_sft"]
+    before = f"{rate['win_rate']:.3f} [{rate['ci_low']:.3f}, {rate['ci_high']:.3f}]"
+    rate["win_rate"] = 0.0123
     seed0.write_text(json.dumps(data))
     blocks = report.render(report.load(results))
     readme = (ROOT / "README.md").read_text()
     assert report.with_blocks(readme, blocks) != readme
-    assert "0.612 [0.539, 0.770]" in blocks["DEMO-SEEDS"] and "0.664" not in blocks["DEMO-SEEDS"]
+    after = f"0.012 [{rate['ci_low']:.3f}, {rate['ci_high']:.3f}]"
+    assert after in blocks["DEMO-SEEDS"] and before not in blocks["DEMO-SEEDS"]
 
 
 def test_new_and_unknown_result_files_are_listed_not_dropped(tmp_path):
@@ -86,3 +89,46 @@ def test_update_copies_a_demo_report_into_its_result_file(tmp_path, monkeypatch)
     assert data["date"] and data["commit"] and "CPU capability" in data["machine"]
     row = report.demo_seeds(report.load(tmp_path / "results")).splitlines()[2]
     assert row.startswith("| tiny | 3 | **0.600 [0.510, 0.700]** | – | – | 70.0% | 0.50 | 31 s |")
+
+
+def test_update_copies_rounds_from_named_demo_reports_and_renders_them(tmp_path, monkeypatch):
+    def row(n: int, served: str, gold: float, promote: bool) -> dict:
+        return {
+            "round": n,
+            "collected_on": [f"v{n - 1}"],
+            "served": served,
+            "mean_gold": gold,
+            "gold_ci": [gold - 0.05, gold + 0.05],
+            "win_vs_sft": {"win_rate": 0.7, "ci_low": 0.58, "ci_high": 0.8, "wins": 40, "ties": 10, "losses": 14},
+            "rm_accuracy_vs_gold": {"accuracy": 0.61, "pairs": 90},
+            "rm_accuracy_vs_labelers": {"accuracy": 0.66, "pairs": 90},
+            "kl_to_sft": 1.25,
+            "gate": [
+                {"model": "reward", "promote": True, "reason": "r", "version": "rm"},
+                {"model": "policy", "promote": promote, "reason": "p", "version": served},
+            ],
+            "ppo_curve": [{"step": 0, "reward_score": -1.0}],  # not copied: the table does not show it
+        }
+
+    measured = tmp_path / "home" / "report.json"
+    measured.parent.mkdir()
+    measured.write_text(
+        json.dumps(
+            {
+                "win_rates": {"ppo_vs_sft": {"win_rate": 0.7, "ci_low": 0.58, "ci_high": 0.8}},
+                "total_wall_s": 1190.4,
+                "extra": {"preset": {"name": "cpu", "seed": 7}, "cpu_capability": "AVX2", "timings_s": {"a": 1}},
+                "rounds": {"rows": [row(1, "ppo-a", 0.65, True), row(2, "ppo-a", 0.66, False)]},
+            }
+        )
+    )
+    monkeypatch.setattr(report, "MEASURED_BENCH", tmp_path / "no-bench-results")
+    written = report.update(tmp_path / "results", demo_reports=[measured, tmp_path / "missing.json"])
+    assert written == [tmp_path / "results" / "demo" / "cpu-seed7.json"]
+    data = json.loads(written[0].read_text())
+    assert (data["wall_s"], data["cpu_capability"], len(data["rounds"])) == (1190, "AVX2", 2)
+    assert "ppo_curve" not in data["rounds"][0]
+    table = report.demo_rounds(report.load(tmp_path / "results"))
+    assert "cpu preset, seed 7" in table and "AVX2" in table
+    assert "| 2 | v1 | ppo-a | 0.660 [0.610, 0.710] | **0.700 [0.580, 0.800]** | 61.0% / 66.0% | 1.25 " in table
+    assert table.rstrip().endswith("| reward promoted, policy rejected |")
