@@ -35,6 +35,7 @@ import time
 from pathlib import PurePosixPath
 from typing import Any
 
+from services.common import openmp
 from services.common.config import FIELDS, ConfigError, Settings
 from services.common.logs import get_logger, log_fields
 from services.controller.jobs import Executor, JobSpec, JobState, JobStatus
@@ -170,7 +171,8 @@ def _last_wins(env: list[dict]) -> list[dict]:
 
 def _pod_template(spec: JobSpec, settings: Settings) -> dict:
     indexed = settings.trainer_job_kind == "job" and spec.nodes > 1
-    env = [{"name": k, "value": v} for k, v in SCRATCH_ENV.items()]
+    # A pod at its CPU limit shares its cores too (services/common/openmp.py).
+    env = [{"name": k, "value": v} for k, v in openmp.child_env(SCRATCH_ENV).items()]
     if indexed:
         env.append(
             {

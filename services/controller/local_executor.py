@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+from services.common import openmp
 from services.common.logs import get_logger, log_fields
 from services.controller.jobs import Executor, JobSpec, JobState, JobStatus
 
@@ -47,7 +48,7 @@ class LocalExecutor(Executor):
         argv = spec.argv(sys.executable)
         if argv[0] == "torchrun":  # the venv's torchrun, not whatever is on PATH
             argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
-        env = {**self.base_env, **spec.env, "PYTHONUNBUFFERED": "1"}
+        env = openmp.child_env({**self.base_env, **spec.env, "PYTHONUNBUFFERED": "1"})
         logfile = open(self.log_dir / f"{spec.name}.log", "ab")
         proc = subprocess.Popen(
             argv,

@@ -65,6 +65,7 @@ def test_single_process_job_runs_the_trainer_module():
     assert c["image"] == "reg.example/rlhf-platform:1.2"
     assert c["envFrom"] == [{"configMapRef": {"name": "rlhf-config-abc"}}]
     assert {"name": "EXTRA", "value": "1"} in c["env"]
+    assert {"name": "GOMP_SPINCOUNT", "value": "1000"} in c["env"]  # services/common/openmp.py
     pod = job["spec"]["template"]["spec"]
     assert {"name": "data", "persistentVolumeClaim": {"claimName": "shared-data"}} in pod["volumes"]
     assert {"name": "data", "mountPath": "/data"} in c["volumeMounts"]
