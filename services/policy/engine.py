@@ -52,7 +52,7 @@ from services.common.hotswap import Loaded, ModelSwitcher
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import BATCH_SIZE, GENERATED_TOKENS, QUEUE_DEPTH
 from services.common.models import load_causal_lm, pad_batch, position_ids_from_mask, resolve_device
-from services.policy.kv import KvWindow, use_gqa_sdpa
+from services.policy.kv import KvWindow, prepack_linears, use_gqa_sdpa
 from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, TokenOut
 from services.policy.request import Finished, GenRequest, SampleDone, Token
 
@@ -640,6 +640,9 @@ class LocalBackend:
         def load(path: Path, manifest: Manifest):
             model = load_causal_lm(path, device=device, dtype=dtype)
             use_gqa_sdpa(model)  # this backend's own models only: others may be shared with a trainer
+            packed = prepack_linears(model)  # bf16 on CPU: oneDNN's prepacked weights (kv.py)
+            if packed:
+                log_fields(log, logging.INFO, "linear layers prepacked for oneDNN", layers=packed)
             return model
 
         def warmup(loaded: Loaded) -> None:
