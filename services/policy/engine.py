@@ -35,7 +35,6 @@ model) is dropped.
 from __future__ import annotations
 
 import logging
-import math
 import threading
 import time
 from collections import deque
@@ -554,14 +553,21 @@ def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[f
     into tokens for all rows at once by inverse-CDF lookup.
     """
     n, device = logits.shape[0], logits.device
-    # logsumexp is NaN with any NaN, +inf with any +inf, -inf when every score is -inf (a token
-    # the model rules out is a legitimate -inf), finite otherwise: one pass checks each row.
-    lse = torch.logsumexp(logits, dim=-1)
-    ok = torch.isfinite(lse)
-    if not bool(ok.all()):
+    # A row's max is NaN with any NaN (max propagates it), +inf with any +inf, -inf when every
+    # score is -inf (a token the model rules out is a legitimate -inf), finite otherwise: one
+    # cheap pass checks each row. (logsumexp has the same cases but costs an exp per score;
+    # it is computed only when some row asks for log-probabilities.)
+    ok = torch.isfinite(logits.amax(dim=-1))
+    all_ok = bool(ok.all())
+    if not all_ok:
         logits = torch.where(ok[:, None], logits, 0.0)  # keep the batch's arithmetic finite
-        lse = torch.where(ok, lse, math.log(logits.shape[-1]))
     want_logprobs = any(r.req.params.return_logprobs for r in rows)
+    if (
+        all_ok
+        and not want_logprobs
+        and all(r.req.params.greedy and r.req.params.repetition_penalty == 1.0 for r in rows)
+    ):
+        return logits.argmax(-1), None, [True] * n  # the common plain greedy batch: no copies
     raw = logits if want_logprobs and any(r.req.params.repetition_penalty != 1.0 for r in rows) else None
     if raw is not None:
         logits = logits.clone()  # the penalty below must not change the reported log-probabilities
@@ -604,6 +610,7 @@ def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[f
         ok[index] &= usable
     chosen = None
     if want_logprobs:
+        lse = torch.logsumexp(logits if raw is None else raw, dim=-1)
         source = raw if raw is not None else logits
         chosen = (source.gather(1, out[:, None]).squeeze(1) - lse).tolist()
     return out, chosen, ok.tolist()

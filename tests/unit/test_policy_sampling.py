@@ -72,3 +72,27 @@ def test_a_nucleus_wider_than_the_candidates_is_still_exact():
     assert nucleus > 256
     tokens, _, ok = sample(scores, rows(n, temperature=1.0, top_p=0.9))
     assert all(ok) and int(tokens.max()) < nucleus and int(tokens.max()) > 256
+
+
+def test_greedy_batches_pick_the_argmax_and_still_flag_bad_rows_and_apply_penalties():
+    """Plain greedy batches take a shortcut (no logsumexp, no copies): same tokens, same checks."""
+    scores = torch.randn(6, 50)
+    tokens, chosen, ok = sample(scores, rows(6, temperature=0.0))
+    assert tokens.tolist() == scores.argmax(-1).tolist() and chosen is None and ok == [True] * 6
+    for bad in (float("nan"), float("inf")):
+        broken = scores.clone()
+        broken[2, 7] = bad
+        tokens, _, ok = sample(broken, rows(6, temperature=0.0))
+        assert ok == [True, True, False, True, True, True]
+        assert tokens[[0, 1, 3, 4, 5]].tolist() == scores.argmax(-1)[[0, 1, 3, 4, 5]].tolist()
+    everything_ruled_out = scores.clone()
+    everything_ruled_out[4] = float("-inf")
+    _, _, ok = sample(everything_ruled_out, rows(6, temperature=0.0))
+    assert ok == [True, True, True, True, False, True]
+    # A repetition penalty still applies to a greedy row: prompt token 1 (seen) loses to token 3.
+    peaked = torch.full((1, 50), -5.0)
+    peaked[0, 1], peaked[0, 3] = 2.0, 1.5
+    tokens, _, _ = sample(peaked.clone(), rows(1, temperature=0.0, repetition_penalty=2.0))
+    assert tokens.tolist() == [3]
+    tokens, _, _ = sample(peaked, rows(1, temperature=0.0))
+    assert tokens.tolist() == [1]
