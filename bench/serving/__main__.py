@@ -5,7 +5,9 @@
    CPUs are shared, so the conservative ratio uses the better baseline).
 2. The machine's limit, in this process: matrix-multiply throughput at the
    model's own linear-layer shapes, in the serving dtype, at the batch sizes
-   served (1, 16, 32 rows). Model FLOPs utilisation (MFU) of a level is
+   served (1, 16, 32 rows), the best of plain and prepacked weights (as the
+   engine serves bf16) on 1 thread and on the default thread count. Model
+   FLOPs utilisation (MFU) of a level is
    tok/s x 2 x parameters / that peak at its batch size.
 3. Closed loop: 1, 4, 16, 32 concurrent gRPC clients streaming 64 new tokens
    each from a fixed prompt set, against `python -m services.policy` run as a
@@ -54,6 +56,7 @@ from services.common.config import load_settings
 from services.common.dtypes import cpu_capability, resolve_dtype
 from services.common.grpc_server import wait_for_serving
 from services.common.models import GGUF_FILE, ensure_preset, gguf_dir, load_causal_lm, load_tokenizer, render_prompt
+from services.policy.kv import prepack_linears
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -186,32 +189,52 @@ def baseline(preset_dir: Path, prompts: list[str], new_tokens: int, device: str 
 def matmul_peak(config, dtype: torch.dtype, batch_sizes, device: str = "cpu", seconds: float = 1.0) -> dict[int, float]:
     """GFLOP/s of one forward pass's linear layers at the model's shapes (q, k, v, o,
     gate, up, down, unembedding), `m` rows at a time, in `dtype`: the best this
-    machine's matmul does for the work a decode step of m rows asks of it."""
+    machine's matmul does for the work a decode step of m rows asks of it.
+
+    "Best" is over the ways the server could run them: plain `F.linear` and the
+    prepacked oneDNN weights the engine serves bf16 from (services/policy/kv.py),
+    each on one intra-op thread and on this process's default count (on a busy
+    machine one thread can be much faster). A higher peak means a lower, more
+    conservative MFU."""
     h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     shapes = [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter), (vocab, h)]
-    weights = [torch.randn(out, inp, dtype=dtype, device=device) / inp**0.5 for out, inp in shapes]
+
+    def layers() -> torch.nn.ModuleList:
+        return torch.nn.ModuleList(torch.nn.Linear(i, o, bias=False, device=device, dtype=dtype) for o, i in shapes)
+
+    plain, packed = layers(), layers()
+    with torch.no_grad():
+        for a, b in zip(plain, packed, strict=True):
+            a.weight.normal_(0, a.weight.shape[1] ** -0.5)
+            b.weight.copy_(a.weight)
+    variants = [plain] + ([packed] if prepack_linears(packed) else [])
+    default_threads = torch.get_num_threads()
     peaks = {}
     with torch.inference_mode():
         for m in batch_sizes:
             inputs = {inp: torch.randn(m, inp, dtype=dtype, device=device) for _, inp in shapes}
             flops = sum(2 * m * out * inp for out, inp in shapes)
-
-            def one_pass(inputs=inputs):
-                for w in weights:
-                    torch.nn.functional.linear(inputs[w.shape[1]], w)
-
-            one_pass()  # warm up (oneDNN picks its kernels on the first call)
             best = 0.0
-            for _ in range(3):
-                reps, started = 0, time.perf_counter()
-                while time.perf_counter() - started < seconds / 3:
-                    one_pass()
-                    reps += 1
-                if device.startswith("cuda"):
-                    torch.cuda.synchronize()
-                best = max(best, reps * flops / (time.perf_counter() - started))
+            for threads in sorted({1, default_threads}):
+                torch.set_num_threads(threads)
+                for layers in variants:
+
+                    def one_pass(inputs=inputs, layers=layers):
+                        for layer in layers:
+                            layer(inputs[layer.in_features])
+
+                    one_pass()  # warm up (oneDNN picks its kernels on the first call)
+                    for _ in range(3):
+                        reps, started = 0, time.perf_counter()
+                        while time.perf_counter() - started < seconds / 3:
+                            one_pass()
+                            reps += 1
+                        if device.startswith("cuda"):
+                            torch.cuda.synchronize()
+                        best = max(best, reps * flops / (time.perf_counter() - started))
+            torch.set_num_threads(default_threads)
             peaks[m] = best / 1e9
     return peaks
 
