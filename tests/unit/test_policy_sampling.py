@@ -77,7 +77,9 @@ def test_a_nucleus_wider_than_the_candidates_is_still_exact():
 def test_greedy_batches_pick_the_argmax_and_still_flag_bad_rows_and_apply_penalties():
     """Plain greedy batches take a shortcut (no logsumexp, no copies): same tokens, same checks."""
     scores = torch.randn(6, 50)
+    scores[1, [7, 30]] = scores[1].max() + 1  # a tie: the first index wins, as with argmax
     tokens, chosen, ok = sample(scores, rows(6, temperature=0.0))
+    assert tokens[1].item() == 7
     assert tokens.tolist() == scores.argmax(-1).tolist() and chosen is None and ok == [True] * 6
     for bad in (float("nan"), float("inf")):
         broken = scores.clone()
