@@ -91,9 +91,10 @@ PRESETS = {
         sample_tokens=48,
         eval_prompts=64,
         eval_tokens=48,
-        # Measured on seed 0's first round (docs/results.md): SFT at 1 epoch and lr 2e-4 barely moved the
-        # base model (gold win rate 0.57 against it), and PPO at lr 1e-4 with one epoch per batch left
-        # KL to SFT at 0 after 10 steps. Two SFT epochs at 4e-4; PPO at 5e-4 with two epochs per batch.
+        # Measured by hand on seed 0's first round (2026-12-02, scored like the report): SFT at 1 epoch
+        # and lr 2e-4 barely moved the base model (gold win rate 0.57 against it), and PPO at lr 1e-4
+        # with one epoch per batch left KL to SFT at 0 after 10 steps. Two SFT epochs at 4e-4; PPO at
+        # 5e-4 with two epochs per batch.
         trainer_overrides={
             "sft": {"epochs": 2, "max_steps": 0, "lr": 4e-4},
             "ppo": {"total_steps": 10, "lr": 5e-4, "ppo_epochs": 2},
