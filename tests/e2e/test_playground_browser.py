@@ -8,6 +8,8 @@ are read back from the broker."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -64,6 +66,29 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
     wait_for(driver, lambda d: d.find_element(By.ID, "workspace").is_displayed(), "sign-in did not open the workspace")
     assert driver.find_element(By.ID, "whoami-user").text == "lab1"
 
+    # --- the Label tab on an empty queue says so and keeps asking; another user logs a prompt,
+    # and its task (K=4 outputs, nothing to type) shows up without a click
+    driver.find_element(By.ID, "tab-prompt").send_keys(Keys.ARROW_RIGHT)
+    assert driver.switch_to.active_element.get_attribute("id") == "tab-label"
+    wait_for(driver, lambda d: "No task is queued now" in d.find_element(By.ID, "task-status").text, "no empty queue")
+    assert not driver.find_element(By.ID, "label-error").is_displayed()
+    client = PlaygroundClient(stack.settings)
+    try:
+        client.log_prompt("tok-user", prompt="Name a colour.", mode="prompt", request_id="browser-colour")
+    finally:
+        client.close()
+    wait_for(
+        driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#unranked .sample")) == 4, "no task with 4 outputs"
+    )
+    assert (
+        driver.find_elements(By.CSS_SELECTOR, "#panel-label textarea:not([hidden])") == []
+        or not driver.find_element(By.ID, "demo-area").is_displayed()
+    )  # a comparison: nothing to type
+    task_prompt = driver.find_element(By.ID, "task-prompt").text
+    assert task_prompt == "Name a colour."
+    driver.find_element(By.ID, "tab-label").send_keys(Keys.ARROW_LEFT)  # back to prompting; the lease stays
+    assert driver.switch_to.active_element.get_attribute("id") == "tab-prompt"
+
     # --- prompt: record every intermediate rendering of the answer to see it stream
     driver.execute_script("""
         window.renders = [];
@@ -85,24 +110,10 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
     assert driver.find_element(By.ID, "model-version").text == stack.policy.version
     assert stack.policy.version in driver.find_element(By.ID, "prompt-status").text
 
-    # --- another user logged a prompt; the labeler moves to the Label tab and a task is served
-    client = PlaygroundClient(stack.settings)
-    try:
-        client.log_prompt("tok-user", prompt="Name a colour.", mode="prompt", request_id="browser-colour")
-    finally:
-        client.close()
+    # --- back on the Label tab: the leased task is still there, its lease counting down
     driver.find_element(By.ID, "tab-prompt").send_keys(Keys.ARROW_RIGHT)
-    assert driver.switch_to.active_element.get_attribute("id") == "tab-label"
-    wait_for(
-        driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#unranked .sample")) == 4, "no task with 4 outputs"
-    )
-    assert (
-        driver.find_elements(By.CSS_SELECTOR, "#panel-label textarea:not([hidden])") == []
-        or not driver.find_element(By.ID, "demo-area").is_displayed()
-    )  # a comparison: nothing to type
-    task_prompt = driver.find_element(By.ID, "task-prompt").text
-    assert task_prompt in ("Name a colour.", "Write a haiku about the sea.")
-    wait_for(driver, lambda d: d.find_element(By.ID, "lease").text.startswith("Lease: 29:"), "no lease time shown")
+    assert driver.find_element(By.ID, "task-prompt").text == task_prompt
+    wait_for(driver, lambda d: re.match(r"Lease: 2\d:\d\d", d.find_element(By.ID, "lease").text), "no lease time shown")
 
     # Likert by keyboard on A, C, D, by the select on B, plus a flag on B
     card(driver, "A").send_keys("6")

@@ -10,6 +10,7 @@ const state = {
   streaming: null,      // AbortController of the running stream
   task: null,           // the leased task being labeled (from GET /api/task)
   leaseTimer: null,
+  retryTimer: null,     // polls an empty queue while the Label tab is open
 };
 
 // ---------------------------------------------------------------- helpers
@@ -411,8 +412,26 @@ function clearTask() {
   showLease();
 }
 
+// An empty queue (or a task still being generated) is asked again every few seconds
+// while the Label tab is open, so a prompt logged a moment later shows up by itself.
+const QUEUE_RETRY_MS = 2000;
+function labelTabOpen() {
+  return $("tab-label").getAttribute("aria-selected") === "true";
+}
+function retryLater(err) {
+  const waiting = err && (err.code === "NOT_FOUND" || (err.code === "UNAVAILABLE" && /still being generated/.test(err.message)));
+  if (!waiting) return false;
+  $("task-status").textContent = err.code === "NOT_FOUND"
+    ? "No task is queued now; checking again every few seconds."
+    : "The next task is being generated; checking again shortly.";
+  state.retryTimer = setTimeout(() => { state.retryTimer = null; if (labelTabOpen() && !state.task) nextTask(); }, QUEUE_RETRY_MS);
+  return true;
+}
+
 // Ask the queue for the next task: the same one while this labeler's lease is open.
 async function nextTask() {
+  clearTimeout(state.retryTimer);
+  state.retryTimer = null;
   clearTask();
   $("next-task").disabled = true;
   $("task-status").textContent = "Getting the next task…";
@@ -433,7 +452,7 @@ async function nextTask() {
     else { $("task-status").textContent = "Write the answer you would want."; $("demonstration").focus(); }
   } catch (err) {
     $("task-status").textContent = "";
-    show($("label-error"), err && err.code === "NOT_FOUND" ? "No task is queued now; try again later." : describeError(err));
+    if (!retryLater(err)) show($("label-error"), describeError(err));
   } finally {
     $("next-task").disabled = false;
   }
