@@ -26,7 +26,6 @@ from pathlib import Path
 
 import psutil
 
-from services.common import openmp
 from services.common.auth import dev_tokens, write_tokens_file
 from services.common.broker import port_open, start_broker, start_object_store, wait_for_kafka
 from services.common.config import Settings, exit_on_config_error, load_settings
@@ -101,7 +100,9 @@ class Stack:
         env.update(
             {"RLHF_HOME": str(self.settings.home), "RLHF_TOKENS_FILE": tokens_file or "", "PYTHONUNBUFFERED": "1"}
         )
-        return openmp.child_env(env)
+        # Services keep OpenMP's default spin; the controller's trainer jobs get the short one
+        # (services/common/openmp.py: the local executor adds it).
+        return env
 
     def up(self, timeout: float = 120.0) -> int:
         s = self.settings

@@ -35,6 +35,7 @@ from typing import Any
 
 from rlhf.v1 import events_pb2
 
+from services.common import openmp
 from services.common.bootstrap import ensure_seeded
 from services.common.bus import CheckpointFollower
 from services.common.checkpoints import CheckpointError, CheckpointStore, Manifest
@@ -125,14 +126,9 @@ class ModelSwitcher:
     def start(self, follow: bool = True, follow_wait: float | None = None) -> Loaded:
         """Load the first version (RLHF_SERVE_VERSION, else promoted, else the seed)
         synchronously, then follow announcements in the background."""
-        if self.settings.serve_version:
-            version = self.settings.serve_version
-            self._pinned = version
-        else:
-            version = self.store.promoted(self.role)
-            if not version or not self.store.exists(version):
-                version = ensure_seeded(self.settings, self.store)[self.role]
-        self._switch(self._prepare(version))
+        # Seeded and loaded on a side thread: the compute thread (engine, scorer) is the
+        # process's one OpenMP pool (services/common/openmp.py).
+        self._switch(openmp.on_side_thread(self._prepare_first, f"{self.service}-load"))
         self._worker = threading.Thread(target=self._work, name=f"{self.service}-hotswap", daemon=True)
         self._worker.start()
         if follow:
@@ -151,6 +147,16 @@ class ModelSwitcher:
                 ready=self.following,
             )
         return self.current
+
+    def _prepare_first(self) -> Loaded:
+        if self.settings.serve_version:
+            version = self.settings.serve_version
+            self._pinned = version
+        else:
+            version = self.store.promoted(self.role)
+            if not version or not self.store.exists(version):
+                version = ensure_seeded(self.settings, self.store)[self.role]
+        return self._prepare(version)
 
     def stop(self) -> None:
         with self._cv:
@@ -177,6 +183,7 @@ class ModelSwitcher:
             self._cv.notify_all()
 
     def _work(self) -> None:
+        openmp.side_thread()  # loads run on one intra-op thread (services/common/openmp.py)
         next_poll = time.monotonic() + self.poll_s
         while True:
             with self._cv:

@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from services.common import openmp
 from services.common.checkpoints import Manifest
 from services.common.config import Settings
 from services.common.dtypes import resolve_dtype
@@ -222,6 +223,7 @@ class Engine:
 
     # --- the loop -----------------------------------------------------------
     def _run(self) -> None:
+        openmp.compute_thread(self.settings.torch_threads)  # this process's one OpenMP pool
         torch.set_grad_enabled(False)
         while True:
             with self._cv:

@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass
 
 import grpc
-import torch
 from rlhf.v1 import common_pb2, policy_pb2, policy_pb2_grpc
 
 from services.common.auth import Authenticator, Identity, metadata_value
@@ -224,8 +223,6 @@ class PolicyHandle:
 
 def start(settings: Settings, port: int = 0, http_port: int | None = 0, follow: bool = True) -> PolicyHandle:
     """Load the serving version, start the gRPC server and the HTTP APIs (TGI and OpenAI)."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     backend: PolicyBackend
     if settings.tgi_url:
         from services.policy.tgi_backend import TgiBackend

@@ -30,6 +30,7 @@ import grpc
 import torch
 from rlhf.v1 import common_pb2, reward_pb2, reward_pb2_grpc
 
+from services.common import openmp
 from services.common.auth import Authenticator
 from services.common.checkpoints import Manifest, version_name_problem
 from services.common.config import Settings
@@ -124,6 +125,7 @@ class Scorer:
             return taken
 
     def _run(self) -> None:
+        openmp.compute_thread(self.settings.torch_threads)  # this process's one OpenMP pool
         while True:
             jobs = self._take()
             if not jobs:
@@ -249,8 +251,6 @@ class RewardHandle:
 
 def start(settings: Settings, port: int = 0, follow: bool = True) -> RewardHandle:
     """Load the serving reward model and start the gRPC server."""
-    if settings.torch_threads:
-        torch.set_num_threads(settings.torch_threads)
     device = resolve_device(settings.device)
     dtype = resolve_dtype(settings.serve_dtype, device)[0]
 
