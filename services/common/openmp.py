@@ -66,6 +66,7 @@ def child_env(env: Mapping[str, str]) -> dict[str, str]:
         out["GOMP_SPINCOUNT"] = SPIN_COUNT
     return out
 
+
 _default_threads: int | None = None
 
 
