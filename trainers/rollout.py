@@ -23,9 +23,13 @@ Two generators produce the same `Rollouts` batch:
   in static batches of `generation_batch_size`; kept for comparison and for
   the gate's evaluation.
 
-Only the engine's public interface is used: `Engine(settings)`,
-`set_model(Loaded)`, `submit(GenRequest)`, events back through the request's
-sink (`SampleDone` per sample, then `Finished` or `Failed`), `stop()`.
+Only the engine's public interface is used: `Engine(settings, own_thread=False)`,
+`set_model(Loaded)`, `submit(GenRequest)`, `run_until_idle()` in the trainer's
+own thread, events back through the request's sink (`SampleDone` per sample,
+then `Finished` or `Failed`), `stop()`. The engine has no scheduler thread of
+its own here: a second thread running torch would start a second OpenMP pool,
+and libgomp then cuts every pool's spinning short (services/common/openmp.py),
+which slows both the rollouts and the training steps.
 
 The log-probabilities PPO uses are recomputed by the trainer's own forward
 pass (trainers/ppo.py `rollout_stats`), as OpenRLHF and veRL do; the
@@ -228,7 +232,8 @@ class EngineRollouts:
         decoder = self.mirror.model if self.mirror else model
         if bf16 and device.startswith("cuda"):
             decoder = _Autocast(decoder, device)
-        self.engine = Engine(engine_settings, service="ppo-rollout")
+        # Run in the trainer's thread (generate): one OpenMP pool per process (services/common/openmp.py).
+        self.engine = Engine(engine_settings, service="ppo-rollout", own_thread=False)
         self.engine.set_model(Loaded(version, Manifest(version, "ppo", "policy"), None, decoder, tokenizer))
 
     def close(self) -> None:
@@ -260,6 +265,7 @@ class EngineRollouts:
             req = GenRequest(list(key), params, events)
             self.engine.submit(req)
             pending.append((req, events, members))
+        self.engine.run_until_idle()
         pad = self.tokenizer.pad_token_id
         responses = torch.full((len(prompt_ids), self.max_new_tokens), pad, dtype=torch.long)
         logprobs = torch.zeros((len(prompt_ids), self.max_new_tokens), dtype=torch.float32)

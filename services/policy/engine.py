@@ -149,7 +149,9 @@ class Cohort:
 class Engine:
     """Schedules requests onto the model; `submit` is thread-safe."""
 
-    def __init__(self, settings: Settings, service: str = "policy"):
+    def __init__(self, settings: Settings, service: str = "policy", own_thread: bool = True):
+        """`own_thread=False`: no scheduler thread; the caller runs the loop with `run_until_idle`
+        (a trainer's rollouts: its own thread stays the process's one OpenMP pool, services/common/openmp.py)."""
         self.settings = settings
         self.service = service
         self._cv = threading.Condition()
@@ -161,8 +163,10 @@ class Engine:
         self.prefills = 0  # prefill forward passes (a batch of joining requests each)
         # The largest KV cache allocated so far (slots x columns, padding included), summed over cohorts.
         self.peak_cache_tokens = 0
-        self._thread = threading.Thread(target=self._run, name=f"{service}-engine", daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
+        if own_thread:
+            self._thread = threading.Thread(target=self._run, name=f"{service}-engine", daemon=True)
+            self._thread.start()
 
     # --- control ------------------------------------------------------------
     def set_model(self, loaded: Loaded) -> None:
@@ -210,7 +214,8 @@ class Engine:
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout=30)
+        if self._thread is not None:
+            self._thread.join(timeout=30)
         for req in list(self._queue):
             req.fail(Status.UNAVAILABLE, "the server is shutting down")
         for cohort in self._cohorts:
@@ -225,26 +230,39 @@ class Engine:
     def _run(self) -> None:
         openmp.compute_thread(self.settings.torch_threads)  # this process's one OpenMP pool
         torch.set_grad_enabled(False)
-        while True:
-            with self._cv:
-                if self._stopping:
-                    return
-                self._purge_queue()
-                joining = self._admit()
-                busy = any(c.rows for c in self._cohorts)
-                if not joining and not busy:
+        while self._step(wait=True):
+            pass
+
+    def run_until_idle(self) -> None:
+        """Run the loop in the caller's thread until nothing is queued or decoding (`own_thread=False`)."""
+        if self._thread is not None:
+            raise RuntimeError("this engine runs its own scheduler thread")
+        while self._step(wait=False):
+            pass
+
+    def _step(self, wait: bool) -> bool:
+        """Admit, prefill and decode once. False once stopping, or when idle and not `wait`ing."""
+        with self._cv:
+            if self._stopping:
+                return False
+            self._purge_queue()
+            joining = self._admit()
+            busy = any(c.rows for c in self._cohorts)
+            if not joining and not busy:
+                if wait:
                     self._cv.wait(timeout=0.5)  # wakes on submit/cancel; times out to check deadlines
-                    continue
-                current = self._current
-            with torch.inference_mode():
-                if joining:
-                    self._prefill_isolated(current, joining)
-                for cohort in list(self._cohorts):
-                    if cohort.rows:
-                        self._decode_guarded(cohort)
-            self.peak_cache_tokens = max(self.peak_cache_tokens, sum(c.kv.allocated_tokens for c in self._cohorts))
-            with self._cv:
-                self._cohorts = [c for c in self._cohorts if c.rows or c is self._current]
+                return wait
+            current = self._current
+        with torch.inference_mode():
+            if joining:
+                self._prefill_isolated(current, joining)
+            for cohort in list(self._cohorts):
+                if cohort.rows:
+                    self._decode_guarded(cohort)
+        self.peak_cache_tokens = max(self.peak_cache_tokens, sum(c.kv.allocated_tokens for c in self._cohorts))
+        with self._cv:
+            self._cohorts = [c for c in self._cohorts if c.rows or c is self._current]
+        return True
 
     def _prefill_isolated(self, cohort: Cohort, reqs: list[GenRequest]) -> None:
         """Prefill the joining requests together; if the forward pass raises, one by
@@ -639,7 +657,9 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, settings: Settings, service: str = "policy"):
+    def __init__(self, settings: Settings, service: str = "policy", own_thread: bool = True):
+        """`own_thread=False`: no scheduler thread; the caller runs the loop with `run_until_idle`
+        (a trainer's rollouts: its own thread stays the process's one OpenMP pool, services/common/openmp.py)."""
         self.settings = settings
         self.engine = Engine(settings, service)
         device = resolve_device(settings.device)

@@ -5,6 +5,7 @@ reproducible, and queue / batch / KV limits hold."""
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -131,6 +132,33 @@ def test_seeded_samples_are_reproducible_and_distinct(loaded):
             assert all(len(s.tokens) == s.generated_tokens and all(t.logprob <= 0 for t in s.tokens) for s in samples)
         assert texts[0] == texts[1]
         assert len(set(texts[0])) == 3
+    finally:
+        engine.stop()
+
+
+def test_an_engine_without_its_own_thread_runs_in_the_callers(loaded):
+    """A trainer's rollouts: the caller's thread runs the loop; same samples as the threaded engine."""
+    sampled = dict(temperature=1.0, seed=77, num_samples=2, max_new_tokens=6)
+    threaded = make_engine(loaded)
+    try:
+        with pytest.raises(RuntimeError, match="its own scheduler thread"):
+            threaded.run_until_idle()
+        req, events = request(loaded, "Hi", **sampled)
+        threaded.submit(req)
+        want = [s.text for s in collect(req, events)[1]]
+    finally:
+        threaded.stop()
+    engine = Engine(load_settings({}), service="inline-probe", own_thread=False)
+    engine.set_model(loaded)
+    try:
+        reqs = [request(loaded, "Hi", **sampled), request(loaded, PROMPTS[2], max_new_tokens=4)]
+        for req, _ in reqs:
+            engine.submit(req)
+        assert not [t for t in threading.enumerate() if t.name.startswith("inline-probe")]
+        engine.run_until_idle()  # returns once both are done: every event is already queued
+        (_, first, last), (_, second, _) = (collect(req, events) for req, events in reqs)
+        assert isinstance(last, Finished) and [s.text for s in first] == want and len(second) == 1
+        assert engine.stats()["running"] == 0
     finally:
         engine.stop()
 
