@@ -339,6 +339,13 @@ class Settings:
         "Most prompt tokens (padding included) prefilled in one engine step; later requests join at the next "
         "step, so a burst of long prompts never stalls the decoding rows for long (one longer prompt goes alone).",
     )
+    prefill_shared_prefix: int = _setting(
+        "RLHF_PREFILL_SHARED_PREFIX",
+        "8",
+        _int(0, 1 << 20),
+        "Prompts prefilled together that start with at least this many identical tokens (a chat template's "
+        "system turn) compute that prefix once, not once per prompt; 0 = off.",
+    )
     tgi_url: str = _setting(
         "RLHF_TGI_URL",
         "",

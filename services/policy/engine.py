@@ -161,6 +161,7 @@ class Engine:
         self._stopping = False
         self.steps = 0
         self.prefills = 0  # prefill forward passes (a batch of joining requests each)
+        self.shared_prefix_tokens = 0  # prompt tokens not computed because a joining prompt shared them
         # The largest KV cache allocated so far (slots x columns, padding included), summed over cohorts.
         self.peak_cache_tokens = 0
         self._thread: threading.Thread | None = None
@@ -208,6 +209,7 @@ class Engine:
                 "kv_charge": sum(c.kv_charge() for c in self._cohorts),
                 "peak_cache_tokens": self.peak_cache_tokens,
                 "prefills": self.prefills,
+                "shared_prefix_tokens": self.shared_prefix_tokens,
             }
 
     def stop(self) -> None:
@@ -339,16 +341,34 @@ class Engine:
     # --- model work ---------------------------------------------------------
     def _prefill_forward(self, cohort: Cohort, reqs: list[GenRequest]):
         """One left-padded forward over the new prompts, each prompt once whatever its K;
-        returns (keys/values, mask, last-position logits, prompt scores)."""
+        returns (keys/values, mask, last-position logits, prompt scores).
+
+        Prompts that start alike (a chat template's system turn: about half of a
+        short chat prompt) have that prefix computed once and shared: the rows'
+        layout is then [prefix][padding][own tokens], which the mask and the
+        position ids (real tokens only) make equivalent to a left-padded row."""
         pad_id = cohort.tokenizer.pad_token_id
-        ids, mask = pad_batch([r.prompt_ids for r in reqs], pad_id, side="left")
-        ids, mask = ids.to(cohort.device), mask.to(cohort.device)
+        prompts = [r.prompt_ids for r in reqs]
         scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs]
+        least = self.settings.prefill_shared_prefix  # 0 = off
+        shared = shared_prefix(prompts) if least and len(reqs) > 1 and not scored else 0
+        shared = shared if shared >= least else 0
+        ids, mask = pad_batch([p[shared:] for p in prompts], pad_id, side="left")
+        ids, mask = ids.to(cohort.device), mask.to(cohort.device)
+        cache = None
+        if shared:
+            head = torch.tensor([prompts[0][:shared]], device=cohort.device)
+            cache = cohort.model(input_ids=head, use_cache=True, logits_to_keep=1).past_key_values
+            cache.batch_repeat_interleave(len(reqs))
+            mask = torch.cat([torch.ones((len(reqs), shared), dtype=mask.dtype, device=mask.device), mask], 1)
+            self.shared_prefix_tokens += shared * (len(reqs) - 1)
         self.prefills += 1
         out = cohort.model(
             input_ids=ids,
             attention_mask=mask,
-            position_ids=position_ids_from_mask(mask),
+            position_ids=position_ids_from_mask(mask)[:, shared:],
+            past_key_values=cache,
+            cache_position=torch.arange(shared, mask.shape[1], device=cohort.device) if shared else None,
             use_cache=True,
             logits_to_keep=1,  # never materialise [batch, prompt, vocab] logits
             output_hidden_states=bool(scored),
@@ -525,6 +545,17 @@ class Engine:
         if group.remaining == 0:
             req.emit(Finished(group.version, len(req.prompt_ids), group.completion_tokens, group.prefill))
         return True
+
+
+def shared_prefix(prompts: list[list[int]]) -> int:
+    """How many leading tokens every prompt has in common, leaving each at least one of its own."""
+    first, n = prompts[0], min(len(p) for p in prompts) - 1
+    for p in prompts[1:]:
+        i = 0
+        while i < n and p[i] == first[i]:
+            i += 1
+        n = i
+    return max(n, 0)
 
 
 def _next_piece(tokenizer, row: _Row) -> str:

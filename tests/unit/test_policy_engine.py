@@ -16,7 +16,7 @@ from services.common.config import load_settings
 from services.common.errors import Status, StatusError
 from services.common.hotswap import Loaded
 from services.common.models import load_causal_lm, load_tokenizer, render_prompt
-from services.policy.engine import Engine
+from services.policy.engine import Engine, shared_prefix
 from services.policy.kv import use_gqa_sdpa
 from services.policy.params import validate
 from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token
@@ -161,6 +161,42 @@ def test_an_engine_without_its_own_thread_runs_in_the_callers(loaded):
         assert engine.stats()["running"] == 0
     finally:
         engine.stop()
+
+
+def test_prompts_joining_together_share_their_common_prefix_with_the_same_results(loaded, reference):
+    """The chat template's common start is prefilled once for the whole join; greedy tokens
+    and log-probs are those of separate prefills (sharing off), and of HF generate."""
+    outs = {}
+    for share in ("8", "0"):
+        engine = Engine(load_settings({"RLHF_PREFILL_SHARED_PREFIX": share}), own_thread=False)
+        engine.set_model(loaded)
+        try:
+            reqs = [request(loaded, p, max_new_tokens=8, return_logprobs=True) for p in PROMPTS]
+            for req, _ in reqs:
+                engine.submit(req)
+            engine.run_until_idle()
+            samples = [collect(req, events)[1][0] for req, events in reqs]
+            outs[share] = ([s.text for s in samples], [[t.logprob for t in s.tokens] for s in samples])
+            assert engine.stats()["prefills"] == 1  # one join
+            shared = engine.stats()["shared_prefix_tokens"]
+        finally:
+            engine.stop()
+        assert (shared > 0) == (share != "0")
+    assert outs["8"][0] == outs["0"][0]
+    for a, b in zip(outs["8"][1], outs["0"][1], strict=True):
+        assert a == pytest.approx(b, abs=1e-4)
+    tok = loaded.tokenizer
+    for prompt, text in zip(PROMPTS, outs["8"][0], strict=True):
+        ids = tok(render_prompt(tok, prompt), add_special_tokens=False, return_tensors="pt").input_ids
+        want = reference.generate(ids, do_sample=False, max_new_tokens=8, pad_token_id=tok.pad_token_id)
+        assert text == tok.decode(want[0, ids.shape[1] :], skip_special_tokens=True)
+
+
+def test_shared_prefix_leaves_every_prompt_a_token_of_its_own():
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5, 6]]) == 3
+    assert shared_prefix([[1, 2, 3], [1, 2, 3, 4]]) == 2
+    assert shared_prefix([[1, 2], [3, 2]]) == 0
+    assert shared_prefix([[7]]) == 0
 
 
 def test_streamed_tokens_add_up_to_the_text_and_stop_sequences_end_it(loaded):
