@@ -244,7 +244,10 @@ def summary(results: Results) -> str:
     if runs:
         presets = sorted({d.get("preset", "?") for _, d in runs})
         dates = sorted({d.get("date", "–") for _, d in runs})
-        seeds = ", ".join(str(d.get("seed", "?")) for _, d in runs)
+        cpus = {d.get("cpu_capability") for _, d in runs}  # runs on different CPUs say which
+        seeds = ", ".join(
+            str(d.get("seed", "?")) + (f" ({d.get('cpu_capability') or '?'})" if len(cpus) > 1 else "") for _, d in runs
+        )
         wins = ", ".join(
             _num(d["win_rates"]["ppo_vs_sft"]["win_rate"], 3) for _, d in runs if "ppo_vs_sft" in d["win_rates"]
         )
