@@ -46,6 +46,8 @@ def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     faster per layer here for a batch of 32. Same arithmetic, same results."""
     if attention_mask is not None and attention_mask.ndim == 4:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
+    if query.shape[2] == 1 and not (dropout and module.training):
+        return _decode_attention(query, key, value, attention_mask, scaling), None
     if is_causal is None:
         is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
     out = F.scaled_dot_product_attention(
@@ -59,6 +61,30 @@ def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
         enable_gqa=key.shape[1] != query.shape[1],
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _decode_attention(query, key, value, attention_mask, scaling):
+    """One new token per row: two batched matmuls and a softmax in fp32, each query
+    head group reading its K/V head in place. PyTorch's CPU sdpa runs its flash kernel
+    for this shape too, tiled for long queries: measured here (32 rows, 9 heads over 3
+    K/V heads, 110 columns, bf16) 1.9 ms per layer against 0.24 ms for this, about half
+    of a 32-row decode step. Same arithmetic up to rounding (bf16: within 4e-3)."""
+    batch, heads, _, dim = query.shape
+    kv_heads, columns = key.shape[1], key.shape[2]
+    scale = dim**-0.5 if scaling is None else scaling
+    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, KV, G, D]: no K/V copy
+    scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [B, KV, G, L]
+    if attention_mask is not None:
+        mask = attention_mask.reshape(batch, 1, 1, columns) if attention_mask.shape[1] == 1 else None
+        if mask is None:  # a per-head mask: [B, H, 1, L]
+            mask = attention_mask.reshape(batch, kv_heads, heads // kv_heads, columns)
+        if mask.dtype == torch.bool:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            scores = scores + mask.float()
+    weights = torch.softmax(scores, dim=-1).to(value.dtype)
+    out = torch.matmul(weights, value)  # [B, KV, G, D]
+    return out.reshape(batch, heads, 1, dim).transpose(1, 2).contiguous()  # [B, 1, H, D], like sdpa's path
 
 
 def use_gqa_sdpa(model) -> None:
