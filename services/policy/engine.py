@@ -688,9 +688,7 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, settings: Settings, service: str = "policy", own_thread: bool = True):
-        """`own_thread=False`: no scheduler thread; the caller runs the loop with `run_until_idle`
-        (a trainer's rollouts: its own thread stays the process's one OpenMP pool, services/common/openmp.py)."""
+    def __init__(self, settings: Settings, service: str = "policy"):
         self.settings = settings
         self.engine = Engine(settings, service)
         device = resolve_device(settings.device)
