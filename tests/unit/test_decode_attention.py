@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.policy.kv import _decode_attention, _gqa_sdpa
+from services.policy.kv import COLUMN_BUCKET, _decode_attention, _gqa_sdpa
 
 
 def _inputs(dtype, seed=0):
@@ -48,3 +48,21 @@ def test_bf16_within_rounding_and_gqa_sdpa_routes_decode_steps_to_it():
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
     assert torch.equal(got, _decode_attention(q, k, v, mask, None))
+
+
+def test_key_length_is_padded_to_a_bucket_so_few_matmul_shapes_occur(monkeypatch):
+    """oneDNN caches a kernel per bf16 matmul shape (~1 MB each); a window one column
+    longer every step would add one per step without the bucket."""
+    shapes = []
+    matmul = torch.matmul
+
+    def recording(a, b):
+        shapes.append(tuple(b.shape))
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch, "matmul", recording)
+    q, k, v, mask = _inputs(torch.float32)
+    for columns in range(20, 23):
+        _decode_attention(q, k[:, :, :columns], v[:, :, :columns], mask[..., :columns], None)
+    assert {s[-1] for s in shapes[0::2]} == {COLUMN_BUCKET}  # q @ k^T: [.., D, L]
+    assert {s[-2] for s in shapes[1::2]} == {COLUMN_BUCKET}  # weights @ v: [.., L, D]
