@@ -48,7 +48,6 @@ process's main thread, say).
 
 from __future__ import annotations
 
-import os
 import threading
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -76,7 +75,7 @@ def default_threads() -> int:
     if _default_threads is None:
         import torch
 
-        _default_threads = torch.get_num_threads() or len(os.sched_getaffinity(0))
+        _default_threads = torch.get_num_threads()
     return _default_threads
 
 

@@ -86,12 +86,12 @@ def _decode_attention(query, key, value, attention_mask, scaling):
         fill = False if attention_mask.dtype == torch.bool else float("-inf")
         attention_mask = F.pad(attention_mask, (0, padded), value=fill)
         columns += padded
-    grouped = query.reshape(batch, kv_heads, heads // kv_heads, dim)  # [B, KV, G, D]: no K/V copy
+    group = heads // kv_heads
+    grouped = query.reshape(batch, kv_heads, group, dim)  # [B, KV, G, D]: no K/V copy
     scores = torch.matmul(grouped, key.transpose(-1, -2)).float() * scale  # [B, KV, G, L]
     if attention_mask is not None:
-        mask = attention_mask.reshape(batch, 1, 1, columns) if attention_mask.shape[1] == 1 else None
-        if mask is None:  # a per-head mask: [B, H, 1, L]
-            mask = attention_mask.reshape(batch, kv_heads, heads // kv_heads, columns)
+        per_head = attention_mask.shape[1] != 1  # [B, H, 1, L] rather than [B, 1, 1, L]
+        mask = attention_mask.reshape(batch, kv_heads if per_head else 1, group if per_head else 1, columns)
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
