@@ -57,7 +57,7 @@ from services.common.config import load_settings
 from services.common.dtypes import cpu_capability, resolve_dtype
 from services.common.grpc_server import wait_for_serving
 from services.common.models import GGUF_FILE, ensure_preset, gguf_dir, load_causal_lm, load_tokenizer, render_prompt
-from services.policy.kv import prepack_linears
+from services.policy.fused import prepack_linears
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",

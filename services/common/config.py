@@ -346,6 +346,13 @@ class Settings:
         "Prompts prefilled together that start with at least this many identical tokens (a chat template's "
         "system turn) compute that prefix once, not once per prompt; 0 = off.",
     )
+    fused_decode: bool = _setting(
+        "RLHF_FUSED_DECODE",
+        "true",
+        _bool,
+        "Decode steps of Llama-architecture models run the layers by hand with fused q/k/v and gate/up weights "
+        "(services/policy/fused.py) instead of transformers' modules; false = transformers' forward.",
+    )
     tgi_url: str = _setting(
         "RLHF_TGI_URL",
         "",

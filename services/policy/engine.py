@@ -52,7 +52,8 @@ from services.common.hotswap import Loaded, ModelSwitcher
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import BATCH_SIZE, GENERATED_TOKENS, QUEUE_DEPTH
 from services.common.models import load_causal_lm, pad_batch, position_ids_from_mask, resolve_device
-from services.policy.kv import KvWindow, prepack_linears, use_gqa_sdpa
+from services.policy.fused import FusedDecoder, prepack_linears, unsupported
+from services.policy.kv import KvWindow, use_gqa_sdpa
 from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, TokenOut
 from services.policy.request import Finished, GenRequest, SampleDone, Token
 
@@ -118,6 +119,7 @@ class Cohort:
         param = next(self.model.parameters())
         self.device = param.device
         budget = settings.kv_budget_tokens
+        self.fused: FusedDecoder | None = getattr(self.model, "rlhf_fused", None)  # LocalBackend's models only
         self.kv = KvWindow(self.model, self.device, param.dtype, lambda: budget - held_elsewhere(), settings.max_batch)
 
     @property
@@ -414,6 +416,8 @@ class Engine:
 
     def _forward_rows(self, cohort: Cohort, rows: slice) -> torch.Tensor:
         """One decode step's logits for cohort rows `rows`, keys/values written in place."""
+        if cohort.fused is not None:
+            return cohort.fused.step(cohort.last[rows], cohort.kv, rows).float()
         mask, positions = cohort.kv.decode_inputs(rows)
         out = cohort.model(
             input_ids=cohort.last[rows][:, None],
@@ -682,6 +686,21 @@ def _top_p(x: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
     return kept.scatter(1, index, torch.where(keep, x.gather(1, index), float("-inf")))
 
 
+def prepare_for_serving(model, settings: Settings):
+    """This backend's own models only (others may be shared with a trainer, whose weights
+    change): copy-free GQA attention, oneDNN-prepacked linears (bf16 on CPU), and the fused
+    decode step where the architecture has one (services/policy/fused.py)."""
+    use_gqa_sdpa(model)
+    packed = prepack_linears(model)
+    if packed:
+        log_fields(log, logging.INFO, "linear layers prepacked for oneDNN", layers=packed)
+    why_not = unsupported(model) if settings.fused_decode else "RLHF_FUSED_DECODE=false"
+    if why_not is None:
+        model.rlhf_fused = FusedDecoder(model, rows=settings.max_batch)
+    log_fields(log, logging.INFO, "decode step", fused=why_not is None, reason=why_not or "")
+    return model
+
+
 class LocalBackend:
     """The continuous-batching engine fed by the hot-swapping model switcher
     (implements services/policy/backend.py's PolicyBackend)."""
@@ -697,12 +716,7 @@ class LocalBackend:
         log_fields(log, logging.INFO, "serving dtype", dtype=str(dtype).removeprefix("torch."), reason=reason)
 
         def load(path: Path, manifest: Manifest):
-            model = load_causal_lm(path, device=device, dtype=dtype)
-            use_gqa_sdpa(model)  # this backend's own models only: others may be shared with a trainer
-            packed = prepack_linears(model)  # bf16 on CPU: oneDNN's prepacked weights (kv.py)
-            if packed:
-                log_fields(log, logging.INFO, "linear layers prepacked for oneDNN", layers=packed)
-            return model
+            return prepare_for_serving(load_causal_lm(path, device=device, dtype=dtype), settings)
 
         def warmup(loaded: Loaded) -> None:
             # One tiny prefill + decode, so the first real request pays no first-call cost.

@@ -28,14 +28,13 @@ position ids and cache position are given, which the engine always does.
 
 from __future__ import annotations
 
-import types
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 GQA_SDPA = "rlhf_gqa_sdpa"
-COLUMN_BUCKET = 64  # decode attention pads the key length to a multiple of this (see _decode_attention)
+COLUMN_BUCKET = 64  # decode attention pads the key length to a multiple of this (see decode_attention)
 
 
 def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
@@ -48,7 +47,7 @@ def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     if attention_mask is not None and attention_mask.ndim == 4:
         attention_mask = attention_mask[:, :, :, : key.shape[-2]]
     if query.shape[2] == 1 and not (dropout and module.training):
-        return _decode_attention(query, key, value, attention_mask, scaling), None
+        return decode_attention(query, key, value, attention_mask, scaling), None
     if is_causal is None:
         is_causal = query.shape[2] > 1 and attention_mask is None and getattr(module, "is_causal", True)
     out = F.scaled_dot_product_attention(
@@ -64,7 +63,7 @@ def _gqa_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=No
     return out.transpose(1, 2).contiguous(), None
 
 
-def _decode_attention(query, key, value, attention_mask, scaling):
+def decode_attention(query, key, value, attention_mask, scaling):
     """One new token per row: two batched matmuls and a softmax in fp32, each query
     head group reading its K/V head in place. PyTorch's CPU sdpa runs its flash kernel
     for this shape too, tiled for long queries: measured here (32 rows, 9 heads over 3
@@ -111,45 +110,6 @@ def use_gqa_sdpa(model) -> None:
     AttentionMaskInterface.register(GQA_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
     if getattr(model.config, "_attn_implementation", None) == "sdpa":
         model.set_attn_implementation(GQA_SDPA)
-
-
-def _packed_linear_forward(module, x: torch.Tensor) -> torch.Tensor:
-    return torch.ops.mkldnn._linear_pointwise(x, module.rlhf_packed_weight, module.bias, "none", [], "")
-
-
-def prepack_linears(model) -> int:
-    """Run a bf16 CPU model's linear layers (the lm_head too) on oneDNN weights
-    reordered once, ahead of time, into the blocked layout its matmul kernel reads.
-
-    `F.linear` on a plain [out, in] bf16 weight reorders it again on every call:
-    measured here (SmolLM2-135M shapes, one thread) the prepacked call is ~1.4x
-    faster per layer and per lm_head, at 1 row and at 32, with bit-identical
-    results (PyTorch's inductor packs bf16 linears the same way). Each layer is
-    checked against `F.linear` once when packed and left alone if it differs or
-    the op is missing. Costs one packed copy of the weights (the originals stay:
-    the tied embedding and the prompt scorer read them). Inference only.
-    Returns how many layers were packed."""
-    mkldnn = getattr(torch.ops, "mkldnn", None)
-    if not torch.backends.mkldnn.is_available() or not hasattr(mkldnn, "_reorder_linear_weight"):
-        return 0
-    packed = 0
-    with torch.inference_mode():
-        for module in model.modules():
-            weight = getattr(module, "weight", None)
-            if type(module) is not torch.nn.Linear or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
-                continue
-            try:
-                module.rlhf_packed_weight = mkldnn._reorder_linear_weight(weight.detach(), 1)
-                probe = torch.randn((3, weight.shape[1]), dtype=weight.dtype)
-                ok = torch.equal(_packed_linear_forward(module, probe), F.linear(probe, weight, module.bias))
-            except RuntimeError:
-                ok = False
-            if not ok:
-                module.__dict__.pop("rlhf_packed_weight", None)
-                continue
-            module.forward = types.MethodType(_packed_linear_forward, module)
-            packed += 1
-    return packed
 
 
 class KvWindow:

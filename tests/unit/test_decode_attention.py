@@ -1,4 +1,4 @@
-"""The decode-step attention (services/policy/kv.py `_decode_attention`): one query
+"""The decode-step attention (services/policy/kv.py `decode_attention`): one query
 token per row, grouped K/V heads read in place, against PyTorch's sdpa."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from services.policy.kv import COLUMN_BUCKET, _decode_attention, _gqa_sdpa
+from services.policy.kv import COLUMN_BUCKET, _gqa_sdpa, decode_attention
 
 
 def _inputs(dtype, seed=0):
@@ -35,7 +35,7 @@ def test_matches_sdpa_with_each_mask_form(kind):
     elif kind == "per-head":
         mask = mask.expand(-1, q.shape[1], -1, -1).clone()
         mask[:, 4, :, 5] = False  # one head of every row skips one more column
-    got = _decode_attention(q, k, v, mask, 0.125)
+    got = decode_attention(q, k, v, mask, 0.125)
     assert got.shape == (q.shape[0], 1, q.shape[1], q.shape[3])
     torch.testing.assert_close(got, _reference(q, k, v, mask, 0.125), atol=1e-5, rtol=1e-5)
 
@@ -47,7 +47,7 @@ def test_bf16_within_rounding_and_gqa_sdpa_routes_decode_steps_to_it():
     got, _ = _gqa_sdpa(module, q, k, v, mask, scaling=None)
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), want, atol=2e-2, rtol=2e-2)
-    assert torch.equal(got, _decode_attention(q, k, v, mask, None))
+    assert torch.equal(got, decode_attention(q, k, v, mask, None))
 
 
 def test_key_length_is_padded_to_a_bucket_so_few_matmul_shapes_occur(monkeypatch):
@@ -63,6 +63,6 @@ def test_key_length_is_padded_to_a_bucket_so_few_matmul_shapes_occur(monkeypatch
     monkeypatch.setattr(torch, "matmul", recording)
     q, k, v, mask = _inputs(torch.float32)
     for columns in range(20, 23):
-        _decode_attention(q, k[:, :, :columns], v[:, :, :columns], mask[..., :columns], None)
+        decode_attention(q, k[:, :, :columns], v[:, :, :columns], mask[..., :columns], None)
     assert {s[-1] for s in shapes[0::2]} == {COLUMN_BUCKET}  # q @ k^T: [.., D, L]
     assert {s[-2] for s in shapes[1::2]} == {COLUMN_BUCKET}  # weights @ v: [.., L, D]

@@ -17,6 +17,7 @@ from services.common.errors import Status, StatusError
 from services.common.hotswap import Loaded
 from services.common.models import load_causal_lm, load_tokenizer, render_prompt
 from services.policy.engine import Engine, shared_prefix
+from services.policy.fused import FusedDecoder
 from services.policy.kv import use_gqa_sdpa
 from services.policy.params import validate
 from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token
@@ -30,10 +31,14 @@ def reference(tiny_model_dir):
     return load_causal_lm(tiny_model_dir)
 
 
-@pytest.fixture(scope="module")
-def loaded(tiny_model_dir):
+@pytest.fixture(scope="module", params=["transformers", "fused"])
+def loaded(tiny_model_dir, request):
+    """The model as LocalBackend serves it, with decode steps through transformers' modules
+    or through the fused decode step (services/policy/fused.py): every test runs on both."""
     model = load_causal_lm(tiny_model_dir)
-    use_gqa_sdpa(model)  # as LocalBackend serves it
+    use_gqa_sdpa(model)
+    if request.param == "fused":
+        model.rlhf_fused = FusedDecoder(model, rows=4)
     return Loaded(
         "tiny-v1", Manifest("tiny-v1", "base", "policy"), tiny_model_dir, model, load_tokenizer(tiny_model_dir)
     )

@@ -1,4 +1,4 @@
-"""Prepacked oneDNN linear layers (services/policy/kv.py prepack_linears): a bf16
+"""Prepacked oneDNN linear layers (services/policy/fused.py prepack_linears): a bf16
 model serves from the packed weights, with exactly the plain model's logits."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from services.common.models import load_causal_lm
-from services.policy.kv import prepack_linears, use_gqa_sdpa
+from services.policy.fused import prepack_linears
+from services.policy.kv import use_gqa_sdpa
 
 
 def test_prepacked_bf16_model_gives_identical_logits_from_the_packed_weights(tiny_model_dir):

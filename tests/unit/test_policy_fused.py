@@ -1,0 +1,111 @@
+"""The fused decode step (services/policy/fused.py): the same logits and keys/values as
+the model's own forward over the same KV window, step after step, with rows joining and
+leaving between steps; models it cannot run keep transformers' forward."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+
+from services.common.config import load_settings
+from services.common.models import load_causal_lm, pad_batch, position_ids_from_mask
+from services.policy.engine import prepare_for_serving
+from services.policy.fused import FusedDecoder, unsupported
+from services.policy.kv import KvWindow, use_gqa_sdpa
+
+
+def prefill(model, prompts):
+    ids, mask = pad_batch(prompts, 0, side="left")
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask), use_cache=True)
+    return [(layer.keys, layer.values) for layer in out.past_key_values.layers], mask, out.logits[:, -1].argmax(-1)
+
+
+def model_step(model, kv: KvWindow, last: torch.Tensor) -> torch.Tensor:
+    mask, positions = kv.decode_inputs(slice(0, kv.n))
+    out = model(
+        input_ids=last[:, None],
+        attention_mask=mask,
+        position_ids=positions,
+        cache_position=torch.tensor([kv.width]),
+        past_key_values=kv,
+        use_cache=True,
+    )
+    return out.logits[:, -1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_steps_match_the_models_forward_as_rows_join_and_leave(tiny_model_dir, dtype):
+    model = load_causal_lm(tiny_model_dir, dtype=dtype)
+    use_gqa_sdpa(model)
+    fused = FusedDecoder(model, rows=4)
+    ours = KvWindow(model, torch.device("cpu"), dtype, 4096, 8)
+    with torch.inference_mode():
+        kv, mask, last = prefill(model, [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]])
+        ours.append_rows(kv, mask, torch.arange(3))
+        theirs = copy.deepcopy(ours)
+        for step in range(6):
+            if step == 2:  # a row leaves: the last row moves into its slot
+                ours.keep([0, 2])
+                theirs.keep([0, 2])
+                last = last[[0, 2]]
+            if step == 4:  # a longer prompt joins (widens the window) with two samples
+                kv, mask, first = prefill(model, [[20, 21, 22, 23, 24, 25, 26, 27, 28, 29]])
+                ours.append_rows(kv, mask, torch.tensor([0, 0]))
+                theirs.append_rows(kv, mask, torch.tensor([0, 0]))
+                last = torch.cat([last, first, first])
+            ours.reserve(ours.n, right=1)
+            theirs.reserve(theirs.n, right=1)
+            got = fused.step(last, ours, slice(0, ours.n))
+            want = model_step(model, theirs, last)
+            ours.commit()
+            theirs.commit()
+            # Same arithmetic in the same order: equal (a broken rotary or mask moves these by ~1e-3).
+            assert got.dtype == want.dtype
+            torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+            for a, b in zip(ours.k + ours.v, theirs.k + theirs.v, strict=True):
+                torch.testing.assert_close(a[: ours.n, :, ours.start : ours.end], b[: ours.n, :, ours.start : ours.end])
+            last = want.argmax(-1)
+
+
+def test_fused_weights_are_copies_taken_when_built(tiny_model_dir):
+    """The decoder reads its own fused copies: a serving model's weights never change, and a
+    trainer's model (whose weights do) never gets one (prepare_for_serving is LocalBackend's)."""
+    model = load_causal_lm(tiny_model_dir)
+    fused = FusedDecoder(model, rows=2)
+    kv = KvWindow(model, torch.device("cpu"), torch.float32, 1024, 4)
+    with torch.inference_mode():
+        cache, mask, last = prefill(model, [[5, 6, 7]])
+        kv.append_rows(cache, mask, torch.arange(1))
+        before = copy.deepcopy(kv)
+        kv.reserve(1, right=1)
+        want = fused.step(last, kv, slice(0, 1))
+        model.model.layers[0].self_attn.q_proj.weight.mul_(2)
+        before.reserve(1, right=1)
+        assert torch.equal(fused.step(last, before, slice(0, 1)), want)
+
+
+def test_models_without_a_fused_step_keep_transformers_forward(tiny_model_dir, caplog):
+    model = load_causal_lm(tiny_model_dir)
+    assert unsupported(model) is None
+    model.train()
+    assert "training" in unsupported(model)
+    with pytest.raises(ValueError, match="training"):
+        FusedDecoder(model, rows=2)
+    model.eval()
+    model.config.model_type = "qwen2"
+    assert "qwen2" in unsupported(model)
+    model.config.model_type = "llama"
+    model.config.mlp_bias = True
+    assert "biases" in unsupported(model)
+
+
+def test_serving_preparation_attaches_the_fused_step_unless_switched_off(tiny_model_dir, caplog):
+    caplog.set_level(logging.INFO)
+    served = prepare_for_serving(load_causal_lm(tiny_model_dir), load_settings({}))
+    assert isinstance(served.rlhf_fused, FusedDecoder)
+    plain = prepare_for_serving(load_causal_lm(tiny_model_dir), load_settings({"RLHF_FUSED_DECODE": "false"}))
+    assert getattr(plain, "rlhf_fused", None) is None
+    assert "RLHF_FUSED_DECODE=false" in caplog.text
