@@ -415,9 +415,9 @@ class Engine:
         ]
 
     def _forward_rows(self, cohort: Cohort, rows: slice) -> torch.Tensor:
-        """One decode step's logits for cohort rows `rows`, keys/values written in place."""
+        """One decode step's logits (the model's dtype) for cohort rows `rows`, keys/values written in place."""
         if cohort.fused is not None:
-            return cohort.fused.step(cohort.last[rows], cohort.kv, rows).float()
+            return cohort.fused.step(cohort.last[rows], cohort.kv, rows)
         mask, positions = cohort.kv.decode_inputs(rows)
         out = cohort.model(
             input_ids=cohort.last[rows][:, None],
@@ -427,7 +427,7 @@ class Engine:
             past_key_values=cohort.kv,
             use_cache=True,
         )
-        return out.logits[:, -1].float()
+        return out.logits[:, -1]
 
     def _decode(self, cohort: Cohort) -> None:
         self._drop_abandoned(cohort)
@@ -608,6 +608,8 @@ def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[f
     into tokens for all rows at once by inverse-CDF lookup.
     """
     n, device = logits.shape[0], logits.device
+    # Logits come in the model's dtype: greedy picks the same token from bf16 scores as from their
+    # exact fp32 upcast, so the plain greedy batch never copies them; the rest works in fp32.
     # A row's max is NaN with any NaN (max propagates it), +inf with any +inf, -inf when every
     # score is -inf (a token the model rules out is a legitimate -inf), finite otherwise: one
     # cheap pass checks each row. (logsumexp has the same cases but costs an exp per score;
@@ -624,6 +626,7 @@ def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[f
         and all(r.req.params.greedy and r.req.params.repetition_penalty == 1.0 for r in rows)
     ):
         return top.indices, None, [True] * n  # the common plain greedy batch: no copies
+    logits = logits.float()
     raw = logits if want_logprobs and any(r.req.params.repetition_penalty != 1.0 for r in rows) else None
     if raw is not None:
         logits = logits.clone()  # the penalty below must not change the reported log-probabilities

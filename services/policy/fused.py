@@ -20,7 +20,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from services.policy.kv import KvWindow, decode_attention
+from services.policy.kv import KvWindow
 
 
 def _packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
@@ -149,8 +149,14 @@ class FusedDecoder:
         """Logits [rows, vocab] (the model's dtype) for feeding `ids` [rows] to KV rows
         `rows`; each row's key/value is written at the window's next column."""
         n, heads, kv_heads, dim = ids.shape[0], self.heads, self.kv_heads, self.head_dim
-        mask, positions = kv.decode_inputs(rows)
+        group = heads // kv_heads
         x = self.embed(ids)  # [n, hidden]
+        # Attention reads every column of the KV buffers (a contiguous view: no copy); the rest is masked.
+        mask = kv.whole_mask(rows)
+        columns = mask.shape[1]
+        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
+        bias = bias[:, None, None].expand(n, kv_heads, group, columns).reshape(n * kv_heads, group, columns)
+        positions = kv.positions(rows)
         cos, sin = self.rotary(x, positions)  # [n, 1, dim]
         half = dim // 2
         cos, sin = cos[:, :, :half], sin[:, :, :half]  # both halves of transformers' tables are equal
@@ -161,9 +167,16 @@ class FusedDecoder:
             a, b = qk[..., :half], qk[..., half:]
             # transformers' q * cos + rotate_half(q) * sin, rounded the same way, queries and keys at once
             qk = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
-            value = qkv[:, qk_width:].view(n, kv_heads, 1, dim)
-            keys, values = kv.update(qk[:, heads:, None], value, index)
-            attn = decode_attention(qk[:, :heads, None], keys, values, mask, self.scale)
+            kv.write(index, rows, qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, dim))
+            keys, values = kv.whole(index, rows)  # [n, kv_heads, columns, dim]
+            # Each K/V head serves `group` query heads in place: [n * kv_heads, group, dim] queries.
+            scores = torch.baddbmm(
+                bias,
+                qk[:, :heads].reshape(n * kv_heads, group, dim),
+                keys.view(n * kv_heads, columns, dim).transpose(1, 2),
+                alpha=self.scale,
+            )
+            attn = torch.bmm(torch.softmax(scores, dim=-1), values.view(n * kv_heads, columns, dim))
             x = x + layer.o(attn.view(n, heads * dim))
             gate_up = layer.gate_up(self._rms_norm(x, layer.norm_post))
             x = x + layer.down(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])

@@ -165,7 +165,11 @@ class KvWindow:
                 for bufs in (self.k, self.v):
                     for b in bufs:
                         b[:n, :, offset : offset + width] = b[:n, :, start:end].clone()
-                self.mask[:n, offset : offset + width] = self.mask[:n, start:end].clone()
+                        b[:n, :, :offset] = 0  # a live slot holds zeros outside its window (see `whole`)
+                        b[:n, :, offset + width :] = 0
+                window = self.mask[:n, start:end].clone()
+                self.mask[:n] = False
+                self.mask[:n, offset : offset + width] = window
         else:
             shape = (slots, self.heads, columns, self.head_dim)
             k = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in range(self.layers)]
@@ -191,10 +195,11 @@ class KvWindow:
             self._relayout(self.slots, self.columns, grow_left)  # move the window back to the left edge
         else:
             # Grow slots geometrically (a busy batch reallocates a few times, not at every join),
-            # within RLHF_MAX_BATCH and the budget; columns get up to 2x headroom for decode steps.
+            # within RLHF_MAX_BATCH and the budget; columns to the next multiple of COLUMN_BUCKET,
+            # so that `whole` attends over few distinct lengths with little padding.
             limit = self.column_limit
             new_slots = max(slots, min(2 * self.slots, self.max_slots, limit // total))
-            columns = max(total, min(2 * total, limit // max(1, new_slots)))
+            columns = max(total, min(-(-total // COLUMN_BUCKET) * COLUMN_BUCKET, limit // max(1, new_slots)))
             self._relayout(new_slots, columns, grow_left)
         self._expose(grow_left)
 
@@ -222,8 +227,8 @@ class KvWindow:
         self.mask[a:b] = False
         self.mask[a:b, lo : self.end] = mask[src].bool()
         for layer, (k, v) in enumerate(kv):
-            self.k[layer][a:b, :, self.start : lo] = 0
-            self.v[layer][a:b, :, self.start : lo] = 0
+            self.k[layer][a:b] = 0  # the whole slot: a previous row's values (NaN, if it failed) must go
+            self.v[layer][a:b] = 0
             self.k[layer][a:b, :, lo : self.end] = k[src]
             self.v[layer][a:b, :, lo : self.end] = v[src]
         self.n = b
@@ -241,8 +246,8 @@ class KvWindow:
         movers = [i for i in range(n, self.n) if i in kept]
         for hole, mover in zip(holes, movers, strict=True):
             for buf in self.k + self.v:
-                buf[hole, :, self.start : self.end] = buf[mover, :, self.start : self.end]
-            self.mask[hole, self.start : self.end] = self.mask[mover, self.start : self.end]
+                buf[hole] = buf[mover]  # the whole slot, so that nothing of the row that left remains
+            self.mask[hole] = self.mask[mover]
             order[hole] = mover
         self.n = n
         used = self.live_mask().any(0).nonzero()
@@ -251,9 +256,9 @@ class KvWindow:
         return order[:n]
 
     def forget_row(self, row: int) -> None:
-        """Zero one row's values (its model output was non-finite: it must not poison a later user of the slot)."""
+        """Zero one row's slot (its model output was non-finite: it must not poison a later user of the slot)."""
         for buf in self.k + self.v:
-            buf[row, :, self.start : self.end] = 0
+            buf[row] = 0
 
     # --- the model's view ---------------------------------------------------
     def decode_inputs(self, rows: slice | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -261,9 +266,34 @@ class KvWindow:
         new token goes to column `end` (call reserve(n, right=1) first)."""
         self._rows = rows
         mask = self.mask[rows, self.start : self.end]
-        positions = mask.sum(-1, keepdim=True)  # real tokens before the fed one
+        positions = self.positions(rows)
         full = torch.cat([mask, torch.ones((mask.shape[0], 1), dtype=torch.bool, device=self.device)], 1)
         return full[:, None, None, :], positions
+
+    def positions(self, rows: slice | torch.Tensor) -> torch.Tensor:
+        """[rows, 1] position ids of the fed tokens: the real tokens before them."""
+        return self.mask[rows, self.start : self.end].sum(-1, keepdim=True)
+
+    def whole(self, layer: int, rows: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [rows, heads, columns, dim] of every column of the buffers: a
+        contiguous view, unlike the window's, so attention over it copies nothing (its
+        batched matmul would copy a strided view, and padding the window to a bucket copies
+        too). Columns outside the window are masked by `whole_mask`; they hold zeros or the
+        row's own earlier values, never another row's: joins zero the slot, leaves move whole
+        slots, and relayouts zero what is outside the window. Write the step's column first
+        (`write`)."""
+        return self.k[layer][rows], self.v[layer][rows]
+
+    def whole_mask(self, rows: slice) -> torch.Tensor:
+        """[rows, columns]: True where `whole`'s attention may look, the step's new column included."""
+        mask = self.mask[rows].clone()
+        mask[:, self.end] = True
+        return mask
+
+    def write(self, layer: int, rows: slice, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Write a decode step's key and value [rows, heads, dim] at column `end`."""
+        self.k[layer][rows, :, self.end] = key
+        self.v[layer][rows, :, self.end] = value
 
     def commit(self) -> None:
         """The decode step succeeded for every live row: the new column becomes part of the window."""

@@ -40,6 +40,13 @@ def check(w: KvWindow, expected: list[list[float]]) -> None:
             assert values.tolist() == [-scale * t for t in tokens]
         # Every row's last token sits in the window's last column (a left-padded batch).
         assert bool(mask[i, -1])
+    # What `whole` attends over beyond the window is masked, and finite: a masked NaN value
+    # still makes attention NaN (its weight 0 times NaN).
+    outside = torch.ones(w.columns, dtype=torch.bool)
+    outside[w.start : w.end] = False
+    assert not w.mask[: w.n, outside].any()
+    for buf in w.k + w.v:
+        assert torch.isfinite(buf[: w.n]).all()
 
 
 def test_rows_keep_their_tokens_through_joins_leaves_widening_and_compaction():
@@ -59,6 +66,10 @@ def test_rows_keep_their_tokens_through_joins_leaves_widening_and_compaction():
             grew_left += length > w.width and w.n > 0
             w.append_rows(kv, mask, torch.zeros(k, dtype=torch.long))
             rows += [list(prompt) for _ in range(k)]
+        if len(rows) < 4 and rng.random() < 0.2:  # a row whose values are NaN joins and fails at once
+            kv, mask = prompts_kv([[float("nan")] * rng.randint(1, 14)])
+            w.append_rows(kv, mask, torch.zeros(1, dtype=torch.long))
+            assert sorted(w.keep(list(range(len(rows))))) == list(range(len(rows)))
         # Some rows leave; rows at their horizon (23 tokens here) always do, as the engine's admission
         # guarantees rows x horizon <= the budget (4 x 24 = 96 columns with the next step's).
         full = [i for i, r in enumerate(rows) if len(r) >= 23]
