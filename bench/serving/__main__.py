@@ -6,8 +6,8 @@
    the conservative ratio uses the better baseline).
 2. The machine's limit, in this process: matrix-multiply throughput at the
    model's own linear-layer shapes, in the serving dtype, at the batch sizes
-   served (1, 16, 32 rows), the best of plain and prepacked weights (as the
-   engine serves bf16) on 1 thread and on the default thread count. Model
+   served (1, 16, 32 rows), the best of plain, prepacked and the fused decode
+   step's fused and prepacked weights, on 1 thread and on the default count. Model
    FLOPs utilisation (MFU) of a level is
    tok/s x 2 x parameters / that peak at its batch size.
 3. Closed loop: 1, 4, 16, 32 concurrent gRPC clients streaming 64 new tokens
@@ -29,6 +29,7 @@ and written with the figures.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib.util
 import os
 import shutil
@@ -57,7 +58,7 @@ from services.common.config import load_settings
 from services.common.dtypes import cpu_capability, resolve_dtype
 from services.common.grpc_server import wait_for_serving
 from services.common.models import GGUF_FILE, ensure_preset, gguf_dir, load_causal_lm, load_tokenizer, render_prompt
-from services.policy.fused import prepack_linears
+from services.policy.fused import Linear, prepack_linears
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -212,39 +213,47 @@ def matmul_peak(config, dtype: torch.dtype, batch_sizes, device: str = "cpu", se
     gate, up, down, unembedding), `m` rows at a time, in `dtype`: the best this
     machine's matmul does for the work a decode step of m rows asks of it.
 
-    "Best" is over the ways the server could run them: plain `F.linear` and the
-    prepacked oneDNN weights the engine serves bf16 from (services/policy/kv.py),
-    each on one intra-op thread and on this process's default count (on a busy
-    machine one thread can be much faster). A higher peak means a lower, more
-    conservative MFU."""
+    "Best" is over the ways the server could run them: plain `F.linear`; the
+    prepacked oneDNN weights its prefill runs bf16 on; and the fused decode step's
+    layers (services/policy/fused.py: q/k/v and gate/up as one layer each,
+    prepacked for m rows), with the same FLOPs; each on one intra-op thread and on
+    this process's default count (on a busy machine one thread can be much
+    faster). A higher peak means a lower, more conservative MFU."""
     h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     shapes = [(q, h), (kv, h), (kv, h), (h, q), (inter, h), (inter, h), (h, inter), (vocab, h)]
+    fused_shapes = [(q + 2 * kv, h), (h, q), (2 * inter, h), (h, inter), (vocab, h)]
 
-    def layers() -> torch.nn.ModuleList:
-        return torch.nn.ModuleList(torch.nn.Linear(i, o, bias=False, device=device, dtype=dtype) for o, i in shapes)
+    def weights(of) -> list[torch.Tensor]:
+        return [torch.randn(o, i, device=device, dtype=dtype) * i**-0.5 for o, i in of]
 
-    plain, packed = layers(), layers()
+    plain = torch.nn.ModuleList(torch.nn.Linear(i, o, bias=False, device=device, dtype=dtype) for o, i in shapes)
     with torch.no_grad():
-        for a, b in zip(plain, packed, strict=True):
-            a.weight.normal_(0, a.weight.shape[1] ** -0.5)
-            b.weight.copy_(a.weight)
-    variants = [plain] + ([packed] if prepack_linears(packed) else [])
+        for layer, w in zip(plain, weights(shapes), strict=True):
+            layer.weight.copy_(w)
+    packed = copy.deepcopy(plain)
+    widths = [i for _, i in shapes]
+    variants = {"plain": list(zip(plain, widths, strict=True))}
+    if prepack_linears(packed):
+        variants["prepacked"] = list(zip(packed, widths, strict=True))
     default_threads = torch.get_num_threads()
     peaks = {}
     with torch.inference_mode():
         for m in batch_sizes:
+            ways = dict(variants)
+            ways["fused, packed for m rows"] = [(Linear(w, m), w.shape[1]) for w in weights(fused_shapes)]
+            ways["packed for m rows"] = [(Linear(w, m), w.shape[1]) for w in weights(shapes)]
             inputs = {inp: torch.randn(m, inp, dtype=dtype, device=device) for _, inp in shapes}
             flops = sum(2 * m * out * inp for out, inp in shapes)
             best = 0.0
             for threads in sorted({1, default_threads}):
                 torch.set_num_threads(threads)
-                for layers in variants:
+                for layers in ways.values():
 
-                    def one_pass(inputs=inputs, layers=layers):
-                        for layer in layers:
-                            layer(inputs[layer.in_features])
+                    def one_pass(layers=layers):
+                        for layer, width in layers:
+                            layer(inputs[width])
 
                     one_pass()  # warm up (oneDNN picks its kernels on the first call)
                     for _ in range(3):
