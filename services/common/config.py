@@ -344,7 +344,8 @@ class Settings:
         "8",
         _int(0, 1 << 20),
         "Prompts prefilled together that start with at least this many identical tokens (a chat template's "
-        "system turn) compute that prefix once, not once per prompt; 0 = off.",
+        "system turn) compute that prefix once, not once per prompt, and later prefills that start with it "
+        "reuse it; 0 = off.",
     )
     fused_decode: bool = _setting(
         "RLHF_FUSED_DECODE",

@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from transformers import DynamicCache
 
 from services.common import openmp
 from services.common.checkpoints import Manifest
@@ -120,6 +121,9 @@ class Cohort:
         self.device = param.device
         budget = settings.kv_budget_tokens
         self.fused: FusedDecoder | None = getattr(self.model, "rlhf_fused", None)  # LocalBackend's models only
+        # The last shared prompt prefix and its keys/values per layer ([1, heads, tokens, dim]), kept for
+        # later prefills (a chat template's system turn starts every prompt): this version's weights only.
+        self.prefix: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
         self.kv = KvWindow(self.model, self.device, param.dtype, lambda: budget - held_elsewhere(), settings.max_batch)
 
     @property
@@ -348,22 +352,22 @@ class Engine:
         Prompts that start alike (a chat template's system turn: about half of a
         short chat prompt) have that prefix computed once and shared: the rows'
         layout is then [prefix][padding][own tokens], which the mask and the
-        position ids (real tokens only) make equivalent to a left-padded row."""
+        position ids (real tokens only) make equivalent to a left-padded row.
+        The cohort keeps the last shared prefix, so later prefills (a single
+        prompt too) that start with (a part of) it compute none of it."""
         pad_id = cohort.tokenizer.pad_token_id
         prompts = [r.prompt_ids for r in reqs]
         scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs]
-        least = self.settings.prefill_shared_prefix  # 0 = off
-        shared = shared_prefix(prompts) if least and len(reqs) > 1 and not scored else 0
-        shared = shared if shared >= least else 0
+        shared, head = self._shared_head(cohort, prompts) if not scored else (0, None)
         ids, mask = pad_batch([p[shared:] for p in prompts], pad_id, side="left")
         ids, mask = ids.to(cohort.device), mask.to(cohort.device)
         cache = None
         if shared:
-            head = torch.tensor([prompts[0][:shared]], device=cohort.device)
-            cache = cohort.model(input_ids=head, use_cache=True, logits_to_keep=1).past_key_values
+            cache = DynamicCache(config=cohort.model.config)
+            for layer, (k, v) in enumerate(head):
+                cache.update(k[:, :, :shared], v[:, :, :shared], layer)
             cache.batch_repeat_interleave(len(reqs))
             mask = torch.cat([torch.ones((len(reqs), shared), dtype=mask.dtype, device=mask.device), mask], 1)
-            self.shared_prefix_tokens += shared * (len(reqs) - 1)
         self.prefills += 1
         out = cohort.model(
             input_ids=ids,
@@ -378,6 +382,29 @@ class Engine:
         prefills = {i: self._score_prompt(cohort, reqs[i].prompt_ids, out.hidden_states[-1][i]) for i in scored}
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
         return kv, mask, out.logits[:, -1].float(), prefills
+
+    def _shared_head(self, cohort: Cohort, prompts: list[list[int]]):
+        """(tokens, keys/values) of the prefix these prompts share: the cohort's kept prefix
+        as far as they all start with it, else their own common start, computed now and
+        kept. (0, None) when shorter than RLHF_PREFILL_SHARED_PREFIX (0 = off)."""
+        least = self.settings.prefill_shared_prefix
+        if not least:
+            return 0, None
+        own = min(len(p) for p in prompts) - 1  # every prompt keeps a token of its own
+        if cohort.prefix is not None:
+            tokens, head = cohort.prefix
+            reused = shared_prefix([tokens + [-1], *prompts])
+            if reused >= least:
+                self.shared_prefix_tokens += reused * len(prompts)
+                return min(reused, own), head
+        shared = shared_prefix(prompts) if len(prompts) > 1 else 0
+        if shared < least:
+            return 0, None
+        ids = torch.tensor([prompts[0][:shared]], device=cohort.device)
+        cache = cohort.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        cohort.prefix = (prompts[0][:shared], [(layer.keys, layer.values) for layer in cache.layers])
+        self.shared_prefix_tokens += shared * (len(prompts) - 1)
+        return shared, cohort.prefix[1]
 
     def _join(self, cohort: Cohort, reqs: list[GenRequest], prefilled) -> None:
         """Sample the first token of every new row, and write the rows into the batch:

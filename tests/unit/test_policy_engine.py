@@ -169,8 +169,9 @@ def test_an_engine_without_its_own_thread_runs_in_the_callers(loaded):
 
 
 def test_prompts_joining_together_share_their_common_prefix_with_the_same_results(loaded, reference):
-    """The chat template's common start is prefilled once for the whole join; greedy tokens
-    and log-probs are those of separate prefills (sharing off), and of HF generate."""
+    """The chat template's common start is prefilled once for the whole join, and kept for
+    later prefills; greedy tokens and log-probs are those of separate prefills (sharing
+    off), and of HF generate."""
     outs = {}
     for share in ("8", "0"):
         engine = Engine(load_settings({"RLHF_PREFILL_SHARED_PREFIX": share}), own_thread=False)
@@ -184,9 +185,19 @@ def test_prompts_joining_together_share_their_common_prefix_with_the_same_result
             outs[share] = ([s.text for s in samples], [[t.logprob for t in s.tokens] for s in samples])
             assert engine.stats()["prefills"] == 1  # one join
             shared = engine.stats()["shared_prefix_tokens"]
+            # A later prompt, prefilled alone, reuses the prefix the engine kept (none of it is computed).
+            alone, events = request(loaded, PROMPTS[1], max_new_tokens=8, return_logprobs=True)
+            engine.submit(alone)
+            engine.run_until_idle()
+            sample = collect(alone, events)[1][0]
+            outs[share + " alone"] = (sample.text, [t.logprob for t in sample.tokens])
+            reused = engine.stats()["shared_prefix_tokens"] - shared
         finally:
             engine.stop()
         assert (shared > 0) == (share != "0")
+        assert (reused >= 8) == (share != "0")
+    assert outs["8 alone"][0] == outs["0 alone"][0] == outs["0"][0][1]
+    assert outs["8 alone"][1] == pytest.approx(outs["0 alone"][1], abs=1e-4)
     assert outs["8"][0] == outs["0"][0]
     for a, b in zip(outs["8"][1], outs["0"][1], strict=True):
         assert a == pytest.approx(b, abs=1e-4)
