@@ -251,7 +251,7 @@ def matmul_peak(config, dtype: torch.dtype, batch_sizes, device: str = "cpu", se
                 torch.set_num_threads(threads)
                 for layers in ways.values():
 
-                    def one_pass(layers=layers):
+                    def one_pass(layers=layers, inputs=inputs):
                         for layer, width in layers:
                             layer(inputs[width])
 
