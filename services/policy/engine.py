@@ -155,10 +155,15 @@ class Cohort:
 class Engine:
     """Schedules requests onto the model; `submit` is thread-safe."""
 
-    def __init__(self, settings: Settings, service: str = "policy", own_thread: bool = True):
+    def __init__(
+        self, settings: Settings, service: str = "policy", own_thread: bool = True, keep_prefix: bool = False
+    ):
         """`own_thread=False`: no scheduler thread; the caller runs the loop with `run_until_idle`
-        (a trainer's rollouts: its own thread stays the process's one OpenMP pool, services/common/openmp.py)."""
+        (a trainer's rollouts: its own thread stays the process's one OpenMP pool, services/common/openmp.py).
+        `keep_prefix`: keep a shared prompt prefix's keys/values for later prefills; only for models whose
+        weights never change while served (LocalBackend's versions), never for a trainer's live policy."""
         self.settings = settings
+        self.keep_prefix = keep_prefix
         self.service = service
         self._cv = threading.Condition()
         self._queue: deque[GenRequest] = deque()
@@ -353,8 +358,8 @@ class Engine:
         short chat prompt) have that prefix computed once and shared: the rows'
         layout is then [prefix][padding][own tokens], which the mask and the
         position ids (real tokens only) make equivalent to a left-padded row.
-        The cohort keeps the last shared prefix, so later prefills (a single
-        prompt too) that start with (a part of) it compute none of it."""
+        With `keep_prefix` the cohort keeps the last shared prefix, so later prefills
+        (a single prompt too) that start with (a part of) it compute none of it."""
         pad_id = cohort.tokenizer.pad_token_id
         prompts = [r.prompt_ids for r in reqs]
         scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs]
@@ -391,7 +396,7 @@ class Engine:
         if not least:
             return 0, None
         own = min(len(p) for p in prompts) - 1  # every prompt keeps a token of its own
-        if cohort.prefix is not None:
+        if self.keep_prefix and cohort.prefix is not None:
             tokens, head = cohort.prefix
             reused = shared_prefix([tokens + [-1], *prompts])
             if reused >= least:
@@ -402,9 +407,11 @@ class Engine:
             return 0, None
         ids = torch.tensor([prompts[0][:shared]], device=cohort.device)
         cache = cohort.model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
-        cohort.prefix = (prompts[0][:shared], [(layer.keys, layer.values) for layer in cache.layers])
+        head = [(layer.keys, layer.values) for layer in cache.layers]
+        if self.keep_prefix:
+            cohort.prefix = (prompts[0][:shared], head)
         self.shared_prefix_tokens += shared * (len(prompts) - 1)
-        return shared, cohort.prefix[1]
+        return shared, head
 
     def _join(self, cohort: Cohort, reqs: list[GenRequest], prefilled) -> None:
         """Sample the first token of every new row, and write the rows into the batch:
@@ -739,7 +746,7 @@ class LocalBackend:
 
     def __init__(self, settings: Settings, service: str = "policy"):
         self.settings = settings
-        self.engine = Engine(settings, service)
+        self.engine = Engine(settings, service, keep_prefix=True)  # a version's weights never change
         device = resolve_device(settings.device)
         dtype, reason = resolve_dtype(settings.serve_dtype, device)
         self.dtype = dtype

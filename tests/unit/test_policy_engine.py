@@ -174,7 +174,7 @@ def test_prompts_joining_together_share_their_common_prefix_with_the_same_result
     off), and of HF generate."""
     outs = {}
     for share in ("8", "0"):
-        engine = Engine(load_settings({"RLHF_PREFILL_SHARED_PREFIX": share}), own_thread=False)
+        engine = Engine(load_settings({"RLHF_PREFILL_SHARED_PREFIX": share}), own_thread=False, keep_prefix=True)
         engine.set_model(loaded)
         try:
             reqs = [request(loaded, p, max_new_tokens=8, return_logprobs=True) for p in PROMPTS]
