@@ -155,9 +155,7 @@ class Cohort:
 class Engine:
     """Schedules requests onto the model; `submit` is thread-safe."""
 
-    def __init__(
-        self, settings: Settings, service: str = "policy", own_thread: bool = True, keep_prefix: bool = False
-    ):
+    def __init__(self, settings: Settings, service: str = "policy", own_thread: bool = True, keep_prefix: bool = False):
         """`own_thread=False`: no scheduler thread; the caller runs the loop with `run_until_idle`
         (a trainer's rollouts: its own thread stays the process's one OpenMP pool, services/common/openmp.py).
         `keep_prefix`: keep a shared prompt prefix's keys/values for later prefills; only for models whose
