@@ -53,7 +53,7 @@ from services.common.hotswap import Loaded, ModelSwitcher
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import BATCH_SIZE, GENERATED_TOKENS, QUEUE_DEPTH
 from services.common.models import load_causal_lm, pad_batch, position_ids_from_mask, resolve_device
-from services.policy.fused import FusedDecoder, prepack_linears, unsupported
+from services.policy.fused import FusedDecoder, drop_packed_originals, prepack_linears, unsupported
 from services.policy.kv import KvWindow, use_gqa_sdpa
 from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, TokenOut
 from services.policy.request import Finished, GenRequest, SampleDone, Token
@@ -723,8 +723,9 @@ def _top_p(x: torch.Tensor, ps: torch.Tensor) -> torch.Tensor:
 
 def prepare_for_serving(model, settings: Settings):
     """This backend's own models only (others may be shared with a trainer, whose weights
-    change): copy-free GQA attention, oneDNN-prepacked linears (bf16 on CPU), and the fused
-    decode step where the architecture has one (services/policy/fused.py)."""
+    change): copy-free GQA attention, oneDNN-prepacked linears (bf16 on CPU, their plain
+    weights then freed), and the fused decode step where the architecture has one
+    (services/policy/fused.py)."""
     use_gqa_sdpa(model)
     packed = prepack_linears(model)
     if packed:
@@ -733,6 +734,9 @@ def prepare_for_serving(model, settings: Settings):
     if why_not is None:
         model.rlhf_fused = FusedDecoder(model, rows=settings.max_batch)
     log_fields(log, logging.INFO, "decode step", fused=why_not is None, reason=why_not or "")
+    freed = drop_packed_originals(model)
+    if freed:
+        log_fields(log, logging.INFO, "plain weights of prepacked layers freed", mb=round(freed / 2**20))
     return model
 
 

@@ -109,3 +109,16 @@ def test_serving_preparation_attaches_the_fused_step_unless_switched_off(tiny_mo
     plain = prepare_for_serving(load_causal_lm(tiny_model_dir), load_settings({"RLHF_FUSED_DECODE": "false"}))
     assert getattr(plain, "rlhf_fused", None) is None
     assert "RLHF_FUSED_DECODE=false" in caplog.text
+
+
+def test_a_served_bf16_model_frees_the_plain_weights_its_packed_layers_never_read(tiny_model_dir):
+    reference = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16)
+    served = prepare_for_serving(load_causal_lm(tiny_model_dir, dtype=torch.bfloat16), load_settings({}))
+    if not any(hasattr(m, "rlhf_packed_weight") for m in served.modules()):
+        pytest.skip("this PyTorch build has no oneDNN bf16 linear prepacking")
+    layers = [m for m in served.model.layers.modules() if type(m) is torch.nn.Linear]
+    assert layers and all(m.weight.numel() == 0 for m in layers)
+    assert served.get_output_embeddings().weight.numel() > 0  # tied to the input embedding
+    ids = torch.randint(0, reference.config.vocab_size, (2, 7))
+    with torch.inference_mode():
+        assert torch.equal(served(input_ids=ids).logits, reference(input_ids=ids).logits)
