@@ -393,13 +393,13 @@ class Engine:
         least = self.settings.prefill_shared_prefix
         if not least:
             return 0, None
-        own = min(len(p) for p in prompts) - 1  # every prompt keeps a token of its own
         if self.keep_prefix and cohort.prefix is not None:
             tokens, head = cohort.prefix
+            # The -1 (no token) lets the whole kept prefix count; every prompt still keeps a token of its own.
             reused = shared_prefix([tokens + [-1], *prompts])
             if reused >= least:
                 self.shared_prefix_tokens += reused * len(prompts)
-                return min(reused, own), head
+                return reused, head
         shared = shared_prefix(prompts) if len(prompts) > 1 else 0
         if shared < least:
             return 0, None

@@ -74,8 +74,9 @@ def prepack_linears(model) -> int:
     faster per layer and per lm_head, at 1 row and at 32, with bit-identical
     results (PyTorch's inductor packs bf16 linears the same way). Each layer is
     checked against `F.linear` once when packed and left alone if it differs or
-    the op is missing. Costs one packed copy of the weights (the originals stay:
-    the tied embedding and the prompt scorer read them). Inference only.
+    the op is missing. Costs one packed copy of the weights; the originals stay
+    (a serving model then frees them with `drop_packed_originals`, all but the
+    unembedding tied to the input embedding). Inference only.
     Returns how many layers were packed."""
     packed = 0
     for module in model.modules():

@@ -290,7 +290,7 @@ class KvWindow:
         mask[:, self.end] = True
         return mask
 
-    def write(self, layer: int, rows: slice, key: torch.Tensor, value: torch.Tensor) -> None:
+    def write(self, layer: int, rows: slice | torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         """Write a decode step's key and value [rows, heads, dim] at column `end`."""
         self.k[layer][rows, :, self.end] = key
         self.v[layer][rows, :, self.end] = value
@@ -302,8 +302,7 @@ class KvWindow:
 
     def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx: int, cache_kwargs=None):
         rows, col = self._rows, self.end
-        self.k[layer_idx][rows, :, col] = key[:, :, -1]
-        self.v[layer_idx][rows, :, col] = value[:, :, -1]
+        self.write(layer_idx, rows, key[:, :, -1], value[:, :, -1])
         return (
             self.k[layer_idx][rows, :, self.start : col + 1],
             self.v[layer_idx][rows, :, self.start : col + 1],
