@@ -157,10 +157,12 @@ class Authenticator:
             abort(context, err)
             raise  # unreachable: abort raises
 
-    async def require_aio(self, context: grpc.aio.ServicerContext, need: str) -> Identity:
+    async def require_aio(
+        self, context: grpc.aio.ServicerContext, need: str, open_to_anonymous: bool = False
+    ) -> Identity:
         """`require` for grpc.aio handlers."""
         try:
-            return self.identify(metadata_value(context, "authorization"), need)
+            return self.identify(metadata_value(context, "authorization"), need, open_to_anonymous)
         except StatusError as err:
             await abort(context, err)
             raise  # unreachable: abort raises

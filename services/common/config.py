@@ -288,8 +288,8 @@ class Settings:
         "RLHF_GRPC_WORKERS",
         "64",
         _int(1, 4096),
-        "Threads handling gRPC calls per thread-pool server (policy, reward, controller;"
-        " the FeedbackService is asynchronous).",
+        "Threads handling gRPC calls per thread-pool server (reward, labeling, controller;"
+        " the feedback and policy services are asynchronous).",
     )
     grpc_grace_s: float = _setting(
         "RLHF_GRPC_GRACE_S", "10", _float(0, 600), "On SIGTERM: how long in-flight calls may drain."

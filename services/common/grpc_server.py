@@ -11,14 +11,16 @@ Two flavours with one interface (port, set_serving, stop):
 - `start_server`: grpc's thread-pool server, for handlers that compute
   (model forward passes release the GIL);
 - `start_aio_server`: a grpc.aio server on its own event-loop thread, for
-  handlers that mostly wait on I/O (the FeedbackService waits for broker
-  acks). One loop thread serves every call, so a call costs no thread
-  hand-offs; on 2 cores that doubled the feedback service's throughput.
+  handlers that mostly wait: the FeedbackService waits for broker acks, the
+  PolicyService for its engine's tokens. One loop thread serves every call, so
+  a call costs no thread hand-offs; on 2 cores that doubled the feedback
+  service's throughput. `CallGate` counts such a server's calls and drains them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 import signal
@@ -33,6 +35,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.common.config import Settings
+from services.common.errors import Status, StatusError, abort
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import AioMetricsInterceptor, MetricsInterceptor
 
@@ -267,6 +270,64 @@ class AioRunningServer:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+class CallGate:
+    """The calls in progress on a grpc.aio server (all on its one loop thread),
+    and its drain: once shutting down, new calls are refused with UNAVAILABLE
+    (clients retry those, e.g. on another replica) while the calls in progress
+    finish (AioRunningServer's `drain`). `limit` caps the calls in progress
+    (RESOURCE_EXHAUSTED beyond it); `limit_name` is its setting, for the message."""
+
+    def __init__(self, service: str, limit: int | None = None, limit_name: str = ""):
+        self.service = service
+        self.limit = limit
+        self.limit_name = limit_name
+        self.calls = 0
+        self.draining = False
+
+    def enter(self) -> None:
+        """Count a call in, or raise the StatusError that refuses it."""
+        if self.draining:
+            raise StatusError(Status.UNAVAILABLE, f"the {self.service} service is shutting down; retry")
+        if self.limit is not None and self.calls >= self.limit:
+            raise StatusError(
+                Status.RESOURCE_EXHAUSTED,
+                f"{self.calls} {self.service} calls in progress ({self.limit_name}={self.limit}); retry with backoff",
+            )
+        self.calls += 1
+
+    def leave(self) -> None:
+        self.calls -= 1
+
+    @contextlib.asynccontextmanager
+    async def admit(self, context: grpc.aio.ServicerContext):
+        """`enter` for the length of a call; a refusal aborts it."""
+        try:
+            self.enter()
+        except StatusError as err:
+            await abort(context, err)
+        try:
+            yield
+        finally:
+            self.leave()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new calls, and wait up to `grace` seconds for those in progress."""
+        self.draining = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        while self.calls and loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        if self.calls:
+            log_fields(
+                log,
+                logging.WARNING,
+                "shutting down with calls still in progress",
+                component=self.service,
+                calls=self.calls,
+                grace_s=grace,
+            )
 
 
 def start_aio_server(

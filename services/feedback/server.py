@@ -34,7 +34,7 @@ from services.common.auth import Authenticator, Identity, load_tokens
 from services.common.config import Settings
 from services.common.errors import Status, StatusError, grpc_code
 from services.common.feedback import BY_BULK_FIELD, KINDS, VALIDATE_FIRST, InvalidField, Limits
-from services.common.grpc_server import AioRunningServer, start_aio_server
+from services.common.grpc_server import AioRunningServer, CallGate, start_aio_server
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import EVENTS_WRITTEN
 from services.feedback.events import Prepared, prepare
@@ -86,8 +86,8 @@ class FeedbackServicer:
         self.limits = Limits.from_settings(settings)
         self.topics = bus.Topics.from_settings(settings)
         self.cache = IdempotencyCache(settings.feedback_idempotency_entries)
-        self.calls = 0  # feedback calls in progress (all on the server's one event loop)
-        self.draining = False  # set on shutdown: new calls are refused, those in progress finish
+        # The calls in progress; on shutdown new calls are refused while those finish.
+        self.calls = CallGate("feedback", settings.feedback_max_calls, "RLHF_FEEDBACK_MAX_CALLS")
         # (deadline, event id, entry) of the writes in flight, in send order (see _expire_later)
         self._expiries: deque[tuple[float, str, Entry]] = deque()
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -115,7 +115,7 @@ class FeedbackServicer:
             except StatusError as err:  # InvalidField included
                 await self._refuse(context, err, identity, kind)
             finally:
-                self.calls -= 1
+                self.calls.leave()
 
         handle.__name__ = kind
         return handle
@@ -148,7 +148,7 @@ class FeedbackServicer:
             async for reply in replies:
                 yield reply
         finally:
-            self.calls -= 1
+            self.calls.leave()
 
     async def _whole(self, request_iterator, context, identity: Identity) -> AsyncIterator[feedback_pb2.SubmitReply]:
         """A validate-first stream: read and check every item, then send them all."""
@@ -173,45 +173,12 @@ class FeedbackServicer:
         except StatusError as err:
             await self._refuse(context, err, identity, "bulk")
 
-    async def drain(self, grace: float) -> None:
-        """On shutdown: refuse new calls with UNAVAILABLE (a client retries
-        them, e.g. on another replica) and wait up to `grace` seconds for the
-        calls in progress."""
-        self.draining = True
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + grace
-        while self.calls and loop.time() < deadline:
-            await asyncio.sleep(0.02)
-        if self.calls:
-            log_fields(
-                log,
-                logging.WARNING,
-                "shutting down with feedback calls still in progress",
-                calls=self.calls,
-                grace_s=grace,
-            )
-
     async def _admit(self, context, identity: Identity, kind: str) -> None:
         """Count the call in, or refuse it: shutting down, or RLHF_FEEDBACK_MAX_CALLS in progress."""
-        if self.draining:
-            await self._refuse(
-                context,
-                StatusError(Status.UNAVAILABLE, "the feedback service is shutting down; retry"),
-                identity,
-                kind,
-            )
-        if self.calls >= self.settings.feedback_max_calls:
-            await self._refuse(
-                context,
-                StatusError(
-                    Status.RESOURCE_EXHAUSTED,
-                    f"{self.calls} feedback calls in progress"
-                    f" (RLHF_FEEDBACK_MAX_CALLS={self.settings.feedback_max_calls}); retry with backoff",
-                ),
-                identity,
-                kind,
-            )
-        self.calls += 1
+        try:
+            self.calls.enter()
+        except StatusError as err:
+            await self._refuse(context, err, identity, kind)
 
     async def _bulk(self, request_iterator, context, identity: Identity) -> AsyncIterator[feedback_pb2.SubmitReply]:
         pipeline: asyncio.Queue = asyncio.Queue(maxsize=self.settings.feedback_bulk_window)
@@ -426,7 +393,7 @@ def start(settings: Settings, port: int = 0) -> FeedbackHandle:
     producer = make_event_producer(settings)
     servicer = FeedbackServicer(settings, producer, Authenticator(tokens))
     try:
-        running = start_aio_server(settings, "feedback", [servicer.register], port, drain=servicer.drain)
+        running = start_aio_server(settings, "feedback", [servicer.register], port, drain=servicer.calls.drain)
     except Exception:
         producer.close(1)
         raise

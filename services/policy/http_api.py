@@ -57,7 +57,7 @@ from services.policy.params import (
     invalid,
     validate,
 )
-from services.policy.request import Failed, Finished, GenRequest, SampleDone, Token
+from services.policy.request import Failed, Finished, GenRequest, SampleDone, Token, loop_sink
 
 log = get_logger(__name__)
 
@@ -145,15 +145,8 @@ class Gateway:
         if header is None and log_default is not None:
             header = "true" if log_default else "false"
         log_it = self.prompt_log is not None and plog.wanted(identity, header)
-        loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        req = GenRequest(
-            prompt_ids,
-            params,
-            lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev),
-            stream=stream,
-            prompt_text=prompt_text,
-        )
+        req = GenRequest(prompt_ids, params, loop_sink(events), stream=stream, prompt_text=prompt_text)
         self.backend.submit(req)
         if log_it:
             self.prompt_log.record(identity, source, self.backend.version, user_text, messages or ())

@@ -3,12 +3,13 @@
 A backend (the local continuous-batching engine or the TGI client) pushes
 events into the request's sink from its own thread: `Token` while decoding
 (streaming requests only; a sample's last one carries `final`), `SampleDone`
-per finished sample, then exactly one `Finished` or `Failed`. The sink is a queue for gRPC threads, or a hop onto
-an asyncio loop for the HTTP API.
+per finished sample, then exactly one `Finished` or `Failed`. The sink is a hop
+onto the servers' asyncio loop (`loop_sink`), or a blocking queue for threads.
 """
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
@@ -101,8 +102,15 @@ class GenRequest:
         self.emit(Failed(StatusError(status, message)))
 
 
+def loop_sink(events: asyncio.Queue) -> Callable[[Event], None]:
+    """A sink that hands each event to `events` on the running event loop (the gRPC
+    and HTTP servers' handlers); call it on that loop."""
+    loop = asyncio.get_running_loop()
+    return lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+
+
 class EventQueue:
-    """A blocking sink for threads (gRPC handlers, the TGI backend's tests)."""
+    """A blocking sink for threads (a trainer's rollouts, tests)."""
 
     def __init__(self) -> None:
         self._q: queue.Queue[Event] = queue.Queue()

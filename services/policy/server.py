@@ -13,6 +13,7 @@ RLHF_TGI_URL is set, a TGI server through the `text_generation` client.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from dataclasses import dataclass
@@ -24,14 +25,14 @@ from services.common.auth import Authenticator, Identity, metadata_value
 from services.common.checkpoints import version_name_problem
 from services.common.config import Settings
 from services.common.errors import Status, StatusError, abort
-from services.common.grpc_server import RunningServer, start_server
+from services.common.grpc_server import AioRunningServer, CallGate, start_aio_server
 from services.common.logs import get_logger, log_fields
 from services.common.models import render_prompt
 from services.policy.backend import PolicyBackend
 from services.policy.engine import LocalBackend
 from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, check_prompt, invalid, validate
 from services.policy.prompt_log import LOG_HEADER, PromptLog, wanted
-from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token
+from services.policy.request import Failed, Finished, GenRequest, SampleDone, Token, loop_sink
 
 log = get_logger(__name__)
 
@@ -45,6 +46,13 @@ _FINISH = {
 
 
 class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    """The RPCs, as coroutines on the grpc.aio server's one event-loop thread.
+
+    The engine's thread hands each request's events to that loop
+    (`call_soon_threadsafe`), so a streamed token costs no thread hand-off:
+    with a thread-pool server every token of every stream woke its handler
+    thread, and on 2 cores those wake-ups were taken from the decode step."""
+
     def __init__(
         self, settings: Settings, backend: PolicyBackend, auth: Authenticator, prompt_log: PromptLog | None = None
     ):
@@ -52,11 +60,12 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         self.backend = backend
         self.auth = auth
         self.prompt_log = prompt_log
+        self.calls = CallGate("policy")
 
     # --- request building ---------------------------------------------------
     def _build(
-        self, request: policy_pb2.GenerateRequest, context: grpc.ServicerContext, stream: bool, identity: Identity
-    ) -> tuple[GenRequest, EventQueue]:
+        self, request: policy_pb2.GenerateRequest, context: grpc.aio.ServicerContext, stream: bool, identity: Identity
+    ) -> tuple[GenRequest, asyncio.Queue]:
         p = request.parameters
         params = validate(
             self.settings,
@@ -94,10 +103,8 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         log_it = self.prompt_log is not None and wanted(identity, metadata_value(context, LOG_HEADER))
         remaining = context.time_remaining()
         deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
-        events = EventQueue()
-        req = GenRequest(ids, params, events, stream=stream, deadline=deadline, prompt_text=text)
-        # Called when the RPC ends for any reason; a cancel before the end frees the slot.
-        context.add_callback(req.cancel)
+        events: asyncio.Queue = asyncio.Queue()
+        req = GenRequest(ids, params, loop_sink(events), stream=stream, deadline=deadline, prompt_text=text)
         self.backend.submit(req)
         if log_it:
             # The user's own words: the prompt, or a chat's last user turn (the turns travel along).
@@ -105,72 +112,76 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
             self.prompt_log.record(identity, "api", self.backend.version, said, messages or ())
         return req, events
 
-    def _start(self, request, context, stream: bool):
-        identity = self.auth.require(context, "user", open_to_anonymous=True)
+    async def _start(self, request, context, stream: bool):
+        identity = await self.auth.require_aio(context, "user", open_to_anonymous=True)
         try:
             return self._build(request, context, stream, identity)
         except StatusError as err:
-            abort(context, err)
+            await abort(context, err)
+
+    @staticmethod
+    async def _next(events: asyncio.Queue, context):
+        """The request's next event; a Failed aborts the call with its status."""
+        event = await events.get()
+        if isinstance(event, Failed):
+            await abort(context, event.error)
+        return event
 
     # --- RPCs ---------------------------------------------------------------
-    def Generate(self, request, context):
-        req, events = self._start(request, context, stream=False)
-        samples = {}
-        for event in events.events(req):
-            if isinstance(event, SampleDone):
-                samples[event.sample.index] = event.sample
-            elif isinstance(event, Failed):
-                abort(context, event.error)
-            elif isinstance(event, Finished):
-                return policy_pb2.GenerateResponse(
-                    samples=[_sample_pb(samples[i]) for i in sorted(samples)],
-                    model_version=event.version,
-                    usage=policy_pb2.Usage(
-                        prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens
-                    ),
-                    prompt_tokens=[_token_pb(t) for t in event.prefill],
-                )
-        context.abort(grpc.StatusCode.INTERNAL, "generation ended without a result")
+    async def Generate(self, request, context):
+        async with self.calls.admit(context):
+            req, events = await self._start(request, context, stream=False)
+            samples = {}
+            try:
+                while not isinstance(event := await self._next(events, context), Finished):
+                    if isinstance(event, SampleDone):
+                        samples[event.sample.index] = event.sample
+            finally:
+                req.cancel()  # frees the slot if the call ended early (client gone, deadline); else a no-op
+            return policy_pb2.GenerateResponse(
+                samples=[_sample_pb(samples[i]) for i in sorted(samples)],
+                model_version=event.version,
+                usage=policy_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+                prompt_tokens=[_token_pb(t) for t in event.prefill],
+            )
 
-    def GenerateStream(self, request, context):
-        req, events = self._start(request, context, stream=True)
-        for event in events.events(req):
-            if isinstance(event, Token):
-                t = event.token
-                message = policy_pb2.GenerateStreamResponse(
-                    sample_index=event.sample_index,
-                    token=_token_pb(t),
-                    model_version=event.version,
-                )
-                if event.final is not None:
-                    message.finish_reason = _FINISH[event.final.finish_reason]
-                    message.generated_text = event.final.text
-                    message.usage.prompt_tokens = len(req.prompt_ids)
-                    message.usage.completion_tokens = event.final.generated_tokens
-                yield message
-            elif isinstance(event, Failed):
-                abort(context, event.error)
-            elif isinstance(event, Finished):
-                return
+    async def GenerateStream(self, request, context):
+        async with self.calls.admit(context):
+            req, events = await self._start(request, context, stream=True)
+            try:
+                while not isinstance(event := await self._next(events, context), Finished):
+                    if not isinstance(event, Token):
+                        continue
+                    message = policy_pb2.GenerateStreamResponse(
+                        sample_index=event.sample_index, token=_token_pb(event.token), model_version=event.version
+                    )
+                    if event.final is not None:
+                        message.finish_reason = _FINISH[event.final.finish_reason]
+                        message.generated_text = event.final.text
+                        message.usage.prompt_tokens = len(req.prompt_ids)
+                        message.usage.completion_tokens = event.final.generated_tokens
+                    yield message
+            finally:
+                req.cancel()
 
-    def GetModelInfo(self, request, context):
-        self.auth.require(context, "user", open_to_anonymous=True)
+    async def GetModelInfo(self, request, context):
+        await self.auth.require_aio(context, "user", open_to_anonymous=True)
         try:
-            return common_pb2.ModelInfo(**self.backend.model_info())
+            return common_pb2.ModelInfo(**await asyncio.to_thread(self.backend.model_info))
         except StatusError as err:
-            abort(context, err)
+            await abort(context, err)
 
-    def PinVersion(self, request, context):
-        identity = self.auth.require(context, "admin")
+    async def PinVersion(self, request, context):
+        identity = await self.auth.require_aio(context, "admin")
         problem = request.version and version_name_problem(request.version)
         if problem:  # before any filesystem call
-            abort(context, StatusError(Status.INVALID_ARGUMENT, problem))
+            await abort(context, StatusError(Status.INVALID_ARGUMENT, problem))
         log_fields(log, logging.INFO, "pin requested", user=identity.user_id, version=request.version)
         try:
-            self.backend.pin(request.version)
-            return common_pb2.ModelInfo(**self.backend.model_info())
+            await asyncio.to_thread(self.backend.pin, request.version)  # loads the version: off the loop
+            return common_pb2.ModelInfo(**await asyncio.to_thread(self.backend.model_info))
         except StatusError as err:
-            abort(context, err)
+            await abort(context, err)
 
 
 def _sample_pb(sample) -> policy_pb2.Sample:
@@ -191,7 +202,7 @@ def _token_pb(t) -> policy_pb2.Token:
 
 @dataclass
 class PolicyHandle:
-    grpc_server: RunningServer
+    grpc_server: AioRunningServer
     backend: PolicyBackend
     http: object | None
     prompt_log: PromptLog | None = None
@@ -236,12 +247,12 @@ def start(settings: Settings, port: int = 0, http_port: int | None = 0, follow: 
     prompt_log = PromptLog(settings).start() if settings.prompt_log else None
     servicer = PolicyServicer(settings, backend, auth, prompt_log)
 
-    def register(server: grpc.Server) -> str:
+    def register(server: grpc.aio.Server) -> str:
         policy_pb2_grpc.add_PolicyServiceServicer_to_server(servicer, server)
         return policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name
 
     try:
-        running = start_server(settings, SERVICE, [register], port)
+        running = start_aio_server(settings, SERVICE, [register], port, drain=servicer.calls.drain)
     except Exception:
         if prompt_log:
             prompt_log.stop(flush_s=0)

@@ -4,6 +4,7 @@ and admin-only pinning."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -223,3 +224,36 @@ def test_unsampleable_parameters_are_refused_beside_an_in_flight_stream(policy):
     got += list(stream)
     assert got[-1].generated_text == alone[-1].generated_text
     assert [m.token.id for m in got] == [m.token.id for m in alone]
+
+
+def test_shutdown_drains_streams_in_progress_and_refuses_new_calls(tmp_path, broker, tiny_model_dir):
+    """Stopping with a grace period: a stream in progress runs to its last token,
+    while a call that arrives meanwhile gets UNAVAILABLE (which clients retry)."""
+    settings = make_settings(tmp_path, broker, RLHF_TOKENS="usr=u1:user", RLHF_MAX_NEW_TOKENS_LIMIT="512")
+    handle = start(settings, port=0, http_port=None)
+    stopper = None
+    try:
+        with with_token(grpc.insecure_channel(f"127.0.0.1:{handle.port}"), "usr") as channel:
+            stub = policy_pb2_grpc.PolicyServiceStub(channel)
+            stream = stub.GenerateStream(gen(max_new_tokens=300, temperature=0.0), timeout=60)
+            first = next(stream)
+            stopper = threading.Thread(target=handle.stop, kwargs={"grace": 30})
+            stopper.start()
+            refused = None
+            deadline = time.monotonic() + 10
+            while refused is None and time.monotonic() < deadline:
+                try:
+                    stub.Generate(gen(max_new_tokens=1), timeout=5)
+                    time.sleep(0.02)  # the drain may not have begun yet
+                except grpc.RpcError as err:
+                    refused = err
+            assert refused is not None and refused.code() == grpc.StatusCode.UNAVAILABLE, refused
+            assert "shutting down" in refused.details()
+            rest = list(stream)
+        assert rest[-1].finish_reason != policy_pb2.FINISH_REASON_UNSPECIFIED
+        assert 1 + len(rest) == rest[-1].usage.completion_tokens and first.token.text is not None
+    finally:
+        if stopper is not None:
+            stopper.join(60)
+        else:
+            handle.stop()
