@@ -106,7 +106,14 @@ def loop_sink(events: asyncio.Queue) -> Callable[[Event], None]:
     """A sink that hands each event to `events` on the running event loop (the gRPC
     and HTTP servers' handlers); call it on that loop."""
     loop = asyncio.get_running_loop()
-    return lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+
+    def sink(event: Event) -> None:
+        try:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+        except RuntimeError:  # the loop closed (the server stopped past its grace): nobody waits for it
+            pass
+
+    return sink
 
 
 class EventQueue:

@@ -4,6 +4,7 @@ reproducible, and queue / batch / KV limits hold."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import threading
 import time
@@ -20,7 +21,7 @@ from services.policy.engine import Engine, shared_prefix
 from services.policy.fused import FusedDecoder
 from services.policy.kv import use_gqa_sdpa
 from services.policy.params import validate
-from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token
+from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token, loop_sink
 
 PROMPTS = ["Write a haiku about the sea.", "What is 2+2?", "Tell me a long story about a dragon and a knight.", "Hi"]
 
@@ -458,3 +459,22 @@ def test_a_burst_of_prompts_is_prefilled_within_the_prefill_token_budget(loaded,
         assert engine.stats()["prefills"] == 3
     finally:
         engine.stop()
+
+
+def test_loop_sink_delivers_from_another_thread_and_ignores_a_closed_loop():
+    """The servers' sink: an engine thread's events reach the loop's queue; once the
+    loop has closed (a server stopped past its grace), emitting raises nothing in the engine."""
+    loop = asyncio.new_event_loop()
+    events: asyncio.Queue = asyncio.Queue()
+
+    async def make():
+        return loop_sink(events)
+
+    sink = loop.run_until_complete(make())
+    sent = Finished("v", 1, 0)
+    worker = threading.Thread(target=sink, args=(sent,))
+    worker.start()
+    worker.join()
+    assert loop.run_until_complete(asyncio.wait_for(events.get(), 5)) is sent
+    loop.close()
+    sink(sent)  # no RuntimeError("Event loop is closed")
