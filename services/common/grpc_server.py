@@ -20,7 +20,6 @@ Two flavours with one interface (port, set_serving, stop):
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import logging
 import signal
@@ -300,17 +299,14 @@ class CallGate:
     def leave(self) -> None:
         self.calls -= 1
 
-    @contextlib.asynccontextmanager
-    async def admit(self, context: grpc.aio.ServicerContext):
-        """`enter` for the length of a call; a refusal aborts it."""
+    async def admit(self, context: grpc.aio.ServicerContext) -> None:
+        """`enter` until the call ends, however it ends (a done callback: a streaming
+        handler's `finally` may never run when the client cancels); a refusal aborts it."""
         try:
             self.enter()
         except StatusError as err:
             await abort(context, err)
-        try:
-            yield
-        finally:
-            self.leave()
+        context.add_done_callback(lambda _: self.leave())
 
     async def drain(self, grace: float) -> None:
         """Refuse new calls, and wait up to `grace` seconds for those in progress."""

@@ -105,6 +105,10 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
         deadline = time.monotonic() + remaining if remaining is not None and remaining < 1e8 else None
         events: asyncio.Queue = asyncio.Queue()
         req = GenRequest(ids, params, loop_sink(events), stream=stream, deadline=deadline, prompt_text=text)
+        # Called when the RPC ends for any reason; an end before the request's own (the client
+        # cancelled or went away, the deadline passed) frees its slot. A `finally` in the handler
+        # would not do: a cancelled stream can leave its generator suspended, unfinalised.
+        context.add_done_callback(lambda _: req.cancel())
         self.backend.submit(req)
         if log_it:
             # The user's own words: the prompt, or a chat's last user turn (the turns travel along).
@@ -129,40 +133,34 @@ class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
 
     # --- RPCs ---------------------------------------------------------------
     async def Generate(self, request, context):
-        async with self.calls.admit(context):
-            req, events = await self._start(request, context, stream=False)
-            samples = {}
-            try:
-                while not isinstance(event := await self._next(events, context), Finished):
-                    if isinstance(event, SampleDone):
-                        samples[event.sample.index] = event.sample
-            finally:
-                req.cancel()  # frees the slot if the call ended early (client gone, deadline); else a no-op
-            return policy_pb2.GenerateResponse(
-                samples=[_sample_pb(samples[i]) for i in sorted(samples)],
-                model_version=event.version,
-                usage=policy_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
-                prompt_tokens=[_token_pb(t) for t in event.prefill],
-            )
+        await self.calls.admit(context)
+        _, events = await self._start(request, context, stream=False)
+        samples = {}
+        while not isinstance(event := await self._next(events, context), Finished):
+            if isinstance(event, SampleDone):
+                samples[event.sample.index] = event.sample
+        return policy_pb2.GenerateResponse(
+            samples=[_sample_pb(samples[i]) for i in sorted(samples)],
+            model_version=event.version,
+            usage=policy_pb2.Usage(prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens),
+            prompt_tokens=[_token_pb(t) for t in event.prefill],
+        )
 
     async def GenerateStream(self, request, context):
-        async with self.calls.admit(context):
-            req, events = await self._start(request, context, stream=True)
-            try:
-                while not isinstance(event := await self._next(events, context), Finished):
-                    if not isinstance(event, Token):
-                        continue
-                    message = policy_pb2.GenerateStreamResponse(
-                        sample_index=event.sample_index, token=_token_pb(event.token), model_version=event.version
-                    )
-                    if event.final is not None:
-                        message.finish_reason = _FINISH[event.final.finish_reason]
-                        message.generated_text = event.final.text
-                        message.usage.prompt_tokens = len(req.prompt_ids)
-                        message.usage.completion_tokens = event.final.generated_tokens
-                    yield message
-            finally:
-                req.cancel()
+        await self.calls.admit(context)
+        req, events = await self._start(request, context, stream=True)
+        while not isinstance(event := await self._next(events, context), Finished):
+            if not isinstance(event, Token):
+                continue
+            message = policy_pb2.GenerateStreamResponse(
+                sample_index=event.sample_index, token=_token_pb(event.token), model_version=event.version
+            )
+            if event.final is not None:
+                message.finish_reason = _FINISH[event.final.finish_reason]
+                message.generated_text = event.final.text
+                message.usage.prompt_tokens = len(req.prompt_ids)
+                message.usage.completion_tokens = event.final.generated_tokens
+            yield message
 
     async def GetModelInfo(self, request, context):
         await self.auth.require_aio(context, "user", open_to_anonymous=True)
