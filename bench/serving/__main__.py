@@ -537,20 +537,20 @@ def main(argv: list[str]) -> int:
                 }
             )
         llama = llama_cpp_reference(baseline_prompts, new_tokens)
-        if llama and "failed" not in llama:
+        measured_llama = llama if llama and "failed" not in llama else None
+        if measured_llama:
             rows.append(
                 {
                     "setup": "llama.cpp (same GGUF), 1 at a time",
                     "clients": 1,
-                    "tokens": llama["tokens"],
-                    "tok_s": llama["tok_s"],
-                    "x_baseline": llama["tok_s"] / base["tok_s"],
+                    "tokens": measured_llama["tokens"],
+                    "tok_s": measured_llama["tok_s"],
+                    "x_baseline": measured_llama["tok_s"] / base["tok_s"],
                 }
             )
         print_table(f"Serving throughput, {new_tokens} new tokens per request (aggregate generated tokens/s)", rows)
         if not llama:
             print("llama.cpp reference: skipped (llama_cpp is not installed)")
-        measured_llama = llama if llama and "failed" not in llama else None
 
         swap = swap_under_load(settings, target, store, preset_dir, streams=8, new_tokens=new_tokens)
         swap_rss = sampler.take_peak() / GB

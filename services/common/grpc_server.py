@@ -285,7 +285,7 @@ class CallGate:
         self.calls = 0
         self.draining = False
 
-    def enter(self) -> None:
+    def _enter(self) -> None:
         """Count a call in, or raise the StatusError that refuses it."""
         if self.draining:
             raise StatusError(Status.UNAVAILABLE, f"the {self.service} service is shutting down; retry")
@@ -296,17 +296,18 @@ class CallGate:
             )
         self.calls += 1
 
-    def leave(self) -> None:
+    def _leave(self) -> None:
         self.calls -= 1
 
-    async def admit(self, context: grpc.aio.ServicerContext) -> None:
-        """`enter` until the call ends, however it ends (a done callback: a streaming
-        handler's `finally` may never run when the client cancels); a refusal aborts it."""
+    async def admit(self, context: grpc.aio.ServicerContext, refuse=abort) -> None:
+        """Count the call in until it ends, however it ends (a done callback: a streaming
+        handler's `finally` may never run when the client cancels), or fail it with
+        `await refuse(context, StatusError)`, which must abort the call."""
         try:
-            self.enter()
+            self._enter()
         except StatusError as err:
-            await abort(context, err)
-        context.add_done_callback(lambda _: self.leave())
+            await refuse(context, err)
+        context.add_done_callback(lambda _: self._leave())
 
     async def drain(self, grace: float) -> None:
         """Refuse new calls, and wait up to `grace` seconds for those in progress."""

@@ -114,8 +114,6 @@ class FeedbackServicer:
                 return await self._finish(self._begin(prepared, identity), context)
             except StatusError as err:  # InvalidField included
                 await self._refuse(context, err, identity, kind)
-            finally:
-                self.calls.leave()
 
         handle.__name__ = kind
         return handle
@@ -139,16 +137,13 @@ class FeedbackServicer:
         identity = await self.auth.require_aio(context, "user")
         await self._admit(context, identity, "bulk")
         validate_first = VALIDATE_FIRST in (context.invocation_metadata() or ())
-        try:
-            replies = (
-                self._whole(request_iterator, context, identity)
-                if validate_first
-                else self._bulk(request_iterator, context, identity)
-            )
-            async for reply in replies:
-                yield reply
-        finally:
-            self.calls.leave()
+        replies = (
+            self._whole(request_iterator, context, identity)
+            if validate_first
+            else self._bulk(request_iterator, context, identity)
+        )
+        async for reply in replies:
+            yield reply
 
     async def _whole(self, request_iterator, context, identity: Identity) -> AsyncIterator[feedback_pb2.SubmitReply]:
         """A validate-first stream: read and check every item, then send them all."""
@@ -175,10 +170,11 @@ class FeedbackServicer:
 
     async def _admit(self, context, identity: Identity, kind: str) -> None:
         """Count the call in, or refuse it: shutting down, or RLHF_FEEDBACK_MAX_CALLS in progress."""
-        try:
-            self.calls.enter()
-        except StatusError as err:
+
+        async def refuse(context, err: StatusError) -> None:
             await self._refuse(context, err, identity, kind)
+
+        await self.calls.admit(context, refuse)
 
     async def _bulk(self, request_iterator, context, identity: Identity) -> AsyncIterator[feedback_pb2.SubmitReply]:
         pipeline: asyncio.Queue = asyncio.Queue(maxsize=self.settings.feedback_bulk_window)
