@@ -66,11 +66,15 @@ class Stack:
         self._pidfile(name).write_text(json.dumps({"pid": proc.pid, "create_time": created, "cmd": proc.args}))
 
     def _alive(self, name: str) -> psutil.Process | None:
-        """The process we recorded under `name`, if it is still that process."""
+        """The process we recorded under `name`, if it is still that process: the same pid, and
+        the same start time or, failing that, the same command line. A start time read later can
+        differ from the recorded one: psutil derives it from the kernel's boot time, which moves
+        whenever the wall clock is slewed or stepped (NTP, a VM restored from a snapshot)."""
         try:
             info = json.loads(self._pidfile(name).read_text())
             proc = psutil.Process(info["pid"])
-            if abs(proc.create_time() - info["create_time"]) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
+            same = abs(proc.create_time() - info["create_time"]) < 0.01 or proc.cmdline() == info["cmd"]
+            if same and proc.status() != psutil.STATUS_ZOMBIE:
                 return proc
         except (FileNotFoundError, json.JSONDecodeError, KeyError, psutil.Error):
             pass

@@ -186,6 +186,15 @@ def test_sign_in_prompt_rank_and_submit(playground_stack, browser, tmp_path):
     assert "lab1" in driver.find_element(By.ID, "labelers-table").text
 
 
+def open_generation_settings(driver) -> bool:
+    """Click the prompt panel's "Generation settings" until its fields show: a click that lands
+    while the signed-in workspace is still being laid out can leave the section closed."""
+    section = driver.find_element(By.CSS_SELECTOR, "#panel-prompt details.settings")
+    if section.get_attribute("open") is None:
+        section.find_element(By.TAG_NAME, "summary").click()
+    return driver.find_element(By.ID, "max-tokens").is_displayed()
+
+
 def test_stop_ends_the_answer_and_frees_the_policy(playground_stack, browser):
     driver, stack = browser, playground_stack
     driver.get(stack.web.url.rstrip("/") + "/no-such-page")  # same origin, none of the app's code running:
@@ -193,7 +202,7 @@ def test_stop_ends_the_answer_and_frees_the_policy(playground_stack, browser):
     driver.get(stack.web.url)
     driver.find_element(By.ID, "token").send_keys("tok-lab", Keys.ENTER)
     wait_for(driver, lambda d: d.find_element(By.ID, "workspace").is_displayed(), "sign-in did not open the workspace")
-    driver.find_element(By.CSS_SELECTOR, "#panel-prompt details.settings summary").click()
+    wait_for(driver, open_generation_settings, "the generation settings did not open")
     driver.find_element(By.ID, "max-tokens").send_keys(str(LONG_ANSWER))
     driver.find_element(By.ID, "temperature").send_keys("0")  # greedy: the tiny model runs to the limit
     driver.find_element(By.ID, "prompt").send_keys("Count to a thousand.", Keys.CONTROL, Keys.ENTER)

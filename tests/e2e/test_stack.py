@@ -53,7 +53,8 @@ def test_up_twice_then_down(tmp_path, tiny_model_dir):
 
         again = subprocess.run([*stack, "up", "--timeout", "60"], env=env, capture_output=True, text=True, timeout=120)
         assert again.returncode == 0, again.stdout + again.stderr
-        assert again.stdout.count("already running") == len(pids)  # every process, store and broker included
+        # every process, store and broker included
+        assert again.stdout.count("already running") == len(pids), again.stdout + again.stderr
         assert {p.stem: json.loads(p.read_text())["pid"] for p in (home / "run").glob("*.pid")} == pids
     finally:
         down = subprocess.run([*stack, "down"], env=env, capture_output=True, text=True, timeout=120)
