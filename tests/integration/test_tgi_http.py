@@ -16,7 +16,9 @@ from text_generation import AsyncClient, Client
 from text_generation.errors import OverloadedError, ValidationError
 
 from services.common.auth import bearer_header, with_token
+from services.common.errors import Status
 from services.common.models import load_causal_lm, load_tokenizer
+from services.policy.request import Failed, Finished
 from services.policy.server import start
 from tests.conftest import make_settings
 
@@ -273,3 +275,58 @@ def test_tgi_backend_sends_k_samples_at_once_and_a_cancel_stops_them_all(server,
             assert engine.stats()["running"] == 0  # every upstream sample was stopped
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize(
+    "path, body",
+    [
+        ("/generate_stream", {"inputs": "Tell me", "parameters": {"max_new_tokens": 1900}}),
+        ("/v1/completions", {"model": "policy", "prompt": "Tell me", "max_tokens": 1900, "stream": True}),
+    ],
+)
+def test_a_stream_reader_that_disconnects_cancels_its_generation(tmp_path, broker, tiny_model_dir, path, body):
+    settings = make_settings(
+        tmp_path, broker, RLHF_TOKENS=TOKENS, RLHF_MAX_NEW_TOKENS_LIMIT="1900", RLHF_MAX_PROMPT_TOKENS="64"
+    )
+    handle = start(settings, port=0, http_port=0, follow=False)
+    backend, ends = handle.backend, {}
+    submit = backend.submit
+
+    def noting_the_end(req):  # records when and how each request ended, then submits it as usual
+        sink = req.sink
+
+        def sink_and_note(event):
+            if isinstance(event, (Finished, Failed)):
+                ends[id(req)] = (time.monotonic(), event)
+            sink(event)
+
+        req.sink = sink_and_note
+        ends[id(req)] = None
+        submit(req)
+
+    backend.submit = noting_the_end
+    try:
+        # The tiny model can finish all 1,900 tokens before the client has read its first line;
+        # such a try says nothing, so try again until the reader leaves a generation in progress.
+        for _ in range(5):
+            known = set(ends)
+            with httpx.Client(timeout=30) as client:
+                url = f"http://127.0.0.1:{handle.http_port}{path}"
+                with client.stream("POST", url, json=body, headers=AUTH) as reply:
+                    assert reply.status_code == 200
+                    next(reply.iter_lines())
+            left = time.monotonic()
+            (key,) = set(ends) - known
+            deadline = time.monotonic() + 5
+            while ends[key] is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            assert ends[key] is not None, "the generation did not end after its reader left"
+            ended, event = ends[key]
+            if ended > left:
+                break
+        else:
+            pytest.fail("every generation finished before its reader left")
+        assert isinstance(event, Failed) and event.error.status == Status.CANCELLED, event
+        assert backend.engine.stats()["running"] == 0
+    finally:
+        handle.stop()
