@@ -30,7 +30,7 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from google.protobuf.json_format import MessageToDict
 from pydantic import BaseModel, Field
@@ -41,6 +41,7 @@ from services.common.config import Settings
 from services.common.errors import StatusError, http_status, invalid
 from services.common.feedback import CHAT_ROLES
 from services.common.logs import get_logger, log_fields
+from services.common.streaming import StreamUntilEnd
 from services.playground.client import (
     FLAG_NAMES,
     LIKERT_MAX,
@@ -211,11 +212,12 @@ def create_app(settings: Settings, client: PlaygroundClient | None = None) -> Fa
                     message = await run_in_threadpool(next_or_error, call)
             except StatusError as err:
                 yield sse("error", error_body(err)["error"])
-            finally:
-                call.cancel()  # the reader left (or we are done): free the policy's slot at once
 
-        return StreamingResponse(
-            events(), media_type="text/event-stream", headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamUntilEnd(
+            events(),
+            on_end=call.cancel,  # the reader left (or we are done): free the policy's slot at once
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
         )
 
     @app.get("/api/task")

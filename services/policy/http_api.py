@@ -36,7 +36,7 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -45,6 +45,7 @@ from services.common.config import Settings
 from services.common.errors import Status, StatusError
 from services.common.logs import get_logger
 from services.common.metrics import RPC_LATENCY, RPC_REQUESTS
+from services.common.streaming import StreamUntilEnd
 from services.policy import prompt_log as plog
 from services.policy.params import (
     FINISH_EOS,
@@ -177,19 +178,18 @@ class Gateway:
             req.cancel()  # no-op once finished; frees the slot if the client went away
 
     @staticmethod
-    async def tokens(req: GenRequest, events: asyncio.Queue) -> AsyncIterator[Token]:
-        """A streaming request's tokens until it finishes; a failure raises its StatusError."""
-        try:
-            while True:
-                event = await events.get()
-                if isinstance(event, Token):
-                    yield event
-                elif isinstance(event, Failed):
-                    raise event.error
-                elif isinstance(event, Finished):
-                    return
-        finally:
-            req.cancel()  # a client that disconnects frees its slot at once
+    async def tokens(events: asyncio.Queue) -> AsyncIterator[Token]:
+        """A streaming request's tokens until it finishes; a failure raises its StatusError.
+        Stream them in a `StreamUntilEnd` with `on_end=req.cancel`, so that a client that
+        disconnects frees its slot at once."""
+        while True:
+            event = await events.get()
+            if isinstance(event, Token):
+                yield event
+            elif isinstance(event, Failed):
+                raise event.error
+            elif isinstance(event, Finished):
+                return
 
 
 def _lone_surrogate(value: Any, path: str = "body") -> str | None:
@@ -397,7 +397,7 @@ def build_app(settings: Settings, backend, auth: Authenticator, prompt_log: plog
 
         async def sse():
             try:
-                async for event in gateway.tokens(req, events):
+                async for event in gateway.tokens(events):
                     message: dict[str, Any] = {
                         "index": 0,
                         "token": _token_json(event.token),
@@ -417,7 +417,9 @@ def build_app(settings: Settings, backend, auth: Authenticator, prompt_log: plog
                 _, kind = _TGI_ERRORS.get(err.status, (424, "generation"))
                 yield f"data:{json.dumps({'error': err.message, 'error_type': kind})}\n\n"
 
-        return StreamingResponse(sse(), media_type="text/event-stream", headers={"x-model-version": backend.version})
+        return StreamUntilEnd(
+            sse(), on_end=req.cancel, media_type="text/event-stream", headers={"x-model-version": backend.version}
+        )
 
     async def tgi_route(request: Request, stream: bool | None = None) -> Response:
         try:

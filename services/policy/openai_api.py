@@ -34,11 +34,12 @@ import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
 from services.common.errors import Status, StatusError
 from services.common.feedback import CHAT_ROLES
 from services.common.models import render_prompt
+from services.common.streaming import StreamUntilEnd
 from services.policy.http_api import Gateway, number, version_or_empty
 from services.policy.params import FINISH_LENGTH, SampleOut, TokenOut, validate
 
@@ -325,8 +326,9 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
             created = int(time.time())
             rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
             if parsed.stream:
-                return StreamingResponse(
+                return StreamUntilEnd(
                     _stream(parsed, req, events, rid, created),
+                    on_end=req.cancel,
                     media_type="text/event-stream",
                     headers={"x-model-version": version(), "cache-control": "no-cache"},
                 )
@@ -408,7 +410,7 @@ def add_routes(app: FastAPI, gateway: Gateway) -> None:
                     ]
                 )
         try:
-            async for event in gateway.tokens(req, events):
+            async for event in gateway.tokens(events):
                 model = event.version
                 i, tok = event.sample_index, event.token
                 text = "" if tok.special else tok.text
