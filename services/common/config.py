@@ -354,6 +354,21 @@ class Settings:
         "Decode steps of Llama-architecture models run the layers by hand with fused q/k/v and gate/up weights "
         "(services/policy/fused.py) instead of transformers' modules; false = transformers' forward.",
     )
+    native_kernels: bool = _setting(
+        "RLHF_NATIVE_KERNELS",
+        "true",
+        _bool,
+        "The fused decode step's norms, rotary and SiLU run as C loops (services/policy/kernels.c) built once "
+        "per machine with the system C compiler ($CC or cc) and cached in RLHF_KERNEL_CACHE; torch ops where "
+        "there is no compiler, the build fails or its check does (logged). false = always torch ops.",
+    )
+    kernel_cache: Path = _setting(
+        "RLHF_KERNEL_CACHE",
+        "",
+        _str,
+        "Where native kernels are built and cached (writable; keyed by source, flags, compiler and CPU). "
+        "Empty = $XDG_CACHE_HOME/rlhf-platform/kernels, else ~/.cache/rlhf-platform/kernels.",
+    )
     tgi_url: str = _setting(
         "RLHF_TGI_URL",
         "",
@@ -682,6 +697,12 @@ class Settings:
         home = Path(self.home).expanduser()
         object.__setattr__(self, "home", home)
         object.__setattr__(self, "model_cache", Path(self.model_cache).expanduser())
+        caches = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser()
+        object.__setattr__(
+            self,
+            "kernel_cache",
+            Path(self.kernel_cache).expanduser() if self.kernel_cache else caches / "rlhf-platform" / "kernels",
+        )
         object.__setattr__(
             self,
             "checkpoint_dir",

@@ -7,7 +7,9 @@ more than its matrix multiplies on a CPU: per layer about 60 small tensor ops
 norms, rotary embedding in ~20 ops) around 7 linear layers. `FusedDecoder`
 runs the same arithmetic with q/k/v and gate/up each fused into one linear
 layer (prepacked for oneDNN when the weights are bf16), one rotary pass over
-queries and keys together, and the engine's copy-free attention over the KV
+queries and keys together, each residual add fused with the norm that reads
+it, the elementwise work in native loops where they build
+(services/policy/kernels.py), and the engine's copy-free attention over the KV
 window (services/policy/kv.py). Prefill, training and every other model keep
 transformers' forward; only serving models of a supported architecture use it
 (`RLHF_FUSED_DECODE`).
@@ -21,6 +23,7 @@ import types
 import torch
 import torch.nn.functional as F
 
+from services.policy.kernels import NativeOps, TorchOps
 from services.policy.kv import KvWindow
 
 
@@ -152,9 +155,10 @@ class FusedDecoder:
 
     Holds its own fused (and, for bf16, prepacked) copies of the weights, taken
     when it is built: a model whose weights change afterwards needs a new one.
-    `rows` is the batch size oneDNN's weight layout is chosen for."""
+    `rows` is the batch size oneDNN's weight layout is chosen for; `ops` runs the
+    elementwise work (services/policy/kernels.py; torch ops unless given)."""
 
-    def __init__(self, model, rows: int):
+    def __init__(self, model, rows: int, ops: TorchOps | NativeOps | None = None):
         reason = unsupported(model)
         if reason:
             raise ValueError(f"no fused decode step for this model: {reason}")
@@ -170,32 +174,27 @@ class FusedDecoder:
         self.embed = inner.embed_tokens
         self.norm = inner.norm.weight.detach()
         self.rotary = inner.rotary_emb  # transformers' own cos/sin (any rope scaling it implements)
-
-    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (self.hidden,), weight, self.eps)
+        self.ops = ops or TorchOps()
 
     def step(self, ids: torch.Tensor, kv: KvWindow, rows: slice) -> torch.Tensor:
         """Logits [rows, vocab] (the model's dtype) for feeding `ids` [rows] to KV rows
         `rows`; each row's key/value is written at the window's next column."""
         n, heads, kv_heads, dim = ids.shape[0], self.heads, self.kv_heads, self.head_dim
-        group = heads // kv_heads
-        x = self.embed(ids)  # [n, hidden]
+        group, ops, eps = heads // kv_heads, self.ops, self.eps
+        x = self.embed(ids)  # [n, hidden], a new tensor: the residual stream, updated in place
         # Attention reads every column of the KV buffers (a contiguous view: no copy); the rest is masked.
         mask = kv.whole_mask(rows)
         columns = mask.shape[1]
         bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
         bias = bias[:, None, None].expand(n, kv_heads, group, columns).reshape(n * kv_heads, group, columns)
-        positions = kv.positions(rows)
-        cos, sin = self.rotary(x, positions)  # [n, 1, dim]
-        half = dim // 2
-        cos, sin = cos[:, :, :half], sin[:, :, :half]  # both halves of transformers' tables are equal
+        cos, sin = self.rotary(x, kv.positions(rows))  # [n, 1, dim]
+        cos, sin = cos[:, 0, : dim // 2], sin[:, 0, : dim // 2]  # both halves of transformers' tables are equal
         qk_width = (heads + kv_heads) * dim
+        norms = [layer.norm_in for layer in self.layers[1:]] + [self.norm]  # each layer's output feeds the next norm
+        normed = ops.add_norm(x, None, self.layers[0].norm_in, eps)
         for index, layer in enumerate(self.layers):
-            qkv = layer.qkv(self._rms_norm(x, layer.norm_in))
-            qk = qkv[:, :qk_width].view(n, heads + kv_heads, dim)
-            a, b = qk[..., :half], qk[..., half:]
-            # transformers' q * cos + rotate_half(q) * sin, rounded the same way, queries and keys at once
-            qk = torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+            qkv = layer.qkv(normed)
+            qk = ops.rope(qkv, heads + kv_heads, dim, cos, sin)  # queries and keys at once
             kv.write(index, rows, qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, dim))
             keys, values = kv.whole(index, rows)  # [n, kv_heads, columns, dim]
             # Each K/V head serves `group` query heads in place: [n * kv_heads, group, dim] queries.
@@ -206,7 +205,6 @@ class FusedDecoder:
                 alpha=self.scale,
             )
             attn = torch.bmm(torch.softmax(scores, dim=-1), values.view(n * kv_heads, columns, dim))
-            x = x + layer.o(attn.view(n, heads * dim))
-            gate_up = layer.gate_up(self._rms_norm(x, layer.norm_post))
-            x = x + layer.down(F.silu(gate_up[:, : self.inter]) * gate_up[:, self.inter :])
-        return self.lm_head(self._rms_norm(x, self.norm))
+            normed = ops.add_norm(x, layer.o(attn.view(n, heads * dim)), layer.norm_post, eps)
+            normed = ops.add_norm(x, layer.down(ops.silu_mul(layer.gate_up(normed))), norms[index], eps)
+        return self.lm_head(normed)

@@ -1,0 +1,226 @@
+"""The elementwise work of a fused decode step: residual add + RMSNorm, rotary
+embedding, SiLU(gate) x up. Two implementations of one interface:
+
+- `TorchOps`: torch ops, any dtype and device. Each job is a chain of small ops
+  (F.rms_norm alone runs ~8), and on a CPU each op costs microseconds of
+  dispatch and a pass over memory: in a 28-row bf16 decode step of
+  SmolLM2-135M, profiled here, the 61 norms took ~190 us each, against ~25 us
+  for the same arithmetic in one loop.
+- `NativeOps`: the C loops in kernels.c, for CPU tensors in bf16 or fp32.
+  Built once per machine with the system C compiler (`cc`, or $CC) for the
+  host's own instruction set (-march=native), cached under the model cache by
+  a hash of the source, flags, compiler and CPU flags, and loaded with ctypes
+  (no torch headers, so a build takes well under a second). Before use, each
+  kernel is checked against `TorchOps` on random inputs. Measured in-process
+  here (SmolLM2-135M, bf16, AMX Xeon, 2 threads, steps of both interleaved),
+  a 28-row decode step took 45 ms with the native kernels against 52 ms with
+  torch ops (medians of 40 each).
+
+`elementwise_ops` picks one: native where RLHF_NATIVE_KERNELS allows it, the
+model is on the CPU in bf16 or fp32, and the build and the check pass; torch
+ops otherwise, with the reason (no compiler on the image, say). Attention stays
+torch's batched matmuls: a C loop over each row's window measured no faster.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SOURCE = Path(__file__).with_name("kernels.c")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC")
+_SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+
+
+class TorchOps:
+    """The reference: plain torch ops, any dtype and device."""
+
+    name = "torch"
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        """x += delta in place (when given), then RMSNorm(x) * weight."""
+        if delta is not None:
+            x.add_(delta)
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+    def rope(self, qkv: torch.Tensor, heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """The first `heads` heads of each row of `qkv` [n, width], rotated: [n, heads, dim].
+        cos/sin: [n, dim / 2]. transformers' q * cos + rotate_half(q) * sin, rounded the same way."""
+        qk = qkv[:, : heads * dim].view(qkv.shape[0], heads, dim)
+        half = dim // 2
+        a, b = qk[..., :half], qk[..., half:]
+        cos, sin = cos[:, None], sin[:, None]
+        return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up for rows laid out [gate | up]."""
+        inter = gate_up.shape[-1] // 2
+        return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
+
+
+class NativeOps:
+    """`TorchOps`' jobs in kernels.c, for contiguous CPU tensors of one dtype."""
+
+    name = "native"
+
+    def __init__(self, library: ctypes.CDLL, dtype: torch.dtype):
+        suffix = _SUFFIX[dtype]
+        pointer, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        self.dtype = dtype
+        self._norm = getattr(library, f"add_rms_norm_{suffix}")
+        self._norm.argtypes = [pointer, pointer, pointer, pointer, integer, integer, real]
+        self._silu_mul = getattr(library, f"silu_mul_{suffix}")
+        self._silu_mul.argtypes = [pointer, pointer, integer, integer]
+        self._rope = getattr(library, f"rope_{suffix}")
+        self._rope.argtypes = [pointer, integer, pointer, pointer, integer, integer, integer, integer]
+
+    def _check(self, *tensors: torch.Tensor) -> None:
+        for t in tensors:
+            if t.dtype != self.dtype or t.device.type != "cpu" or t.stride(-1) != 1:
+                raise ValueError(
+                    f"native kernels take CPU {self.dtype} tensors with unit stride, not {t.dtype} {t.stride()}"
+                )
+
+    def add_norm(self, x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> torch.Tensor:
+        self._check(x, weight, *([] if delta is None else [delta]))
+        if not x.is_contiguous() or (delta is not None and not delta.is_contiguous()):
+            raise ValueError("add_norm needs contiguous rows")
+        out = torch.empty_like(x)
+        n, hidden = x.shape
+        self._norm(
+            x.data_ptr(), None if delta is None else delta.data_ptr(), weight.data_ptr(), out.data_ptr(), n, hidden, eps
+        )
+        return out
+
+    def rope(self, qkv: torch.Tensor, heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        self._check(qkv, cos, sin)
+        if cos.stride() != sin.stride():
+            raise ValueError("cos and sin must share a layout")
+        n = qkv.shape[0]
+        self._rope(qkv.data_ptr(), qkv.stride(0), cos.data_ptr(), sin.data_ptr(), cos.stride(0), n, heads, dim)
+        return qkv[:, : heads * dim].view(n, heads, dim)  # rotated in place
+
+    def silu_mul(self, gate_up: torch.Tensor) -> torch.Tensor:
+        self._check(gate_up)
+        if not gate_up.is_contiguous():
+            raise ValueError("silu_mul needs contiguous rows")
+        n, inter = gate_up.shape[0], gate_up.shape[1] // 2
+        out = gate_up.new_empty((n, inter))
+        self._silu_mul(gate_up.data_ptr(), out.data_ptr(), n, inter)
+        return out
+
+
+class BuildError(RuntimeError):
+    pass
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def build(cache_dir: Path, compiler: str | None = None) -> Path:
+    """kernels.c compiled for this machine, from `cache_dir` when an identical build
+    (same source, flags, compiler and CPU flags) is already there. Raises BuildError."""
+    compiler = compiler or os.environ.get("CC") or "cc"
+    found = shutil.which(compiler)
+    if found is None:
+        raise BuildError(f"no C compiler {compiler!r} on PATH (set CC, or RLHF_NATIVE_KERNELS=false)")
+    source = SOURCE.read_bytes()
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(FLAGS).encode(), found.encode(), _cpu_flags().encode()])
+    ).hexdigest()
+    target = cache_dir / f"kernels-{key[:16]}.so"
+    if target.exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    # Build beside the target, then rename: processes building at once never read a partial file.
+    handle, partial = tempfile.mkstemp(dir=cache_dir, suffix=".so.partial")
+    os.close(handle)
+    try:
+        result = subprocess.run(
+            [found, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True, timeout=120
+        )
+        if result.returncode != 0:
+            raise BuildError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-500:]}")
+        os.replace(partial, target)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return target
+
+
+def _agrees(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Within two units in the last place of `want`'s dtype: the kernels sum a row's squares
+    in another order than torch does (bf16 rounding can show that), and their exp is a
+    polynomial (~2e-7 relative error, an fp32 ulp is 1.2e-7)."""
+    ulp = 2 * torch.finfo(want.dtype).eps
+    got, want = got.float(), want.float()
+    return bool(((got - want).abs() <= ulp * want.abs() + 1e-6).all())
+
+
+def disagreement(ops: NativeOps, reference: TorchOps | None = None, seed: int = 0) -> str | None:
+    """Which kernel differs from `TorchOps` on random inputs of decode-step shapes (None: none)."""
+    reference = reference or TorchOps()
+    generator = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 1.0) -> torch.Tensor:
+        return (torch.randn(shape, generator=generator) * scale).to(ops.dtype)
+
+    n, hidden, heads, dim = 5, 96, 7, 16
+    x, delta, weight = rand(n, hidden, scale=3), rand(n, hidden), rand(hidden)
+    mine, theirs = x.clone(), x.clone()
+    for d in (delta, None):
+        if not _agrees(ops.add_norm(mine, d, weight, 1e-5), reference.add_norm(theirs, d, weight, 1e-5)):
+            return "add_norm"
+        if not torch.equal(mine, theirs):
+            return "add_norm's residual add"
+    gate_up = rand(n, 2 * hidden, scale=4)
+    if not _agrees(ops.silu_mul(gate_up), reference.silu_mul(gate_up)):
+        return "silu_mul"
+    qkv = rand(n, (heads + 2) * dim)
+    angles = torch.rand((n, dim // 2), generator=generator) * 50
+    cos, sin = angles.cos().to(ops.dtype), angles.sin().to(ops.dtype)
+    want = reference.rope(qkv.clone(), heads, dim, cos, sin)
+    if not _agrees(ops.rope(qkv.clone(), heads, dim, cos, sin), want):
+        return "rope"
+    return None
+
+
+@functools.cache
+def _native(dtype: torch.dtype, cache_dir: Path) -> tuple[NativeOps | None, str]:
+    try:
+        ops = NativeOps(ctypes.CDLL(str(build(cache_dir))), dtype)
+    except (BuildError, OSError, subprocess.SubprocessError) as err:
+        return None, f"native kernels unavailable: {err}"
+    wrong = disagreement(ops)
+    if wrong:
+        return None, f"native {wrong} disagrees with torch on this machine"
+    return ops, f"built for this CPU ({_SUFFIX[dtype]})"
+
+
+def elementwise_ops(
+    dtype: torch.dtype, device: torch.device, enabled: bool, cache_dir: Path
+) -> tuple[TorchOps | NativeOps, str]:
+    """The decode step's elementwise ops for a model of `dtype` on `device`, and why."""
+    if not enabled:
+        return TorchOps(), "RLHF_NATIVE_KERNELS=false"
+    if device.type != "cpu" or dtype not in _SUFFIX:
+        return TorchOps(), f"no native kernels for {dtype} on {device.type}"
+    ops, reason = _native(dtype, Path(cache_dir))
+    return (ops or TorchOps()), reason

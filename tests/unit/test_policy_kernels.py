@@ -1,0 +1,90 @@
+"""The fused decode step's native kernels (services/policy/kernels.py): built once per
+machine and cached, checked against torch ops before use, and replaced by torch ops,
+with the reason, wherever they cannot be built or disagree."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.policy import kernels
+from services.policy.kernels import BuildError, NativeOps, TorchOps, build, disagreement, elementwise_ops
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory):
+    import ctypes
+
+    return ctypes.CDLL(str(build(tmp_path_factory.mktemp("kernels"))))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_ops_agree_with_torch_at_the_served_models_shapes(library, dtype):
+    native, reference = NativeOps(library, dtype), TorchOps()
+    assert disagreement(native) is None
+    generator = torch.Generator().manual_seed(1)
+    n, hidden, inter, heads, dim = 28, 576, 1536, 12, 64  # SmolLM2-135M: 9 query + 3 key heads
+    x = (torch.randn((n, hidden), generator=generator) * 4).to(dtype)
+    delta = torch.randn((n, hidden), generator=generator).to(dtype)
+    weight = torch.randn(hidden, generator=generator).to(dtype)
+    mine, theirs = x.clone(), x.clone()
+    got, want = native.add_norm(mine, delta, weight, 1e-5), reference.add_norm(theirs, delta, weight, 1e-5)
+    assert torch.equal(mine, theirs)  # the residual stream: the same rounding exactly
+    ulp = 2 * torch.finfo(dtype).eps  # see kernels._agrees
+    torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=1e-6)
+    gate_up = (torch.randn((n, 2 * inter), generator=generator) * 5).to(dtype)
+    torch.testing.assert_close(
+        native.silu_mul(gate_up).float(), reference.silu_mul(gate_up).float(), rtol=ulp, atol=1e-6
+    )
+    qkv = torch.randn((n, (heads + 3) * dim), generator=generator).to(dtype)
+    angles = torch.arange(n, dtype=torch.float32)[:, None] * torch.rand(dim // 2, generator=generator)
+    cos, sin = angles.cos().to(dtype), angles.sin().to(dtype)
+    want = reference.rope(qkv.clone(), heads, dim, cos, sin)
+    rotated = qkv.clone()
+    got = native.rope(rotated, heads, dim, cos, sin)
+    torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=1e-6)
+    assert torch.equal(rotated[:, heads * dim :], qkv[:, heads * dim :])  # values untouched
+
+
+def test_the_check_names_a_kernel_that_computes_something_else(library):
+    broken = NativeOps(library, torch.bfloat16)
+    broken._rope = lambda *args: None  # leaves queries and keys unrotated
+    assert disagreement(broken) == "rope"
+    broken = NativeOps(library, torch.float32)
+    real = broken._norm
+    broken._norm = lambda x, delta, w, out, n, h, eps: real(x, delta, w, out, n, h, eps * 1e6)  # a wrong epsilon
+    assert disagreement(broken) == "add_norm"
+
+
+def test_a_build_is_cached_by_source_flags_compiler_and_cpu(tmp_path, monkeypatch):
+    first = build(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert build(tmp_path) == first and first.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [first.name]  # no partial files left
+    monkeypatch.setattr(kernels, "FLAGS", (*kernels.FLAGS, "-DOTHER"))
+    assert build(tmp_path) != first
+
+
+def test_without_a_compiler_the_step_keeps_torch_ops_and_says_why(tmp_path, monkeypatch):
+    with pytest.raises(BuildError, match="no C compiler 'no-such-cc'"):
+        build(tmp_path, compiler="no-such-cc")
+    monkeypatch.setenv("CC", "no-such-cc")
+    ops, reason = elementwise_ops(torch.bfloat16, torch.device("cpu"), True, tmp_path / "fresh")
+    assert isinstance(ops, TorchOps) and "no-such-cc" in reason
+    monkeypatch.setenv("CC", "false")  # a compiler that fails
+    ops, reason = elementwise_ops(torch.bfloat16, torch.device("cpu"), True, tmp_path / "other")
+    assert isinstance(ops, TorchOps) and "failed" in reason
+
+
+def test_native_ops_only_where_they_apply(tmp_path):
+    assert elementwise_ops(torch.bfloat16, torch.device("cpu"), False, tmp_path)[1] == "RLHF_NATIVE_KERNELS=false"
+    ops, reason = elementwise_ops(torch.float16, torch.device("cpu"), True, tmp_path)
+    assert isinstance(ops, TorchOps) and "float16" in reason
+    ops, reason = elementwise_ops(torch.float32, torch.device("cuda"), True, tmp_path)
+    assert isinstance(ops, TorchOps) and "cuda" in reason
+    ops, _ = elementwise_ops(torch.float32, torch.device("cpu"), True, tmp_path)
+    assert ops.name == "native"
+    with pytest.raises(ValueError, match="unit stride"):
+        ops.silu_mul(torch.zeros((4, 8))[:, ::2])
+    with pytest.raises(ValueError, match="CPU torch.float32"):
+        ops.silu_mul(torch.zeros((4, 8), dtype=torch.bfloat16))
