@@ -358,9 +358,9 @@ class Settings:
         "RLHF_NATIVE_KERNELS",
         "true",
         _bool,
-        "The fused decode step's norms, rotary and SiLU run as C loops (services/policy/kernels.c) built once "
-        "per machine with the system C compiler ($CC or cc) and cached in RLHF_KERNEL_CACHE; torch ops where "
-        "there is no compiler, the build fails or its check does (logged). false = always torch ops.",
+        "The fused decode step's norms, rotary, SiLU and attention run as C loops (services/policy/kernels.c) "
+        "built once per machine with the system C compiler ($CC or cc) and cached in RLHF_KERNEL_CACHE; torch ops "
+        "where there is no compiler, the build fails or its check does (logged). false = always torch ops.",
     )
     kernel_cache: Path = _setting(
         "RLHF_KERNEL_CACHE",

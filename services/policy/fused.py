@@ -8,9 +8,9 @@ norms, rotary embedding in ~20 ops) around 7 linear layers. `FusedDecoder`
 runs the same arithmetic with q/k/v and gate/up each fused into one linear
 layer (prepacked for oneDNN when the weights are bf16), one rotary pass over
 queries and keys together, each residual add fused with the norm that reads
-it, the elementwise work in native loops where they build
-(services/policy/kernels.py), and the engine's copy-free attention over the KV
-window (services/policy/kv.py). Prefill, training and every other model keep
+it, and attention that reads the engine's KV window in place
+(services/policy/kv.py); everything outside the linear layers runs in native
+loops where they build (services/policy/kernels.py). Prefill, training and every other model keep
 transformers' forward; only serving models of a supported architecture use it
 (`RLHF_FUSED_DECODE`).
 """
@@ -156,7 +156,7 @@ class FusedDecoder:
     Holds its own fused (and, for bf16, prepacked) copies of the weights, taken
     when it is built: a model whose weights change afterwards needs a new one.
     `rows` is the batch size oneDNN's weight layout is chosen for; `ops` runs the
-    elementwise work (services/policy/kernels.py; torch ops unless given)."""
+    work outside the linear layers (services/policy/kernels.py; torch ops unless given)."""
 
     def __init__(self, model, rows: int, ops: TorchOps | NativeOps | None = None):
         reason = unsupported(model)
@@ -183,10 +183,7 @@ class FusedDecoder:
         group, ops, eps = heads // kv_heads, self.ops, self.eps
         x = self.embed(ids)  # [n, hidden], a new tensor: the residual stream, updated in place
         # Attention reads every column of the KV buffers (a contiguous view: no copy); the rest is masked.
-        mask = kv.whole_mask(rows)
-        columns = mask.shape[1]
-        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device).masked_fill_(~mask, float("-inf"))
-        bias = bias[:, None, None].expand(n, kv_heads, group, columns).reshape(n * kv_heads, group, columns)
+        mask = ops.attention_mask(kv.whole_mask(rows), kv_heads, group, x.dtype)
         cos, sin = self.rotary(x, kv.positions(rows))  # [n, 1, dim]
         cos, sin = cos[:, 0, : dim // 2], sin[:, 0, : dim // 2]  # both halves of transformers' tables are equal
         qk_width = (heads + kv_heads) * dim
@@ -197,14 +194,7 @@ class FusedDecoder:
             qk = ops.rope(qkv, heads + kv_heads, dim, cos, sin)  # queries and keys at once
             kv.write(index, rows, qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, dim))
             keys, values = kv.whole(index, rows)  # [n, kv_heads, columns, dim]
-            # Each K/V head serves `group` query heads in place: [n * kv_heads, group, dim] queries.
-            scores = torch.baddbmm(
-                bias,
-                qk[:, :heads].reshape(n * kv_heads, group, dim),
-                keys.view(n * kv_heads, columns, dim).transpose(1, 2),
-                alpha=self.scale,
-            )
-            attn = torch.bmm(torch.softmax(scores, dim=-1), values.view(n * kv_heads, columns, dim))
-            normed = ops.add_norm(x, layer.o(attn.view(n, heads * dim)), layer.norm_post, eps)
+            attn = ops.attention(qk, keys, values, mask, heads, self.scale)
+            normed = ops.add_norm(x, layer.o(attn), layer.norm_post, eps)
             normed = ops.add_norm(x, layer.down(ops.silu_mul(layer.gate_up(normed))), norms[index], eps)
         return self.lm_head(normed)

@@ -9,6 +9,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 static inline float bf16_load(uint16_t v) {
@@ -110,5 +111,80 @@ static inline float exp_approx(float x) {
         }                                                                                                  \
     }
 
+#define ATTENTION(NAME, T)                                                                                 \
+    /* Decode attention, one new token per row, over each row's KV window read in place.                  \
+     * Query head h of row r: q + r * q_stride + h * dim. Key/value column c of K/V head j, row r:         \
+     * keys/values + r * s_row + j * s_head + c * dim. mask: [n, columns], nonzero = attend.                \
+     * out: [n, heads * dim]. Rounds like kv.py's decode_attention: q.k rounded to T, then scaled,         \
+     * softmax in fp32, weights rounded to T, their sum with V accumulated in fp32. Returns 0, or -1        \
+     * when scratch memory could not be had. Parallel over (row, K/V head) with the caller's OpenMP team.  \
+     */                                                                                                    \
+    int decode_attention_##NAME(const T *restrict q, int64_t q_stride, const T *restrict keys,            \
+                                const T *restrict values, int64_t s_row, int64_t s_head,                  \
+                                const uint8_t *restrict mask, T *restrict out, int64_t n, int64_t heads,   \
+                                int64_t kv_heads, int64_t columns, int64_t dim, float scale) {            \
+        int64_t group = heads / kv_heads;                                                                  \
+        int failed = 0;                                                                                    \
+        _Pragma("omp parallel reduction(| : failed)") {                                                    \
+            float *scratch = malloc(sizeof(float) * (size_t)(group * (2 * dim + columns)));                \
+            if (!scratch) failed = 1;                                                                      \
+            _Pragma("omp for schedule(static)") for (int64_t task = 0; task < n * kv_heads; task++) {     \
+                if (!scratch) continue;                                                                    \
+                int64_t r = task / kv_heads, j = task % kv_heads;                                          \
+                float *qf = scratch, *acc = scratch + group * dim, *p = scratch + 2 * group * dim;         \
+                const uint8_t *m = mask + r * columns;                                                     \
+                const T *K = keys + r * s_row + j * s_head, *V = values + r * s_row + j * s_head;          \
+                for (int64_t g = 0; g < group; g++) {                                                      \
+                    const T *qh = q + r * q_stride + (j * group + g) * dim;                                \
+                    for (int64_t d = 0; d < dim; d++) {                                                    \
+                        qf[g * dim + d] = NAME##_load(qh[d]);                                              \
+                        acc[g * dim + d] = 0.f;                                                            \
+                    }                                                                                      \
+                }                                                                                          \
+                float best[64], total[64];                                                                 \
+                for (int64_t g = 0; g < group; g++) best[g] = -INFINITY, total[g] = 0.f;                   \
+                for (int64_t c = 0; c < columns; c++) {                                                    \
+                    if (!m[c]) continue;                                                                   \
+                    const T *k = K + c * dim;                                                              \
+                    for (int64_t g = 0; g < group; g++) {                                                  \
+                        const float *qg = qf + g * dim;                                                    \
+                        float dot = 0.f;                                                                   \
+                        _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < dim; d++) dot +=    \
+                            qg[d] * NAME##_load(k[d]);                                                     \
+                        float score = NAME##_load(NAME##_store(dot)) * scale;                              \
+                        p[g * columns + c] = score;                                                        \
+                        best[g] = score > best[g] ? score : best[g];                                       \
+                    }                                                                                      \
+                }                                                                                          \
+                for (int64_t g = 0; g < group; g++) {                                                      \
+                    float *pg = p + g * columns, top = best[g], sum = 0.f;                                 \
+                    _Pragma("omp simd reduction(+ : sum)") for (int64_t c = 0; c < columns; c++) {         \
+                        float e = m[c] ? exp_approx(pg[c] - top) : 0.f;                                    \
+                        pg[c] = e;                                                                         \
+                        sum += e;                                                                          \
+                    }                                                                                      \
+                    total[g] = sum;                                                                        \
+                }                                                                                          \
+                for (int64_t c = 0; c < columns; c++) {                                                    \
+                    if (!m[c]) continue;                                                                   \
+                    const T *v = V + c * dim;                                                              \
+                    for (int64_t g = 0; g < group; g++) {                                                  \
+                        float w = NAME##_load(NAME##_store(p[g * columns + c] / total[g]));                \
+                        float *a = acc + g * dim;                                                          \
+                        _Pragma("omp simd") for (int64_t d = 0; d < dim; d++) a[d] += w * NAME##_load(v[d]); \
+                    }                                                                                      \
+                }                                                                                          \
+                for (int64_t g = 0; g < group; g++) {                                                      \
+                    T *o = out + r * heads * dim + (j * group + g) * dim;                                  \
+                    for (int64_t d = 0; d < dim; d++) o[d] = NAME##_store(acc[g * dim + d]);               \
+                }                                                                                          \
+            }                                                                                              \
+            free(scratch);                                                                                 \
+        }                                                                                                  \
+        return failed ? -1 : 0;                                                                            \
+    }
+
 KERNELS(bf16, uint16_t)
 KERNELS(f32, float)
+ATTENTION(bf16, uint16_t)
+ATTENTION(f32, float)

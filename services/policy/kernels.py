@@ -1,25 +1,30 @@
-"""The elementwise work of a fused decode step: residual add + RMSNorm, rotary
-embedding, SiLU(gate) x up. Two implementations of one interface:
+"""The work of a fused decode step outside its linear layers: residual add +
+RMSNorm, rotary embedding, SiLU(gate) x up, and attention over each row's KV
+window. Two implementations of one interface:
 
 - `TorchOps`: torch ops, any dtype and device. Each job is a chain of small ops
-  (F.rms_norm alone runs ~8), and on a CPU each op costs microseconds of
-  dispatch and a pass over memory: in a 28-row bf16 decode step of
-  SmolLM2-135M, profiled here, the 61 norms took ~190 us each, against ~25 us
-  for the same arithmetic in one loop.
+  (F.rms_norm alone runs ~8, attention ~5), and on a CPU each op costs
+  microseconds of dispatch and a pass over memory: in a 28-row bf16 decode
+  step of SmolLM2-135M, profiled here, the 61 norms took ~190 us each, against
+  ~25 us for the same arithmetic in one loop.
 - `NativeOps`: the C loops in kernels.c, for CPU tensors in bf16 or fp32.
   Built once per machine with the system C compiler (`cc`, or $CC) for the
-  host's own instruction set (-march=native), cached under the model cache by
-  a hash of the source, flags, compiler and CPU flags, and loaded with ctypes
-  (no torch headers, so a build takes well under a second). Before use, each
-  kernel is checked against `TorchOps` on random inputs. Measured in-process
-  here (SmolLM2-135M, bf16, AMX Xeon, 2 threads, steps of both interleaved),
-  a 28-row decode step took 45 ms with the native kernels against 52 ms with
-  torch ops (medians of 40 each).
+  host's own instruction set (-march=native), cached in RLHF_KERNEL_CACHE by a
+  hash of the source, flags, compiler and CPU flags, and loaded with ctypes (no
+  torch headers, so a build takes well under a second). Attention runs on the
+  calling thread's OpenMP team: the library links torch's own libgomp. Before
+  use, each kernel is checked against `TorchOps` on random inputs.
 
-`elementwise_ops` picks one: native where RLHF_NATIVE_KERNELS allows it, the
-model is on the CPU in bf16 or fp32, and the build and the check pass; torch
-ops otherwise, with the reason (no compiler on the image, say). Attention stays
-torch's batched matmuls: a C loop over each row's window measured no faster.
+Measured here (SmolLM2-135M, AMX Xeon, 2 threads; medians of 40 decode steps,
+the op sets interleaved step by step in one process), torch ops / native
+elementwise with torch attention / all native:
+- bf16, 28 rows: 76.0 / 68.9 / 66.2 ms; 14 rows: 65.7 / 56.7 / 51.4 ms;
+  1 row: 44.7 / 41.3 / 34.9 ms;
+- fp32, 28 rows: 148 / 142 / 134 ms; 1 row: 50.0 / 45.3 / 44.6 ms.
+
+`decode_ops` picks one: native where RLHF_NATIVE_KERNELS allows it, the model is
+on the CPU in bf16 or fp32, and the build and the check pass; torch ops
+otherwise, with the reason (no compiler on the image, say).
 """
 
 from __future__ import annotations
@@ -38,8 +43,19 @@ import torch
 import torch.nn.functional as F
 
 SOURCE = Path(__file__).with_name("kernels.c")
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c11", "-shared", "-fPIC")
+FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
+# OpenMP: torch's own libgomp, which the library then shares (the dynamic linker resolves
+# its libgomp.so.1 to the one already loaded), so its parallel regions use the calling
+# thread's team and thread count. Without that file, vector pragmas only: one thread.
+TORCH_LIBGOMP = Path(torch.__file__).parent / "lib" / "libgomp.so.1"
+
+
+def flags() -> tuple[str, ...]:
+    return (*FLAGS, "-fopenmp" if TORCH_LIBGOMP.exists() else "-fopenmp-simd")
+
+
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+MAX_GROUP = 64  # query heads per K/V head that kernels.c's attention has room for
 
 
 class TorchOps:
@@ -67,9 +83,33 @@ class TorchOps:
         inter = gate_up.shape[-1] // 2
         return F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
 
+    def attention_mask(self, mask: torch.Tensor, kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        """A step's [n, columns] mask (True = attend) in the form `attention` takes: an additive
+        bias of [n * kv_heads, group, columns], built once per step for every layer."""
+        n, columns = mask.shape
+        bias = torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+        return bias[:, None, None].expand(n, kv_heads, group, columns).reshape(n * kv_heads, group, columns)
+
+    def attention(
+        self, qk: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, heads: int, scale: float
+    ) -> torch.Tensor:
+        """One new token per row: the queries `qk[:, :heads]` [n, heads, dim] over each row's
+        keys/values [n, kv_heads, columns, dim] (read in place); [n, heads * dim]."""
+        n, kv_heads, columns, dim = keys.shape
+        group = heads // kv_heads
+        # Each K/V head serves `group` query heads in place: [n * kv_heads, group, dim] queries.
+        scores = torch.baddbmm(
+            mask,
+            qk[:, :heads].reshape(n * kv_heads, group, dim),
+            keys.view(n * kv_heads, columns, dim).transpose(1, 2),
+            alpha=scale,
+        )
+        out = torch.bmm(torch.softmax(scores, dim=-1), values.view(n * kv_heads, columns, dim))
+        return out.view(n, heads * dim)
+
 
 class NativeOps:
-    """`TorchOps`' jobs in kernels.c, for contiguous CPU tensors of one dtype."""
+    """`TorchOps`' jobs in kernels.c, for CPU tensors of one dtype whose rows are contiguous."""
 
     name = "native"
 
@@ -83,6 +123,10 @@ class NativeOps:
         self._silu_mul.argtypes = [pointer, pointer, integer, integer]
         self._rope = getattr(library, f"rope_{suffix}")
         self._rope.argtypes = [pointer, integer, pointer, pointer, integer, integer, integer, integer]
+        self._attention = getattr(library, f"decode_attention_{suffix}")
+        self._attention.argtypes = [pointer, integer, pointer, pointer, integer, integer, pointer, pointer]
+        self._attention.argtypes += [integer] * 5 + [real]
+        self._attention.restype = ctypes.c_int
 
     def _check(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
@@ -119,6 +163,27 @@ class NativeOps:
         self._silu_mul(gate_up.data_ptr(), out.data_ptr(), n, inter)
         return out
 
+    def attention_mask(self, mask: torch.Tensor, kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:
+        if group > MAX_GROUP:
+            raise ValueError(f"native attention serves at most {MAX_GROUP} query heads per K/V head, not {group}")
+        return mask.to(torch.uint8).contiguous()
+
+    def attention(
+        self, qk: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, heads: int, scale: float
+    ) -> torch.Tensor:
+        self._check(qk, keys, values)
+        n, kv_heads, columns, dim = keys.shape
+        if keys.stride() != values.stride() or keys.stride(2) != dim or qk.stride(1) != dim:
+            raise ValueError("attention reads whole rows of dim values: keys and values share a layout")
+        out = qk.new_empty((n, heads * dim))
+        status = self._attention(
+            qk.data_ptr(), qk.stride(0), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1),
+            mask.data_ptr(), out.data_ptr(), n, heads, kv_heads, columns, dim, scale,
+        )  # fmt: skip
+        if status:
+            raise MemoryError("native attention could not allocate its scratch memory")
+        return out
+
 
 class BuildError(RuntimeError):
     pass
@@ -143,7 +208,7 @@ def build(cache_dir: Path, compiler: str | None = None) -> Path:
         raise BuildError(f"no C compiler {compiler!r} on PATH (set CC, or RLHF_NATIVE_KERNELS=false)")
     source = SOURCE.read_bytes()
     key = hashlib.sha256(
-        b"\0".join([source, " ".join(FLAGS).encode(), found.encode(), _cpu_flags().encode()])
+        b"\0".join([source, " ".join(flags()).encode(), found.encode(), _cpu_flags().encode()])
     ).hexdigest()
     target = cache_dir / f"kernels-{key[:16]}.so"
     if target.exists():
@@ -154,7 +219,7 @@ def build(cache_dir: Path, compiler: str | None = None) -> Path:
     os.close(handle)
     try:
         result = subprocess.run(
-            [found, *FLAGS, "-o", partial, str(SOURCE)], capture_output=True, text=True, timeout=120
+            [found, *flags(), "-o", partial, str(SOURCE)], capture_output=True, text=True, timeout=120
         )
         if result.returncode != 0:
             raise BuildError(f"{compiler} failed ({result.returncode}): {result.stderr.strip()[-500:]}")
@@ -199,6 +264,18 @@ def disagreement(ops: NativeOps, reference: TorchOps | None = None, seed: int = 
     want = reference.rope(qkv.clone(), heads, dim, cos, sin)
     if not _agrees(ops.rope(qkv.clone(), heads, dim, cos, sin), want):
         return "rope"
+    # Attention over a window of a larger K/V buffer, some columns masked, as a decode step reads it:
+    # 6 query heads in groups of 3 over 2 K/V heads.
+    heads, kv_heads, columns = 6, 2, 21
+    buffers = rand(2, n + 2, kv_heads, columns + 9, dim)
+    keys, values = buffers[0, :n, :, 4 : 4 + columns], buffers[1, :n, :, 4 : 4 + columns]
+    mask = torch.rand((n, columns), generator=generator) > 0.3
+    mask[:, -1] = True  # every row attends to its newest token
+    qk = rand(n, heads + kv_heads, dim)
+    got = ops.attention(qk, keys, values, ops.attention_mask(mask, kv_heads, 3, ops.dtype), heads, dim**-0.5)
+    plain = reference.attention_mask(mask, kv_heads, 3, ops.dtype)
+    if not _agrees(got, reference.attention(qk, keys, values, plain, heads, dim**-0.5)):
+        return "attention"
     return None
 
 
@@ -214,7 +291,7 @@ def _native(dtype: torch.dtype, cache_dir: Path) -> tuple[NativeOps | None, str]
     return ops, f"built for this CPU ({_SUFFIX[dtype]})"
 
 
-def elementwise_ops(
+def decode_ops(
     dtype: torch.dtype, device: torch.device, enabled: bool, cache_dir: Path
 ) -> tuple[TorchOps | NativeOps, str]:
     """The decode step's elementwise ops for a model of `dtype` on `device`, and why."""

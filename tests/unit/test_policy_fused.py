@@ -14,7 +14,7 @@ from services.common.config import load_settings
 from services.common.models import load_causal_lm, pad_batch, position_ids_from_mask
 from services.policy.engine import prepare_for_serving
 from services.policy.fused import FusedDecoder, unsupported
-from services.policy.kernels import elementwise_ops
+from services.policy.kernels import decode_ops
 from services.policy.kv import KvWindow, use_gqa_sdpa
 
 
@@ -37,13 +37,13 @@ def model_step(model, kv: KvWindow, last: torch.Tensor) -> torch.Tensor:
     return out.logits[:, -1]
 
 
-@pytest.mark.parametrize("elementwise", ["torch", "native"])
+@pytest.mark.parametrize("kernels", ["torch", "native"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_fused_steps_match_the_models_forward_as_rows_join_and_leave(tiny_model_dir, dtype, elementwise, tmp_path):
+def test_fused_steps_match_the_models_forward_as_rows_join_and_leave(tiny_model_dir, dtype, kernels, tmp_path):
     model = load_causal_lm(tiny_model_dir, dtype=dtype)
     use_gqa_sdpa(model)
-    ops, reason = elementwise_ops(dtype, torch.device("cpu"), elementwise == "native", tmp_path)
-    assert ops.name == elementwise, reason
+    ops, reason = decode_ops(dtype, torch.device("cpu"), kernels == "native", tmp_path)
+    assert ops.name == kernels, reason
     fused = FusedDecoder(model, rows=4, ops=ops)
     ours = KvWindow(model, torch.device("cpu"), dtype, 4096, 8)
     with torch.inference_mode():
@@ -69,7 +69,7 @@ def test_fused_steps_match_the_models_forward_as_rows_join_and_leave(tiny_model_
             # Same arithmetic in the same order: equal (a broken rotary or mask moves these by ~1e-3).
             # The native norm sums a row's squares in another order, which bf16 rounding can show.
             assert got.dtype == want.dtype
-            close = 2e-2 if (elementwise, dtype) == ("native", torch.bfloat16) else 1e-6
+            close = 2e-2 if (kernels, dtype) == ("native", torch.bfloat16) else 1e-6
             torch.testing.assert_close(got, want, atol=close, rtol=0)
             for a, b in zip(ours.k + ours.v, theirs.k + theirs.v, strict=True):
                 torch.testing.assert_close(a[: ours.n, :, ours.start : ours.end], b[: ours.n, :, ours.start : ours.end])

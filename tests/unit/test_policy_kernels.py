@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from services.policy import kernels
-from services.policy.kernels import BuildError, NativeOps, TorchOps, build, disagreement, elementwise_ops
+from services.policy.kernels import BuildError, NativeOps, TorchOps, build, decode_ops, disagreement
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +44,16 @@ def test_native_ops_agree_with_torch_at_the_served_models_shapes(library, dtype)
     got = native.rope(rotated, heads, dim, cos, sin)
     torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=1e-6)
     assert torch.equal(rotated[:, heads * dim :], qkv[:, heads * dim :])  # values untouched
+    # Attention: 9 query heads over 3 K/V heads, a 128-column window of a 200-column buffer, left padding.
+    buffers = torch.randn((2, 32, 3, 200, dim), generator=generator).to(dtype)
+    keys, values = buffers[0, :n, :, 50:178], buffers[1, :n, :, 50:178]
+    mask = torch.ones((n, 128), dtype=torch.bool)
+    for row in range(n):
+        mask[row, : row * 4] = False
+    qk = torch.randn((n, 12, dim), generator=generator).to(dtype)
+    got = native.attention(qk, keys, values, native.attention_mask(mask, 3, 3, dtype), 9, dim**-0.5)
+    want = reference.attention(qk, keys, values, reference.attention_mask(mask, 3, 3, dtype), 9, dim**-0.5)
+    torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=1e-6)
 
 
 def test_the_check_names_a_kernel_that_computes_something_else(library):
@@ -54,6 +64,10 @@ def test_the_check_names_a_kernel_that_computes_something_else(library):
     real = broken._norm
     broken._norm = lambda x, delta, w, out, n, h, eps: real(x, delta, w, out, n, h, eps * 1e6)  # a wrong epsilon
     assert disagreement(broken) == "add_norm"
+    broken = NativeOps(library, torch.bfloat16)
+    attention = broken._attention
+    broken._attention = lambda *args: attention(*args[:-1], args[-1] * 2)  # a wrong softmax temperature
+    assert disagreement(broken) == "attention"
 
 
 def test_a_build_is_cached_by_source_flags_compiler_and_cpu(tmp_path, monkeypatch):
@@ -69,20 +83,20 @@ def test_without_a_compiler_the_step_keeps_torch_ops_and_says_why(tmp_path, monk
     with pytest.raises(BuildError, match="no C compiler 'no-such-cc'"):
         build(tmp_path, compiler="no-such-cc")
     monkeypatch.setenv("CC", "no-such-cc")
-    ops, reason = elementwise_ops(torch.bfloat16, torch.device("cpu"), True, tmp_path / "fresh")
+    ops, reason = decode_ops(torch.bfloat16, torch.device("cpu"), True, tmp_path / "fresh")
     assert isinstance(ops, TorchOps) and "no-such-cc" in reason
     monkeypatch.setenv("CC", "false")  # a compiler that fails
-    ops, reason = elementwise_ops(torch.bfloat16, torch.device("cpu"), True, tmp_path / "other")
+    ops, reason = decode_ops(torch.bfloat16, torch.device("cpu"), True, tmp_path / "other")
     assert isinstance(ops, TorchOps) and "failed" in reason
 
 
 def test_native_ops_only_where_they_apply(tmp_path):
-    assert elementwise_ops(torch.bfloat16, torch.device("cpu"), False, tmp_path)[1] == "RLHF_NATIVE_KERNELS=false"
-    ops, reason = elementwise_ops(torch.float16, torch.device("cpu"), True, tmp_path)
+    assert decode_ops(torch.bfloat16, torch.device("cpu"), False, tmp_path)[1] == "RLHF_NATIVE_KERNELS=false"
+    ops, reason = decode_ops(torch.float16, torch.device("cpu"), True, tmp_path)
     assert isinstance(ops, TorchOps) and "float16" in reason
-    ops, reason = elementwise_ops(torch.float32, torch.device("cuda"), True, tmp_path)
+    ops, reason = decode_ops(torch.float32, torch.device("cuda"), True, tmp_path)
     assert isinstance(ops, TorchOps) and "cuda" in reason
-    ops, _ = elementwise_ops(torch.float32, torch.device("cpu"), True, tmp_path)
+    ops, _ = decode_ops(torch.float32, torch.device("cpu"), True, tmp_path)
     assert ops.name == "native"
     with pytest.raises(ValueError, match="unit stride"):
         ops.silu_mul(torch.zeros((4, 8))[:, ::2])
