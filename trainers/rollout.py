@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -49,12 +50,17 @@ import torch.nn.functional as F
 from services.common.checkpoints import Manifest
 from services.common.config import Settings
 from services.common.hotswap import Loaded
+from services.common.logs import get_logger, log_fields
 from services.common.models import pad_batch
 from services.policy.engine import Engine
+from services.policy.fused import FusedDecoder, unsupported
+from services.policy.kernels import decode_ops
 from services.policy.params import FINISH_EOS, GenParams, SampleOut
 from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone
 from trainers.config import JobError
 from trainers.nn import autocast, unwrap
+
+log = get_logger(__name__)
 
 ROLLOUT_ENGINES = ("engine", "hf")
 SEED_BITS = 62
@@ -235,6 +241,21 @@ class EngineRollouts:
         # Run in the trainer's thread (generate): one OpenMP pool per process (services/common/openmp.py).
         self.engine = Engine(engine_settings, service="ppo-rollout", own_thread=False)
         self.engine.set_model(Loaded(version, Manifest(version, "ppo", "policy"), None, decoder, tokenizer))
+        # The serving engine's fused decode step, rebuilt from the current weights for every batch
+        # (it holds fused copies of them); only where the policy decodes as itself, without autocast.
+        self.decoder, self.rows, self.fused_batches = decoder, engine_settings.max_batch, 0
+        if not settings.fused_decode:
+            self.fused_reason: str | None = "RLHF_FUSED_DECODE=false"
+        elif decoder is not (self.mirror.model if self.mirror else model):
+            self.fused_reason = "the policy decodes under autocast"
+        else:
+            self.fused_reason = unsupported(decoder, now=False)
+        if self.fused_reason is None:
+            param = next(decoder.parameters())
+            self.ops, ops_reason = decode_ops(param.dtype, param.device, settings.native_kernels, settings.kernel_cache)
+            log_fields(log, logging.INFO, "rollout decode step", fused=True, kernels=self.ops.name, reason=ops_reason)
+        else:
+            log_fields(log, logging.INFO, "rollout decode step", fused=False, reason=self.fused_reason)
 
     def close(self) -> None:
         self.engine.stop()
@@ -247,6 +268,9 @@ class EngineRollouts:
             raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
         if self.mirror:
             self.mirror.sync()
+        if self.fused_reason is None:  # the trainer puts the policy in eval mode for rollouts
+            self.decoder.rlhf_fused = FusedDecoder(self.decoder, rows=self.rows, ops=self.ops)
+            self.fused_batches += 1
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prompt_ids):
             groups.setdefault(tuple(p), []).append(i)
@@ -266,6 +290,7 @@ class EngineRollouts:
             self.engine.submit(req)
             pending.append((req, events, members))
         self.engine.run_until_idle()
+        self.decoder.__dict__.pop("rlhf_fused", None)  # its weight copies are stale after the next update
         pad = self.tokenizer.pad_token_id
         responses = torch.full((len(prompt_ids), self.max_new_tokens), pad, dtype=torch.long)
         logprobs = torch.zeros((len(prompt_ids), self.max_new_tokens), dtype=torch.float32)

@@ -121,7 +121,6 @@ class Cohort:
         param = next(self.model.parameters())
         self.device = param.device
         budget = settings.kv_budget_tokens
-        self.fused: FusedDecoder | None = getattr(self.model, "rlhf_fused", None)  # LocalBackend's models only
         # The last shared prompt prefix and its keys/values per layer ([1, heads, tokens, dim]), kept for
         # later prefills (a chat template's system turn starts every prompt): this version's weights only.
         self.prefix: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
@@ -130,6 +129,12 @@ class Cohort:
     @property
     def version(self) -> str:
         return self.loaded.version
+
+    @property
+    def fused(self) -> FusedDecoder | None:
+        """The model's fused decode step: LocalBackend's models, and a PPO trainer's rollout
+        model, which builds a new one from its current weights before each rollout batch."""
+        return getattr(self.model, "rlhf_fused", None)
 
     def kv_charge(self, extra_rows: int = 0, extra_horizon: int = 0) -> int:
         horizon = max([r.horizon for r in self.rows] + [extra_horizon, 0])

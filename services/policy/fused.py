@@ -121,8 +121,9 @@ def _trim_heap() -> None:
         pass
 
 
-def unsupported(model) -> str | None:
-    """Why `FusedDecoder` cannot run this model (None: it can)."""
+def unsupported(model, *, now: bool = True) -> str | None:
+    """Why `FusedDecoder` cannot run this model (None: it can); `now=False` asks about its
+    architecture only, not whether it is in training mode at the moment."""
     config = model.config
     if getattr(config, "model_type", None) != "llama":
         return f"model_type {getattr(config, 'model_type', None)!r} (only 'llama' has a fused decode step)"
@@ -130,7 +131,7 @@ def unsupported(model) -> str | None:
         return "linear layers with biases"
     if getattr(config, "hidden_act", "silu") != "silu" or getattr(config, "pretraining_tp", 1) != 1:
         return "an activation other than silu, or pretraining_tp > 1"
-    if model.training:
+    if now and model.training:
         return "a model in training mode"
     return None
 

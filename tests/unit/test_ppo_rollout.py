@@ -58,7 +58,10 @@ def trainer_logprobs(policy, rollouts) -> torch.Tensor:
 def test_engine_logprobs_match_the_training_forward_pass(policy, tokenizer, engine):
     prompt_ids = encode_prompts(tokenizer, PROMPTS, 48)
     assert len({len(p) for p in prompt_ids}) == 3  # different lengths: the batch is left-padded
+    batches = engine.fused_batches
     rollouts = engine.generate(prompt_ids, 1.0, [11, 12, 13, 14])
+    assert engine.fused_reason is None and engine.fused_batches == batches + 1  # the serving engine's fused step
+    assert not hasattr(engine.decoder, "rlhf_fused")  # its weight copies are not kept between batches
     assert rollouts.response_mask.sum() > len(PROMPTS)
     for row, ids in enumerate(prompt_ids):  # the prompt sits right-aligned before the response
         assert rollouts.ids[row, rollouts.prompt_width - len(ids) : rollouts.prompt_width].tolist() == ids
