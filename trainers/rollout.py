@@ -53,8 +53,7 @@ from services.common.hotswap import Loaded
 from services.common.logs import get_logger, log_fields
 from services.common.models import pad_batch
 from services.policy.engine import Engine
-from services.policy.fused import FusedDecoder, unsupported
-from services.policy.kernels import decode_ops
+from services.policy.fused import FusedDecoder, ops_for, unsupported
 from services.policy.params import FINISH_EOS, GenParams, SampleOut
 from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone
 from trainers.config import JobError
@@ -251,8 +250,7 @@ class EngineRollouts:
         else:
             self.fused_reason = unsupported(decoder, now=False)
         if self.fused_reason is None:
-            param = next(decoder.parameters())
-            self.ops, ops_reason = decode_ops(param.dtype, param.device, settings.native_kernels, settings.kernel_cache)
+            self.ops, ops_reason = ops_for(decoder, settings)
             log_fields(log, logging.INFO, "rollout decode step", fused=True, kernels=self.ops.name, reason=ops_reason)
         else:
             log_fields(log, logging.INFO, "rollout decode step", fused=False, reason=self.fused_reason)

@@ -53,8 +53,7 @@ from services.common.hotswap import Loaded, ModelSwitcher
 from services.common.logs import get_logger, log_fields
 from services.common.metrics import BATCH_SIZE, GENERATED_TOKENS, QUEUE_DEPTH
 from services.common.models import load_causal_lm, pad_batch, position_ids_from_mask, resolve_device
-from services.policy.fused import FusedDecoder, drop_packed_originals, prepack_linears, unsupported
-from services.policy.kernels import decode_ops
+from services.policy.fused import FusedDecoder, drop_packed_originals, ops_for, prepack_linears, unsupported
 from services.policy.kv import KvWindow, use_gqa_sdpa
 from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, TokenOut
 from services.policy.request import Finished, GenRequest, SampleDone, Token
@@ -738,7 +737,7 @@ def prepare_for_serving(model, settings: Settings):
         log_fields(log, logging.INFO, "linear layers prepacked for oneDNN", layers=packed)
     why_not = unsupported(model) if settings.fused_decode else "RLHF_FUSED_DECODE=false"
     if why_not is None:
-        ops, ops_reason = decode_ops(model.dtype, model.device, settings.native_kernels, settings.kernel_cache)
+        ops, ops_reason = ops_for(model, settings)
         model.rlhf_fused = FusedDecoder(model, rows=settings.max_batch, ops=ops)
         log_fields(log, logging.INFO, "decode step", fused=True, kernels=ops.name, reason=ops_reason)
     else:

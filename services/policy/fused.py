@@ -23,7 +23,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from services.policy.kernels import NativeOps, TorchOps
+from services.policy.kernels import NativeOps, TorchOps, decode_ops
 from services.policy.kv import KvWindow
 
 
@@ -134,6 +134,14 @@ def unsupported(model, *, now: bool = True) -> str | None:
     if now and model.training:
         return "a model in training mode"
     return None
+
+
+def ops_for(model, settings) -> tuple[TorchOps | NativeOps, str]:
+    """The ops a `FusedDecoder` of `model` runs with under `settings`
+    (RLHF_NATIVE_KERNELS, RLHF_KERNEL_CACHE), and why those."""
+    param, config = next(model.parameters()), model.config
+    group = config.num_attention_heads // config.num_key_value_heads
+    return decode_ops(param.dtype, param.device, settings.native_kernels, settings.kernel_cache, group)
 
 
 class _Layer:

@@ -23,8 +23,9 @@ elementwise with torch attention / all native:
 - fp32, 28 rows: 148 / 142 / 134 ms; 1 row: 50.0 / 45.3 / 44.6 ms.
 
 `decode_ops` picks one: native where RLHF_NATIVE_KERNELS allows it, the model is
-on the CPU in bf16 or fp32, and the build and the check pass; torch ops
-otherwise, with the reason (no compiler on the image, say).
+on the CPU in bf16 or fp32 with at most 64 query heads per K/V head, and the
+build and the check pass; torch ops otherwise, with the reason (no compiler on
+the image, say).
 """
 
 from __future__ import annotations
@@ -164,9 +165,7 @@ class NativeOps:
         return out
 
     def attention_mask(self, mask: torch.Tensor, kv_heads: int, group: int, dtype: torch.dtype) -> torch.Tensor:
-        if group > MAX_GROUP:
-            raise ValueError(f"native attention serves at most {MAX_GROUP} query heads per K/V head, not {group}")
-        return mask.to(torch.uint8).contiguous()
+        return mask.to(torch.uint8).contiguous()  # decode_ops checked that `group` fits
 
     def attention(
         self, qk: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask, heads: int, scale: float
@@ -292,12 +291,15 @@ def _native(dtype: torch.dtype, cache_dir: Path) -> tuple[NativeOps | None, str]
 
 
 def decode_ops(
-    dtype: torch.dtype, device: torch.device, enabled: bool, cache_dir: Path
+    dtype: torch.dtype, device: torch.device, enabled: bool, cache_dir: Path, group: int = 1
 ) -> tuple[TorchOps | NativeOps, str]:
-    """The decode step's elementwise ops for a model of `dtype` on `device`, and why."""
+    """The ops for the decode step of a model of `dtype` on `device` whose K/V heads each
+    serve `group` query heads, and why those."""
     if not enabled:
         return TorchOps(), "RLHF_NATIVE_KERNELS=false"
     if device.type != "cpu" or dtype not in _SUFFIX:
         return TorchOps(), f"no native kernels for {dtype} on {device.type}"
+    if group > MAX_GROUP:
+        return TorchOps(), f"native attention serves at most {MAX_GROUP} query heads per K/V head, not {group}"
     ops, reason = _native(dtype, Path(cache_dir))
     return (ops or TorchOps()), reason

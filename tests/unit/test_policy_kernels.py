@@ -96,6 +96,8 @@ def test_native_ops_only_where_they_apply(tmp_path):
     assert isinstance(ops, TorchOps) and "float16" in reason
     ops, reason = decode_ops(torch.float32, torch.device("cuda"), True, tmp_path)
     assert isinstance(ops, TorchOps) and "cuda" in reason
+    ops, reason = decode_ops(torch.float32, torch.device("cpu"), True, tmp_path, group=65)
+    assert isinstance(ops, TorchOps) and "at most 64 query heads" in reason
     ops, _ = decode_ops(torch.float32, torch.device("cpu"), True, tmp_path)
     assert ops.name == "native"
     with pytest.raises(ValueError, match="unit stride"):
