@@ -10,9 +10,10 @@ layer (prepacked for oneDNN when the weights are bf16), one rotary pass over
 queries and keys together, each residual add fused with the norm that reads
 it, and attention that reads the engine's KV window in place
 (services/policy/kv.py); everything outside the linear layers runs in native
-loops where they build (services/policy/kernels.py). Prefill, training and every other model keep
-transformers' forward; only serving models of a supported architecture use it
-(`RLHF_FUSED_DECODE`).
+loops where they build (services/policy/kernels.py). Served models of a
+supported architecture use it, and so do PPO rollouts (a new one per rollout
+batch, from the current weights); prefill, training and every other model keep
+transformers' forward (`RLHF_FUSED_DECODE`).
 """
 
 from __future__ import annotations
