@@ -183,6 +183,8 @@ class FusedDecoder:
             self.lm_head = Linear(model.get_output_embeddings().weight, rows)
         self.embed = inner.embed_tokens
         self.norm = inner.norm.weight.detach()
+        # Each layer's output feeds the next layer's input norm; the last one feeds the final norm.
+        self.next_norms = [layer.norm_in for layer in self.layers[1:]] + [self.norm]
         self.rotary = inner.rotary_emb  # transformers' own cos/sin (any rope scaling it implements)
         self.ops = ops or TorchOps()
 
@@ -197,7 +199,6 @@ class FusedDecoder:
         cos, sin = self.rotary(x, kv.positions(rows))  # [n, 1, dim]
         cos, sin = cos[:, 0, : dim // 2], sin[:, 0, : dim // 2]  # both halves of transformers' tables are equal
         qk_width = (heads + kv_heads) * dim
-        norms = [layer.norm_in for layer in self.layers[1:]] + [self.norm]  # each layer's output feeds the next norm
         normed = ops.add_norm(x, None, self.layers[0].norm_in, eps)
         for index, layer in enumerate(self.layers):
             qkv = layer.qkv(normed)
@@ -206,5 +207,5 @@ class FusedDecoder:
             keys, values = kv.whole(index, rows)  # [n, kv_heads, columns, dim]
             attn = ops.attention(qk, keys, values, mask, heads, self.scale)
             normed = ops.add_norm(x, layer.o(attn), layer.norm_post, eps)
-            normed = ops.add_norm(x, layer.down(ops.silu_mul(layer.gate_up(normed))), norms[index], eps)
+            normed = ops.add_norm(x, layer.down(ops.silu_mul(layer.gate_up(normed))), self.next_norms[index], eps)
         return self.lm_head(normed)

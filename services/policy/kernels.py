@@ -43,6 +43,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from services.common.dtypes import cpu_flags
+
 SOURCE = Path(__file__).with_name("kernels.c")
 FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC")
 # OpenMP: torch's own libgomp, which the library then shares (the dynamic linker resolves
@@ -188,16 +190,6 @@ class BuildError(RuntimeError):
     pass
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def build(cache_dir: Path, compiler: str | None = None) -> Path:
     """kernels.c compiled for this machine, from `cache_dir` when an identical build
     (same source, flags, compiler and CPU flags) is already there. Raises BuildError."""
@@ -206,9 +198,8 @@ def build(cache_dir: Path, compiler: str | None = None) -> Path:
     if found is None:
         raise BuildError(f"no C compiler {compiler!r} on PATH (set CC, or RLHF_NATIVE_KERNELS=false)")
     source = SOURCE.read_bytes()
-    key = hashlib.sha256(
-        b"\0".join([source, " ".join(flags()).encode(), found.encode(), _cpu_flags().encode()])
-    ).hexdigest()
+    cpu_key = " ".join([platform.machine(), *sorted(cpu_flags())])
+    key = hashlib.sha256(b"\0".join([source, " ".join(flags()).encode(), found.encode(), cpu_key.encode()])).hexdigest()
     target = cache_dir / f"kernels-{key[:16]}.so"
     if target.exists():
         return target
