@@ -5,7 +5,8 @@ One engine thread owns the model. Each iteration it
   2. admits waiting requests from the head of a bounded FIFO queue while they
      fit (RLHF_MAX_BATCH rows, RLHF_KV_BUDGET_TOKENS, RLHF_MAX_PREFILL_TOKENS
      padded prompt tokens per step), prefills them in one
-     left-padded batch (each prompt once, however many samples it asks for),
+     left-padded batch (each distinct prompt once, however many samples or
+     requests ask for it),
      samples their first token and writes their keys/values into free slots
      of the running batch's preallocated KV window (services/policy/kv.py),
   3. runs one decode step for every running row, samples each row with its
@@ -176,6 +177,7 @@ class Engine:
         self.steps = 0
         self.prefills = 0  # prefill forward passes (a batch of joining requests each)
         self.shared_prefix_tokens = 0  # prompt tokens not computed because a joining prompt shared them
+        self.deduplicated_prompts = 0  # joining prompts not computed because another joining request had the same
         # The largest KV cache allocated so far (slots x columns, padding included), summed over cohorts.
         self.peak_cache_tokens = 0
         self._thread: threading.Thread | None = None
@@ -224,6 +226,7 @@ class Engine:
                 "peak_cache_tokens": self.peak_cache_tokens,
                 "prefills": self.prefills,
                 "shared_prefix_tokens": self.shared_prefix_tokens,
+                "deduplicated_prompts": self.deduplicated_prompts,
             }
 
     def stop(self) -> None:
@@ -331,21 +334,23 @@ class Engine:
             return []
         rows = sum(len(c.rows) for c in self._cohorts)
         others = sum(c.kv_charge() for c in self._cohorts if c is not current)
-        add_rows, add_horizon, longest, joining = 0, 0, 0, []
+        add_rows, add_horizon, longest, joining, distinct = 0, 0, 0, [], set()
         while self._queue:
             req = self._queue[0]
             k = req.params.num_samples
             horizon = max(add_horizon, len(req.prompt_ids) + req.params.max_new_tokens)
             if rows + add_rows + k > self.settings.max_batch:
                 break
-            # The prefill is one left-padded batch: its cost is prompts x the longest prompt.
-            padded = (len(joining) + 1) * max(longest, len(req.prompt_ids))
+            # The prefill is one left-padded batch: its cost is distinct prompts x the longest prompt.
+            prompt = tuple(req.prompt_ids)
+            padded = len(distinct | {prompt}) * max(longest, len(req.prompt_ids))
             if joining and padded > self.settings.max_prefill_tokens:
                 break
             if others + current.kv_charge(add_rows + k, horizon) > self.settings.kv_budget_tokens:
                 break
             self._queue.popleft()
             joining.append(req)
+            distinct.add(prompt)
             add_rows += k
             add_horizon = horizon
             longest = max(longest, len(req.prompt_ids))
@@ -364,7 +369,12 @@ class Engine:
         With `keep_prefix` the cohort keeps the last shared prefix, so later prefills
         (a single prompt too) that start with (a part of) it compute none of it."""
         pad_id = cohort.tokenizer.pad_token_id
-        prompts = [r.prompt_ids for r in reqs]
+        # Identical prompts (clients sending the same prompt at once, as K samples do) are computed once:
+        # `where[i]` is request i's row of the forward.
+        rows: dict[tuple[int, ...], int] = {}
+        where = [rows.setdefault(tuple(r.prompt_ids), len(rows)) for r in reqs]
+        prompts = [list(p) for p in rows]
+        self.deduplicated_prompts += len(reqs) - len(prompts)
         scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs]
         shared, head = self._shared_head(cohort, prompts) if not scored else (0, None)
         ids, mask = pad_batch([p[shared:] for p in prompts], pad_id, side="left")
@@ -374,8 +384,8 @@ class Engine:
             cache = DynamicCache(config=cohort.model.config)
             for layer, (k, v) in enumerate(head):
                 cache.update(k[:, :, :shared], v[:, :, :shared], layer)
-            cache.batch_repeat_interleave(len(reqs))
-            mask = torch.cat([torch.ones((len(reqs), shared), dtype=mask.dtype, device=mask.device), mask], 1)
+            cache.batch_repeat_interleave(len(prompts))
+            mask = torch.cat([torch.ones((len(prompts), shared), dtype=mask.dtype, device=mask.device), mask], 1)
         self.prefills += 1
         out = cohort.model(
             input_ids=ids,
@@ -387,9 +397,10 @@ class Engine:
             logits_to_keep=1,  # never materialise [batch, prompt, vocab] logits
             output_hidden_states=bool(scored),
         )
-        prefills = {i: self._score_prompt(cohort, reqs[i].prompt_ids, out.hidden_states[-1][i]) for i in scored}
+        last = out.hidden_states[-1] if scored else None
+        prefills = {i: self._score_prompt(cohort, reqs[i].prompt_ids, last[where[i]]) for i in scored}
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return kv, mask, out.logits[:, -1].float(), prefills
+        return kv, mask, out.logits[:, -1].float(), prefills, where
 
     def _shared_head(self, cohort: Cohort, prompts: list[list[int]]):
         """(tokens, keys/values) of the prefix these prompts share: the cohort's kept prefix
@@ -419,9 +430,9 @@ class Engine:
     def _join(self, cohort: Cohort, reqs: list[GenRequest], prefilled) -> None:
         """Sample the first token of every new row, and write the rows into the batch:
         row j of a request with K samples gets that prompt's keys/values."""
-        kv, mask, logits, prefills = prefilled
+        kv, mask, logits, prefills, where = prefilled
         reps = torch.tensor([r.params.num_samples for r in reqs], device=cohort.device)
-        src = torch.repeat_interleave(torch.arange(len(reqs), device=cohort.device), reps)
+        src = torch.repeat_interleave(torch.tensor(where, device=cohort.device), reps)
         rows = []
         for n, req in enumerate(reqs):
             group = _Group(req, cohort.version)

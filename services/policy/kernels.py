@@ -21,6 +21,11 @@ elementwise with torch attention / all native:
 - bf16, 28 rows: 76.0 / 68.9 / 66.2 ms; 14 rows: 65.7 / 56.7 / 51.4 ms;
   1 row: 44.7 / 41.3 / 34.9 ms;
 - fp32, 28 rows: 148 / 142 / 134 ms; 1 row: 50.0 / 45.3 / 44.6 ms.
+Attention's AVX-512 path (kernels.c) came later; measured the same way on
+another day (medians of 30, 24 / 12 / 1 rows, 107 columns), torch ops / the
+plain attention loops / the AVX-512 path: bf16 92.5 / 82.8 / 72.9,
+64.6 / 52.4 / 49.0 and 52.2 / 40.2 / 38.8 ms; fp32, 24 rows (medians of 20):
+160.5 / 145.1 / 142.3 ms.
 
 `decode_ops` picks one: native where RLHF_NATIVE_KERNELS allows it, the model is
 on the CPU in bf16 or fp32 with at most 64 query heads per K/V head, and the

@@ -123,6 +123,40 @@ def test_prompt_logprobs_are_right_for_left_padded_prompts_in_one_batch(loaded, 
         engine.stop()
 
 
+def test_identical_prompts_joining_together_are_prefilled_once_with_the_same_results(loaded):
+    """Requests that send the same prompt in one join share one row of the prefill, as a
+    prompt's K samples do; each gets the tokens, log-probs and prompt scores it gets alone."""
+
+    def run(engine, reqs):
+        with engine._cv:  # hold the scheduler: all join one prefill
+            for req, _ in reqs:
+                engine.submit(req)
+        engine.run_until_idle()
+        return [collect(req, events) for req, events in reqs]
+
+    def outcome(collected):
+        """(text, tokens, log-probs, prompt tokens, prompt scores) of a one-sample request"""
+        _, (sample,), last = collected
+        scores = [t.logprob for t in last.prefill[1:]]
+        return sample.text, [t.id for t in sample.tokens], [t.logprob for t in sample.tokens], last.prefill, scores
+
+    engine = Engine(load_settings({}), own_thread=False)
+    engine.set_model(loaded)
+    try:
+        asks = [(PROMPTS[0], {}), (PROMPTS[1], {}), (PROMPTS[0], {"prompt_logprobs": True}), (PROMPTS[0], {})]
+        together = run(engine, [request(loaded, p, return_logprobs=True, **extra) for p, extra in asks])
+        assert engine.stats()["prefills"] == 1 and engine.stats()["deduplicated_prompts"] == 2
+        for (prompt, extra), got in zip(asks, together, strict=True):
+            text, ids, logprobs, prefill, scores = outcome(got)
+            want = outcome(run(engine, [request(loaded, prompt, return_logprobs=True, **extra)])[0])
+            assert (text, ids) == want[:2] and logprobs == pytest.approx(want[2], abs=1e-4)
+            assert [t.id for t in prefill] == [t.id for t in want[3]] and scores == pytest.approx(want[4], abs=1e-4)
+        assert outcome(together[2])[3] and not outcome(together[0])[3]
+        assert engine.stats()["deduplicated_prompts"] == 2  # a prompt alone has nothing to share
+    finally:
+        engine.stop()
+
+
 def test_seeded_samples_are_reproducible_and_distinct(loaded):
     engine = make_engine(loaded)
     try:

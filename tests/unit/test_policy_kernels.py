@@ -56,6 +56,28 @@ def test_native_ops_agree_with_torch_at_the_served_models_shapes(library, dtype)
     torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("dim", [16, 24, 128])
+def test_native_attention_agrees_with_torch_for_every_head_size(library, dtype, dim):
+    """Head sizes that are a multiple of 16 take the AVX-512 path where the CPU has it (64 is
+    covered above), others the plain loops: both round like torch, over windows longer than
+    one 16-column block and with holes in the mask. The softmax scale is a power of two, as
+    at the served head size (64): then rounding q.k before scaling (kernels.c, as kv.py's
+    decode_attention) and after it (TorchOps) agree exactly."""
+    native, reference = NativeOps(library, dtype), TorchOps()
+    generator = torch.Generator().manual_seed(dim)
+    n, heads, kv_heads, columns = 6, 8, 2, 45
+    keys, values = torch.randn((2, n, kv_heads, columns, dim), generator=generator).to(dtype)
+    mask = torch.rand((n, columns), generator=generator) > 0.2
+    mask[:, -1] = True
+    mask[0, :-1] = False  # a row with one column: its first token
+    qk = torch.randn((n, heads + kv_heads, dim), generator=generator).to(dtype)
+    got = native.attention(qk, keys, values, native.attention_mask(mask, kv_heads, 4, dtype), heads, 0.125)
+    want = reference.attention(qk, keys, values, reference.attention_mask(mask, kv_heads, 4, dtype), heads, 0.125)
+    ulp = 2 * torch.finfo(dtype).eps
+    torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=1e-6)
+
+
 def test_the_check_names_a_kernel_that_computes_something_else(library):
     broken = NativeOps(library, torch.bfloat16)
     broken._rope = lambda *args: None  # leaves queries and keys unrotated
