@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import tempfile
 import threading
@@ -17,6 +16,8 @@ import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from services.common.provenance import commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -53,22 +54,6 @@ def print_table(title: str, rows: Sequence[Mapping[str, Any]]) -> str:
     text = "\n".join(lines)
     print(text, flush=True)
     return text
-
-
-def machine() -> str:
-    """This machine in words: cores, architecture and CPU capability (it decides the auto dtype)."""
-    from services.common.dtypes import cpu_capability
-
-    return f"{os.cpu_count()}-core {platform.machine()}, CPU capability {cpu_capability()}"
-
-
-def commit() -> str:
-    """The checked-out commit, so that a figure names the code that produced it."""
-    try:
-        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def write_results(name: str, payload: Mapping[str, Any]) -> Path:

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import commit, machine
+from services.common.provenance import commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "docs" / "results"
@@ -305,7 +305,10 @@ def _stamp(data: dict[str, Any], date: str) -> dict[str, Any]:
 
 
 def demo_result(report: Mapping[str, Any], date: str) -> dict[str, Any]:
-    """The table's share of a demo's report.json (services/sim/report.py writes it)."""
+    """The table's share of a demo's report.json (services/sim/report.py writes it). The
+    demo's own date, commit and machine (services/demo.py records them) win over those of
+    the process copying it in, which may run on other code and another CPU; a report that
+    lacks them gets `date` (when it was written) and no commit or machine."""
     extra = report.get("extra", {})
     preset = extra.get("preset", {})
     timings = extra.get("timings_s", {})
@@ -322,8 +325,12 @@ def demo_result(report: Mapping[str, Any], date: str) -> dict[str, Any]:
         "rounds": [_round_row(r) for r in report.get("rounds", {}).get("rows", [])],
         "timings_s": timings,
         "source": "python -m bench.report --update from the demo's report/report.json",
+        "date": extra.get("date", date),
+        "commit": extra.get("commit", "not recorded"),
+        "machine": extra.get("machine")
+        or (f"CPU capability {extra['cpu_capability']}" if extra.get("cpu_capability") else "not recorded"),
     }
-    return _stamp(data, date)
+    return data
 
 
 def _round_row(row: Mapping[str, Any]) -> dict[str, Any]:
@@ -354,7 +361,8 @@ def update(results_dir: Path = RESULTS_DIR, demo_reports: list[Path] | None = No
         written.append(_write_json(results_dir / "bench" / path.name, data))
     for path in demo_reports if demo_reports is not None else [MEASURED_DEMO]:
         if path.exists():
-            data = demo_result(json.loads(path.read_text()), _today())
+            written_on = time.strftime("%Y-%m-%d", time.gmtime(path.stat().st_mtime))
+            data = demo_result(json.loads(path.read_text()), written_on)
             written.append(_write_json(results_dir / "demo" / f"{data['preset']}-seed{data['seed']}.json", data))
     return written
 

@@ -49,6 +49,7 @@ from services.common.auth import bearer
 from services.common.broker import free_port
 from services.common.config import exit_on_config_error, load_settings
 from services.common.dtypes import cpu_capability
+from services.common.provenance import commit, machine
 
 
 @dataclass(frozen=True)
@@ -330,6 +331,9 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
                     "kl_to_sft": next((gate_kl(r) for r in reversed(rounds) if r.candidate == ppo), None),
                     "timings_s": step.timings,
                     "cpu_capability": cpu_capability(),
+                    "machine": machine(),
+                    "commit": commit(),
+                    "date": time.strftime("%Y-%m-%d", time.gmtime()),
                     "controller_decisions": str(settings.home / "controller" / "decisions.jsonl"),
                 },
                 config=eval_cfg,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 from bench import report
@@ -86,9 +87,29 @@ def test_update_copies_a_demo_report_into_its_result_file(tmp_path, monkeypatch)
     data = json.loads((tmp_path / "results" / "demo" / "tiny-seed3.json").read_text())
     assert written == [tmp_path / "results" / "demo" / "tiny-seed3.json"]
     assert (data["preset"], data["seed"], data["wall_s"], data["kl_to_sft"]) == ("tiny", 3, 31, 0.5)
-    assert data["date"] and data["commit"] and "CPU capability" in data["machine"]
     row = report.demo_seeds(report.load(tmp_path / "results")).splitlines()[2]
     assert row.startswith("| tiny | 3 | **0.600 [0.510, 0.700]** | – | – | 70.0% | 0.50 | 31 s |")
+
+
+def test_a_demo_result_names_the_run_that_measured_it_not_the_copy(tmp_path, monkeypatch):
+    """A demo report copied in later, on other code or another machine, keeps its own
+    date, commit and machine; one that never recorded them says so, dated by its file."""
+    measured = tmp_path / "report.json"
+    recorded = {"date": "2026-11-30", "commit": "abc1234", "machine": "2-core x86_64, CPU capability AVX2"}
+    monkeypatch.setattr(report, "MEASURED_BENCH", tmp_path / "no-bench-results")
+    for extra in (recorded, {"cpu_capability": "AVX2"}):
+        measured.write_text(json.dumps({"extra": {"preset": {"name": "cpu", "seed": 1}, **extra}}))
+        os.utime(measured, (1764460800, 1764460800))  # 2025-11-30 UTC
+        (written,) = report.update(tmp_path / "results", demo_reports=[measured])
+        data = json.loads(written.read_text())
+        if extra is recorded:
+            assert {k: data[k] for k in recorded} == recorded
+        else:
+            assert (data["date"], data["commit"], data["machine"]) == (
+                "2025-11-30",
+                "not recorded",
+                "CPU capability AVX2",
+            )
 
 
 def test_update_copies_rounds_from_named_demo_reports_and_renders_them(tmp_path, monkeypatch):

@@ -1,0 +1,29 @@
+"""What produced a figure: the checked-out commit and the machine, recorded with every
+benchmark result (bench/) and every demo report (services/demo.py), so that a table
+built later from those files (bench/report.py) names the code and the CPU that measured
+each figure, not the ones that happened to build the table."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def machine() -> str:
+    """This machine in words: cores, architecture and CPU capability (it decides the auto dtype)."""
+    from services.common.dtypes import cpu_capability
+
+    return f"{os.cpu_count()}-core {platform.machine()}, CPU capability {cpu_capability()}"
+
+
+def commit() -> str:
+    """The checked-out commit ("unknown" outside a git checkout)."""
+    try:
+        out = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return out.stdout.strip() or "unknown"
