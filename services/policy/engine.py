@@ -359,8 +359,9 @@ class Engine:
 
     # --- model work ---------------------------------------------------------
     def _prefill_forward(self, cohort: Cohort, reqs: list[GenRequest]):
-        """One left-padded forward over the new prompts, each prompt once whatever its K;
-        returns (keys/values, mask, last-position logits, prompt scores).
+        """One left-padded forward over the new prompts, each distinct prompt once whatever its K;
+        returns (keys/values, mask, last-position logits, prompt scores,
+        each request's row of the forward).
 
         Prompts that start alike (a chat template's system turn: about half of a
         short chat prompt) have that prefix computed once and shared: the rows'
