@@ -11,7 +11,9 @@
 The checked-in results live in docs/results/ (bench/results/ and var/ are not
 tracked): one JSON file per benchmark and one per demo run. Each names its
 `date`, `machine` (with the CPU capability, which decides the dtype) and
-`commit`; `--update` adds those that a file lacks. A block of generated text
+`commit`; `--update` adds those that a benchmark file lacks (benchmarks record them
+when they write), and a demo keeps the ones its report recorded, else "not recorded"
+and the report file's date. A block of generated text
 sits between `<!-- NAME -->` and `<!-- /NAME -->` markers; text outside the
 markers is written by hand and left alone.
 
