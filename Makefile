@@ -80,11 +80,12 @@ bench: setup ## run every benchmark (figures in bench/results/*.json)
 
 # llama-cpp-python builds llama.cpp from source: about 10 minutes on an idle 2-core machine, 20 on a busy one.
 # Without its AMX kernels: on an AMX Xeon they segfault on the first multi-token batch
-# (ggml-org/llama.cpp#20824); GCC keeps these explicit -mno flags over -march=native.
+# (ggml-org/llama.cpp#20824); GCC keeps these explicit -mno flags over -march=native. --no-cache-dir: a
+# wheel pip cached from a build without them (measured: 101 AMX instructions, SIGSEGV) is never reused.
 LLAMA_CPP_FLAGS := -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
 bench-llamacpp: setup ## the serving benchmark with llama.cpp's reference on the same GGUF (compiles llama.cpp once)
 	CMAKE_ARGS="-DCMAKE_C_FLAGS='$(LLAMA_CPP_FLAGS)' -DCMAKE_CXX_FLAGS='$(LLAMA_CPP_FLAGS)'" \
-		$(PIP) install -q --disable-pip-version-check -e ".[test,bench,llamacpp]"
+		$(PIP) install -q --disable-pip-version-check --no-cache-dir -e ".[test,bench,llamacpp]"
 	$(PY) -m bench.serving
 
 include deploy/images.mk
