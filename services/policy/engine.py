@@ -343,7 +343,7 @@ class Engine:
                 break
             # The prefill is one left-padded batch: its cost is distinct prompts x the longest prompt.
             prompt = tuple(req.prompt_ids)
-            padded = len(distinct | {prompt}) * max(longest, len(req.prompt_ids))
+            padded = (len(distinct) + (prompt not in distinct)) * max(longest, len(req.prompt_ids))
             if joining and padded > self.settings.max_prefill_tokens:
                 break
             if others + current.kv_charge(add_rows + k, horizon) > self.settings.kv_budget_tokens:

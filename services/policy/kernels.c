@@ -217,6 +217,9 @@ FLAT __m512 exp16(__m512 x) {
     return _mm512_mul_ps(p, _mm512_castsi512_ps(bits));
 }
 
+/* the first min(16, left) lanes: a block of 16 columns that may run past the last one */
+FLAT __mmask16 first_lanes(int64_t left) { return (__mmask16)(left < 16 ? (1u << left) - 1u : 0xffffu); }
+
 /* lane i = the sum of v[i]'s 16 lanes */
 FLAT __m512 sum16(const __m512 *v) {
     __m512 a[8], b[4], c[2];
@@ -250,7 +253,7 @@ FLAT void attend16(const void *q, const void *K, const void *V, const uint8_t *r
     const __m512 scaled = _mm512_set1_ps(scale);
     for (int64_t b0 = 0; b0 < n; b0 += 16) { /* scores of 16 columns at a time */
         int64_t width = n - b0 < 16 ? n - b0 : 16;
-        __mmask16 lanes = (__mmask16)((1u << width) - 1u);
+        __mmask16 lanes = first_lanes(width);
         for (int64_t i = 0; i < 16; i++) /* a short block's last rows: zeros, so that every lane is finite */
             for (int64_t x = 0; x < chunks; x++)
                 _mm512_storeu_ps(block + i * dim + 16 * x,
@@ -270,19 +273,19 @@ FLAT void attend16(const void *q, const void *K, const void *V, const uint8_t *r
         float *row = p + g * n;
         __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
         for (int64_t t = 0; t < n; t += 16) {
-            __mmask16 lanes = (__mmask16)(n - t < 16 ? (1u << (n - t)) - 1u : 0xffffu);
+            __mmask16 lanes = first_lanes(n - t);
             top = _mm512_mask_max_ps(top, lanes, top, _mm512_maskz_loadu_ps(lanes, row + t));
         }
         __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(top));
         for (int64_t t = 0; t < n; t += 16) {
-            __mmask16 lanes = (__mmask16)(n - t < 16 ? (1u << (n - t)) - 1u : 0xffffu);
+            __mmask16 lanes = first_lanes(n - t);
             __m512 e = _mm512_maskz_mov_ps(lanes, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, row + t), best)));
             _mm512_mask_storeu_ps(row + t, lanes, e);
             sum = _mm512_add_ps(sum, e);
         }
         __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(sum));
         for (int64_t t = 0; t < n; t += 16) {
-            __mmask16 lanes = (__mmask16)(n - t < 16 ? (1u << (n - t)) - 1u : 0xffffu);
+            __mmask16 lanes = first_lanes(n - t);
             __m512 w = round16(_mm512_div_ps(_mm512_maskz_loadu_ps(lanes, row + t), total), bf16);
             _mm512_mask_storeu_ps(row + t, lanes, w);
         }
