@@ -55,6 +55,7 @@ from services.common.logs import get_logger, log_fields
 from services.common.metrics import BATCH_SIZE, GENERATED_TOKENS, QUEUE_DEPTH
 from services.common.models import load_causal_lm, pad_batch, position_ids_from_mask, resolve_device
 from services.policy.fused import FusedDecoder, drop_packed_originals, ops_for, prepack_linears, unsupported
+from services.policy.kernels import NativeOps, TorchOps
 from services.policy.kv import KvWindow, use_gqa_sdpa
 from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, TokenOut
 from services.policy.request import Finished, GenRequest, SampleDone, Token
@@ -535,7 +536,8 @@ class Engine:
     def _sample_and_advance(
         self, cohort: Cohort, rows: list[_Row], logits: torch.Tensor
     ) -> tuple[torch.Tensor, list[bool]]:
-        next_ids, logprobs, ok = sample(logits, rows)
+        fused = cohort.fused
+        next_ids, logprobs, ok = sample(logits, rows, fused.ops if fused is not None else None)
         tokens = next_ids.tolist()
         done = []
         for i, row in enumerate(rows):
@@ -642,8 +644,11 @@ def _find_stop(text: str, stops: tuple[str, ...], old_len: int) -> int | None:
 NUCLEUS_CANDIDATES = 256
 
 
-def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[float] | None, list[bool]]:
-    """Pick each row's next token with that row's own parameters and generator.
+def sample(
+    logits: torch.Tensor, rows: list[_Row], ops: TorchOps | NativeOps | None = None
+) -> tuple[torch.Tensor, list[float] | None, list[bool]]:
+    """Pick each row's next token with that row's own parameters and generator; `ops`
+    (the fused decode step's, services/policy/kernels.py) finds each row's maximum.
 
     Returns the tokens; if any row asked for them, each chosen token's
     log-probability under the model's unmodified distribution (what RLHF needs),
@@ -663,8 +668,10 @@ def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[f
     # score is -inf (a token the model rules out is a legitimate -inf), finite otherwise: one
     # cheap pass checks each row. (logsumexp has the same cases but costs an exp per score;
     # it is computed only when some row asks for log-probabilities.)
-    top = logits.max(dim=-1)  # values and first indices of each row's max (~3x faster than argmax here)
-    ok = torch.isfinite(top.values)
+    # Values and first indices of each row's max: torch's max is ~3x faster than its argmax here, and
+    # the native kernel (AVX-512, rows split over the OpenMP team) ~10x faster than torch's max.
+    top, first = (ops or TorchOps()).row_max(logits)
+    ok = torch.isfinite(top)
     all_ok = bool(ok.all())
     if not all_ok:
         logits = torch.where(ok[:, None], logits, 0.0)  # keep the batch's arithmetic finite
@@ -674,7 +681,7 @@ def sample(logits: torch.Tensor, rows: list[_Row]) -> tuple[torch.Tensor, list[f
         and not want_logprobs
         and all(r.req.params.greedy and r.req.params.repetition_penalty == 1.0 for r in rows)
     ):
-        return top.indices, None, [True] * n  # the common plain greedy batch: no copies
+        return first, None, [True] * n  # the common plain greedy batch: no copies
     logits = logits.float()
     raw = logits if want_logprobs and any(r.req.params.repetition_penalty != 1.0 for r in rows) else None
     if raw is not None:

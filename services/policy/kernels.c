@@ -4,14 +4,18 @@
  * Each kernel exists for bf16 (stored as uint16_t) and fp32 storage. Arithmetic is
  * fp32 and every intermediate that transformers' Llama rounds to the model's dtype is
  * rounded here too (ROUND), so a bf16 result is the one transformers computes, up to
- * the order of a row's sum of squares. The elementwise kernels are single-threaded (a
- * decode step's rows are tiny); attention runs on the caller's OpenMP team, with AVX-512
- * registers where the compiler targets them (-march=native) and plain loops elsewhere.
+ * the order of a row's sum of squares. Every kernel splits its rows over the caller's
+ * OpenMP team (the elementwise ones from ROWS_IN_PARALLEL rows on: below that a row is too
+ * little work to share), so no job of the step leaves the team's other threads waiting;
+ * attention and the row maximum use AVX-512 registers where the compiler targets them
+ * (-march=native) and plain loops elsewhere.
  */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#define ROWS_IN_PARALLEL 4
 
 static inline float bf16_load(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -46,23 +50,24 @@ static inline float exp_approx(float x) {
 }
 
 #define KERNELS(NAME, T)                                                                                   \
-    /* x[r] <- x[r] + delta[r] (delta may be NULL), then out[r] = w * (x[r] / rms(x[r])) */               \
+    /* x[r] <- x[r] + delta[r] (delta may be NULL), then out[r] = w * (x[r] / rms(x[r])) */                \
     void add_rms_norm_##NAME(T *restrict x, const T *restrict delta, const T *restrict w, T *restrict out, \
                              int64_t n, int64_t h, float eps) {                                            \
+        _Pragma("omp parallel for if (n >= ROWS_IN_PARALLEL)")                                             \
         for (int64_t r = 0; r < n; r++) {                                                                  \
             T *xr = x + r * h;                                                                             \
             T *o = out + r * h;                                                                            \
             float squares = 0.f;                                                                           \
             if (delta) {                                                                                   \
                 const T *d = delta + r * h;                                                                \
-                _Pragma("omp simd reduction(+ : squares)") for (int64_t i = 0; i < h; i++) {              \
+                _Pragma("omp simd reduction(+ : squares)") for (int64_t i = 0; i < h; i++) {               \
                     T v = NAME##_store(NAME##_load(xr[i]) + NAME##_load(d[i]));                            \
                     xr[i] = v;                                                                             \
                     float f = NAME##_load(v);                                                              \
                     squares += f * f;                                                                      \
                 }                                                                                          \
             } else {                                                                                       \
-                _Pragma("omp simd reduction(+ : squares)") for (int64_t i = 0; i < h; i++) {              \
+                _Pragma("omp simd reduction(+ : squares)") for (int64_t i = 0; i < h; i++) {               \
                     float f = NAME##_load(xr[i]);                                                          \
                     squares += f * f;                                                                      \
                 }                                                                                          \
@@ -75,8 +80,9 @@ static inline float exp_approx(float x) {
         }                                                                                                  \
     }                                                                                                      \
                                                                                                            \
-    /* out[r, i] = silu(gate[r, i]) * up[r, i], with rows of gate_up laid out [gate | up] */             \
+    /* out[r, i] = silu(gate[r, i]) * up[r, i], with rows of gate_up laid out [gate | up] */               \
     void silu_mul_##NAME(const T *restrict gate_up, T *restrict out, int64_t n, int64_t inter) {           \
+        _Pragma("omp parallel for if (n >= ROWS_IN_PARALLEL)")                                             \
         for (int64_t r = 0; r < n; r++) {                                                                  \
             const T *g = gate_up + r * 2 * inter;                                                          \
             const T *u = g + inter;                                                                        \
@@ -89,11 +95,12 @@ static inline float exp_approx(float x) {
         }                                                                                                  \
     }                                                                                                      \
                                                                                                            \
-    /* Rotary embedding in place on the first `heads` heads of each row (row stride `stride`):           \
+    /* Rotary embedding in place on the first `heads` heads of each row (row stride `stride`):             \
      * halves a, b become a cos - b sin and b cos + a sin. cos/sin: [n, dim / 2], row stride cs_stride. */ \
-    void rope_##NAME(T *restrict qk, int64_t stride, const T *restrict cos, const T *restrict sin,        \
+    void rope_##NAME(T *restrict qk, int64_t stride, const T *restrict cos, const T *restrict sin,         \
                      int64_t cs_stride, int64_t n, int64_t heads, int64_t dim) {                           \
         int64_t half = dim / 2;                                                                            \
+        _Pragma("omp parallel for if (n >= ROWS_IN_PARALLEL)")                                             \
         for (int64_t r = 0; r < n; r++) {                                                                  \
             const T *c = cos + r * cs_stride;                                                              \
             const T *s = sin + r * cs_stride;                                                              \
@@ -117,7 +124,7 @@ static inline float exp_approx(float x) {
  * kv.py's decode_attention: q.k rounded to T, then scaled, softmax in fp32, weights rounded to
  * T, their sum with V accumulated in fp32. scratch: group * (2 * dim + columns) floats. */
 #define ATTEND(NAME, T)                                                                                    \
-    static void attend_##NAME(const T *restrict q, const T *restrict K, const T *restrict V,              \
+    static void attend_##NAME(const T *restrict q, const T *restrict K, const T *restrict V,               \
                               const uint8_t *restrict m, T *restrict out, int64_t group, int64_t columns,  \
                               int64_t dim, float scale, float *restrict scratch) {                         \
         float *qf = scratch, *acc = scratch + group * dim, *p = scratch + 2 * group * dim;                 \
@@ -163,7 +170,8 @@ static inline float exp_approx(float x) {
         for (int64_t i = 0; i < group * dim; i++) out[i] = NAME##_store(acc[i]);                           \
     }
 
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define ROW_MAX_FAST 1
 #include <immintrin.h>
 /* The same attention with AVX-512 registers, for dim a multiple of 16 up to 256 (the
  * served models' 64 and 128): the plain loops above spend their time in horizontal sums,
@@ -308,6 +316,35 @@ FLAT void attend16(const void *q, const void *K, const void *V, const uint8_t *r
     for (int64_t i = 0; i < group * dim; i += 16) store16(out, i, _mm512_loadu_ps(acc + i), bf16);
 }
 
+/* A row's largest value and the first index that holds it (NaN when the row has one), 16
+ * lanes at a time: each lane keeps its own best and where it first saw it (strictly greater
+ * replaces, so a lane's first occurrence stays), then the lanes that hold the row's
+ * largest value give the smallest of their indices. */
+static void row_max_fast(const void *x, int64_t width, int bf16, float *value, int64_t *index) {
+    __m512 best = _mm512_set1_ps(-INFINITY);
+    __m512i at = _mm512_setzero_si512(), lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < width; i += 16) {
+        __mmask16 lanes = first_lanes(width - i);
+        __m512 v;
+        if (bf16) {
+            __m256i h = _mm256_maskz_loadu_epi16(lanes, (const uint16_t *)x + i);
+            v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+        } else {
+            v = _mm512_maskz_loadu_ps(lanes, (const float *)x + i);
+        }
+        v = _mm512_mask_mov_ps(_mm512_set1_ps(-INFINITY), lanes, v);
+        nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        __mmask16 greater = _mm512_cmp_ps_mask(v, best, _CMP_GT_OQ);
+        best = _mm512_mask_mov_ps(best, greater, v);
+        at = _mm512_mask_mov_epi32(at, greater, _mm512_add_epi32(lane, _mm512_set1_epi32((int)i)));
+    }
+    float top = _mm512_reduce_max_ps(best);
+    __mmask16 holders = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
+    *value = nan ? NAN : top;
+    *index = nan ? 0 : _mm512_mask_reduce_min_epi32(holders, at);
+}
+
 /* 1 when attend16 served it */
 static int attend_fast(const void *q, const void *K, const void *V, const uint8_t *m, void *out, int64_t group,
                        int64_t columns, int64_t dim, float scale, float *scratch, int32_t *live, int bf16) {
@@ -328,11 +365,15 @@ static int attend_fast(const void *q, const void *K, const void *V, const uint8_
     }
 }
 #else
+#define ROW_MAX_FAST 0
 static int attend_fast(const void *q, const void *K, const void *V, const uint8_t *m, void *out, int64_t group,
                        int64_t columns, int64_t dim, float scale, float *scratch, int32_t *live, int bf16) {
     (void)q, (void)K, (void)V, (void)m, (void)out, (void)group, (void)columns, (void)dim, (void)scale;
     (void)scratch, (void)live, (void)bf16;
     return 0; /* no AVX-512 on this CPU: attend_* serves every shape */
+}
+static void row_max_fast(const void *x, int64_t width, int bf16, float *value, int64_t *index) {
+    (void)x, (void)width, (void)bf16, (void)value, (void)index; /* never called: ROW_MAX_FAST is 0 */
 }
 #endif
 
@@ -343,10 +384,10 @@ static int attend_fast(const void *q, const void *K, const void *V, const uint8_
  * (row, K/V head) with the caller's OpenMP team; dynamic scheduling, so that a thread whose
  * core is busy elsewhere holds back only the tasks it has taken. */
 #define ATTENTION(NAME, T, BF16)                                                                           \
-    int decode_attention_##NAME(const T *restrict q, int64_t q_stride, const T *restrict keys,            \
-                                const T *restrict values, int64_t s_row, int64_t s_head,                  \
+    int decode_attention_##NAME(const T *restrict q, int64_t q_stride, const T *restrict keys,             \
+                                const T *restrict values, int64_t s_row, int64_t s_head,                   \
                                 const uint8_t *restrict mask, T *restrict out, int64_t n, int64_t heads,   \
-                                int64_t kv_heads, int64_t columns, int64_t dim, float scale) {            \
+                                int64_t kv_heads, int64_t columns, int64_t dim, float scale) {             \
         int64_t group = heads / kv_heads;                                                                  \
         int failed = 0;                                                                                    \
         _Pragma("omp parallel reduction(| : failed)") {                                                    \
@@ -360,7 +401,7 @@ static int attend_fast(const void *q, const void *K, const void *V, const uint8_
                 const T *K = keys + r * s_row + j * s_head, *V = values + r * s_row + j * s_head;          \
                 T *o = out + r * heads * dim + j * group * dim;                                            \
                 const uint8_t *m = mask + r * columns;                                                     \
-                if (!attend_fast(qh, K, V, m, o, group, columns, dim, scale, scratch, live, BF16))        \
+                if (!attend_fast(qh, K, V, m, o, group, columns, dim, scale, scratch, live, BF16))         \
                     attend_##NAME(qh, K, V, m, o, group, columns, dim, scale, scratch);                    \
             }                                                                                              \
             free(scratch);                                                                                 \
@@ -369,9 +410,38 @@ static int attend_fast(const void *q, const void *K, const void *V, const uint8_
         return failed ? -1 : 0;                                                                            \
     }
 
+/* Each row's largest value and the first index that holds it, as torch.max(x, dim=-1) gives
+ * them (NaN, index 0, for a row with a NaN: a caller fails that row). x: [n, width], row
+ * stride `stride`; values: [n] floats; indices: [n]. */
+#define ROW_MAX(NAME, T, BF16)                                                                             \
+    void row_max_##NAME(const T *restrict x, int64_t stride, int64_t n, int64_t width,                     \
+                        float *restrict values, int64_t *restrict indices) {                               \
+        _Pragma("omp parallel for if (n > 1)") for (int64_t r = 0; r < n; r++) {                           \
+            const T *xr = x + r * stride;                                                                  \
+            if (ROW_MAX_FAST) {                                                                            \
+                row_max_fast(xr, width, BF16, values + r, indices + r);                                    \
+                continue;                                                                                  \
+            }                                                                                              \
+            float best = -INFINITY;                                                                        \
+            int nan = 0;                                                                                   \
+            _Pragma("omp simd reduction(max : best) reduction(| : nan)")                                   \
+            for (int64_t i = 0; i < width; i++) {                                                          \
+                float v = NAME##_load(xr[i]);                                                              \
+                nan |= v != v;                                                                             \
+                best = v > best ? v : best;                                                                \
+            }                                                                                              \
+            int64_t at = 0;                                                                                \
+            while (!nan && at < width - 1 && NAME##_load(xr[at]) != best) at++;                            \
+            values[r] = nan ? NAN : best;                                                                  \
+            indices[r] = nan ? 0 : at;                                                                     \
+        }                                                                                                  \
+    }
+
 KERNELS(bf16, uint16_t)
 KERNELS(f32, float)
 ATTEND(bf16, uint16_t)
 ATTEND(f32, float)
 ATTENTION(bf16, uint16_t, 1)
 ATTENTION(f32, float, 0)
+ROW_MAX(bf16, uint16_t, 1)
+ROW_MAX(f32, float, 0)

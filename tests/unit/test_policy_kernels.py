@@ -78,6 +78,32 @@ def test_native_attention_agrees_with_torch_for_every_head_size(library, dtype, 
     torch.testing.assert_close(got.float(), want.float(), rtol=ulp, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_native_row_max_is_torchs_max_over_a_vocabulary(library, dtype):
+    """The greedy pick: each row's largest score and the first index that holds it, as
+    torch.max gives them, over the served vocabulary (49152) and a ragged width; rows with a
+    tie, +inf, nothing but -inf, and a NaN (which the engine fails alone); many rows (split
+    over the OpenMP team) and one."""
+    native = NativeOps(library, dtype)
+    generator = torch.Generator().manual_seed(7)
+    for width in (49152, 1037):
+        x = torch.randn((28, width), generator=generator).to(dtype)
+        x[1, [5, width - 3]] = 30.0  # a tie: the first index counts
+        x[2, 17] = float("inf")
+        x[3] = float("-inf")
+        x[4, 3] = float("nan")
+        x[5, width - 1] = 40.0  # in the last, partial block
+        for rows in (x, x[6:7]):
+            values, indices = native.row_max(rows)
+            want = rows.max(dim=-1)
+            torch.testing.assert_close(values, want.values.float(), rtol=0, atol=0, equal_nan=True)
+            usable = ~torch.isnan(want.values)
+            assert torch.equal(indices[usable], want.indices[usable])
+        assert indices.tolist() == [want.indices[0].item()]  # the one-row call
+        values, indices = native.row_max(x)
+        assert indices[1] == 5 and indices[5] == width - 1 and indices[3] == 0 and torch.isnan(values[4])
+
+
 def test_the_check_names_a_kernel_that_computes_something_else(library):
     broken = NativeOps(library, torch.bfloat16)
     broken._rope = lambda *args: None  # leaves queries and keys unrotated
@@ -90,6 +116,10 @@ def test_the_check_names_a_kernel_that_computes_something_else(library):
     attention = broken._attention
     broken._attention = lambda *args: attention(*args[:-1], args[-1] * 2)  # a wrong softmax temperature
     assert disagreement(broken) == "attention"
+    broken = NativeOps(library, torch.float32)
+    row_max = broken._row_max
+    broken._row_max = lambda x, stride, n, width, *out: row_max(x, stride, n, width - 1, *out)  # misses a column
+    assert disagreement(broken) == "row_max"
 
 
 def test_a_build_is_cached_by_source_flags_compiler_and_cpu(tmp_path, monkeypatch):
