@@ -347,6 +347,15 @@ class Settings:
         "system turn) compute that prefix once, not once per prompt, and later prefills that start with it "
         "reuse it; 0 = off.",
     )
+    prompt_cache_tokens: int = _setting(
+        "RLHF_PROMPT_CACHE_TOKENS",
+        "4096",
+        _int(0, 1 << 24),
+        "Prefilled prompts kept for reuse, in KV columns (about 23 KB each for the bf16 base model): a prompt "
+        "that comes back exactly (a retry, best-of-n over requests, shared templates) joins from its kept "
+        "keys/values without a prefill; least recently used first out; each model version keeps its own; "
+        "0 = off.",
+    )
     fused_decode: bool = _setting(
         "RLHF_FUSED_DECODE",
         "true",

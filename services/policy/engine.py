@@ -58,6 +58,7 @@ from services.policy.fused import FusedDecoder, drop_packed_originals, ops_for, 
 from services.policy.kernels import NativeOps, TorchOps
 from services.policy.kv import KvWindow, use_gqa_sdpa
 from services.policy.params import FINISH_EOS, FINISH_LENGTH, FINISH_STOP, SampleOut, TokenOut
+from services.policy.prompt_cache import PromptCache, stack, take_row
 from services.policy.request import Finished, GenRequest, SampleDone, Token
 
 log = get_logger(__name__)
@@ -111,7 +112,13 @@ class _Row:
 class Cohort:
     """The running rows of one model version and their KV window."""
 
-    def __init__(self, loaded: Loaded, settings: Settings, held_elsewhere: Callable[[], int] = lambda: 0):
+    def __init__(
+        self,
+        loaded: Loaded,
+        settings: Settings,
+        held_elsewhere: Callable[[], int] = lambda: 0,
+        prompt_cache_tokens: int = 0,
+    ):
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -125,6 +132,7 @@ class Cohort:
         # The last shared prompt prefix and its keys/values per layer ([1, heads, tokens, dim]), kept for
         # later prefills (a chat template's system turn starts every prompt): this version's weights only.
         self.prefix: tuple[list[int], list[tuple[torch.Tensor, torch.Tensor]]] | None = None
+        self.prompts = PromptCache(prompt_cache_tokens)  # whole prefilled prompts, for this version's weights
         self.kv = KvWindow(self.model, self.device, param.dtype, lambda: budget - held_elsewhere(), settings.max_batch)
 
     @property
@@ -165,8 +173,9 @@ class Engine:
     def __init__(self, settings: Settings, service: str = "policy", own_thread: bool = True, keep_prefix: bool = False):
         """`own_thread=False`: no scheduler thread; the caller runs the loop with `run_until_idle`
         (a trainer's rollouts: its own thread stays the process's one OpenMP pool, services/common/openmp.py).
-        `keep_prefix`: keep a shared prompt prefix's keys/values for later prefills; only for models whose
-        weights never change while served (LocalBackend's versions), never for a trainer's live policy."""
+        `keep_prefix`: keep a shared prompt prefix's keys/values, and whole prefilled prompts
+        (RLHF_PROMPT_CACHE_TOKENS, services/policy/prompt_cache.py), for later prefills; only for models
+        whose weights never change while served (LocalBackend's versions), never for a trainer's live policy."""
         self.settings = settings
         self.keep_prefix = keep_prefix
         self.service = service
@@ -179,6 +188,7 @@ class Engine:
         self.prefills = 0  # prefill forward passes (a batch of joining requests each)
         self.shared_prefix_tokens = 0  # prompt tokens not computed because a joining prompt shared them
         self.deduplicated_prompts = 0  # joining prompts not computed because another joining request had the same
+        self.cached_prompts = 0  # joining prompts not computed because the cohort kept their prefill
         # The largest KV cache allocated so far (slots x columns, padding included), summed over cohorts.
         self.peak_cache_tokens = 0
         self._thread: threading.Thread | None = None
@@ -194,7 +204,8 @@ class Engine:
             def held_elsewhere() -> int:  # KV that other cohorts (older versions finishing) still hold
                 return sum(c.kv.allocated_tokens for c in self._cohorts if c is not cohort)
 
-            cohort = Cohort(loaded, self.settings, held_elsewhere)
+            cache = self.settings.prompt_cache_tokens if self.keep_prefix else 0
+            cohort = Cohort(loaded, self.settings, held_elsewhere, cache)
             self._cohorts.append(cohort)
             self._current = cohort
             self._cv.notify_all()
@@ -228,6 +239,7 @@ class Engine:
                 "prefills": self.prefills,
                 "shared_prefix_tokens": self.shared_prefix_tokens,
                 "deduplicated_prompts": self.deduplicated_prompts,
+                "cached_prompts": self.cached_prompts,
             }
 
     def stop(self) -> None:
@@ -360,9 +372,43 @@ class Engine:
 
     # --- model work ---------------------------------------------------------
     def _prefill_forward(self, cohort: Cohort, reqs: list[GenRequest]):
-        """One left-padded forward over the new prompts, each distinct prompt once whatever its K;
-        returns (keys/values, mask, last-position logits, prompt scores,
-        each request's row of the forward).
+        """The joining requests' prefills, each distinct prompt once whatever its K and however
+        many requests send it, from the cohort's prompt cache where it kept that prompt; returns
+        (keys/values, mask, last-position logits, prompt scores, each request's row of them)."""
+        # Identical prompts (clients sending the same prompt at once, as K samples do) are computed once:
+        # `where[i]` is request i's row of the prefill.
+        rows: dict[tuple[int, ...], int] = {}
+        where = [rows.setdefault(tuple(r.prompt_ids), len(rows)) for r in reqs]
+        distinct = list(rows)
+        self.deduplicated_prompts += len(reqs) - len(distinct)
+        scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs]
+        # Prompt scores need the prompt's hidden states, which the cache does not keep.
+        rescore = {distinct[where[i]] for i in scored}
+        kept = {p: e for p in distinct if p not in rescore and (e := cohort.prompts.get(p)) is not None}
+        self.cached_prompts += len(kept)
+        missing = [p for p in distinct if p not in kept]
+        prefills: dict[int, list[TokenOut]] = {}
+        if missing:
+            kv, mask, logits, hidden = self._forward_prompts(cohort, [list(p) for p in missing], bool(scored))
+            if hidden is not None:
+                at = {p: j for j, p in enumerate(missing)}
+                prefills = {
+                    i: self._score_prompt(cohort, reqs[i].prompt_ids, hidden[at[distinct[where[i]]]]) for i in scored
+                }
+            if cohort.prompts.limit:
+                for j, p in enumerate(missing):
+                    cohort.prompts.put(p, take_row(kv, mask, logits, j))
+            if not kept:
+                return kv, mask, logits, prefills, where
+            fresh = {p: take_row(kv, mask, logits, j) for j, p in enumerate(missing)}
+        else:
+            fresh = {}
+        kv, mask, logits = stack([kept[p] if p in kept else fresh[p] for p in distinct])
+        return kv, mask, logits, prefills, where
+
+    def _forward_prompts(self, cohort: Cohort, prompts: list[list[int]], scored: bool):
+        """One left-padded forward over `prompts`: (keys/values, mask, last-position logits in
+        fp32, the last layer's hidden states when `scored`, else None).
 
         Prompts that start alike (a chat template's system turn: about half of a
         short chat prompt) have that prefix computed once and shared: the rows'
@@ -371,13 +417,6 @@ class Engine:
         With `keep_prefix` the cohort keeps the last shared prefix, so later prefills
         (a single prompt too) that start with (a part of) it compute none of it."""
         pad_id = cohort.tokenizer.pad_token_id
-        # Identical prompts (clients sending the same prompt at once, as K samples do) are computed once:
-        # `where[i]` is request i's row of the forward.
-        rows: dict[tuple[int, ...], int] = {}
-        where = [rows.setdefault(tuple(r.prompt_ids), len(rows)) for r in reqs]
-        prompts = [list(p) for p in rows]
-        self.deduplicated_prompts += len(reqs) - len(prompts)
-        scored = [i for i, r in enumerate(reqs) if r.params.prompt_logprobs]
         shared, head = self._shared_head(cohort, prompts) if not scored else (0, None)
         ids, mask = pad_batch([p[shared:] for p in prompts], pad_id, side="left")
         ids, mask = ids.to(cohort.device), mask.to(cohort.device)
@@ -397,12 +436,10 @@ class Engine:
             cache_position=torch.arange(shared, mask.shape[1], device=cohort.device) if shared else None,
             use_cache=True,
             logits_to_keep=1,  # never materialise [batch, prompt, vocab] logits
-            output_hidden_states=bool(scored),
+            output_hidden_states=scored,
         )
-        last = out.hidden_states[-1] if scored else None
-        prefills = {i: self._score_prompt(cohort, reqs[i].prompt_ids, last[where[i]]) for i in scored}
         kv = [(layer.keys, layer.values) for layer in out.past_key_values.layers]
-        return kv, mask, out.logits[:, -1].float(), prefills, where
+        return kv, mask, out.logits[:, -1].float(), out.hidden_states[-1] if scored else None
 
     def _shared_head(self, cohort: Cohort, prompts: list[list[int]]):
         """(tokens, keys/values) of the prefix these prompts share: the cohort's kept prefix

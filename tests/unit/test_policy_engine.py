@@ -21,6 +21,7 @@ from services.policy.engine import Engine, shared_prefix
 from services.policy.fused import FusedDecoder
 from services.policy.kv import use_gqa_sdpa
 from services.policy.params import validate
+from services.policy.prompt_cache import Prefilled, PromptCache
 from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone, Token, loop_sink
 
 PROMPTS = ["Write a haiku about the sea.", "What is 2+2?", "Tell me a long story about a dragon and a knight.", "Hi"]
@@ -157,6 +158,68 @@ def test_identical_prompts_joining_together_are_prefilled_once_with_the_same_res
         engine.stop()
 
 
+def test_a_prompt_that_comes_back_joins_from_the_prompt_cache_with_the_same_results(loaded):
+    """A version keeps its prefilled prompts (RLHF_PROMPT_CACHE_TOKENS): the same prompts sent
+    again join without a prefill forward, a join of kept and new prompts computes only the
+    new ones, and prompt scores (which need hidden states) are computed again; every
+    request gets the tokens and log-probs of the first time. A new version starts empty."""
+
+    def run(engine, asks):
+        reqs = [request(loaded, p, max_new_tokens=8, return_logprobs=True, **extra) for p, extra in asks]
+        with engine._cv:  # hold the scheduler: all join one prefill
+            for req, _ in reqs:
+                engine.submit(req)
+        engine.run_until_idle()
+        out = []
+        for req, events in reqs:
+            _, (sample,), last = collect(req, events)
+            out.append((sample.text, [t.id for t in sample.tokens], [t.logprob for t in sample.tokens], last.prefill))
+        return out
+
+    def same(got, want):
+        for (text, ids, logprobs, _), (text2, ids2, logprobs2, _) in zip(got, want, strict=True):
+            assert (text, ids) == (text2, ids2) and logprobs == pytest.approx(logprobs2, abs=1e-4)
+
+    engine = Engine(load_settings({}), own_thread=False, keep_prefix=True)
+    engine.set_model(loaded)
+    try:
+        sampled = {"temperature": 1.0, "seed": 11}
+        first = run(engine, [(PROMPTS[0], {}), (PROMPTS[1], sampled), (PROMPTS[2], {})])
+        assert engine.stats()["prefills"] == 1 and engine.stats()["cached_prompts"] == 0
+        assert len(engine._current.prompts) == 3
+        again = run(engine, [(PROMPTS[2], {}), (PROMPTS[0], {}), (PROMPTS[1], sampled)])
+        assert engine.stats()["prefills"] == 1 and engine.stats()["cached_prompts"] == 3  # no forward at all
+        same(again, [first[2], first[0], first[1]])
+        # Kept and new prompts together; a kept prompt whose scores are asked for is computed again.
+        mixed = run(engine, [(PROMPTS[1], sampled), (PROMPTS[3], {}), (PROMPTS[0], {"prompt_logprobs": True})])
+        assert engine.stats()["prefills"] == 2 and engine.stats()["cached_prompts"] == 4
+        same([mixed[0], mixed[2]], [first[1], first[0]])
+        assert mixed[2][3] and not mixed[0][3]
+        engine.set_model(dataclasses.replace(loaded, version="tiny-v2"))
+        assert len(engine._current.prompts) == 0
+        run(engine, [(PROMPTS[0], {})])
+        assert engine.stats()["prefills"] == 3 and engine.stats()["cached_prompts"] == 4
+    finally:
+        engine.stop()
+
+
+def test_the_prompt_cache_keeps_the_most_recently_used_prompts_within_its_columns():
+    def entry(columns):
+        mask = torch.ones(columns, dtype=torch.bool)
+        return Prefilled([(torch.zeros(1, columns, 2), torch.zeros(1, columns, 2))], mask, torch.zeros(3))
+
+    cache = PromptCache(10)
+    cache.put((1,), entry(4))
+    cache.put((2,), entry(4))
+    assert cache.get((1,)) is not None  # now the most recently used
+    cache.put((3,), entry(4))  # 12 columns > 10: the least recently used goes
+    assert cache.get((2,)) is None and cache.get((1,)) is not None and cache.get((3,)) is not None
+    assert cache.columns == 8
+    cache.put((4,), entry(11))  # larger than the whole cache: not kept, nothing else dropped
+    assert cache.get((4,)) is None and len(cache) == 2
+    assert len(PromptCache(0)) == 0
+
+
 def test_seeded_samples_are_reproducible_and_distinct(loaded):
     engine = make_engine(loaded)
     try:
@@ -209,7 +272,9 @@ def test_prompts_joining_together_share_their_common_prefix_with_the_same_result
     off), and of HF generate."""
     outs = {}
     for share in ("8", "0"):
-        engine = Engine(load_settings({"RLHF_PREFILL_SHARED_PREFIX": share}), own_thread=False, keep_prefix=True)
+        # No prompt cache: the prompt sent alone again must come from the kept prefix, not a kept prefill.
+        settings = load_settings({"RLHF_PREFILL_SHARED_PREFIX": share, "RLHF_PROMPT_CACHE_TOKENS": "0"})
+        engine = Engine(settings, own_thread=False, keep_prefix=True)
         engine.set_model(loaded)
         try:
             reqs = [request(loaded, p, max_new_tokens=8, return_logprobs=True) for p in PROMPTS]
