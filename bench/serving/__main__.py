@@ -12,7 +12,11 @@
    tok/s x 2 x parameters / that peak at its batch size.
 3. Closed loop: 1, 4, 16, 32 concurrent gRPC clients streaming 64 new tokens
    each from a fixed prompt set, against `python -m services.policy` run as a
-   subprocess whose RSS is sampled with psutil; TTFT p50/p99 per level.
+   subprocess whose RSS is sampled with psutil; TTFT p50/p99 per level. The set's
+   8 prompts come back, so after their first prefill the server's prompt cache
+   (RLHF_PROMPT_CACHE_TOKENS) serves them; each level reports how its prompts'
+   prefills were had (computed, deduplicated within a join, cached), and 32
+   clients run once more with every prompt made new, which computes them all.
 4. Hot swap: while 8 streams run, a new checkpoint is published and promoted
    (services.common.bus.promote_checkpoint); reports the time from the
    announcement to the first response naming the new version, and failures.
@@ -39,12 +43,14 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
 import grpc
 import psutil
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 from rlhf.v1 import policy_pb2, policy_pb2_grpc
 from tqdm import tqdm
 from transformers import AutoConfig
@@ -76,23 +82,25 @@ GB = 1024**3
 BENCH_TOKEN = "bench-serving"
 
 
-def report_rows(dtype: str, base: dict, levels: list[dict], swap: dict) -> list[dict]:
+def report_rows(dtype: str, base: dict, levels: list[dict], swap: dict, fresh: dict | None = None) -> list[dict]:
     """The rows bench/report.py renders into the results tables (see its docstring)."""
     by_clients = {level["clients"]: level for level in levels}
+    shown = [(by_clients.get(clients), "") for clients in (1, 16, 32)]
+    shown.append((fresh, ", every prompt new (no prefill shared or cached)"))
     rows = []
-    for clients in (1, 16, 32):
-        level = by_clients.get(clients)
+    for level, note in shown:
         if level is None:
             continue
+        clients = level["clients"]
         rows.append(
             {
                 "what": f"serving, {clients} concurrent gRPC stream{'s' if clients > 1 else ''}, 64 new tokens,"
-                f" base model {dtype}",
+                f" base model {dtype}{note}",
                 "result": f"{level['tok_s']:.0f} tok/s, MFU {level['mfu']:.0%}, TTFT p99 {level['ttft_p99_ms']:.0f} ms,"
                 f" peak RSS {level['peak_rss_gb']:.2f} GB",
                 "baseline": f"HF `generate` fp32, one request at a time: {base['tok_s']:.1f} tok/s",
                 "ratio": round(level["tok_s"] / base["tok_s"], 2),
-                "headline": clients == 16,
+                "headline": clients == 16 and not note,
             }
         )
     if swap:
@@ -285,17 +293,24 @@ def stream_once(stub, prompt: str, new_tokens: int, timeout: float = 300) -> tup
     return count, first or 0.0, versions, first_wall
 
 
-def closed_loop(target: str, clients: int, rounds: int, new_tokens: int) -> dict:
-    """`clients` threads, each sending `rounds` requests back to back."""
+def closed_loop(target: str, clients: int, rounds: int, new_tokens: int, fresh: bool = False) -> dict:
+    """`clients` threads, each sending `rounds` requests back to back, from the fixed prompt set;
+    `fresh`: each prompt made new (a request tag appended), so that no prefill can be shared or
+    served from the server's prompt cache."""
     tokens, ttfts, failures = [0] * clients, [], []
     lock = threading.Lock()
+    run = uuid.uuid4().hex[:6]
+
+    def prompt(i: int, r: int) -> str:
+        text = PROMPTS[(i + r) % len(PROMPTS)]
+        return f"{text} (Request {run}-{i}-{r}.)" if fresh else text
 
     def client(i: int) -> None:
         with grpc.insecure_channel(target) as channel:
             stub = policy_pb2_grpc.PolicyServiceStub(channel)
             for r in range(rounds):
                 try:
-                    n, ttft, _, _ = stream_once(stub, PROMPTS[(i + r) % len(PROMPTS)], new_tokens)
+                    n, ttft, _, _ = stream_once(stub, prompt(i, r), new_tokens)
                 except grpc.RpcError as err:
                     with lock:
                         failures.append(f"{err.code().name}: {err.details()}")
@@ -315,6 +330,31 @@ def closed_loop(target: str, clients: int, rounds: int, new_tokens: int) -> dict
         "ttft_p99_ms": 1000 * percentile(ttfts, 99),
         "failed": len(failures),
     }
+
+
+def prefill_counts(http_port: int) -> dict[str, float]:
+    """The server's joining prompts so far by how their prefill was had (rlhf_prefill_prompts_total:
+    computed, deduplicated, cached), from its /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/metrics", timeout=30) as response:
+        text = response.read().decode()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        if family.name == "rlhf_prefill_prompts":
+            for sample in family.samples:
+                if sample.name.endswith("_total"):
+                    how = sample.labels["how"]
+                    counts[how] = counts.get(how, 0.0) + sample.value
+    return counts
+
+
+def measured_loop(target: str, http_port: int, clients: int, rounds: int, new_tokens: int, fresh: bool = False):
+    """`closed_loop`, with how the server had its prompts' prefills during it."""
+    before = prefill_counts(http_port)
+    r = closed_loop(target, clients, rounds, new_tokens, fresh)
+    after = prefill_counts(http_port)
+    r["prefill_prompts"] = {how: int(after[how] - before.get(how, 0.0)) for how in after}
+    r["prompts"] = "each new" if fresh else "fixed set"
+    return r
 
 
 def swap_under_load(settings, target: str, store: CheckpointStore, source: Path, streams: int, new_tokens: int) -> dict:
@@ -484,9 +524,15 @@ def main(argv: list[str]) -> int:
 
         results = []
         for clients in tqdm(levels, desc="concurrency levels", leave=False):
-            r = closed_loop(target, clients, rounds, new_tokens)
+            r = measured_loop(target, http_port, clients, rounds, new_tokens)
             r["peak_rss_gb"] = sampler.take_peak() / GB
             results.append(r)
+        # The fixed set's 8 prompts come back (the server's prompt cache serves their prefills after the
+        # first time); the same 32-stream load with every prompt new shows the cost of computing them all.
+        fresh = None
+        if 32 in levels:
+            fresh = measured_loop(target, http_port, 32, rounds, new_tokens, fresh=True)
+            fresh["peak_rss_gb"] = sampler.take_peak() / GB
         base_after = baseline(preset_dir, baseline_prompts, new_tokens, args.device)
         peaks_after = matmul_peak(config, serve_dtype, levels, args.device, seconds=peak_seconds)
         # Like the baseline, the better of two measurements counts: a higher peak is the conservative MFU.
@@ -495,9 +541,10 @@ def main(argv: list[str]) -> int:
             f"Matmul throughput at the model's shapes ({dtype_name}, {capability})",
             [{"rows": m, "gflop_s_before": peaks_before[m], "gflop_s_after": peaks_after[m]} for m in levels],
         )
-        for r in results:
+        measured = results + ([fresh] if fresh else [])
+        for r in measured:
             r["mfu"] = r["tok_s"] * 2 * params / (peaks[r["clients"]] * 1e9)
-        if any(r["mfu"] > 1 for r in results):
+        if any(r["mfu"] > 1 for r in measured):
             print(
                 "warning: MFU above 100%: the matmul peak was measured while the machine was busy "
                 "(on a shared CPU, 2 OpenMP threads can run ~8x slower than 1); rerun on a quiet machine",
@@ -519,10 +566,10 @@ def main(argv: list[str]) -> int:
             }
             for name, b in (("before", base_before), ("after", base_after))
         ]
-        for r in results:
+        for r in measured:
             rows.append(
                 {
-                    "setup": f"PolicyService gRPC ({dtype_name})",
+                    "setup": f"PolicyService gRPC ({dtype_name}), prompts: {r['prompts']}",
                     "clients": r["clients"],
                     "requests": r["requests"],
                     "tokens": r["tokens"],
@@ -534,6 +581,9 @@ def main(argv: list[str]) -> int:
                     "peak_rss_gb": r["peak_rss_gb"],
                     "matmul_gflop_s": peaks[r["clients"]],
                     "mfu": r["mfu"],
+                    "prefills computed/dedup/cached": "/".join(
+                        str(r["prefill_prompts"].get(how, 0)) for how in ("computed", "deduplicated", "cached")
+                    ),
                 }
             )
         llama = llama_cpp_reference(baseline_prompts, new_tokens)
@@ -615,10 +665,11 @@ def main(argv: list[str]) -> int:
                 "baseline": base,
                 "baseline_runs": [base_before, base_after],
                 "levels": results,
+                "fresh_prompts_32": fresh,
                 "llama_cpp": llama,
                 "swap": {**swap, "peak_rss_gb": swap_rss},
                 "checks": checks,
-                "rows": report_rows(dtype_name, base, results, swap),
+                "rows": report_rows(dtype_name, base, results, swap, fresh),
             },
         )
         return 0

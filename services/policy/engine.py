@@ -52,7 +52,7 @@ from services.common.dtypes import resolve_dtype
 from services.common.errors import Status, StatusError
 from services.common.hotswap import Loaded, ModelSwitcher
 from services.common.logs import get_logger, log_fields
-from services.common.metrics import BATCH_SIZE, GENERATED_TOKENS, QUEUE_DEPTH
+from services.common.metrics import BATCH_SIZE, GENERATED_TOKENS, PREFILL_PROMPTS, QUEUE_DEPTH
 from services.common.models import load_causal_lm, pad_batch, position_ids_from_mask, resolve_device
 from services.policy.fused import FusedDecoder, drop_packed_originals, ops_for, prepack_linears, unsupported
 from services.policy.kernels import NativeOps, TorchOps
@@ -387,6 +387,12 @@ class Engine:
         kept = {p: e for p in distinct if p not in rescore and (e := cohort.prompts.get(p)) is not None}
         self.cached_prompts += len(kept)
         missing = [p for p in distinct if p not in kept]
+        for how, count in (
+            ("computed", len(missing)),
+            ("deduplicated", len(reqs) - len(distinct)),
+            ("cached", len(kept)),
+        ):
+            PREFILL_PROMPTS.labels(self.service, how).inc(count)
         prefills: dict[int, list[TokenOut]] = {}
         if missing:
             kv, mask, logits, hidden = self._forward_prompts(cohort, [list(p) for p in missing], bool(scored))
