@@ -267,7 +267,7 @@ class EngineRollouts:
         if self.mirror:
             self.mirror.sync()
         if self.fused_reason is None:  # the trainer puts the policy in eval mode for rollouts
-            self.decoder.rlhf_fused = FusedDecoder(self.decoder, rows=self.rows, ops=self.ops)
+            self.decoder.rlhf_fused = FusedDecoder(self.decoder, rows=self.rows, ops=self.ops, small_linears=False)
             self.fused_batches += 1
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prompt_ids):

@@ -24,7 +24,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from services.policy.kernels import NativeOps, TorchOps, decode_ops
+from services.policy.kernels import SMALL_LINEAR_ROWS, NativeOps, TorchOps, decode_ops
 from services.policy.kv import KvWindow
 
 
@@ -51,15 +51,21 @@ def _packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
 
 
 class Linear:
-    """y = x W^T, from a prepacked copy of W when `_packed_weight` gives one."""
+    """y = x W^T, from a prepacked copy of W when `_packed_weight` gives one; with `native`
+    ops, at most SMALL_LINEAR_ROWS rows at a time run on their own bf16 matmul (its copy of
+    W) where it applies (kernels.NativeOps.pack_linear)."""
 
-    __slots__ = ("weight", "packed")
+    __slots__ = ("weight", "packed", "native", "small")
 
-    def __init__(self, weight: torch.Tensor, rows: int):
+    def __init__(self, weight: torch.Tensor, rows: int, native: NativeOps | None = None):
         self.packed = _packed_weight(weight, rows)
         self.weight = None if self.packed is not None else weight.detach()
+        self.native = native
+        self.small = native.pack_linear(weight) if native is not None else None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.small is not None and x.shape[0] <= SMALL_LINEAR_ROWS:
+            return self.native.linear(x, self.small)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
@@ -148,14 +154,14 @@ def ops_for(model, settings) -> tuple[TorchOps | NativeOps, str]:
 class _Layer:
     __slots__ = ("norm_in", "qkv", "o", "norm_post", "gate_up", "down")
 
-    def __init__(self, layer, rows: int):
+    def __init__(self, layer, rows: int, native: NativeOps | None):
         attn, mlp = layer.self_attn, layer.mlp
         self.norm_in = layer.input_layernorm.weight.detach()
-        self.qkv = Linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), rows)
-        self.o = Linear(attn.o_proj.weight, rows)
+        self.qkv = Linear(torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]), rows, native)
+        self.o = Linear(attn.o_proj.weight, rows, native)
         self.norm_post = layer.post_attention_layernorm.weight.detach()
-        self.gate_up = Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), rows)
-        self.down = Linear(mlp.down_proj.weight, rows)
+        self.gate_up = Linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]), rows, native)
+        self.down = Linear(mlp.down_proj.weight, rows, native)
 
 
 class FusedDecoder:
@@ -166,9 +172,12 @@ class FusedDecoder:
     Holds its own fused (and, for bf16, prepacked) copies of the weights, taken
     when it is built: a model whose weights change afterwards needs a new one.
     `rows` is the batch size oneDNN's weight layout is chosen for; `ops` runs the
-    work outside the linear layers (services/policy/kernels.py; torch ops unless given)."""
+    work outside the linear layers (services/policy/kernels.py; torch ops unless given)
+    and, with `small_linears`, steps of at most SMALL_LINEAR_ROWS rows' linear layers
+    where native ops have a bf16 matmul (another copy of the weights, packed in ~0.3 s
+    for SmolLM2-135M: worth it for a served version, not for a rollout batch)."""
 
-    def __init__(self, model, rows: int, ops: TorchOps | NativeOps | None = None):
+    def __init__(self, model, rows: int, ops: TorchOps | NativeOps | None = None, small_linears: bool = True):
         reason = unsupported(model)
         if reason:
             raise ValueError(f"no fused decode step for this model: {reason}")
@@ -178,15 +187,16 @@ class FusedDecoder:
         self.hidden, self.inter = config.hidden_size, config.intermediate_size
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim**-0.5
+        self.ops = ops or TorchOps()
+        native = self.ops if small_linears and isinstance(self.ops, NativeOps) else None
         with torch.no_grad():
-            self.layers = [_Layer(layer, rows) for layer in inner.layers]
-            self.lm_head = Linear(model.get_output_embeddings().weight, rows)
+            self.layers = [_Layer(layer, rows, native) for layer in inner.layers]
+            self.lm_head = Linear(model.get_output_embeddings().weight, rows, native)
         self.embed = inner.embed_tokens
         self.norm = inner.norm.weight.detach()
         # Each layer's output feeds the next layer's input norm; the last one feeds the final norm.
         self.next_norms = [layer.norm_in for layer in self.layers[1:]] + [self.norm]
         self.rotary = inner.rotary_emb  # transformers' own cos/sin (any rope scaling it implements)
-        self.ops = ops or TorchOps()
 
     def step(self, ids: torch.Tensor, kv: KvWindow, rows: slice) -> torch.Tensor:
         """Logits [rows, vocab] (the model's dtype) for feeding `ids` [rows] to KV rows

@@ -27,6 +27,12 @@ plain attention loops / the AVX-512 path: bf16 92.5 / 82.8 / 72.9,
 64.6 / 52.4 / 49.0 and 52.2 / 40.2 / 38.8 ms; fp32, 24 rows (medians of 20):
 160.5 / 145.1 / 142.3 ms.
 
+Where the CPU has AVX512-BF16, `NativeOps` also has a bf16 matmul for steps of
+at most SMALL_LINEAR_ROWS rows (`pack_linear`, `linear`; fused.Linear takes it):
+oneDNN's reads the weights far below the memory's speed at a few rows. Measured
+here, bf16 decode step plus greedy pick, oneDNN / native matmul, medians of 30
+interleaved: 1 row 39.6 / 23.2 ms, 4 rows 39.6 / 25.5, 8 rows 41.1 / 31.8.
+
 `decode_ops` picks one: native where RLHF_NATIVE_KERNELS allows it, the model is
 on the CPU in bf16 or fp32 with at most 64 query heads per K/V head, and the
 build and the check pass; torch ops otherwise, with the reason (no compiler on
@@ -67,6 +73,12 @@ def flags() -> tuple[str, ...]:
 
 
 _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
+# Up to this many rows a bf16 linear layer runs on kernels.c's own matmul (where the CPU has
+# AVX512-BF16), which reads the weights at the memory's speed; oneDNN's is faster above it.
+# Measured here (SmolLM2-135M's 120 layer matmuls, bf16, 2 threads, medians of 12), oneDNN /
+# native: 1 row 31.7 / 12.7 ms, 2 rows 25.6 / 13.7, 4 rows 23.7 / 14.5, 8 rows 23.4 / 20.2,
+# 16 rows 24.9 / 33.9, 32 rows 33.8 / 67.0.
+SMALL_LINEAR_ROWS = 8
 MAX_GROUP = 64  # query heads per K/V head that kernels.c's attention has room for
 
 
@@ -147,6 +159,12 @@ class NativeOps:
         self._attention.restype = ctypes.c_int
         self._row_max = getattr(library, f"row_max_{suffix}")
         self._row_max.argtypes = [pointer, integer, integer, integer, pointer, pointer]
+        self._small_linear = dtype == torch.bfloat16 and bool(library.linear_available())
+        self._pack_linear = library.pack_linear_bf16
+        self._pack_linear.argtypes = [pointer, integer, integer, pointer]
+        self._linear = library.linear_bf16
+        self._linear.argtypes = [pointer, integer, integer, integer, pointer, integer, pointer]
+        self._linear.restype = ctypes.c_int
 
     def _check(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
@@ -200,6 +218,30 @@ class NativeOps:
         )  # fmt: skip
         if status:
             raise MemoryError("native attention could not allocate its scratch memory")
+        return out
+
+    def pack_linear(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """`weight` [out, in] reordered for `linear` (a copy), or None where that kernel does not
+        apply: not bf16, no AVX512-BF16 on this CPU, out not a multiple of 16 or in odd."""
+        out, width = weight.shape
+        if not self._small_linear or weight.dtype != torch.bfloat16 or weight.device.type != "cpu":
+            return None
+        if out % 16 or width % 2:
+            return None
+        plain = weight.detach().contiguous()
+        packed = torch.empty((out, width // 2), dtype=torch.int32)
+        self._pack_linear(plain.data_ptr(), out, width, packed.data_ptr())
+        return packed
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+        """x [rows, in] . W^T from `pack_linear`'s copy of W: fp32 sums rounded once to bf16, as
+        oneDNN's are (in another order, so the last bit can differ)."""
+        self._check(x)
+        rows, width = x.shape
+        if x.stride(0) % 2 or x.data_ptr() % 4:
+            x = x.contiguous()
+        out = x.new_empty((rows, packed.shape[0]))
+        self._linear(x.data_ptr(), x.stride(0), rows, width, packed.data_ptr(), packed.shape[0], out.data_ptr())
         return out
 
     def row_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -292,6 +334,13 @@ def disagreement(ops: NativeOps, reference: TorchOps | None = None, seed: int = 
     plain = reference.attention_mask(mask, kv_heads, 3, ops.dtype)
     if not _agrees(got, reference.attention(qk, keys, values, plain, heads, dim**-0.5)):
         return "attention"
+    weight = rand(32, 40, scale=0.2)
+    packed = ops.pack_linear(weight)
+    if packed is not None:
+        x = rand(3, 40)
+        want = x.float() @ weight.float().T
+        if not bool(((ops.linear(x, packed).float() - want).abs() <= 2**-8 * want.abs() + 1e-3).all()):
+            return "linear"
     # Logits-like rows: wider than a register block with a ragged end, ties (the first index
     # counts), a row of -inf, and a NaN.
     scores = rand(6, 53)

@@ -8,7 +8,16 @@ import pytest
 import torch
 
 from services.policy import kernels
-from services.policy.kernels import BuildError, NativeOps, TorchOps, build, decode_ops, disagreement
+from services.policy.fused import Linear
+from services.policy.kernels import (
+    SMALL_LINEAR_ROWS,
+    BuildError,
+    NativeOps,
+    TorchOps,
+    build,
+    decode_ops,
+    disagreement,
+)
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +113,34 @@ def test_native_row_max_is_torchs_max_over_a_vocabulary(library, dtype):
         assert indices[1] == 5 and indices[5] == width - 1 and indices[3] == 0 and torch.isnan(values[4])
 
 
+def test_native_linear_at_a_few_rows_matches_a_float32_matmul(library):
+    """kernels.c's bf16 matmul for decode steps of up to SMALL_LINEAR_ROWS rows: fp32 sums
+    rounded once to bf16, at the served model's shapes and a small one, 1 to 9 rows (blocks
+    of 8, 4, 2 and 1), and rows read through a stride. fused.Linear takes it up to
+    SMALL_LINEAR_ROWS rows and oneDNN's (bit-equal to F.linear) above."""
+    native = NativeOps(library, torch.bfloat16)
+    generator = torch.Generator().manual_seed(3)
+    weight = (torch.randn((960, 576), generator=generator) * 576**-0.5).to(torch.bfloat16)
+    packed = native.pack_linear(weight)
+    if packed is None:  # no AVX512-BF16 on this CPU: every row count stays on oneDNN's matmul
+        assert not library.linear_available()
+        x = torch.randn((1, 576), generator=generator).to(torch.bfloat16)
+        assert torch.equal(Linear(weight, 32, native)(x), torch.nn.functional.linear(x, weight))
+        return
+    for (out, width), rows in [((960, 576), n) for n in range(1, 10)] + [((48, 40), 3), ((576, 1536), 8)]:
+        w = weight if out == 960 else (torch.randn((out, width), generator=generator) * width**-0.5).to(torch.bfloat16)
+        x = torch.randn((rows, 2 * width), generator=generator).to(torch.bfloat16)[:, :width]  # a row stride of 2x
+        got = native.linear(x, native.pack_linear(w)).float()
+        want = x.float() @ w.float().T
+        torch.testing.assert_close(got, want, rtol=2**-8, atol=1e-3)
+    assert NativeOps(library, torch.float32).pack_linear(weight.float()) is None
+    assert native.pack_linear(weight[:40]) is None and native.pack_linear(weight[:, :575]) is None
+    layer = Linear(weight, 32, native)
+    x = torch.randn((12, 576), generator=generator).to(torch.bfloat16)
+    assert torch.equal(layer(x[:9]), torch.nn.functional.linear(x[:9], weight))  # oneDNN
+    assert torch.equal(layer(x[:SMALL_LINEAR_ROWS]), native.linear(x[:SMALL_LINEAR_ROWS], packed))
+
+
 def test_the_check_names_a_kernel_that_computes_something_else(library):
     broken = NativeOps(library, torch.bfloat16)
     broken._rope = lambda *args: None  # leaves queries and keys unrotated
@@ -116,6 +153,11 @@ def test_the_check_names_a_kernel_that_computes_something_else(library):
     attention = broken._attention
     broken._attention = lambda *args: attention(*args[:-1], args[-1] * 2)  # a wrong softmax temperature
     assert disagreement(broken) == "attention"
+    broken = NativeOps(library, torch.bfloat16)
+    if broken.pack_linear(torch.zeros((32, 40), dtype=torch.bfloat16)) is not None:
+        linear = broken._linear
+        broken._linear = lambda x, stride, m, k, *rest: linear(x, stride, m, k - 2, *rest)  # drops an input pair
+        assert disagreement(broken) == "linear"
     broken = NativeOps(library, torch.float32)
     row_max = broken._row_max
     broken._row_max = lambda x, stride, n, width, *out: row_max(x, stride, n, width - 1, *out)  # misses a column
