@@ -401,12 +401,13 @@ class Engine:
                 prefills = {
                     i: self._score_prompt(cohort, reqs[i].prompt_ids, hidden[at[distinct[where[i]]]]) for i in scored
                 }
-            if cohort.prompts.limit:
-                for j, p in enumerate(missing):
-                    cohort.prompts.put(p, take_row(kv, mask, logits, j))
-            if not kept:
+            if not kept and not cohort.prompts.limit:
                 return kv, mask, logits, prefills, where
             fresh = {p: take_row(kv, mask, logits, j) for j, p in enumerate(missing)}
+            for p, entry in fresh.items():  # entries are never written to: the cache and this join share them
+                cohort.prompts.put(p, entry)
+            if not kept:
+                return kv, mask, logits, prefills, where
         else:
             fresh = {}
         kv, mask, logits = stack([kept[p] if p in kept else fresh[p] for p in distinct])
