@@ -446,11 +446,11 @@ ATTENTION(f32, float, 0)
 ROW_MAX(bf16, uint16_t, 1)
 ROW_MAX(f32, float, 0)
 
-/* Linear layers at a few rows (decode steps of 1 to SMALL_ROWS streams): out = x W^T with
- * AVX512-BF16 dot products (fp32 sums, rounded once to bf16), reading W once, in the order
- * it is stored, from a copy reordered by pack_linear_bf16. At one row oneDNN's matmul left
- * most of the memory bandwidth unused (SmolLM2-135M's 30 layers, one row: 32 ms, against 13
- * ms for this); from about 8 rows on it is the faster one. */
+/* Linear layers at a few rows (decode steps of up to kernels.py's SMALL_LINEAR_ROWS streams):
+ * out = x W^T with AVX512-BF16 dot products (fp32 sums, rounded once to bf16), reading W once,
+ * in the order it is stored, from a copy reordered by pack_linear_bf16. At one row oneDNN's
+ * matmul left most of the memory bandwidth unused (SmolLM2-135M's 30 layers, one row: 32 ms,
+ * against 13 ms for this); from 8 to 16 rows on, oneDNN's is the faster. */
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 int linear_available(void) { return 1; }
 
