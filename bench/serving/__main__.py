@@ -66,7 +66,7 @@ from services.common.dtypes import cpu_capability, resolve_dtype
 from services.common.grpc_server import wait_for_serving
 from services.common.models import GGUF_FILE, ensure_preset, gguf_dir, load_causal_lm, load_tokenizer, render_prompt
 from services.policy.fused import Linear, prepack_linears
-from services.policy.kernels import SMALL_LINEAR_ROWS, NativeOps, decode_ops
+from services.policy.kernels import NativeOps, decode_ops
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper who finds a message in a bottle.",
@@ -226,8 +226,9 @@ def matmul_peak(config, dtype: torch.dtype, batch_sizes, device: str = "cpu", se
     "Best" is over the ways the server could run them: plain `F.linear`; the
     prepacked oneDNN weights its prefill runs bf16 on; the fused decode step's
     layers (services/policy/fused.py: q/k/v and gate/up as one layer each,
-    prepacked for m rows), with the same FLOPs; and up to SMALL_LINEAR_ROWS rows,
-    those layers on the native kernels' own bf16 matmul where this CPU has it; each
+    prepacked for m rows), with the same FLOPs; and those layers on the native kernels'
+    own bf16 matmul where this CPU has it for m rows (AMX tiles: any m; AVX512-BF16 dot
+    products: up to SMALL_LINEAR_ROWS); each
     on one intra-op thread and on this process's default count (on a busy machine
     one thread can be much faster). A higher peak means a lower, more conservative MFU."""
     h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
@@ -258,8 +259,10 @@ def matmul_peak(config, dtype: torch.dtype, batch_sizes, device: str = "cpu", se
             ways = dict(variants)
             ways["fused, packed for m rows"] = [(Linear(w, m), w.shape[1]) for w in weights(fused_shapes)]
             ways["packed for m rows"] = [(Linear(w, m), w.shape[1]) for w in weights(shapes)]
-            if native is not None and m <= SMALL_LINEAR_ROWS:
-                ways["fused, native matmul"] = [(Linear(w, m, native), w.shape[1]) for w in weights(fused_shapes)]
+            if native is not None:
+                own = [(Linear(w, m, native), w.shape[1]) for w in weights(fused_shapes)]
+                if all(layer.own_rows >= m for layer, _ in own):
+                    ways["fused, native matmul"] = own
             inputs = {inp: torch.randn(m, inp, dtype=dtype, device=device) for _, inp in shapes}
             flops = sum(2 * m * out * inp for out, inp in shapes)
             best = 0.0

@@ -19,12 +19,13 @@ transformers' forward (`RLHF_FUSED_DECODE`).
 from __future__ import annotations
 
 import ctypes
+import math
 import types
 
 import torch
 import torch.nn.functional as F
 
-from services.policy.kernels import SMALL_LINEAR_ROWS, NativeOps, TorchOps, decode_ops
+from services.policy.kernels import NativeOps, TorchOps, decode_ops
 from services.policy.kv import KvWindow
 
 
@@ -51,21 +52,24 @@ def _packed_weight(weight: torch.Tensor, rows: int) -> torch.Tensor | None:
 
 
 class Linear:
-    """y = x W^T, from a prepacked copy of W when `_packed_weight` gives one; with `native`
-    ops, at most SMALL_LINEAR_ROWS rows at a time run on their own bf16 matmul (its copy of
-    W) where it applies (kernels.NativeOps.pack_linear)."""
+    """y = x W^T. With `native` ops, on their own bf16 matmul where it applies
+    (kernels.NativeOps.pack_linear: its copy of W), for as many rows as it is the faster
+    one for (`linear_rows`: any number on AMX tiles, else SMALL_LINEAR_ROWS); otherwise from
+    a prepacked copy of W when `_packed_weight` gives one, else W itself. A layer that the
+    native matmul serves at any row count keeps no other copy."""
 
-    __slots__ = ("weight", "packed", "native", "small")
+    __slots__ = ("weight", "packed", "native", "own", "own_rows")
 
     def __init__(self, weight: torch.Tensor, rows: int, native: NativeOps | None = None):
-        self.packed = _packed_weight(weight, rows)
-        self.weight = None if self.packed is not None else weight.detach()
         self.native = native
-        self.small = native.pack_linear(weight) if native is not None else None
+        self.own = native.pack_linear(weight) if native is not None else None
+        self.own_rows = native.linear_rows(self.own) if self.own is not None else 0
+        self.packed = _packed_weight(weight, rows) if self.own_rows < math.inf else None
+        self.weight = None if self.packed is not None or self.own_rows == math.inf else weight.detach()
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.small is not None and x.shape[0] <= SMALL_LINEAR_ROWS:
-            return self.native.linear(x, self.small)
+        if x.shape[0] <= self.own_rows:
+            return self.native.linear(x, self.own)
         if self.packed is not None:
             return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
         return F.linear(x, self.weight)
@@ -173,9 +177,9 @@ class FusedDecoder:
     when it is built: a model whose weights change afterwards needs a new one.
     `rows` is the batch size oneDNN's weight layout is chosen for; `ops` runs the
     work outside the linear layers (services/policy/kernels.py; torch ops unless given)
-    and, with `small_linears`, steps of at most SMALL_LINEAR_ROWS rows' linear layers
-    where native ops have a bf16 matmul (another copy of the weights, packed in ~0.3 s
-    for SmolLM2-135M: worth it for a served version, not for a rollout batch)."""
+    and, with `small_linears`, the linear layers too where native ops have a bf16 matmul
+    for the step's row count (`Linear`; a copy of the weights packed in ~0.3 s for
+    SmolLM2-135M: worth it for a served version, not for a rollout batch)."""
 
     def __init__(self, model, rows: int, ops: TorchOps | NativeOps | None = None, small_linears: bool = True):
         reason = unsupported(model)

@@ -10,6 +10,7 @@
  * attention and the row maximum use AVX-512 registers where the compiler targets them
  * (-march=native) and plain loops elsewhere.
  */
+#define _DEFAULT_SOURCE /* syscall(), for the AMX grant */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -446,11 +447,14 @@ ATTENTION(f32, float, 0)
 ROW_MAX(bf16, uint16_t, 1)
 ROW_MAX(f32, float, 0)
 
-/* Linear layers at a few rows (decode steps of up to kernels.py's SMALL_LINEAR_ROWS streams):
- * out = x W^T with AVX512-BF16 dot products (fp32 sums, rounded once to bf16), reading W once,
- * in the order it is stored, from a copy reordered by pack_linear_bf16. At one row oneDNN's
- * matmul left most of the memory bandwidth unused (SmolLM2-135M's 30 layers, one row: 32 ms,
- * against 13 ms for this); from 8 to 16 rows on, oneDNN's is the faster. */
+/* Linear layers of decode steps: out = x W^T, fp32 sums rounded once to bf16, reading W once per
+ * 32 rows, in the order it is stored, from a copy reordered by pack_linear_bf16. Two kernels
+ * read that copy: AVX512-BF16 dot products (up to kernels.py's SMALL_LINEAR_ROWS rows; above
+ * that oneDNN's matmul is the faster), and where the CPU has AMX, tile products at any row
+ * count. oneDNN's matmul left most of the memory bandwidth unused at decode steps' row counts:
+ * SmolLM2-135M's 121 layer matmuls (bf16, 2 threads, medians of 8), oneDNN / dot products /
+ * tiles: 1 row 30.0 / 16.6 / 14.5 ms, 8 rows 27.2 / 23.0 / 15.4, 16 rows 26.9 / 43.1 / 14.4,
+ * 32 rows 37.9 / - / 20.7, 64 rows 38.6 / - / 32.6. */
 #if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 int linear_available(void) { return 1; }
 
@@ -508,11 +512,135 @@ int linear_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int64_t
     }
     return 0;
 }
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Linux hands a process the AMX tile registers only once it asks (arch_prctl ARCH_REQ_XCOMP_PERM
+ * for XFEATURE_XTILEDATA); the grant covers all its threads. 1 when granted. */
+int amx_available(void) { return syscall(SYS_arch_prctl, 0x1023, 18) == 0; }
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} __attribute__((aligned(64))) tile_config;
+
+/* Each tile product's weights are fetched into L1 this many 32-deep steps ahead: over
+ * SmolLM2-135M's layers, 1, 2 and 4 ran alike (1 row 14.3-15.0 ms, 32 rows 19.3-20.7),
+ * 8 slower (17.6, 25.4), none slower still (19.4, 26.1). */
+#define AMX_AHEAD 2
+
+/* Tiles 0-3: the fp32 sums of a 32-row x 32-column block (rows 0-15 by columns 0-15, 0-15 by
+ * 16-31, 16-31 by 0-15, 16-31 by 16-31); 4, 5: the two 16-row halves' 32 input columns; 6, 7: two
+ * 16-column blocks' packed weights for those 32 input columns (16 pairs of 16 lanes, 64 bytes
+ * each: exactly pack_linear_bf16's layout, so one copy of the weights serves both kernels). */
+static void tiles_configure(void) {
+    tile_config config = {0};
+    config.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        config.rows[t] = 16;
+        config.colsb[t] = 64;
+    }
+    _tile_loadconfig(&config);
+}
+
+/* x: 16 or 32 rows (`halves`), row stride x_stride elements; w0/w1: two 16-column blocks of
+ * packed weights (w1 NULL: one block); c: [32][32] floats. */
+#define AMX_BLOCK(HALVES, BLOCKS)                                                                          \
+    static void amx_block_##HALVES##_##BLOCKS(const uint16_t *x, int64_t x_stride, int64_t kblocks,       \
+                                              const uint32_t *w0, const uint32_t *w1, float *c) {          \
+        _tile_zero(0);                                                                                     \
+        if (BLOCKS == 2) _tile_zero(1);                                                                    \
+        if (HALVES == 2) _tile_zero(2);                                                                    \
+        if (HALVES == 2 && BLOCKS == 2) _tile_zero(3);                                                     \
+        for (int64_t kb = 0; kb < kblocks; kb++) {                                                         \
+            _tile_loadd(4, x + kb * 32, x_stride * 2);                                                     \
+            if (HALVES == 2) _tile_loadd(5, x + 16 * x_stride + kb * 32, x_stride * 2);                    \
+            for (int line = 0; line < 16; line++) {                                                        \
+                _mm_prefetch((const char *)(w0 + (kb + AMX_AHEAD) * 256 + line * 16), _MM_HINT_T0);        \
+                if (BLOCKS == 2)                                                                           \
+                    _mm_prefetch((const char *)(w1 + (kb + AMX_AHEAD) * 256 + line * 16), _MM_HINT_T0);    \
+            }                                                                                              \
+            _tile_loadd(6, w0 + kb * 256, 64);                                                             \
+            if (BLOCKS == 2) _tile_loadd(7, w1 + kb * 256, 64);                                            \
+            _tile_dpbf16ps(0, 4, 6);                                                                       \
+            if (BLOCKS == 2) _tile_dpbf16ps(1, 4, 7);                                                      \
+            if (HALVES == 2) _tile_dpbf16ps(2, 5, 6);                                                      \
+            if (HALVES == 2 && BLOCKS == 2) _tile_dpbf16ps(3, 5, 7);                                       \
+        }                                                                                                  \
+        _tile_stored(0, c, 128);                                                                           \
+        if (BLOCKS == 2) _tile_stored(1, c + 16, 128);                                                     \
+        if (HALVES == 2) _tile_stored(2, c + 16 * 32, 128);                                                \
+        if (HALVES == 2 && BLOCKS == 2) _tile_stored(3, c + 16 * 32 + 16, 128);                            \
+    }
+AMX_BLOCK(1, 1)
+AMX_BLOCK(1, 2)
+AMX_BLOCK(2, 1)
+AMX_BLOCK(2, 2)
+
+/* out [m, n] = x [m, k] . w^T as linear_bf16 computes it, on AMX tiles: k % 32 == 0. The rows go
+ * 32 at a time (x copied into a zero-padded buffer when m is not a multiple of 16); the output's
+ * 32-column blocks are split over the caller's OpenMP team, each thread reading its weights once,
+ * in storage order, for every 32 rows. Returns 0, or -1 when the buffer could not be had. */
+int linear_amx_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int64_t k,
+                    const uint32_t *restrict packed, int64_t n, uint16_t *restrict out) {
+    int64_t pairs = k / 2, kblocks = k / 32, rows = (m + 15) / 16 * 16;
+    uint16_t *padded = NULL;
+    if (rows != m) {
+        padded = calloc((size_t)(rows * k), sizeof(uint16_t));
+        if (!padded) return -1;
+        for (int64_t r = 0; r < m; r++) memcpy(padded + r * k, x + r * x_stride, (size_t)k * 2);
+        x = padded;
+        x_stride = k;
+    }
+    int64_t blocks = n / 16, pairs_of_blocks = (blocks + 1) / 2;
+    _Pragma("omp parallel") {
+        tiles_configure();
+        float c[32 * 32] __attribute__((aligned(64)));
+        _Pragma("omp for schedule(static)") for (int64_t bp = 0; bp < pairs_of_blocks; bp++) {
+            int64_t nb = 2 * bp;
+            int two = nb + 1 < blocks;
+            const uint32_t *w0 = packed + nb * pairs * 16, *w1 = two ? w0 + pairs * 16 : NULL;
+            for (int64_t r = 0; r < rows; r += 32) {
+                const uint16_t *xr = x + r * x_stride;
+                int halves = rows - r >= 32 ? 2 : 1;
+                if (halves == 2 && two) amx_block_2_2(xr, x_stride, kblocks, w0, w1, c);
+                else if (halves == 2) amx_block_2_1(xr, x_stride, kblocks, w0, w1, c);
+                else if (two) amx_block_1_2(xr, x_stride, kblocks, w0, w1, c);
+                else amx_block_1_1(xr, x_stride, kblocks, w0, w1, c);
+                int64_t last = r + 32 < m ? r + 32 : m;
+                for (int64_t i = r; i < last; i++) {
+                    store16(out + i * n, nb * 16, _mm512_load_ps(c + (i - r) * 32), 1);
+                    if (two) store16(out + i * n, nb * 16 + 16, _mm512_load_ps(c + (i - r) * 32 + 16), 1);
+                }
+            }
+        }
+        _tile_release();
+    }
+    free(padded);
+    return 0;
+}
+#else
+int amx_available(void) { return 0; }
+int linear_amx_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, const uint32_t *packed, int64_t n,
+                    uint16_t *out) {
+    (void)x, (void)x_stride, (void)m, (void)k, (void)packed, (void)n, (void)out;
+    return -1; /* no AMX on this CPU or compiler */
+}
+#endif
 #else
 int linear_available(void) { return 0; }
 void pack_linear_bf16(const uint16_t *w, int64_t n, int64_t k, uint32_t *out) { (void)w, (void)n, (void)k, (void)out; }
 int linear_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, const uint32_t *packed, int64_t n,
                 uint16_t *out) {
+    (void)x, (void)x_stride, (void)m, (void)k, (void)packed, (void)n, (void)out;
+    return -1; /* no AVX512-BF16 on this CPU */
+}
+int amx_available(void) { return 0; }
+int linear_amx_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, const uint32_t *packed, int64_t n,
+                    uint16_t *out) {
     (void)x, (void)x_stride, (void)m, (void)k, (void)packed, (void)n, (void)out;
     return -1; /* no AVX512-BF16 on this CPU */
 }

@@ -27,11 +27,14 @@ plain attention loops / the AVX-512 path: bf16 92.5 / 82.8 / 72.9,
 64.6 / 52.4 / 49.0 and 52.2 / 40.2 / 38.8 ms; fp32, 24 rows (medians of 20):
 160.5 / 145.1 / 142.3 ms.
 
-Where the CPU has AVX512-BF16, `NativeOps` also has a bf16 matmul for steps of
-at most SMALL_LINEAR_ROWS rows (`pack_linear`, `linear`; fused.Linear takes it):
-oneDNN's reads the weights far below the memory's speed at a few rows. Measured
-here, bf16 decode step plus greedy pick, oneDNN / native matmul, medians of 30
-interleaved: 1 row 39.6 / 23.2 ms, 4 rows 39.6 / 25.5, 8 rows 41.1 / 31.8.
+Where the CPU has AVX512-BF16, `NativeOps` also has a bf16 matmul (`pack_linear`,
+`linear`; fused.Linear takes it): on AMX tiles for any row count where the CPU
+has them and Linux grants them, else on AVX512-BF16 dot products for steps of at
+most SMALL_LINEAR_ROWS rows. oneDNN's reads the weights far below the memory's
+speed at decode steps' row counts. Measured here, bf16 decode step plus greedy
+pick, medians of 30 interleaved: oneDNN / dot products, 1 row 39.6 / 23.2 ms,
+4 rows 39.6 / 25.5, 8 rows 41.1 / 31.8; oneDNN / tiles, 28 rows 66.5 / 42.1,
+14 rows 38.8 / 25.5.
 
 `decode_ops` picks one: native where RLHF_NATIVE_KERNELS allows it, the model is
 on the CPU in bf16 or fp32 with at most 64 query heads per K/V head, and the
@@ -44,6 +47,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import math
 import os
 import platform
 import shutil
@@ -79,6 +83,9 @@ _SUFFIX = {torch.bfloat16: "bf16", torch.float32: "f32"}
 # native: 1 row 31.7 / 12.7 ms, 2 rows 25.6 / 13.7, 4 rows 23.7 / 14.5, 8 rows 23.4 / 20.2,
 # 16 rows 24.9 / 33.9, 32 rows 33.8 / 67.0.
 SMALL_LINEAR_ROWS = 8
+# Where the CPU has AMX (and Linux grants the tiles), the native matmul runs any number of rows
+# on them, for weights whose input width is a multiple of this (one tile's depth in bf16).
+AMX_DEPTH = 32
 MAX_GROUP = 64  # query heads per K/V head that kernels.c's attention has room for
 
 
@@ -165,6 +172,10 @@ class NativeOps:
         self._linear = library.linear_bf16
         self._linear.argtypes = [pointer, integer, integer, integer, pointer, integer, pointer]
         self._linear.restype = ctypes.c_int
+        self._amx = self._small_linear and bool(library.amx_available())
+        self._linear_amx = library.linear_amx_bf16
+        self._linear_amx.argtypes = self._linear.argtypes
+        self._linear_amx.restype = ctypes.c_int
 
     def _check(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
@@ -233,15 +244,26 @@ class NativeOps:
         self._pack_linear(plain.data_ptr(), out, width, packed.data_ptr())
         return packed
 
+    def _on_tiles(self, width: int) -> bool:
+        return self._amx and width % AMX_DEPTH == 0
+
+    def linear_rows(self, packed: torch.Tensor) -> float:
+        """The most rows at once that `linear` is the faster matmul for, given `pack_linear`'s
+        copy of a weight: any number where it runs on AMX tiles, else SMALL_LINEAR_ROWS."""
+        return math.inf if self._on_tiles(2 * packed.shape[1]) else SMALL_LINEAR_ROWS
+
     def linear(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
         """x [rows, in] . W^T from `pack_linear`'s copy of W: fp32 sums rounded once to bf16, as
-        oneDNN's are (in another order, so the last bit can differ)."""
+        oneDNN's are (in another order, so the last bit can differ). On AMX tiles where the CPU
+        grants them and `in` is a multiple of AMX_DEPTH, else AVX512-BF16 dot products."""
         self._check(x)
         rows, width = x.shape
         if x.stride(0) % 2 or x.data_ptr() % 4:
             x = x.contiguous()
         out = x.new_empty((rows, packed.shape[0]))
-        self._linear(x.data_ptr(), x.stride(0), rows, width, packed.data_ptr(), packed.shape[0], out.data_ptr())
+        kernel = self._linear_amx if self._on_tiles(width) else self._linear
+        if kernel(x.data_ptr(), x.stride(0), rows, width, packed.data_ptr(), packed.shape[0], out.data_ptr()):
+            raise MemoryError("the native matmul could not allocate its scratch memory")
         return out
 
     def row_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -334,13 +356,16 @@ def disagreement(ops: NativeOps, reference: TorchOps | None = None, seed: int = 
     plain = reference.attention_mask(mask, kv_heads, 3, ops.dtype)
     if not _agrees(got, reference.attention(qk, keys, values, plain, heads, dim**-0.5)):
         return "attention"
-    weight = rand(32, 40, scale=0.2)
-    packed = ops.pack_linear(weight)
-    if packed is not None:
-        x = rand(3, 40)
-        want = x.float() @ weight.float().T
-        if not bool(((ops.linear(x, packed).float() - want).abs() <= 2**-8 * want.abs() + 1e-3).all()):
-            return "linear"
+    # The matmul on dot products (an input width that AMX tiles do not take), and where the CPU has
+    # them on tiles: rows that fill one tile and a part of another.
+    for rows, width in ((3, 40), (20, 2 * AMX_DEPTH)):
+        weight = rand(32, width, scale=0.2)
+        packed = ops.pack_linear(weight)
+        if packed is not None:
+            x = rand(rows, width)
+            want = x.float() @ weight.float().T
+            if not bool(((ops.linear(x, packed).float() - want).abs() <= 2**-8 * want.abs() + 1e-3).all()):
+                return "linear"
     # Logits-like rows: wider than a register block with a ragged end, ties (the first index
     # counts), a row of -inf, and a NaN.
     scores = rand(6, 53)

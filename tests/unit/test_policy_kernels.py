@@ -4,6 +4,8 @@ with the reason, wherever they cannot be built or disagree."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -113,12 +115,16 @@ def test_native_row_max_is_torchs_max_over_a_vocabulary(library, dtype):
         assert indices[1] == 5 and indices[5] == width - 1 and indices[3] == 0 and torch.isnan(values[4])
 
 
-def test_native_linear_at_a_few_rows_matches_a_float32_matmul(library):
-    """kernels.c's bf16 matmul for decode steps of up to SMALL_LINEAR_ROWS rows: fp32 sums
-    rounded once to bf16, at the served model's shapes and a small one, 1 to 9 rows (blocks
-    of 8, 4, 2 and 1), and rows read through a stride. fused.Linear takes it up to
-    SMALL_LINEAR_ROWS rows and oneDNN's (bit-equal to F.linear) above."""
+@pytest.mark.parametrize("tiles", [False, True], ids=["dot products", "AMX tiles"])
+def test_native_linear_matches_a_float32_matmul(library, tiles):
+    """kernels.c's bf16 matmul: fp32 sums rounded once to bf16, at the served model's shapes
+    and small ones, rows read through a stride. On AVX512-BF16 dot products (tiles off), up to
+    SMALL_LINEAR_ROWS rows (blocks of 8, 4, 2 and 1), and fused.Linear takes oneDNN's
+    (bit-equal to F.linear) above that. On AMX tiles where the CPU grants them, at any row count
+    (a part of a tile, one, a tile and a part, three), and fused.Linear keeps no other copy."""
     native = NativeOps(library, torch.bfloat16)
+    if not tiles:
+        native._amx = False
     generator = torch.Generator().manual_seed(3)
     weight = (torch.randn((960, 576), generator=generator) * 576**-0.5).to(torch.bfloat16)
     packed = native.pack_linear(weight)
@@ -127,7 +133,12 @@ def test_native_linear_at_a_few_rows_matches_a_float32_matmul(library):
         x = torch.randn((1, 576), generator=generator).to(torch.bfloat16)
         assert torch.equal(Linear(weight, 32, native)(x), torch.nn.functional.linear(x, weight))
         return
-    for (out, width), rows in [((960, 576), n) for n in range(1, 10)] + [((48, 40), 3), ((576, 1536), 8)]:
+    if tiles and not native._amx:  # no AMX here: the dot products serve the first few rows only
+        assert native.linear_rows(packed) == SMALL_LINEAR_ROWS
+        return
+    counts = range(1, 10) if not tiles else [1, 5, 9, 16, 17, 32, 33, 47]
+    cases = [((960, 576), n) for n in counts] + [((48, 40), 3), ((576, 1536), 8), ((32, 64), 20)]
+    for (out, width), rows in cases:
         w = weight if out == 960 else (torch.randn((out, width), generator=generator) * width**-0.5).to(torch.bfloat16)
         x = torch.randn((rows, 2 * width), generator=generator).to(torch.bfloat16)[:, :width]  # a row stride of 2x
         got = native.linear(x, native.pack_linear(w)).float()
@@ -136,9 +147,15 @@ def test_native_linear_at_a_few_rows_matches_a_float32_matmul(library):
     assert NativeOps(library, torch.float32).pack_linear(weight.float()) is None
     assert native.pack_linear(weight[:40]) is None and native.pack_linear(weight[:, :575]) is None
     layer = Linear(weight, 32, native)
-    x = torch.randn((12, 576), generator=generator).to(torch.bfloat16)
-    assert torch.equal(layer(x[:9]), torch.nn.functional.linear(x[:9], weight))  # oneDNN
-    assert torch.equal(layer(x[:SMALL_LINEAR_ROWS]), native.linear(x[:SMALL_LINEAR_ROWS], packed))
+    x = torch.randn((40, 576), generator=generator).to(torch.bfloat16)
+    if tiles:
+        assert native.linear_rows(packed) == math.inf and layer.packed is None and layer.weight is None
+        assert torch.equal(layer(x), native.linear(x, packed))
+        assert native.linear_rows(native.pack_linear(weight[:, :560])) == SMALL_LINEAR_ROWS  # 560 % 32 != 0
+    else:
+        assert native.linear_rows(packed) == SMALL_LINEAR_ROWS
+        assert torch.equal(layer(x[:9]), torch.nn.functional.linear(x[:9], weight))  # oneDNN
+        assert torch.equal(layer(x[:SMALL_LINEAR_ROWS]), native.linear(x[:SMALL_LINEAR_ROWS], packed))
 
 
 def test_the_check_names_a_kernel_that_computes_something_else(library):
@@ -157,6 +174,11 @@ def test_the_check_names_a_kernel_that_computes_something_else(library):
     if broken.pack_linear(torch.zeros((32, 40), dtype=torch.bfloat16)) is not None:
         linear = broken._linear
         broken._linear = lambda x, stride, m, k, *rest: linear(x, stride, m, k - 2, *rest)  # drops an input pair
+        assert disagreement(broken) == "linear"
+    broken = NativeOps(library, torch.bfloat16)
+    if broken._amx:
+        tiles = broken._linear_amx
+        broken._linear_amx = lambda x, stride, m, *rest: tiles(x, stride, m - 1, *rest)  # leaves a row out
         assert disagreement(broken) == "linear"
     broken = NativeOps(library, torch.float32)
     row_max = broken._row_max
