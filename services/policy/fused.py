@@ -58,7 +58,7 @@ class Linear:
     a prepacked copy of W when `_packed_weight` gives one, else W itself. A layer that the
     native matmul serves at any row count keeps no other copy."""
 
-    __slots__ = ("weight", "packed", "native", "own", "own_rows")
+    __slots__ = ("weight", "packed", "native", "own", "own_rows", "gates")
 
     def __init__(self, weight: torch.Tensor, rows: int, native: NativeOps | None = None):
         self.native = native
@@ -66,6 +66,14 @@ class Linear:
         self.own_rows = native.linear_rows(self.own) if self.own is not None else 0
         self.packed = _packed_weight(weight, rows) if self.own_rows < math.inf else None
         self.weight = None if self.packed is not None or self.own_rows == math.inf else weight.detach()
+        self.gates = self.own is not None and native.gates(self.own)
+
+    def silu_mul(self, x: torch.Tensor, ops: TorchOps | NativeOps) -> torch.Tensor:
+        """silu(gate) * up of this layer's output [gate | up]: in the native matmul's own last
+        pass where it `gates` (its sums never leave the registers), else by `ops` afterwards."""
+        if self.gates and x.shape[0] <= self.own_rows:
+            return self.native.linear(x, self.own, gated=True)
+        return ops.silu_mul(self(x))
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[0] <= self.own_rows:
@@ -221,5 +229,5 @@ class FusedDecoder:
             keys, values = kv.whole(index, rows)  # [n, kv_heads, columns, dim]
             attn = ops.attention(qk, keys, values, mask, heads, self.scale)
             normed = ops.add_norm(x, layer.o(attn), layer.norm_post, eps)
-            normed = ops.add_norm(x, layer.down(ops.silu_mul(layer.gate_up(normed))), self.next_norms[index], eps)
+            normed = ops.add_norm(x, layer.down(layer.gate_up.silu_mul(normed, ops)), self.next_norms[index], eps)
         return self.lm_head(normed)

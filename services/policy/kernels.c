@@ -513,7 +513,17 @@ int linear_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int64_t
     return 0;
 }
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__)
+#else
+int linear_available(void) { return 0; }
+void pack_linear_bf16(const uint16_t *w, int64_t n, int64_t k, uint32_t *out) { (void)w, (void)n, (void)k, (void)out; }
+int linear_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, const uint32_t *packed, int64_t n,
+                uint16_t *out) {
+    (void)x, (void)x_stride, (void)m, (void)k, (void)packed, (void)n, (void)out;
+    return -1; /* no AVX512-BF16 on this CPU */
+}
+#endif
+
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__linux__) && ROW_MAX_FAST
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -580,12 +590,15 @@ AMX_BLOCK(1, 2)
 AMX_BLOCK(2, 1)
 AMX_BLOCK(2, 2)
 
-/* out [m, n] = x [m, k] . w^T as linear_bf16 computes it, on AMX tiles: k % 32 == 0. The rows go
- * 32 at a time (x copied into a zero-padded buffer when m is not a multiple of 16); the output's
- * 32-column blocks are split over the caller's OpenMP team, each thread reading its weights once,
- * in storage order, for every 32 rows. Returns 0, or -1 when the buffer could not be had. */
-int linear_amx_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int64_t k,
-                    const uint32_t *restrict packed, int64_t n, uint16_t *restrict out) {
+/* out = x [m, k] . w^T on AMX tiles, k % 32 == 0. The rows go 32 at a time (x copied into a
+ * zero-padded buffer when m is not a multiple of 16); pairs of 16-column output blocks are split
+ * over the caller's OpenMP team, each thread reading its weights once, in storage order, for
+ * every 32 rows. Plain: out [m, n], the pairs are neighbouring blocks. Gated (w = [gate | up],
+ * n / 16 even): out [m, n / 2] = silu(gate) * up, rounded as silu_mul_bf16 rounds it; pair j is
+ * gate block j with up block j, so the gate's sums never leave the thread. Returns 0, or -1 when
+ * the buffer could not be had. */
+static int amx_linear(const uint16_t *restrict x, int64_t x_stride, int64_t m, int64_t k,
+                      const uint32_t *restrict packed, int64_t n, uint16_t *restrict out, int gated) {
     int64_t pairs = k / 2, kblocks = k / 32, rows = (m + 15) / 16 * 16;
     uint16_t *padded = NULL;
     if (rows != m) {
@@ -595,14 +608,15 @@ int linear_amx_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int
         x = padded;
         x_stride = k;
     }
-    int64_t blocks = n / 16, pairs_of_blocks = (blocks + 1) / 2;
+    int64_t blocks = n / 16, pairs_of_blocks = gated ? blocks / 2 : (blocks + 1) / 2;
+    int64_t width = gated ? n / 2 : n; /* of out's rows */
     _Pragma("omp parallel") {
         tiles_configure();
         float c[32 * 32] __attribute__((aligned(64)));
         _Pragma("omp for schedule(static)") for (int64_t bp = 0; bp < pairs_of_blocks; bp++) {
-            int64_t nb = 2 * bp;
-            int two = nb + 1 < blocks;
-            const uint32_t *w0 = packed + nb * pairs * 16, *w1 = two ? w0 + pairs * 16 : NULL;
+            int64_t nb = gated ? bp : 2 * bp, partner = gated ? bp + blocks / 2 : nb + 1;
+            int two = partner < blocks;
+            const uint32_t *w0 = packed + nb * pairs * 16, *w1 = two ? packed + partner * pairs * 16 : NULL;
             for (int64_t r = 0; r < rows; r += 32) {
                 const uint16_t *xr = x + r * x_stride;
                 int halves = rows - r >= 32 ? 2 : 1;
@@ -612,8 +626,15 @@ int linear_amx_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int
                 else amx_block_1_1(xr, x_stride, kblocks, w0, w1, c);
                 int64_t last = r + 32 < m ? r + 32 : m;
                 for (int64_t i = r; i < last; i++) {
-                    store16(out + i * n, nb * 16, _mm512_load_ps(c + (i - r) * 32), 1);
-                    if (two) store16(out + i * n, nb * 16 + 16, _mm512_load_ps(c + (i - r) * 32 + 16), 1);
+                    __m512 first = _mm512_load_ps(c + (i - r) * 32), second = _mm512_load_ps(c + (i - r) * 32 + 16);
+                    if (gated) {
+                        __m512 gate = round16(first, 1), one = _mm512_set1_ps(1.f);
+                        __m512 act = _mm512_div_ps(gate, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
+                        store16(out + i * width, nb * 16, _mm512_mul_ps(round16(act, 1), round16(second, 1)), 1);
+                        continue;
+                    }
+                    store16(out + i * width, nb * 16, first, 1);
+                    if (two) store16(out + i * width, nb * 16 + 16, second, 1);
                 }
             }
         }
@@ -622,6 +643,16 @@ int linear_amx_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int
     free(padded);
     return 0;
 }
+
+int linear_amx_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int64_t k,
+                    const uint32_t *restrict packed, int64_t n, uint16_t *restrict out) {
+    return amx_linear(x, x_stride, m, k, packed, n, out, 0);
+}
+
+int linear_silu_amx_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int64_t k,
+                         const uint32_t *restrict packed, int64_t n, uint16_t *restrict out) {
+    return amx_linear(x, x_stride, m, k, packed, n, out, 1);
+}
 #else
 int amx_available(void) { return 0; }
 int linear_amx_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, const uint32_t *packed, int64_t n,
@@ -629,19 +660,9 @@ int linear_amx_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, c
     (void)x, (void)x_stride, (void)m, (void)k, (void)packed, (void)n, (void)out;
     return -1; /* no AMX on this CPU or compiler */
 }
-#endif
-#else
-int linear_available(void) { return 0; }
-void pack_linear_bf16(const uint16_t *w, int64_t n, int64_t k, uint32_t *out) { (void)w, (void)n, (void)k, (void)out; }
-int linear_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, const uint32_t *packed, int64_t n,
-                uint16_t *out) {
+int linear_silu_amx_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, const uint32_t *packed, int64_t n,
+                         uint16_t *out) {
     (void)x, (void)x_stride, (void)m, (void)k, (void)packed, (void)n, (void)out;
-    return -1; /* no AVX512-BF16 on this CPU */
-}
-int amx_available(void) { return 0; }
-int linear_amx_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, const uint32_t *packed, int64_t n,
-                    uint16_t *out) {
-    (void)x, (void)x_stride, (void)m, (void)k, (void)packed, (void)n, (void)out;
-    return -1; /* no AVX512-BF16 on this CPU */
+    return -1; /* no AMX on this CPU or compiler */
 }
 #endif

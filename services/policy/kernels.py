@@ -176,6 +176,9 @@ class NativeOps:
         self._linear_amx = library.linear_amx_bf16
         self._linear_amx.argtypes = self._linear.argtypes
         self._linear_amx.restype = ctypes.c_int
+        self._linear_silu_amx = library.linear_silu_amx_bf16
+        self._linear_silu_amx.argtypes = self._linear.argtypes
+        self._linear_silu_amx.restype = ctypes.c_int
 
     def _check(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
@@ -252,16 +255,25 @@ class NativeOps:
         copy of a weight: any number where it runs on AMX tiles, else SMALL_LINEAR_ROWS."""
         return math.inf if self._on_tiles(2 * packed.shape[1]) else SMALL_LINEAR_ROWS
 
-    def linear(self, x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    def gates(self, packed: torch.Tensor) -> bool:
+        """Whether `linear(..., gated=True)` takes this weight: on tiles, in two equal halves of
+        whole 16-column blocks."""
+        return self._on_tiles(2 * packed.shape[1]) and packed.shape[0] % 32 == 0
+
+    def linear(self, x: torch.Tensor, packed: torch.Tensor, gated: bool = False) -> torch.Tensor:
         """x [rows, in] . W^T from `pack_linear`'s copy of W: fp32 sums rounded once to bf16, as
         oneDNN's are (in another order, so the last bit can differ). On AMX tiles where the CPU
-        grants them and `in` is a multiple of AMX_DEPTH, else AVX512-BF16 dot products."""
+        grants them and `in` is a multiple of AMX_DEPTH, else AVX512-BF16 dot products.
+        `gated` (where `gates`): W is [gate | up] and the result is silu_mul's of x W^T, from
+        the matmul's fp32 sums in registers, bit for bit ([rows, out / 2])."""
         self._check(x)
         rows, width = x.shape
         if x.stride(0) % 2 or x.data_ptr() % 4:
             x = x.contiguous()
-        out = x.new_empty((rows, packed.shape[0]))
-        kernel = self._linear_amx if self._on_tiles(width) else self._linear
+        if gated and not self.gates(packed):
+            raise ValueError("a gated matmul runs on AMX tiles, over two halves of whole 16-column blocks")
+        out = x.new_empty((rows, packed.shape[0] // 2 if gated else packed.shape[0]))
+        kernel = self._linear_silu_amx if gated else self._linear_amx if self._on_tiles(width) else self._linear
         if kernel(x.data_ptr(), x.stride(0), rows, width, packed.data_ptr(), packed.shape[0], out.data_ptr()):
             raise MemoryError("the native matmul could not allocate its scratch memory")
         return out
@@ -366,6 +378,8 @@ def disagreement(ops: NativeOps, reference: TorchOps | None = None, seed: int = 
             want = x.float() @ weight.float().T
             if not bool(((ops.linear(x, packed).float() - want).abs() <= 2**-8 * want.abs() + 1e-3).all()):
                 return "linear"
+            if ops.gates(packed) and not torch.equal(ops.linear(x, packed, True), ops.silu_mul(ops.linear(x, packed))):
+                return "gated linear"
     # Logits-like rows: wider than a register block with a ragged end, ties (the first index
     # counts), a row of -inf, and a NaN.
     scores = rand(6, 53)

@@ -151,6 +151,14 @@ def test_native_linear_matches_a_float32_matmul(library, tiles):
     if tiles:
         assert native.linear_rows(packed) == math.inf and layer.packed is None and layer.weight is None
         assert torch.equal(layer(x), native.linear(x, packed))
+        # [gate | up] with silu_mul in the matmul's last pass: the same bits as the two apart.
+        gate_up = (torch.randn((3072, 576), generator=generator) * 576**-0.5).to(torch.bfloat16)
+        fused = Linear(gate_up, 32, native)
+        assert fused.gates
+        for rows in (1, 17, 32, 33):
+            want = native.silu_mul(native.linear(x[:rows], fused.own))
+            assert torch.equal(fused.silu_mul(x[:rows], native), want)
+            assert torch.equal(fused.silu_mul(x[:rows], TorchOps()), want)  # the ops only serve the fallback
         assert native.linear_rows(native.pack_linear(weight[:, :560])) == SMALL_LINEAR_ROWS  # 560 % 32 != 0
     else:
         assert native.linear_rows(packed) == SMALL_LINEAR_ROWS
@@ -180,6 +188,10 @@ def test_the_check_names_a_kernel_that_computes_something_else(library):
         tiles = broken._linear_amx
         broken._linear_amx = lambda x, stride, m, *rest: tiles(x, stride, m - 1, *rest)  # leaves a row out
         assert disagreement(broken) == "linear"
+        broken = NativeOps(library, torch.bfloat16)
+        gated = broken._linear_silu_amx
+        broken._linear_silu_amx = lambda x, stride, m, k, *rest: gated(x, stride, m, k - 32, *rest)  # a wrong depth
+        assert disagreement(broken) == "gated linear"
     broken = NativeOps(library, torch.float32)
     row_max = broken._row_max
     broken._row_max = lambda x, stride, n, width, *out: row_max(x, stride, n, width - 1, *out)  # misses a column
