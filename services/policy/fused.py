@@ -68,6 +68,18 @@ class Linear:
         self.weight = None if self.packed is not None or self.own_rows == math.inf else weight.detach()
         self.gates = self.own is not None and native.gates(self.own)
 
+    def rope(
+        self, x: torch.Tensor, ops: TorchOps | NativeOps, heads: int, dim: int, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's output [n, out] and its first `heads` heads of `dim` values rotated as
+        `ops.rope` rotates them [n, heads, dim]: in the native matmul's own last pass where it
+        `rotates` them (the heads are then the output's own), else by `ops` afterwards."""
+        if x.shape[0] <= self.own_rows and self.native.rotates(self.own, heads, dim):
+            out = self.native.linear(x, self.own, rotate=(heads, dim, cos, sin))
+            return out, out[:, : heads * dim].view(x.shape[0], heads, dim)
+        out = self(x)
+        return out, ops.rope(out, heads, dim, cos, sin)
+
     def silu_mul(self, x: torch.Tensor, ops: TorchOps | NativeOps) -> torch.Tensor:
         """silu(gate) * up of this layer's output [gate | up]: in the native matmul's own last
         pass where it `gates` (its sums never leave the registers), else by `ops` afterwards."""
@@ -223,8 +235,7 @@ class FusedDecoder:
         qk_width = (heads + kv_heads) * dim
         normed = ops.add_norm(x, None, self.layers[0].norm_in, eps)
         for index, layer in enumerate(self.layers):
-            qkv = layer.qkv(normed)
-            qk = ops.rope(qkv, heads + kv_heads, dim, cos, sin)  # queries and keys at once
+            qkv, qk = layer.qkv.rope(normed, ops, heads + kv_heads, dim, cos, sin)  # queries and keys at once
             kv.write(index, rows, qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, dim))
             keys, values = kv.whole(index, rows)  # [n, kv_heads, columns, dim]
             attn = ops.attention(qk, keys, values, mask, heads, self.scale)

@@ -590,15 +590,43 @@ AMX_BLOCK(1, 2)
 AMX_BLOCK(2, 1)
 AMX_BLOCK(2, 2)
 
-/* out = x [m, k] . w^T on AMX tiles, k % 32 == 0. The rows go 32 at a time (x copied into a
- * zero-padded buffer when m is not a multiple of 16); pairs of 16-column output blocks are split
- * over the caller's OpenMP team, each thread reading its weights once, in storage order, for
- * every 32 rows. Plain: out [m, n], the pairs are neighbouring blocks. Gated (w = [gate | up],
- * n / 16 even): out [m, n / 2] = silu(gate) * up, rounded as silu_mul_bf16 rounds it; pair j is
- * gate block j with up block j, so the gate's sums never leave the thread. Returns 0, or -1 when
- * the buffer could not be had. */
+/* What amx_linear does with each pair of 16-column blocks' sums before they leave the registers. */
+typedef struct {
+    enum { PLAIN, GATED, ROTATED } kind;
+    const uint16_t *cos, *sin; /* ROTATED: each row's [half] cos and sin, `cs_stride` apart */
+    int64_t cs_stride, rotated, half_blocks; /* blocks of rotated heads; 16-column blocks per half head */
+} epilogue;
+
+static int64_t pairs_of_blocks(int64_t blocks, const epilogue *e) {
+    if (e->kind == GATED) return blocks / 2;
+    if (e->kind == ROTATED) return e->rotated / 2 + (blocks - e->rotated + 1) / 2;
+    return (blocks + 1) / 2;
+}
+
+/* Pair bp's first block (nb) and its partner: neighbours (PLAIN, and ROTATED past the rotated
+ * heads); gate block j with up block j (GATED); a rotated head's block j of its first half with
+ * block j of its second (ROTATED). A partner at or past `blocks`: the first block is alone. */
+static void pair_blocks(int64_t bp, int64_t blocks, const epilogue *e, int64_t *nb, int64_t *partner) {
+    if (e->kind == GATED) {
+        *nb = bp, *partner = bp + blocks / 2;
+    } else if (e->kind == ROTATED && bp < e->rotated / 2) {
+        int64_t head = bp / e->half_blocks, j = bp % e->half_blocks;
+        *nb = head * 2 * e->half_blocks + j, *partner = *nb + e->half_blocks;
+    } else {
+        *nb = e->kind == ROTATED ? e->rotated + 2 * (bp - e->rotated / 2) : 2 * bp;
+        *partner = *nb + 1;
+    }
+}
+
+/* out = x [m, k] . w^T on AMX tiles, k % 32 == 0, with `e` applied to the fp32 sums. The rows go
+ * 32 at a time (x copied into a zero-padded buffer when m is not a multiple of 16); pairs of
+ * 16-column output blocks are split over the caller's OpenMP team, each thread reading its
+ * weights once, in storage order, for every 32 rows. PLAIN: out [m, n]. GATED (w = [gate | up],
+ * n / 16 even): out [m, n / 2] = silu(gate) * up, rounded as silu_mul_bf16 rounds it. ROTATED:
+ * out [m, n] with its first `rotated` blocks' heads rotated as rope_bf16 rotates them. Returns 0,
+ * or -1 when the buffer could not be had. */
 static int amx_linear(const uint16_t *restrict x, int64_t x_stride, int64_t m, int64_t k,
-                      const uint32_t *restrict packed, int64_t n, uint16_t *restrict out, int gated) {
+                      const uint32_t *restrict packed, int64_t n, uint16_t *restrict out, const epilogue *e) {
     int64_t pairs = k / 2, kblocks = k / 32, rows = (m + 15) / 16 * 16;
     uint16_t *padded = NULL;
     if (rows != m) {
@@ -608,14 +636,15 @@ static int amx_linear(const uint16_t *restrict x, int64_t x_stride, int64_t m, i
         x = padded;
         x_stride = k;
     }
-    int64_t blocks = n / 16, pairs_of_blocks = gated ? blocks / 2 : (blocks + 1) / 2;
-    int64_t width = gated ? n / 2 : n; /* of out's rows */
+    int64_t blocks = n / 16, count = pairs_of_blocks(blocks, e);
+    int64_t width = e->kind == GATED ? n / 2 : n; /* of out's rows */
     _Pragma("omp parallel") {
         tiles_configure();
         float c[32 * 32] __attribute__((aligned(64)));
-        _Pragma("omp for schedule(static)") for (int64_t bp = 0; bp < pairs_of_blocks; bp++) {
-            int64_t nb = gated ? bp : 2 * bp, partner = gated ? bp + blocks / 2 : nb + 1;
-            int two = partner < blocks;
+        _Pragma("omp for schedule(static)") for (int64_t bp = 0; bp < count; bp++) {
+            int64_t nb, partner;
+            pair_blocks(bp, blocks, e, &nb, &partner);
+            int two = partner < blocks, rotate = e->kind == ROTATED && nb < e->rotated;
             const uint32_t *w0 = packed + nb * pairs * 16, *w1 = two ? packed + partner * pairs * 16 : NULL;
             for (int64_t r = 0; r < rows; r += 32) {
                 const uint16_t *xr = x + r * x_stride;
@@ -627,14 +656,23 @@ static int amx_linear(const uint16_t *restrict x, int64_t x_stride, int64_t m, i
                 int64_t last = r + 32 < m ? r + 32 : m;
                 for (int64_t i = r; i < last; i++) {
                     __m512 first = _mm512_load_ps(c + (i - r) * 32), second = _mm512_load_ps(c + (i - r) * 32 + 16);
-                    if (gated) {
+                    uint16_t *o = out + i * width;
+                    if (e->kind == GATED) {
                         __m512 gate = round16(first, 1), one = _mm512_set1_ps(1.f);
                         __m512 act = _mm512_div_ps(gate, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), gate))));
-                        store16(out + i * width, nb * 16, _mm512_mul_ps(round16(act, 1), round16(second, 1)), 1);
-                        continue;
+                        store16(o, nb * 16, _mm512_mul_ps(round16(act, 1), round16(second, 1)), 1);
+                    } else if (rotate) {
+                        int64_t at = (nb % (2 * e->half_blocks)) * 16;
+                        __m512 a = round16(first, 1), b = round16(second, 1);
+                        __m512 cv = load16(e->cos + i * e->cs_stride, at, 1), sv = load16(e->sin + i * e->cs_stride, at, 1);
+                        __m512 ac = round16(_mm512_mul_ps(a, cv), 1), bs = round16(_mm512_mul_ps(b, sv), 1);
+                        __m512 bc = round16(_mm512_mul_ps(b, cv), 1), as = round16(_mm512_mul_ps(a, sv), 1);
+                        store16(o, nb * 16, _mm512_sub_ps(ac, bs), 1);
+                        store16(o, partner * 16, _mm512_add_ps(bc, as), 1);
+                    } else {
+                        store16(o, nb * 16, first, 1);
+                        if (two) store16(o, partner * 16, second, 1);
                     }
-                    store16(out + i * width, nb * 16, first, 1);
-                    if (two) store16(out + i * width, nb * 16 + 16, second, 1);
                 }
             }
         }
@@ -646,12 +684,23 @@ static int amx_linear(const uint16_t *restrict x, int64_t x_stride, int64_t m, i
 
 int linear_amx_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int64_t k,
                     const uint32_t *restrict packed, int64_t n, uint16_t *restrict out) {
-    return amx_linear(x, x_stride, m, k, packed, n, out, 0);
+    epilogue plain = {.kind = PLAIN};
+    return amx_linear(x, x_stride, m, k, packed, n, out, &plain);
 }
 
 int linear_silu_amx_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int64_t k,
                          const uint32_t *restrict packed, int64_t n, uint16_t *restrict out) {
-    return amx_linear(x, x_stride, m, k, packed, n, out, 1);
+    epilogue gated = {.kind = GATED};
+    return amx_linear(x, x_stride, m, k, packed, n, out, &gated);
+}
+
+/* linear_amx_bf16, then rope_bf16 on the first `heads` heads of `dim` values (dim % 32 == 0) */
+int linear_rope_amx_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m, int64_t k,
+                         const uint32_t *restrict packed, int64_t n, uint16_t *restrict out,
+                         const uint16_t *cos, const uint16_t *sin, int64_t cs_stride, int64_t heads, int64_t dim) {
+    epilogue rotated = {.kind = ROTATED, .cos = cos, .sin = sin, .cs_stride = cs_stride,
+                        .rotated = heads * dim / 16, .half_blocks = dim / 32};
+    return amx_linear(x, x_stride, m, k, packed, n, out, &rotated);
 }
 #else
 int amx_available(void) { return 0; }
@@ -663,6 +712,13 @@ int linear_amx_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, c
 int linear_silu_amx_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, const uint32_t *packed, int64_t n,
                          uint16_t *out) {
     (void)x, (void)x_stride, (void)m, (void)k, (void)packed, (void)n, (void)out;
+    return -1; /* no AMX on this CPU or compiler */
+}
+int linear_rope_amx_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, const uint32_t *packed, int64_t n,
+                         uint16_t *out, const uint16_t *cos, const uint16_t *sin, int64_t cs_stride, int64_t heads,
+                         int64_t dim) {
+    (void)x, (void)x_stride, (void)m, (void)k, (void)packed, (void)n, (void)out, (void)cos, (void)sin;
+    (void)cs_stride, (void)heads, (void)dim;
     return -1; /* no AMX on this CPU or compiler */
 }
 #endif

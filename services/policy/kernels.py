@@ -179,6 +179,9 @@ class NativeOps:
         self._linear_silu_amx = library.linear_silu_amx_bf16
         self._linear_silu_amx.argtypes = self._linear.argtypes
         self._linear_silu_amx.restype = ctypes.c_int
+        self._linear_rope_amx = library.linear_rope_amx_bf16
+        self._linear_rope_amx.argtypes = self._linear.argtypes + [pointer, pointer, integer, integer, integer]
+        self._linear_rope_amx.restype = ctypes.c_int
 
     def _check(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
@@ -260,21 +263,45 @@ class NativeOps:
         whole 16-column blocks."""
         return self._on_tiles(2 * packed.shape[1]) and packed.shape[0] % 32 == 0
 
-    def linear(self, x: torch.Tensor, packed: torch.Tensor, gated: bool = False) -> torch.Tensor:
+    def rotates(self, packed: torch.Tensor, heads: int, dim: int) -> bool:
+        """Whether `linear(..., rotate=(heads, dim, cos, sin))` takes this weight: on tiles, heads
+        of whole 16-column blocks per half, all within its output."""
+        return self._on_tiles(2 * packed.shape[1]) and dim % 32 == 0 and heads * dim <= packed.shape[0]
+
+    def linear(
+        self,
+        x: torch.Tensor,
+        packed: torch.Tensor,
+        gated: bool = False,
+        rotate: tuple[int, int, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """x [rows, in] . W^T from `pack_linear`'s copy of W: fp32 sums rounded once to bf16, as
         oneDNN's are (in another order, so the last bit can differ). On AMX tiles where the CPU
-        grants them and `in` is a multiple of AMX_DEPTH, else AVX512-BF16 dot products.
-        `gated` (where `gates`): W is [gate | up] and the result is silu_mul's of x W^T, from
-        the matmul's fp32 sums in registers, bit for bit ([rows, out / 2])."""
+        grants them and `in` is a multiple of AMX_DEPTH, else AVX512-BF16 dot products. Two
+        jobs can ride on the tiles' last pass, from the sums in registers, bit for bit:
+        - `gated` (where `gates`): W is [gate | up]; the result is silu_mul's ([rows, out / 2]);
+        - `rotate` = (heads, dim, cos, sin) (where `rotates`): the result's first `heads` heads
+          of `dim` values come rotated as `rope` rotates them (cos, sin: [rows, dim / 2])."""
         self._check(x)
         rows, width = x.shape
         if x.stride(0) % 2 or x.data_ptr() % 4:
             x = x.contiguous()
         if gated and not self.gates(packed):
             raise ValueError("a gated matmul runs on AMX tiles, over two halves of whole 16-column blocks")
+        if rotate is not None and not self.rotates(packed, *rotate[:2]):
+            raise ValueError("a rotating matmul runs on AMX tiles, for heads of whole 16-column blocks per half")
         out = x.new_empty((rows, packed.shape[0] // 2 if gated else packed.shape[0]))
-        kernel = self._linear_silu_amx if gated else self._linear_amx if self._on_tiles(width) else self._linear
-        if kernel(x.data_ptr(), x.stride(0), rows, width, packed.data_ptr(), packed.shape[0], out.data_ptr()):
+        args = [x.data_ptr(), x.stride(0), rows, width, packed.data_ptr(), packed.shape[0], out.data_ptr()]
+        if rotate is not None:
+            heads, dim, cos, sin = rotate
+            self._check(cos, sin)
+            if cos.stride() != sin.stride() or cos.shape != (rows, dim // 2):
+                raise ValueError("cos and sin: [rows, dim / 2] each, of one layout")
+            status = self._linear_rope_amx(*args, cos.data_ptr(), sin.data_ptr(), cos.stride(0), heads, dim)
+        else:
+            kernel = self._linear_silu_amx if gated else self._linear_amx if self._on_tiles(width) else self._linear
+            status = kernel(*args)
+        if status:
             raise MemoryError("the native matmul could not allocate its scratch memory")
         return out
 
@@ -371,7 +398,7 @@ def disagreement(ops: NativeOps, reference: TorchOps | None = None, seed: int = 
     # The matmul on dot products (an input width that AMX tiles do not take), and where the CPU has
     # them on tiles: rows that fill one tile and a part of another.
     for rows, width in ((3, 40), (20, 2 * AMX_DEPTH)):
-        weight = rand(32, width, scale=0.2)
+        weight = rand(64, width, scale=0.2)
         packed = ops.pack_linear(weight)
         if packed is not None:
             x = rand(rows, width)
@@ -380,6 +407,13 @@ def disagreement(ops: NativeOps, reference: TorchOps | None = None, seed: int = 
                 return "linear"
             if ops.gates(packed) and not torch.equal(ops.linear(x, packed, True), ops.silu_mul(ops.linear(x, packed))):
                 return "gated linear"
+            if ops.rotates(packed, 1, 32):  # one rotated head of 32 values, then 0 unrotated ones
+                turns = torch.rand((rows, 16), generator=generator) * 50
+                cos, sin = turns.cos().to(ops.dtype), turns.sin().to(ops.dtype)
+                want = ops.linear(x, packed)
+                ops.rope(want, 1, 32, cos, sin)
+                if not torch.equal(ops.linear(x, packed, rotate=(1, 32, cos, sin)), want):
+                    return "rotating linear"
     # Logits-like rows: wider than a register block with a ragged end, ties (the first index
     # counts), a row of -inf, and a NaN.
     scores = rand(6, 53)

@@ -159,6 +159,19 @@ def test_native_linear_matches_a_float32_matmul(library, tiles):
             want = native.silu_mul(native.linear(x[:rows], fused.own))
             assert torch.equal(fused.silu_mul(x[:rows], native), want)
             assert torch.equal(fused.silu_mul(x[:rows], TorchOps()), want)  # the ops only serve the fallback
+        # q/k/v with rope on the 12 query and key heads in the matmul's last pass: the same bits as
+        # the matmul and then rope (the 3 value heads stay as they came).
+        turns = torch.rand((40, 32), generator=generator) * 50
+        cos, sin = turns.cos().to(torch.bfloat16), turns.sin().to(torch.bfloat16)
+        for rows in (1, 17, 32, 33):
+            want = native.linear(x[:rows], packed)
+            plain = want.clone()
+            native.rope(want, 12, 64, cos[:rows], sin[:rows])
+            out, qk = layer.rope(x[:rows], native, 12, 64, cos[:rows], sin[:rows])
+            assert torch.equal(out, want) and torch.equal(qk, want[:, :768].view(rows, 12, 64))
+            assert torch.equal(out[:, 768:], plain[:, 768:]) and not torch.equal(out[:, :768], plain[:, :768])
+        with pytest.raises(ValueError, match="rotating"):
+            native.linear(x, packed, rotate=(16, 64, cos, sin))  # 1024 columns of heads: more than the 960
         assert native.linear_rows(native.pack_linear(weight[:, :560])) == SMALL_LINEAR_ROWS  # 560 % 32 != 0
     else:
         assert native.linear_rows(packed) == SMALL_LINEAR_ROWS
@@ -192,6 +205,10 @@ def test_the_check_names_a_kernel_that_computes_something_else(library):
         gated = broken._linear_silu_amx
         broken._linear_silu_amx = lambda x, stride, m, k, *rest: gated(x, stride, m, k - 32, *rest)  # a wrong depth
         assert disagreement(broken) == "gated linear"
+        broken = NativeOps(library, torch.bfloat16)
+        turning = broken._linear_rope_amx
+        broken._linear_rope_amx = lambda *args: turning(*args[:-2], 0, args[-1])  # rotates no head
+        assert disagreement(broken) == "rotating linear"
     broken = NativeOps(library, torch.float32)
     row_max = broken._row_max
     broken._row_max = lambda x, stride, n, width, *out: row_max(x, stride, n, width - 1, *out)  # misses a column
