@@ -221,6 +221,11 @@ class FusedDecoder:
         # Each layer's output feeds the next layer's input norm; the last one feeds the final norm.
         self.next_norms = [layer.norm_in for layer in self.layers[1:]] + [self.norm]
         self.rotary = inner.rotary_emb  # transformers' own cos/sin (any rope scaling it implements)
+        # Where every layer's matmuls run on AMX tiles, a layer is one native call (the same bits).
+        owns = [(layer.qkv.own, layer.o.own, layer.gate_up.own, layer.down.own) for layer in self.layers]
+        self.whole_layers = native is not None and all(
+            all(w is not None for w in own) and native.decodes_layers(*own) for own in owns
+        )
 
     def step(self, ids: torch.Tensor, kv: KvWindow, rows: slice) -> torch.Tensor:
         """Logits [rows, vocab] (the model's dtype) for feeding `ids` [rows] to KV rows
@@ -234,6 +239,8 @@ class FusedDecoder:
         cos, sin = cos[:, 0, : dim // 2], sin[:, 0, : dim // 2]  # both halves of transformers' tables are equal
         qk_width = (heads + kv_heads) * dim
         normed = ops.add_norm(x, None, self.layers[0].norm_in, eps)
+        if self.whole_layers:
+            return self._step_whole_layers(x, normed, kv, rows, mask, (cos, sin))
         for index, layer in enumerate(self.layers):
             qkv, qk = layer.qkv.rope(normed, ops, heads + kv_heads, dim, cos, sin)  # queries and keys at once
             kv.write(index, rows, qk[:, heads:], qkv[:, qk_width:].view(n, kv_heads, dim))
@@ -241,4 +248,32 @@ class FusedDecoder:
             attn = ops.attention(qk, keys, values, mask, heads, self.scale)
             normed = ops.add_norm(x, layer.o(attn), layer.norm_post, eps)
             normed = ops.add_norm(x, layer.down(layer.gate_up.silu_mul(normed, ops)), self.next_norms[index], eps)
+        return self.lm_head(normed)
+
+    def _step_whole_layers(self, x, normed, kv: KvWindow, rows: slice, mask, rotation) -> torch.Tensor:
+        """`step`'s layers as one native call each (NativeOps.decode_layer)."""
+        ops, n = self.ops, x.shape[0]
+        first = self.layers[0]
+        scratch = x.new_empty(
+            ops.layer_scratch(n, first.qkv.own, first.gate_up.own, self.heads * self.head_dim, self.hidden)
+        )
+        for index, layer in enumerate(self.layers):
+            keys, values = kv.whole(index, rows)
+            weights = (layer.qkv.own, layer.o.own, layer.gate_up.own, layer.down.own)
+            norms = (layer.norm_post, self.next_norms[index])
+            ops.decode_layer(
+                x,
+                normed,
+                weights,
+                norms,
+                self.eps,
+                rotation,
+                keys,
+                values,
+                kv.end,
+                mask,
+                self.heads,
+                self.scale,
+                scratch,
+            )
         return self.lm_head(normed)

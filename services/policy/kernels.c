@@ -702,8 +702,53 @@ int linear_rope_amx_bf16(const uint16_t *restrict x, int64_t x_stride, int64_t m
                         .rotated = heads * dim / 16, .half_blocks = dim / 32};
     return amx_linear(x, x_stride, m, k, packed, n, out, &rotated);
 }
+
+/* One decoder layer of a bf16 decode step in one call (fused.py's FusedDecoder.step, which
+ * otherwise makes each of these its own call): every matmul on AMX tiles, from weights packed
+ * by pack_linear_bf16.
+ *   normed [n, hidden]: the layer's normed input; on return, the next norm's output.
+ *   x [n, hidden]: the residual stream, updated in place.
+ *   q/k/v: qkv_w, [heads + 2 kv_heads] heads of dim; rope on the first heads + kv_heads heads
+ *     (cos/sin: [n, dim / 2], cs_stride apart), in the matmul's last pass where dim % 32 == 0.
+ *   The new keys and values go to column `end` of keys/values ([n, kv_heads, columns, dim] at
+ *     s_row, s_head; columns contiguous); attention over columns where mask [n, columns] is set.
+ *   o_w, norm_post; gate_up_w ([gate | up], inter2 = 2 * intermediate), down_w, norm_next.
+ *   scratch: n * (qkv + heads * dim + hidden + inter2 / 2 + hidden) bf16 values.
+ * Returns 0, or -1 when scratch memory could not be had. */
+int decode_layer_bf16(uint16_t *restrict x, uint16_t *restrict normed, int64_t n, int64_t hidden,
+                      const uint32_t *qkv_w, const uint32_t *o_w, const uint32_t *gate_up_w, int64_t inter2,
+                      const uint32_t *down_w, const uint16_t *norm_post, const uint16_t *norm_next, float eps,
+                      const uint16_t *cos, const uint16_t *sin, int64_t cs_stride, uint16_t *keys, uint16_t *values,
+                      int64_t s_row, int64_t s_head, int64_t end, const uint8_t *mask, int64_t heads,
+                      int64_t kv_heads, int64_t columns, int64_t dim, float scale, uint16_t *scratch) {
+    int64_t width = (heads + 2 * kv_heads) * dim, q_width = heads * dim, inter = inter2 / 2;
+    uint16_t *qkv = scratch, *attn = qkv + n * width, *o = attn + n * q_width, *act = o + n * hidden;
+    uint16_t *down = act + n * inter;
+    epilogue plain = {.kind = PLAIN}, gated = {.kind = GATED};
+    epilogue rotated = {.kind = ROTATED, .cos = cos, .sin = sin, .cs_stride = cs_stride,
+                        .rotated = (heads + kv_heads) * dim / 16, .half_blocks = dim / 32};
+    int rotate_here = dim % 32 == 0;
+    if (amx_linear(normed, hidden, n, hidden, qkv_w, width, qkv, rotate_here ? &rotated : &plain)) return -1;
+    if (!rotate_here) rope_bf16(qkv, width, cos, sin, cs_stride, n, heads + kv_heads, dim);
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t j = 0; j < kv_heads; j++) {
+            const uint16_t *k = qkv + r * width + (heads + j) * dim;
+            memcpy(keys + r * s_row + j * s_head + end * dim, k, (size_t)dim * 2);
+            memcpy(values + r * s_row + j * s_head + end * dim, k + kv_heads * dim, (size_t)dim * 2);
+        }
+    if (decode_attention_bf16(qkv, width, keys, values, s_row, s_head, mask, attn, n, heads, kv_heads, columns, dim,
+                              scale))
+        return -1;
+    if (amx_linear(attn, q_width, n, q_width, o_w, hidden, o, &plain)) return -1;
+    add_rms_norm_bf16(x, o, norm_post, normed, n, hidden, eps);
+    if (amx_linear(normed, hidden, n, hidden, gate_up_w, inter2, act, &gated)) return -1;
+    if (amx_linear(act, inter, n, inter, down_w, hidden, down, &plain)) return -1;
+    add_rms_norm_bf16(x, down, norm_next, normed, n, hidden, eps);
+    return 0;
+}
 #else
 int amx_available(void) { return 0; }
+int decode_layer_bf16(void) { return -1; /* no AMX on this CPU or compiler: never called (amx_available is 0) */ }
 int linear_amx_bf16(const uint16_t *x, int64_t x_stride, int64_t m, int64_t k, const uint32_t *packed, int64_t n,
                     uint16_t *out) {
     (void)x, (void)x_stride, (void)m, (void)k, (void)packed, (void)n, (void)out;

@@ -182,6 +182,11 @@ class NativeOps:
         self._linear_rope_amx = library.linear_rope_amx_bf16
         self._linear_rope_amx.argtypes = self._linear.argtypes + [pointer, pointer, integer, integer, integer]
         self._linear_rope_amx.restype = ctypes.c_int
+        self._decode_layer = library.decode_layer_bf16
+        self._decode_layer.argtypes = [pointer, pointer, integer, integer] + [pointer] * 3 + [integer]
+        self._decode_layer.argtypes += [pointer] * 3 + [real, pointer, pointer, integer, pointer, pointer]
+        self._decode_layer.argtypes += [integer] * 3 + [pointer] + [integer] * 4 + [real, pointer]
+        self._decode_layer.restype = ctypes.c_int
 
     def _check(self, *tensors: torch.Tensor) -> None:
         for t in tensors:
@@ -304,6 +309,61 @@ class NativeOps:
         if status:
             raise MemoryError("the native matmul could not allocate its scratch memory")
         return out
+
+    def decodes_layers(self, qkv: torch.Tensor, o: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+        """Whether `decode_layer` takes a layer of these `pack_linear` weights: all on tiles, gate/up
+        gated."""
+        return all(self._on_tiles(2 * w.shape[1]) for w in (qkv, o, gate_up, down)) and self.gates(gate_up)
+
+    def decode_layer(
+        self,
+        x: torch.Tensor,
+        normed: torch.Tensor,
+        weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+        norms: tuple[torch.Tensor, torch.Tensor],
+        eps: float,
+        rotation: tuple[torch.Tensor, torch.Tensor],
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        end: int,
+        mask: torch.Tensor,
+        heads: int,
+        scale: float,
+        scratch: torch.Tensor,
+    ) -> None:
+        """One decoder layer of a bf16 decode step in one call (kernels.c decode_layer_bf16), the
+        same bits as its jobs one by one: `normed` [n, hidden] in, the next norm's output out;
+        `x`, the residual stream, updated; the new keys and values written at column `end` of
+        `keys`/`values` [n, kv_heads, columns, dim]. weights: q/k/v, o, gate/up, down from
+        `pack_linear` (where `decodes_layers`); norms: after attention, and the next one's;
+        rotation: (cos, sin) [n, dim / 2]; mask from `attention_mask`; scratch: a bf16 buffer of
+        at least `layer_scratch` values."""
+        qkv, o, gate_up, down = weights
+        n, hidden = x.shape
+        _, kv_heads, columns, dim = keys.shape
+        cos, sin = rotation
+        self._check(x, normed, keys, values, cos, sin, scratch, *norms)
+        if (
+            keys.stride() != values.stride()
+            or keys.stride(2) != dim
+            or not (x.is_contiguous() and normed.is_contiguous())
+        ):
+            raise ValueError("decode_layer takes contiguous rows, and keys and values of one layout")
+        if cos.stride() != sin.stride() or scratch.numel() < self.layer_scratch(n, qkv, gate_up, heads * dim, hidden):
+            raise ValueError("decode_layer: cos and sin of one layout, and scratch of layer_scratch values")
+        status = self._decode_layer(
+            x.data_ptr(), normed.data_ptr(), n, hidden, qkv.data_ptr(), o.data_ptr(), gate_up.data_ptr(),
+            gate_up.shape[0], down.data_ptr(), norms[0].data_ptr(), norms[1].data_ptr(), eps, cos.data_ptr(),
+            sin.data_ptr(), cos.stride(0), keys.data_ptr(), values.data_ptr(), keys.stride(0), keys.stride(1), end,
+            mask.data_ptr(), heads, kv_heads, columns, dim, scale, scratch.data_ptr(),
+        )  # fmt: skip
+        if status:
+            raise MemoryError("the native decoder layer could not allocate its scratch memory")
+
+    @staticmethod
+    def layer_scratch(n: int, qkv: torch.Tensor, gate_up: torch.Tensor, q_width: int, hidden: int) -> int:
+        """The bf16 values of scratch `decode_layer` needs for n rows."""
+        return n * (qkv.shape[0] + q_width + hidden + gate_up.shape[0] // 2 + hidden)
 
     def row_max(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if x.dtype != self.dtype or x.device.type != "cpu" or x.stride(-1) != 1:

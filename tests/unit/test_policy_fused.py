@@ -128,3 +128,40 @@ def test_a_served_bf16_model_frees_the_plain_weights_its_packed_layers_never_rea
     ids = torch.randint(0, reference.config.vocab_size, (2, 7))
     with torch.inference_mode():
         assert torch.equal(served(input_ids=ids).logits, reference(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("head_dim", [16, 32], ids=["rope after the matmul", "rope in the matmul"])
+def test_a_layer_as_one_native_call_gives_the_bits_of_its_jobs_one_by_one(tiny_model_dir, head_dim, tmp_path):
+    """Where every matmul of a bf16 model runs on AMX tiles, each layer of a decode step is one
+    native call (kernels.c decode_layer_bf16): the same logits and keys/values, bit for bit, as
+    the layer's jobs called one by one, step after step. Head sizes of 32 take rope into the q/k/v
+    matmul's last pass; 16 (the tiny preset) rotate after it."""
+    ops, reason = decode_ops(torch.bfloat16, torch.device("cpu"), True, tmp_path)
+    model = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16)
+    if head_dim != model.config.head_dim:
+        config = copy.deepcopy(model.config)
+        config.head_dim, config.num_attention_heads, config.num_key_value_heads = head_dim, 2, 1
+        torch.manual_seed(0)
+        model = type(model)(config).to(torch.bfloat16).eval()
+    use_gqa_sdpa(model)
+    fused = FusedDecoder(model, rows=4, ops=ops)
+    if ops.name != "native" or not ops._amx:  # no AMX here: the jobs stay separate calls
+        assert not fused.whole_layers
+        return
+    assert fused.whole_layers
+    whole = KvWindow(model, torch.device("cpu"), torch.bfloat16, 4096, 8)
+    with torch.inference_mode():
+        kv, mask, last = prefill(model, [[5, 6, 7, 8, 9, 10], [11, 12], [13, 14, 15]])
+        whole.append_rows(kv, mask, torch.arange(3))
+        apart = copy.deepcopy(whole)
+        for _ in range(4):
+            logits = {}
+            for kind, window in (("whole", whole), ("apart", apart)):
+                fused.whole_layers = kind == "whole"
+                window.reserve(window.n, right=1)
+                logits[kind] = fused.step(last, window, slice(0, window.n))
+                window.commit()
+            assert torch.equal(logits["whole"], logits["apart"])
+            for a, b in zip(whole.k + whole.v, apart.k + apart.v, strict=True):
+                assert torch.equal(a, b)
+            last = logits["whole"].argmax(-1)
