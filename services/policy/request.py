@@ -13,6 +13,7 @@ import asyncio
 import queue
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -102,16 +103,53 @@ class GenRequest:
         self.emit(Failed(StatusError(status, message)))
 
 
-def loop_sink(events: asyncio.Queue) -> Callable[[Event], None]:
-    """A sink that hands each event to `events` on the running event loop (the gRPC
-    and HTTP servers' handlers); call it on that loop."""
-    loop = asyncio.get_running_loop()
+class _Mailbox:
+    """Events for the queues of one event loop, handed over in batches: the first event since
+    the last hand-over wakes the loop (call_soon_threadsafe: a write to its self-pipe), and the
+    rest of a decode step's events, one per streaming row, ride along with it. Measured in the
+    policy server under 32 streaming clients, a wake-up per event was ~2.5% of the engine
+    thread's time."""
 
-    def sink(event: Event) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop):
+        self._loop = weakref.ref(loop)  # the mailbox lives as long as its loop, not longer
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, Event]] = []
+
+    def post(self, events: asyncio.Queue, event: Event) -> None:
+        with self._lock:
+            self._pending.append((events, event))
+            if len(self._pending) > 1:
+                return  # a hand-over is already on its way
+        loop = self._loop()
         try:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            if loop is not None:
+                loop.call_soon_threadsafe(self._hand_over)
         except RuntimeError:  # the loop closed (the server stopped past its grace): nobody waits for it
             pass
+
+    def _hand_over(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        for events, event in batch:
+            events.put_nowait(event)
+
+
+_mailboxes: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Mailbox] = weakref.WeakKeyDictionary()
+_mailboxes_lock = threading.Lock()
+
+
+def loop_sink(events: asyncio.Queue) -> Callable[[Event], None]:
+    """A sink that hands each event to `events` on the running event loop (the gRPC
+    and HTTP servers' handlers), in order, batched with the loop's other events (`_Mailbox`);
+    call it on that loop."""
+    loop = asyncio.get_running_loop()
+    with _mailboxes_lock:
+        mailbox = _mailboxes.get(loop)
+        if mailbox is None:
+            mailbox = _mailboxes[loop] = _Mailbox(loop)
+
+    def sink(event: Event) -> None:
+        mailbox.post(events, event)
 
     return sink
 
