@@ -165,3 +165,18 @@ def test_a_layer_as_one_native_call_gives_the_bits_of_its_jobs_one_by_one(tiny_m
             for a, b in zip(whole.k + whole.v, apart.k + apart.v, strict=True):
                 assert torch.equal(a, b)
             last = logits["whole"].argmax(-1)
+
+
+def test_the_rotation_table_gives_the_rotary_modules_own_values(tiny_model_dir):
+    """FusedDecoder takes cos/sin from a table of the rotary module's outputs by position: bit
+    for bit the module's own for each row's position, also past the table's first size."""
+    model = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16)
+    fused = FusedDecoder(model, rows=4)
+    x = torch.zeros(1, dtype=torch.bfloat16)
+    half = model.config.head_dim // 2
+    with torch.inference_mode():
+        for positions in (torch.tensor([[0], [7], [511]]), torch.tensor([[3], [1500], [2]])):
+            cos, sin = fused._rotation(x, positions)
+            want_cos, want_sin = model.model.rotary_emb(x, positions)
+            assert torch.equal(cos, want_cos[:, 0, :half]) and torch.equal(sin, want_sin[:, 0, :half])
+    assert fused._turns[0].shape[0] > 1500  # grown for the second batch
