@@ -368,7 +368,8 @@ class Settings:
         "true",
         _bool,
         "The fused decode step's norms, rotary, SiLU and attention run as C loops (services/policy/kernels.c) "
-        "built once per machine with the system C compiler ($CC or cc) and cached in RLHF_KERNEL_CACHE; torch ops "
+        "built once per machine with the system C compiler ($CC or cc) and cached in RLHF_KERNEL_CACHE, and in bf16 "
+        "its linear layers too (AMX tiles; without AMX, AVX512-BF16 up to 8 rows); torch ops and oneDNN's matmul "
         "where there is no compiler, the build fails or its check does (logged). false = always torch ops.",
     )
     kernel_cache: Path = _setting(

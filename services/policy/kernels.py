@@ -1,6 +1,7 @@
 """The work of a fused decode step outside its linear layers: residual add +
 RMSNorm, rotary embedding, SiLU(gate) x up, and attention over each row's KV
-window. Two implementations of one interface:
+window; and in bf16, where the CPU allows, the linear layers too (below). Two
+implementations of one interface:
 
 - `TorchOps`: torch ops, any dtype and device. Each job is a chain of small ops
   (F.rms_norm alone runs ~8, attention ~5), and on a CPU each op costs
@@ -34,7 +35,10 @@ most SMALL_LINEAR_ROWS rows. oneDNN's reads the weights far below the memory's
 speed at decode steps' row counts. Measured here, bf16 decode step plus greedy
 pick, medians of 30 interleaved: oneDNN / dot products, 1 row 39.6 / 23.2 ms,
 4 rows 39.6 / 25.5, 8 rows 41.1 / 31.8; oneDNN / tiles, 28 rows 66.5 / 42.1,
-14 rows 38.8 / 25.5.
+14 rows 38.8 / 25.5. On tiles two jobs ride on a matmul's last pass, from its
+sums in registers: rope on q/k/v (28 rows 44.3 -> 43.8 ms) and SiLU x up on
+gate/up (40.8 -> 39.9); and a whole layer is one call (`decode_layer`: 28 rows
+38.9 -> 33.9 ms, 1 row 23.0 -> 18.1), each bit-equal to its jobs one by one.
 
 `decode_ops` picks one: native where RLHF_NATIVE_KERNELS allows it, the model is
 on the CPU in bf16 or fp32 with at most 64 query heads per K/V head, and the
