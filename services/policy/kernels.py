@@ -471,7 +471,7 @@ def disagreement(ops: NativeOps, reference: TorchOps | None = None, seed: int = 
                 return "linear"
             if ops.gates(packed) and not torch.equal(ops.linear(x, packed, True), ops.silu_mul(ops.linear(x, packed))):
                 return "gated linear"
-            if ops.rotates(packed, 1, 32):  # one rotated head of 32 values, then 0 unrotated ones
+            if ops.rotates(packed, 1, 32):  # one rotated head of 32 values, then two blocks left as they are
                 turns = torch.rand((rows, 16), generator=generator) * 50
                 cos, sin = turns.cos().to(ops.dtype), turns.sin().to(ops.dtype)
                 want = ops.linear(x, packed)
