@@ -362,7 +362,11 @@ def serve_until_signal(
 
     signal.signal(signal.SIGTERM, handle)
     signal.signal(signal.SIGINT, handle)
-    stop.wait()
+    # The kernel may hand the signal to any thread (gRPC's, Kafka's); Python then only sets a flag,
+    # and the main thread runs `handle` when it next runs Python code. A wait without a timeout
+    # could sleep through it: a CI run saw a SIGTERM handled only when a second one came, 10 s on.
+    while not stop.wait(0.2):
+        pass
     running.stop(grace)
     if on_stop:
         on_stop()
