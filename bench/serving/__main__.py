@@ -228,9 +228,9 @@ def matmul_peak(config, dtype: torch.dtype, batch_sizes, device: str = "cpu", se
     layers (services/policy/fused.py: q/k/v and gate/up as one layer each,
     prepacked for m rows), with the same FLOPs; and those layers on the native kernels'
     own bf16 matmul where this CPU has it for m rows (AMX tiles: any m; AVX512-BF16 dot
-    products: up to SMALL_LINEAR_ROWS); each
-    on one intra-op thread and on this process's default count (on a busy machine
-    one thread can be much faster). A higher peak means a lower, more conservative MFU."""
+    products: up to SMALL_LINEAR_ROWS); each on one intra-op thread and on this process's
+    default count (on a busy machine one thread can be much faster). A higher peak means
+    a lower, more conservative MFU."""
     h, inter, vocab = config.hidden_size, config.intermediate_size, config.vocab_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim

@@ -262,20 +262,23 @@ class NativeOps:
     def _on_tiles(self, width: int) -> bool:
         return self._amx and width % AMX_DEPTH == 0
 
+    def _packed_on_tiles(self, packed: torch.Tensor) -> bool:
+        return self._on_tiles(2 * packed.shape[1])  # `pack_linear` keeps the input width in pairs
+
     def linear_rows(self, packed: torch.Tensor) -> float:
         """The most rows at once that `linear` is the faster matmul for, given `pack_linear`'s
         copy of a weight: any number where it runs on AMX tiles, else SMALL_LINEAR_ROWS."""
-        return math.inf if self._on_tiles(2 * packed.shape[1]) else SMALL_LINEAR_ROWS
+        return math.inf if self._packed_on_tiles(packed) else SMALL_LINEAR_ROWS
 
     def gates(self, packed: torch.Tensor) -> bool:
         """Whether `linear(..., gated=True)` takes this weight: on tiles, in two equal halves of
         whole 16-column blocks."""
-        return self._on_tiles(2 * packed.shape[1]) and packed.shape[0] % 32 == 0
+        return self._packed_on_tiles(packed) and packed.shape[0] % 32 == 0
 
     def rotates(self, packed: torch.Tensor, heads: int, dim: int) -> bool:
         """Whether `linear(..., rotate=(heads, dim, cos, sin))` takes this weight: on tiles, heads
         of whole 16-column blocks per half, all within its output."""
-        return self._on_tiles(2 * packed.shape[1]) and dim % 32 == 0 and heads * dim <= packed.shape[0]
+        return self._packed_on_tiles(packed) and dim % 32 == 0 and heads * dim <= packed.shape[0]
 
     def linear(
         self,
@@ -317,7 +320,7 @@ class NativeOps:
     def decodes_layers(self, qkv: torch.Tensor, o: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
         """Whether `decode_layer` takes a layer of these `pack_linear` weights: all on tiles, gate/up
         gated."""
-        return all(self._on_tiles(2 * w.shape[1]) for w in (qkv, o, gate_up, down)) and self.gates(gate_up)
+        return all(self._packed_on_tiles(w) for w in (qkv, o, gate_up, down)) and self.gates(gate_up)
 
     def decode_layer(
         self,
