@@ -160,7 +160,18 @@ def load_causal_lm(path: Path | str, device: str = "cpu", dtype: torch.dtype = t
 
     with _LOAD_LOCK:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
+    model.get_output_embeddings().register_forward_pre_hook(_contiguous_input)
     return model.to(device).eval()
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """The unembedding's input made contiguous. With `logits_to_keep=1` it is a
+    strided slice of the last position, and for a frozen bf16 weight (no
+    requires_grad) torch's matmul then broadcasts the [vocab, hidden] weight to
+    every row and copies it, instead of folding the rows into one matrix product:
+    measured here on SmolLM2-135M, an 8-prompt prefill took 1.46 s instead of
+    0.26 s. Copying the slice costs a few KB."""
+    return (args[0].contiguous(), *args[1:])
 
 
 def resolve_device(name: str) -> str:
