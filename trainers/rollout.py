@@ -15,10 +15,12 @@ Two generators produce the same `Rollouts` batch:
   weights are refreshed to W + s·BA from the live adapters before every
   rollout batch (one matmul and copy per layer): measured on the 135M model,
   8 rows x 32 tokens, 2 cores, merged weights decoded about 15% faster than
-  the adapter path. On a CPU the engine decodes in fp32 even when training
-  uses bf16 autocast: at rollout batch sizes decode is memory- and
-  overhead-bound, and bf16 (autocast or bf16 weights) measured slower than
-  fp32 even on an AMX CPU. On a GPU it runs under the job's autocast.
+  the adapter path. Where training runs bf16 autocast on a CPU (`auto` picks
+  it only where bf16 is native), the engine decodes from a bf16 copy, LoRA or
+  not, refreshed the same way, so that the fused step runs its bf16 matmuls
+  (AMX tiles where the CPU has them): measured on the 135M model with LoRA,
+  8 rows x 32 tokens, 2 cores, AMX, a rollout batch took 1.3-1.6 s against
+  3.2-3.7 s from the fp32 copy. On a GPU it runs under the job's autocast.
 - `generate_rollouts` (`rollout_engine = "hf"`): transformers' `generate`
   in static batches of `generation_batch_size`; kept for comparison and for
   the gate's evaluation.
@@ -170,27 +172,39 @@ def is_lora(model: torch.nn.Module) -> bool:
     return isinstance(model, PeftModel)
 
 
-class MergedLoRA:
-    """A plain copy of a LoRA-wrapped model with the adapters folded in.
+class DecodeCopy:
+    """A plain, frozen copy of the policy, in `dtype`, that rollouts decode with.
 
-    `sync()` sets each adapted weight of the copy to W + ΔW (peft's
-    `get_delta_weight`) from the live model's frozen W and current adapters.
-    The live model is never modified, so training stays bit-exact whatever
-    generation does (merging in place and back would drift W)."""
+    For a LoRA-wrapped policy the adapters are folded in: `sync()` sets each
+    adapted weight of the copy to W + ΔW (peft's `get_delta_weight`) from the
+    live model's frozen W and current adapters. For a fully fine-tuned policy
+    `sync()` copies every parameter. The live model is never modified, so
+    training stays bit-exact whatever generation does (merging in place and
+    back would drift W)."""
 
-    def __init__(self, peft_model: torch.nn.Module):
-        from peft.tuners.lora import LoraLayer
+    def __init__(self, model: torch.nn.Module, dtype: torch.dtype):
+        self.lora = is_lora(model)
+        plain = copy.deepcopy(model).merge_and_unload() if self.lora else copy.deepcopy(model)
+        self.model = plain.to(dtype).eval().requires_grad_(False)
+        if self.lora:
+            from peft.tuners.lora import LoraLayer
 
-        self.model = copy.deepcopy(peft_model).merge_and_unload().eval().requires_grad_(False)
-        base = peft_model.get_base_model()
-        self.pairs = [
-            (layer, self.model.get_submodule(name))
-            for name, layer in base.named_modules()
-            if isinstance(layer, LoraLayer)
-        ]
+            base = model.get_base_model()
+            self.pairs = [
+                (layer, self.model.get_submodule(name))
+                for name, layer in base.named_modules()
+                if isinstance(layer, LoraLayer)
+            ]
+        else:
+            own = dict(self.model.named_parameters())
+            self.pairs = [(param, own[name]) for name, param in model.named_parameters()]
 
     @torch.no_grad()
     def sync(self) -> None:
+        if not self.lora:
+            for param, target in self.pairs:
+                target.copy_(param)
+            return
         for layer, target in self.pairs:
             weight = layer.get_base_layer().weight.detach().clone()
             for adapter in layer.active_adapters:
@@ -233,9 +247,16 @@ class EngineRollouts:
             kv_budget_tokens=max(64, rows * horizon),
         )
         model = unwrap(policy)
-        self.mirror = MergedLoRA(model) if is_lora(model) else None
+        cuda = device.startswith("cuda")
+        # bf16 training on a CPU (native bf16 only, under `auto`) decodes from a bf16 copy, which
+        # the fused step runs on bf16 matmuls; fp32 decodes from a merged copy for LoRA, else the live
+        # module; a GPU decodes the live module (or the merged copy) under the job's autocast.
+        if bf16 and not cuda:
+            self.mirror: DecodeCopy | None = DecodeCopy(model, torch.bfloat16)
+        else:
+            self.mirror = DecodeCopy(model, next(model.parameters()).dtype) if is_lora(model) else None
         decoder = self.mirror.model if self.mirror else model
-        if bf16 and device.startswith("cuda"):
+        if bf16 and cuda:
             decoder = _Autocast(decoder, device)
         # Run in the trainer's thread (generate): one OpenMP pool per process (services/common/openmp.py).
         self.engine = Engine(engine_settings, service="ppo-rollout", own_thread=False)
@@ -267,7 +288,7 @@ class EngineRollouts:
         if self.mirror:
             self.mirror.sync()
         if self.fused_reason is None:  # the trainer puts the policy in eval mode for rollouts
-            self.decoder.rlhf_fused = FusedDecoder(self.decoder, rows=self.rows, ops=self.ops, small_linears=False)
+            self.decoder.rlhf_fused = FusedDecoder(self.decoder, rows=self.rows, ops=self.ops)
             self.fused_batches += 1
         groups: dict[tuple[int, ...], list[int]] = {}
         for i, p in enumerate(prompt_ids):

@@ -197,11 +197,11 @@ class FusedDecoder:
     when it is built: a model whose weights change afterwards needs a new one.
     `rows` is the batch size oneDNN's weight layout is chosen for; `ops` runs the
     work outside the linear layers (services/policy/kernels.py; torch ops unless given)
-    and, with `small_linears`, the linear layers too where native ops have a bf16 matmul
-    for the step's row count (`Linear`; a copy of the weights packed in ~0.3 s for
-    SmolLM2-135M: worth it for a served version, not for a rollout batch)."""
+    and the linear layers too where native ops have a bf16 matmul for the step's row
+    count (`Linear`; a copy of the weights packed in ~0.3 s for SmolLM2-135M, which
+    pays for itself within one PPO rollout batch: trainers/rollout.py)."""
 
-    def __init__(self, model, rows: int, ops: TorchOps | NativeOps | None = None, small_linears: bool = True):
+    def __init__(self, model, rows: int, ops: TorchOps | NativeOps | None = None):
         reason = unsupported(model)
         if reason:
             raise ValueError(f"no fused decode step for this model: {reason}")
@@ -212,7 +212,7 @@ class FusedDecoder:
         self.eps = config.rms_norm_eps
         self.scale = self.head_dim**-0.5
         self.ops = ops or TorchOps()
-        native = self.ops if small_linears and isinstance(self.ops, NativeOps) else None
+        native = self.ops if isinstance(self.ops, NativeOps) else None
         with torch.no_grad():
             self.layers = [_Layer(layer, rows, native) for layer in inner.layers]
             self.lm_head = Linear(model.get_output_embeddings().weight, rows, native)

@@ -5,6 +5,8 @@ an update, seeds reach generation, and tokens after EOS are padding."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -127,3 +129,47 @@ def test_tokens_after_the_first_eos_are_padding():
     )  # columns of padding only: dropped
     assert short.ids.tolist() == [[4, 5, 9], [5, 9, 0]] and short.prompt_width == 1
     assert short.response_mask.tolist() == [[1, 1], [1, 0]] and short.sampler_logprobs.tolist() == [[1, 1], [1, 0]]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["LoRA", "full fine-tuning"])
+def test_bf16_training_decodes_from_a_bf16_copy_that_follows_the_updates(tokenizer, tiny_model_dir, lora):
+    """Under bf16 autocast on a CPU the engine decodes from a bf16 copy of the policy
+    (so the fused step runs bf16 matmuls), refreshed from the live weights before
+    every batch; its log-probs stay within bf16 rounding of the training forward."""
+    torch.manual_seed(1)
+    policy = load_causal_lm(tiny_model_dir)
+    if lora:
+        policy = add_lora(policy, 4, 16.0, 0.0, "q_proj,v_proj,up_proj")
+    policy.eval()
+    trained = [p for n, p in policy.named_parameters() if ("lora_B" in n if lora else p.requires_grad)]
+    rollouts = EngineRollouts(
+        policy,
+        tokenizer,
+        load_settings({}),
+        rows=3,
+        max_prompt_tokens=48,
+        max_new_tokens=MAX_NEW,
+        device="cpu",
+        bf16=True,
+    )
+    try:
+        assert rollouts.fused_reason is None
+        assert {p.dtype for p in rollouts.decoder.parameters()} == {torch.bfloat16}
+        assert all(p.dtype == torch.float32 for p in policy.parameters())  # the live model is left as it was
+        prompt_ids = encode_prompts(tokenizer, PROMPTS[:3], 48)
+
+        def gap(batch, model) -> float:  # mean |engine − training forward| over the response tokens
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                logp = trainer_logprobs(model, batch)
+            return float((batch.sampler_logprobs - logp)[batch.response_mask.bool()].abs().mean())
+
+        old = copy.deepcopy(policy)
+        before = rollouts.generate(prompt_ids, 1.0, [1, 2, 3])
+        with torch.no_grad():  # an "optimizer step" on the live module, in place
+            for p in trained:
+                p.add_(torch.randn_like(p) * (0.2 if lora else 0.05))
+        after = rollouts.generate(prompt_ids, 1.0, [1, 2, 3])
+        assert gap(before, old) < 0.02 and gap(after, policy) < 0.02
+        assert gap(after, old) > 4 * gap(after, policy)  # it decoded with the update, not the old weights
+    finally:
+        rollouts.close()
