@@ -6,14 +6,15 @@ because these machines are noisy. Results go to bench/results/<name>.json.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import subprocess
+import shutil
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,11 +72,13 @@ def write_results(name: str, payload: Mapping[str, Any]) -> Path:
     return path
 
 
-def trainer_sandbox(prefix: str, **env: str) -> tuple[Path, subprocess.Popen]:
+@contextlib.contextmanager
+def trainer_sandbox(prefix: str, **env: str) -> Iterator[Path]:
     """A scratch folder with a broker of its own, and this process's environment pointed at both,
     for a benchmark that runs trainer jobs in-process: the trainers announce their checkpoints as
-    in production. Returns (folder, broker); stop the broker with services.common.broker.stop_process."""
-    from services.common.broker import free_port, start_broker
+    in production. Yields the folder; on exit stops the broker and deletes the folder (a PPO run
+    leaves 2.6 GB of checkpoints there), unless BENCH_KEEP=1."""
+    from services.common.broker import free_port, start_broker, stop_process
 
     work = Path(tempfile.mkdtemp(prefix=prefix))
     port = free_port()
@@ -91,7 +94,14 @@ def trainer_sandbox(prefix: str, **env: str) -> tuple[Path, subprocess.Popen]:
             **env,
         }
     )
-    return work, broker
+    try:
+        yield work
+    finally:
+        stop_process(broker)
+        if os.environ.get("BENCH_KEEP") == "1":
+            print(f"kept {work} (BENCH_KEEP=1)")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def run_threads(n_threads: int, work) -> float:

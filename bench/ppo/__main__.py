@@ -14,7 +14,9 @@ Both sides get:
 - LoRA r=8 on the policy and value backbones (`--lora-rank 0`: full
   fine-tuning; TRL then holds a separate reference copy, as ours does);
 - the same dtype (`--dtype`, resolved by services/common/dtypes: with
-  `auto`, bf16 only where the CPU has native bf16) and thread count.
+  `auto`, the default and what the trainers ship, bf16 autocast only where
+  the CPU has native bf16; TRL gets `bf16=True` exactly then) and thread
+  count. `--dtype float32` measures both sides in fp32.
 
 Timed: the wall time from the end of the first PPO step to the end of the
 last (ours: metrics.jsonl's per-step clock; TRL: a step-end callback), so
@@ -37,7 +39,6 @@ from pathlib import Path
 import torch
 
 from bench.common import print_table, trainer_sandbox, write_results
-from services.common.broker import stop_process
 
 HERE = Path(__file__).resolve().parent
 TARGET = 1.5
@@ -149,7 +150,7 @@ def main() -> int:
     parser.add_argument("--max-prompt-tokens", type=int, default=96)
     parser.add_argument("--lora-rank", type=int, default=8, help="0 = full fine-tuning")
     parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--dtype", default="float32", choices=("auto", "float32", "bfloat16"))
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument(
         "--also-hf", action="store_true", help="also run ours with rollout_engine=hf (transformers generate)"
@@ -164,8 +165,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
 
     python = trl_python()
-    work, broker = trainer_sandbox("bench-ppo-", RLHF_TORCH_THREADS=str(args.threads))
-    try:
+    with trainer_sandbox("bench-ppo-", RLHF_TORCH_THREADS=str(args.threads)) as work:
         from bench.train.__main__ import bench_model
         from services.common.checkpoints import CheckpointStore
         from services.common.config import load_settings
@@ -221,8 +221,6 @@ def main() -> int:
         if args.also_hf:
             results["ours_hf"] = run_ours(work, snapshot, sft, rm, {**spec, "rollout_engine": "hf"})
         results["trl"] = run_trl(python, spec, work)
-    finally:
-        stop_process(broker)
 
     ratio = results["ours"]["episodes_per_s"] / results["trl"]["episodes_per_s"]
     model_name = "tiny preset" if kind == "tiny" else "SmolLM2-135M (base preset)"

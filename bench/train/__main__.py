@@ -25,7 +25,6 @@ from pathlib import Path
 import torch
 
 from bench.common import MODEL_CACHE, print_table, trainer_sandbox, write_results
-from services.common.broker import stop_process
 from services.common.models import ensure_preset
 
 PAIRS_PER_PROMPT = 28  # C(8, 2)
@@ -177,8 +176,7 @@ def main() -> int:
     n_prompts = args.prompts or (40 if args.quick else 160)
     lr = args.lr or (1e-3 if kind == "tiny" else 1e-4)
 
-    work, broker = trainer_sandbox("bench-train-")
-    try:
+    with trainer_sandbox("bench-train-") as work:
         from services.common.checkpoints import CheckpointStore
         from services.common.config import load_settings
         from services.common.datasets import SnapshotStore
@@ -197,8 +195,6 @@ def main() -> int:
 
         ours = run_ours(work, snapshot, sft, args.batch_prompts, args.micro_prompts, lr, args.max_tokens)
         trl_result = run_trl(work, model_dir, train, val, args.batch_prompts, args.micro_prompts, lr)
-    finally:
-        stop_process(broker)
 
     import trl
 
