@@ -128,9 +128,11 @@ def run_ours(work: Path, snapshot: str, sft: str, rm: str, spec: dict, run: int 
 
 
 def median_run(runs: list[dict]) -> dict:
-    """One side's runs as one record: the median episodes/s, and every run's in run order."""
+    """One side's runs as one record: the fields every run shares, the median episodes/s,
+    every run's episodes/s in run order, and the runs themselves (their own timings)."""
     eps = [r["episodes_per_s"] for r in runs]
-    return {**runs[0], "episodes_per_s": statistics.median(eps), "episodes_per_s_runs": eps}
+    shared = {k: v for k, v in runs[0].items() if all(r.get(k) == v for r in runs)}
+    return {**shared, "episodes_per_s": statistics.median(eps), "episodes_per_s_runs": eps, "runs": runs}
 
 
 def run_trl(python: str, spec: dict, work: Path) -> dict:
@@ -250,7 +252,7 @@ def main() -> int:
             "trainer": labels[k],
             "episodes/s (median)": r["episodes_per_s"],
             "runs": " ".join(f"{x:.3f}" for x in r["episodes_per_s_runs"]),
-            "timed steps": r["timed_steps"],
+            "timed steps": " ".join(str(run["timed_steps"]) for run in r["runs"]),
         }
         for k, r in results.items()
     ]

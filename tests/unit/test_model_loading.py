@@ -52,12 +52,12 @@ def test_last_position_logits_of_a_frozen_bf16_model_never_copy_the_unembedding(
     weight torch's matmul would then broadcast the [vocab, hidden] weight to every
     row and copy it (an 8-prompt prefill of SmolLM2-135M: 1.46 s instead of 0.26 s).
     The loader's hook makes the slice contiguous, so the rows fold into one mm."""
-    from torch.profiler import profile, record_function
+    from torch.profiler import profile
 
     model = load_causal_lm(tiny_model_dir, dtype=torch.bfloat16).requires_grad_(False)
     vocab, hidden = model.get_output_embeddings().weight.shape
     ids = torch.randint(10, 1000, (4, 12))
-    with torch.inference_mode(), profile(record_shapes=True) as prof, record_function("forward"):
+    with torch.inference_mode(), profile(record_shapes=True) as prof:
         logits = model(input_ids=ids, use_cache=True, logits_to_keep=1).logits
     assert logits.shape == (4, 1, vocab)
     copies = [e for e in prof.events() if e.name == "aten::copy_" and [4, hidden, vocab] in e.input_shapes]
