@@ -6,9 +6,9 @@ Two generators produce the same `Rollouts` batch:
   service's continuous-batching engine (services/policy/engine.py), run in
   the trainer process on the live policy module, the way OpenRLHF and veRL
   hand rollouts to an inference engine. A finished row leaves the batch at
-  once instead of decoding padding until the longest row ends, each prompt
-  is prefilled once for all its samples, and each sample has its own seeded
-  generator, so a rollout depends only on (seed, rank, step, index), not on
+  once instead of decoding padding until the longest row ends, identical
+  prompts that join together are prefilled once, and each sample has its own
+  seeded generator, so a rollout depends only on (seed, rank, step, index), not on
   the batch it shared. With full fine-tuning the engine decodes with the
   live policy module itself: optimizer steps update the weights it uses, no
   copy, no reload. With LoRA it decodes with a plain copy whose adapted
@@ -25,13 +25,9 @@ Two generators produce the same `Rollouts` batch:
   in static batches of `generation_batch_size`; kept for comparison and for
   the gate's evaluation.
 
-Only the engine's public interface is used: `Engine(settings, own_thread=False)`,
-`set_model(Loaded)`, `submit(GenRequest)`, `run_until_idle()` in the trainer's
-own thread, events back through the request's sink (`SampleDone` per sample,
-then `Finished` or `Failed`), `stop()`. The engine has no scheduler thread of
-its own here: a second thread running torch would start a second OpenMP pool,
-and libgomp then cuts every pool's spinning short (services/common/openmp.py),
-which slows both the rollouts and the training steps.
+The engine runs in the trainer's own thread, through services/policy/offline.py
+(shared with the gate job and the demo's evaluation): no second thread runs
+torch, so the process keeps one OpenMP pool (services/common/openmp.py).
 
 The log-probabilities PPO uses are recomputed by the trainer's own forward
 pass (trainers/ppo.py `rollout_stats`), as OpenRLHF and veRL do; the
@@ -42,22 +38,16 @@ they agree with that forward pass (a mismatch would bias the PPO ratio).
 from __future__ import annotations
 
 import copy
-import dataclasses
-import logging
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from services.common.checkpoints import Manifest
 from services.common.config import Settings
-from services.common.hotswap import Loaded
-from services.common.logs import get_logger, log_fields
+from services.common.logs import get_logger
 from services.common.models import pad_batch
-from services.policy.engine import Engine
-from services.policy.fused import FusedDecoder, ops_for, unsupported
-from services.policy.params import FINISH_EOS, GenParams, SampleOut
-from services.policy.request import EventQueue, Failed, Finished, GenRequest, SampleDone
+from services.policy.offline import GenerationError, OfflineEngine
+from services.policy.params import FINISH_EOS
 from trainers.config import JobError
 from trainers.nn import autocast, unwrap
 
@@ -213,12 +203,8 @@ class DecodeCopy:
 
 
 class EngineRollouts:
-    """The continuous-batching engine on the live policy, sized for one rollout batch.
-
-    `rows` is the most sequences decoded together; the KV budget admits all
-    of them at the longest prompt plus max_new_tokens, so a whole rollout
-    batch runs as one continuous batch. Call `close()` when training ends.
-    """
+    """The continuous-batching engine on the live policy, sized for one rollout batch
+    (services/policy/offline.py). Call `close()` when training ends."""
 
     def __init__(
         self,
@@ -236,16 +222,6 @@ class EngineRollouts:
         self.tokenizer = tokenizer
         self.device = device
         self.max_new_tokens = max_new_tokens
-        horizon = max_prompt_tokens + max_new_tokens
-        engine_settings = dataclasses.replace(
-            settings,
-            max_batch=max(1, min(rows, 1024)),
-            max_queue=max(64, rows),
-            max_prompt_tokens=max_prompt_tokens,
-            max_new_tokens_limit=max_new_tokens,
-            default_max_new_tokens=max_new_tokens,
-            kv_budget_tokens=max(64, rows * horizon),
-        )
         model = unwrap(policy)
         cuda = device.startswith("cuda")
         # bf16 training on a CPU (native bf16 only, under `auto`) decodes from a bf16 copy, which
@@ -256,84 +232,48 @@ class EngineRollouts:
         else:
             self.mirror = DecodeCopy(model, next(model.parameters()).dtype) if is_lora(model) else None
         decoder = self.mirror.model if self.mirror else model
-        if bf16 and cuda:
-            decoder = _Autocast(decoder, device)
-        # Run in the trainer's thread (generate): one OpenMP pool per process (services/common/openmp.py).
-        self.engine = Engine(engine_settings, service="ppo-rollout", own_thread=False)
-        self.engine.set_model(Loaded(version, Manifest(version, "ppo", "policy"), None, decoder, tokenizer))
-        # The serving engine's fused decode step, rebuilt from the current weights for every batch
-        # (it holds fused copies of them); only where the policy decodes as itself, without autocast.
-        self.decoder, self.rows, self.fused_batches = decoder, engine_settings.max_batch, 0
-        if not settings.fused_decode:
-            self.fused_reason: str | None = "RLHF_FUSED_DECODE=false"
-        elif decoder is not (self.mirror.model if self.mirror else model):
-            self.fused_reason = "the policy decodes under autocast"
-        else:
-            self.fused_reason = unsupported(decoder, now=False)
-        if self.fused_reason is None:
-            self.ops, ops_reason = ops_for(decoder, settings)
-            log_fields(log, logging.INFO, "rollout decode step", fused=True, kernels=self.ops.name, reason=ops_reason)
-        else:
-            log_fields(log, logging.INFO, "rollout decode step", fused=False, reason=self.fused_reason)
+        under_autocast = bf16 and cuda
+        self.offline = OfflineEngine(
+            _Autocast(decoder, device) if under_autocast else decoder,
+            tokenizer,
+            settings,
+            rows=rows,
+            max_prompt_tokens=max_prompt_tokens,
+            max_new_tokens=max_new_tokens,
+            service="ppo-rollout",
+            version=version,
+            fused=not under_autocast,
+        )
+
+    @property
+    def fused_reason(self) -> str | None:
+        return self.offline.fused_reason
+
+    @property
+    def fused_batches(self) -> int:
+        return self.offline.fused_batches
 
     def close(self) -> None:
-        self.engine.stop()
+        self.offline.close()
 
     def generate(self, prompt_ids: list[list[int]], temperature: float, seeds: list[int]) -> Rollouts:
-        """One sampled response per prompt; sample i uses seeds[i]. Identical
-        prompts go in one request (prefilled once; sample j of it uses that
-        request's base seed + j, so the first seed of the group)."""
-        if len(seeds) != len(prompt_ids):
-            raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+        """One sampled response per prompt; sample i uses seeds[i] (services/policy/offline.py)."""
         if self.mirror:
             self.mirror.sync()
-        if self.fused_reason is None:  # the trainer puts the policy in eval mode for rollouts
-            self.decoder.rlhf_fused = FusedDecoder(self.decoder, rows=self.rows, ops=self.ops)
-            self.fused_batches += 1
-        groups: dict[tuple[int, ...], list[int]] = {}
-        for i, p in enumerate(prompt_ids):
-            groups.setdefault(tuple(p), []).append(i)
-        pending = []
-        for key, members in groups.items():
-            params = GenParams(
-                max_new_tokens=self.max_new_tokens,
-                temperature=temperature,
-                top_p=1.0,
-                top_k=0,
-                seed=seeds[members[0]],
-                num_samples=len(members),
-                return_logprobs=True,
-            )
-            events = EventQueue()
-            req = GenRequest(list(key), params, events)
-            self.engine.submit(req)
-            pending.append((req, events, members))
-        self.engine.run_until_idle()
-        self.decoder.__dict__.pop("rlhf_fused", None)  # its weight copies are stale after the next update
+        try:
+            samples = self.offline.generate(prompt_ids, seeds, temperature=temperature, return_logprobs=True)
+        except GenerationError as err:
+            raise JobError(f"rollout generation failed: {err}") from err
         pad = self.tokenizer.pad_token_id
         responses = torch.full((len(prompt_ids), self.max_new_tokens), pad, dtype=torch.long)
         logprobs = torch.zeros((len(prompt_ids), self.max_new_tokens), dtype=torch.float32)
-        for req, events, members in pending:
-            samples = self._collect(req, events)
-            for sample, row in zip(samples, members, strict=True):
-                tokens = sample.tokens
-                responses[row, : len(tokens)] = torch.tensor([t.id for t in tokens], dtype=torch.long)
-                logprobs[row, : len(tokens)] = torch.tensor([t.logprob for t in tokens], dtype=torch.float32)
-                if sample.finish_reason == FINISH_EOS and tokens[-1].id != self.tokenizer.eos_token_id:
-                    raise JobError("the rollout engine reported EOS without an EOS token")
+        for row, sample in enumerate(samples):
+            tokens = sample.tokens
+            responses[row, : len(tokens)] = torch.tensor([t.id for t in tokens], dtype=torch.long)
+            logprobs[row, : len(tokens)] = torch.tensor([t.logprob for t in tokens], dtype=torch.float32)
+            if sample.finish_reason == FINISH_EOS and tokens[-1].id != self.tokenizer.eos_token_id:
+                raise JobError("the rollout engine reported EOS without an EOS token")
         return assemble(prompt_ids, responses, pad, self.tokenizer.eos_token_id, self.device, logprobs)
-
-    @staticmethod
-    def _collect(req: GenRequest, events: EventQueue) -> list[SampleOut]:
-        samples: dict[int, SampleOut] = {}
-        for event in events.events(req):
-            if isinstance(event, SampleDone):
-                samples[event.sample.index] = event.sample
-            elif isinstance(event, Failed):
-                raise JobError(f"rollout generation failed: {event.error.message}")
-            elif isinstance(event, Finished):
-                break
-        return [samples[i] for i in sorted(samples)]
 
 
 def rollout_seeds(n: int) -> list[int]:

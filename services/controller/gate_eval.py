@@ -38,40 +38,45 @@ from services.common.dtypes import resolve_dtype
 from services.common.logs import configure_logging, get_logger, log_fields
 from services.common.models import (
     RewardModel,
-    encode_prompt_response,
     load_causal_lm,
     load_tokenizer,
     pad_batch,
     render_prompt,
     resolve_device,
 )
+from services.common.rm_scoring import comparison_scores, pair_accuracy, score_texts
+from services.policy.offline import OfflineEngine
 
 log = get_logger(__name__)
-RM_MAX_TOKENS = 512
 
 
 @dataclass
 class GateEvalConfig:
     """prompts: held-out prompts for the policy gate (the cpu preset's 64 is the issue's floor);
-    comparisons: held-out comparisons for the RM gate; sampling: max_new_tokens, batch_size, seed."""
+    comparisons: held-out comparisons for the RM gate; sampling: max_new_tokens, seed, decode_rows
+    (rows the engine decodes together; a response does not depend on it); batch_size: rows per
+    forward pass (log-probabilities, RM scores)."""
 
     prompts: int = 64
     comparisons: int = 256
     max_prompt_tokens: int = 256
     max_new_tokens: int = 32
     batch_size: int = 16
+    decode_rows: int = 64
     seed: int = 4321
 
     def validate(self) -> None:
-        for name in ("prompts", "comparisons", "max_prompt_tokens", "max_new_tokens", "batch_size"):
+        for name in ("prompts", "comparisons", "max_prompt_tokens", "max_new_tokens", "batch_size", "decode_rows"):
             if getattr(self, name) < 1:
                 raise ValueError(f"gate config {name}={getattr(self, name)} must be at least 1")
 
 
 PRESETS = {
-    "tiny": dict(prompts=16, comparisons=32, max_prompt_tokens=48, max_new_tokens=12, batch_size=8),
-    "cpu": dict(prompts=64, comparisons=128, max_prompt_tokens=96, max_new_tokens=32, batch_size=16),
-    "gpu": dict(prompts=512, comparisons=1024, max_prompt_tokens=512, max_new_tokens=128, batch_size=64),
+    "tiny": dict(prompts=16, comparisons=32, max_prompt_tokens=48, max_new_tokens=12, batch_size=8, decode_rows=16),
+    "cpu": dict(prompts=64, comparisons=128, max_prompt_tokens=96, max_new_tokens=32, batch_size=16, decode_rows=64),
+    "gpu": dict(
+        prompts=512, comparisons=1024, max_prompt_tokens=512, max_new_tokens=128, batch_size=64, decode_rows=128
+    ),
 }
 
 
@@ -89,33 +94,31 @@ def make_config(preset: str, overrides: list[str]) -> GateEvalConfig:
 
 
 # --- sampling, log-probabilities and scores -----------------------------------------
-@torch.no_grad()
-def sample(model, tok, prompts: list[str], cfg: GateEvalConfig, device: str) -> list[tuple[list[int], list[int]]]:
-    """(prompt ids, response ids up to and including EOS) per prompt, at temperature 1."""
-    tok.padding_side = "left"
+def sample(
+    model, tok, settings, prompts: list[str], cfg: GateEvalConfig, label: str
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt ids, response ids up to and including EOS) per prompt, at temperature 1:
+    prompt i with seed cfg.seed + i, whichever policy answers it (services/policy/offline.py)."""
+    ids = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"][-cfg.max_prompt_tokens :] for p in prompts]
+    engine = OfflineEngine(
+        model,
+        tok,
+        settings,
+        rows=min(len(ids), cfg.decode_rows),
+        max_prompt_tokens=max(map(len, ids)),
+        max_new_tokens=cfg.max_new_tokens,
+        service="gate",
+        version=label,
+    )
     out = []
-    for b in range(0, len(prompts), cfg.batch_size):
-        texts = [render_prompt(tok, p) for p in prompts[b : b + cfg.batch_size]]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        enc = {k: v[:, -cfg.max_prompt_tokens :].to(device) for k, v in enc.items()}
-        torch.manual_seed(cfg.seed + b)
-        ids = model.generate(
-            **enc,
-            do_sample=True,
-            temperature=1.0,
-            top_p=1.0,
-            top_k=0,
-            max_new_tokens=cfg.max_new_tokens,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=tok.eos_token_id,
-        )
-        width = enc["input_ids"].shape[1]
-        for row, mask in zip(ids.tolist(), enc["attention_mask"].tolist(), strict=True):
-            prompt_ids = [t for t, m in zip(row[:width], mask, strict=True) if m]
-            response = row[width:]
-            if tok.eos_token_id in response:
-                response = response[: response.index(tok.eos_token_id) + 1]
-            out.append((prompt_ids, response))
+    try:
+        for b in range(0, len(ids), cfg.decode_rows):
+            chunk = ids[b : b + cfg.decode_rows]
+            seeds = [cfg.seed + b + i for i in range(len(chunk))]
+            samples = engine.generate(chunk, seeds, temperature=1.0, return_logprobs=True)
+            out += [(prompt_ids, [t.id for t in s.tokens]) for prompt_ids, s in zip(chunk, samples, strict=True)]
+    finally:
+        engine.close()
     return out
 
 
@@ -133,35 +136,6 @@ def response_logprob(
         for i, (p, r) in enumerate(chunk):
             out.append(float(logp[i, len(p) - 1 : len(p) - 1 + len(r)].sum()) if r else 0.0)
     return out
-
-
-@torch.no_grad()
-def rm_score_texts(rm: RewardModel, tok, pairs: list[tuple[str, str]], batch: int, device: str) -> list[float]:
-    """RM score at each response's last real token (EOS), batched."""
-    out = []
-    for b in range(0, len(pairs), batch):
-        seqs = [encode_prompt_response(tok, render_prompt(tok, p), r, RM_MAX_TOKENS) for p, r in pairs[b : b + batch]]
-        ids, mask = pad_batch(seqs, tok.pad_token_id, side="right")
-        out += rm.score(ids.to(device), mask.to(device)).float().tolist()
-    return out
-
-
-def pair_accuracy(rm: RewardModel, tok, comparisons: list[dict], batch: int, device: str) -> dict:
-    """How often the RM orders a labelled non-tie pair like the labeler (equal scores count half)."""
-    flat = [(c["prompt_text"], r["text"]) for c in comparisons for r in c["responses"]]
-    scores = iter(rm_score_texts(rm, tok, flat, batch, device))
-    correct, pairs = 0.0, 0
-    for c in comparisons:
-        ranks = [r["rank"] for r in c["responses"]]
-        s = [next(scores) for _ in ranks]
-        for i in range(len(ranks)):
-            for j in range(i + 1, len(ranks)):
-                if ranks[i] == ranks[j]:
-                    continue
-                better, worse = (s[i], s[j]) if ranks[i] < ranks[j] else (s[j], s[i])
-                correct += 1.0 if better > worse else 0.5 if better == worse else 0.0
-                pairs += 1
-    return {"accuracy": correct / pairs if pairs else float("nan"), "pairs": pairs, "comparisons": len(comparisons)}
 
 
 # --- the job ----------------------------------------------------------------------------
@@ -208,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = {}
     for name, version in (("candidate", args.candidate), ("incumbent", args.incumbent)):
         model = load_causal_lm(store.path(version), device=device, dtype=dtype)
-        rows[name] = sample(model, tok, prompts, cfg, device)
+        rows[name] = sample(model, tok, settings, prompts, cfg, name)
         if name == "candidate":
             logp = response_logprob(model, rows[name], tok.pad_token_id, cfg.batch_size, device)
         del model
@@ -230,10 +204,9 @@ def main(argv: list[str] | None = None) -> int:
         rm_tok = load_tokenizer(store.path(version))
         rm = RewardModel.from_pretrained(store.path(version), device=device, dtype=dtype)
         for name in ("candidate", "incumbent"):
-            scores[name][role] = rm_score_texts(
-                rm, rm_tok, list(zip(prompts, texts[name], strict=True)), cfg.batch_size, device
-            )
-        rm_accuracy[role] = {"version": version, **pair_accuracy(rm, rm_tok, comparisons, cfg.batch_size, device)}
+            scores[name][role] = score_texts(rm, rm_tok, list(zip(prompts, texts[name], strict=True)), device)
+        accuracy = pair_accuracy(comparisons, comparison_scores(rm, rm_tok, comparisons, device))
+        rm_accuracy[role] = {"version": version, **accuracy}
         del rm
 
     result = {

@@ -5,15 +5,17 @@ snapshot's test split, topped up from validation when test is small):
 
 1. the reward model's pairwise accuracy on the held-out users' comparisons
    (ties dropped, Wilson intervals), against the gold preference and against
-   the labelers' own rankings, beside the labelers' agreement with each
+   the labelers' own rankings (one scoring pass serves both), beside the labelers' agreement with each
    other as the LabelingService measured it (their agreement bounds what an
    RM can reach against them); and on a sample of training comparisons for
    contrast;
 2. the gold win rate of PPO against SFT, of PPO against the base model and
-   of SFT against the base model: every model answers the same prompts, in
-   the same batches, with the same seeds and sampling settings, and each
-   prompt is one paired comparison (win 1, tie 0.5, loss 0). Intervals are
-   95% (see services/sim/stats.py);
+   of SFT against the base model: every model answers the same prompts with
+   the same sampling settings, prompt i always with seed i (a response never
+   depends on the batch it was decoded in), and each prompt is one paired
+   comparison (win 1, tie 0.5, loss 0). Intervals are 95% (see
+   services/sim/stats.py). The answers are sampled by the serving engine
+   (services/policy/offline.py) in the evaluation's dtype;
 3. the final KL to the SFT policy (from the PPO trainer's metrics);
 4. the trainers' curves (their metrics.jsonl files, whatever keys exist);
 5. example generations before and after.
@@ -24,6 +26,7 @@ It writes report.md, report.json and PNG plots into one folder.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import statistics
 import time
@@ -41,19 +44,17 @@ from services.common.datasets import SnapshotStore
 from services.common.logs import get_logger, log_fields
 from services.common.models import (
     RewardModel,
-    encode_prompt_response,
     load_causal_lm,
     load_tokenizer,
-    pad_batch,
     render_prompt,
     resolve_device,
 )
+from services.common.rm_scoring import comparison_scores, pair_accuracy
+from services.policy.offline import OfflineEngine
 from services.sim.stats import mean_ci, paired_win_rate, wilson
 from services.sim.tasks import check_scores, gold_ranks, gold_score, parse_constraints, words
 
 log = get_logger(__name__)
-
-RM_MAX_TOKENS = 512
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,8 @@ class EvalConfig:
     max_new_tokens: int = 48
     temperature: float = 0.7
     top_p: float = 1.0
-    batch_size: int = 16
-    dtype: str = "float32"  # or "bfloat16" (for GPUs; no faster for batch-16 decoding on the 2-core CPU)
+    batch_size: int = 64  # rows the engine decodes together (a response does not depend on it)
+    dtype: str = "float32"  # or "bfloat16"
     seed: int = 1234
     rm_held_in: int = 32  # training comparisons scored for contrast (0 = skip)
     examples: int = 4
@@ -108,75 +109,86 @@ def eval_prompts(snapshots: SnapshotStore, snapshot_id: str, n: int, seed: int) 
 
 # --- generation and scoring ------------------------------------------------------
 _GENERATED: dict[tuple, list[str]] = {}
+_RM_SCORES: dict[tuple, list[list[float]]] = {}
 
 
-def generate(model_dir: Path, prompts: Sequence[str], cfg: EvalConfig, device: str, label: str = "") -> list[str]:
-    """Sample one answer per prompt; batch b always uses seed cfg.seed + b,
-    so every model sees the same random numbers for the same prompts.
+def generate(
+    settings: Settings, model_dir: Path, prompts: Sequence[str], cfg: EvalConfig, device: str, label: str = ""
+) -> list[str]:
+    """Sample one answer per prompt; prompt i always uses seed (cfg.seed, i), so
+    every model sees the same random numbers for the same prompts.
 
     Checkpoints are immutable and sampling is seeded, so a repeat call (the
     final report and the per-round report evaluate the same models) is
     answered from memory."""
     key = (str(model_dir), tuple(prompts), cfg, device)
     if key not in _GENERATED:
-        _GENERATED[key] = _generate(model_dir, prompts, cfg, device, label)
+        _GENERATED[key] = _generate(settings, model_dir, prompts, cfg, device, label)
     return list(_GENERATED[key])
 
 
-def _generate(model_dir: Path, prompts: Sequence[str], cfg: EvalConfig, device: str, label: str) -> list[str]:
+def _generate(
+    settings: Settings, model_dir: Path, prompts: Sequence[str], cfg: EvalConfig, device: str, label: str
+) -> list[str]:
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, device=device, dtype=getattr(torch, cfg.dtype))
+    ids = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    seeds = [(cfg.seed << 20) + i for i in range(len(ids))]
+    engine = OfflineEngine(
+        model,
+        tok,
+        settings,
+        rows=min(len(ids), cfg.batch_size),
+        max_prompt_tokens=max(map(len, ids)),
+        max_new_tokens=cfg.max_new_tokens,
+        service="eval",
+        version=model_dir.name,
+    )
     out: list[str] = []
-    batches = [prompts[i : i + cfg.batch_size] for i in range(0, len(prompts), cfg.batch_size)]
-    for b, batch in enumerate(tqdm(batches, desc=f"eval: generate {label}", unit="batch")):
-        enc = tok(
-            [render_prompt(tok, p) for p in batch], return_tensors="pt", padding=True, add_special_tokens=False
-        ).to(device)
-        torch.manual_seed(cfg.seed + b)
-        with torch.no_grad():
-            ids = model.generate(
-                **enc,
-                do_sample=cfg.temperature > 0,
-                temperature=cfg.temperature or None,
-                top_p=cfg.top_p,
-                max_new_tokens=cfg.max_new_tokens,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
+    try:
+        chunks = range(0, len(ids), cfg.batch_size)
+        for b in tqdm(chunks, desc=f"eval: generate {label}", unit="batch"):
+            samples = engine.generate(
+                ids[b : b + cfg.batch_size], seeds[b : b + cfg.batch_size], temperature=cfg.temperature, top_p=cfg.top_p
             )
-        out += tok.batch_decode(ids[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
-    del model
-    return [t.strip() for t in out]
+            out += [s.text.strip() for s in samples]
+    finally:
+        engine.close()
+    return out
 
 
-def rm_scores(rm: RewardModel, tok, prompt: str, responses: Sequence[str], device: str) -> list[float]:
-    rendered = render_prompt(tok, prompt)
-    seqs = [encode_prompt_response(tok, rendered, r, RM_MAX_TOKENS) for r in responses]
-    ids, mask = pad_batch(seqs, tok.pad_token_id, side="right")
-    with torch.no_grad():
-        return rm.score(ids.to(device), mask.to(device)).float().tolist()
+def rm_comparison_scores(
+    rm_dir: Path, comparisons: Sequence[Mapping[str, Any]], device: str, label: str
+) -> list[list[float]]:
+    """The RM's score of every response of these comparisons, in fp32 (from memory
+    when this RM has already scored these comparisons: the final report and the
+    per-round report both evaluate the last round's RM)."""
+    key = (str(rm_dir), tuple((c["prompt_text"], *(r["text"] for r in c["responses"])) for c in comparisons), device)
+    if key not in _RM_SCORES:
+        started = time.time()
+        tok = load_tokenizer(rm_dir)
+        rm = RewardModel.from_pretrained(rm_dir, device=device)
+        _RM_SCORES[key] = comparison_scores(rm, tok, comparisons, device)
+        log_fields(
+            log,
+            logging.INFO,
+            "eval: RM scores",
+            rm=rm_dir.name,
+            what=label,
+            comparisons=len(comparisons),
+            seconds=round(time.time() - started, 1),
+        )
+    return _RM_SCORES[key]
 
 
-def rm_pairwise(
-    rm: RewardModel, tok, comparisons: Sequence[Mapping[str, Any]], device: str, label: str
-) -> dict[str, Any]:
-    """How often the RM orders a labelled pair like the labeler (ties dropped)."""
-    correct, pairs = 0.0, 0
-    for c in tqdm(comparisons, desc=f"eval: RM accuracy ({label})", unit="cmp"):
-        responses = c["responses"]
-        scores = rm_scores(rm, tok, c["prompt_text"], [r["text"] for r in responses], device)
-        for i in range(len(responses)):
-            for j in range(i + 1, len(responses)):
-                ri, rj = responses[i]["rank"], responses[j]["rank"]
-                if ri == rj:
-                    continue
-                better, worse = (scores[i], scores[j]) if ri < rj else (scores[j], scores[i])
-                correct += 1.0 if better > worse else (0.5 if better == worse else 0.0)
-                pairs += 1
-    low, high = wilson(correct, pairs)
+def rm_pairwise(comparisons: Sequence[Mapping[str, Any]], scores: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """How often the RM orders a labelled pair like the ranking (ties dropped), with a 95% interval."""
+    acc = pair_accuracy(comparisons, scores)
+    low, high = wilson(acc["correct"], acc["pairs"])
     return {
-        "comparisons": len(comparisons),
-        "pairs": pairs,
-        "accuracy": correct / pairs if pairs else float("nan"),
+        "comparisons": acc["comparisons"],
+        "pairs": acc["pairs"],
+        "accuracy": acc["accuracy"],
         "ci_low": low,
         "ci_high": high,
     }
@@ -267,21 +279,21 @@ def write_report(
     out_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
 
-    # 1. reward model against the labelers and against the gold preference
-    rm_tok = load_tokenizer(store.path(rm_version))
-    rm = RewardModel.from_pretrained(store.path(rm_version), device=device)
+    # 1. reward model against the labelers and against the gold preference (the same scores)
     held_cmp, cmp_splits = held_out(snapshots, snapshot_id, "comparisons")
+    held_scores = rm_comparison_scores(store.path(rm_version), held_cmp, device, "held-out")
     rm_result = {
-        "held_out": rm_pairwise(rm, rm_tok, held_cmp, device, "held-out vs labelers"),
-        "held_out_vs_gold": rm_pairwise(rm, rm_tok, gold_ranked(held_cmp), device, "held-out vs gold"),
+        "held_out": rm_pairwise(held_cmp, held_scores),
+        "held_out_vs_gold": rm_pairwise(gold_ranked(held_cmp), held_scores),
         "held_out_splits": cmp_splits,
         "labeler_agreement": dict(labeler_agreement) if labeler_agreement else None,
     }
     if cfg.rm_held_in:
         train_cmp = snapshots.read(snapshot_id, "train", "comparisons")
         sample = random.Random(cfg.seed).sample(train_cmp, min(cfg.rm_held_in, len(train_cmp)))
-        rm_result["held_in"] = rm_pairwise(rm, rm_tok, sample, device, "train sample")
-    del rm
+        rm_result["held_in"] = rm_pairwise(
+            sample, rm_comparison_scores(store.path(rm_version), sample, device, "train")
+        )
 
     # 2. gold win rates on held-out users' prompts
     prompts, prompt_splits = eval_prompts(snapshots, snapshot_id, cfg.prompts, cfg.seed)
@@ -290,7 +302,7 @@ def write_report(
     # Each prompt is repeated samples_per_prompt times; a prompt's score is its samples' mean.
     per = max(1, cfg.samples_per_prompt)
     expanded = [p for p in prompts for _ in range(per)]
-    samples = {name: generate(store.path(v), expanded, cfg, device, name) for name, v in models.items()}
+    samples = {name: generate(settings, store.path(v), expanded, cfg, device, name) for name, v in models.items()}
     answers = {name: texts[::per] for name, texts in samples.items()}  # the first sample of each prompt
     scores = {
         name: [statistics.mean(gold_score(p, a) for a in texts[i * per : (i + 1) * per]) for i, p in enumerate(prompts)]

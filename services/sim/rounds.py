@@ -32,7 +32,7 @@ from typing import Any
 from services.common.checkpoints import CheckpointStore
 from services.common.config import Settings
 from services.common.datasets import SnapshotStore
-from services.common.models import RewardModel, load_tokenizer, resolve_device
+from services.common.models import resolve_device
 from services.controller.lineage import lineage
 from services.sim.report import (
     EvalConfig,
@@ -42,6 +42,7 @@ from services.sim.report import (
     generate,
     gold_ranked,
     held_out,
+    rm_comparison_scores,
     rm_pairwise,
 )
 from services.sim.stats import mean_ci, paired_win_rate
@@ -82,7 +83,7 @@ def evaluate_rounds(
     gold: dict[str, list[float]] = {}
     for version in [sft_version, *dict.fromkeys(r.served_after for r in rounds)]:
         if version not in gold:
-            answers = generate(store.path(version), prompts, cfg, device, version.split("-")[0])
+            answers = generate(settings, store.path(version), prompts, cfg, device, version.split("-")[0])
             gold[version] = [gold_score(p, a) for p, a in zip(prompts, answers, strict=True)]
     comparisons, cmp_splits = held_out(snapshots, snapshot_id, "comparisons")
     by_gold = gold_ranked(comparisons)
@@ -94,11 +95,8 @@ def evaluate_rounds(
     for r in rounds:
         samples, gate = _gate_samples(r.run_dirs["gate"])
         kl[r.candidate] = gate["policy"]["mean_kl_to_reference"]
-        tok = load_tokenizer(store.path(r.rm))
-        rm = RewardModel.from_pretrained(store.path(r.rm), device=device)
-        vs_labelers = rm_pairwise(rm, tok, comparisons, device, f"round {r.round} RM vs labelers")
-        vs_gold = rm_pairwise(rm, tok, by_gold, device, f"round {r.round} RM vs gold")
-        del rm
+        scores = rm_comparison_scores(store.path(r.rm), comparisons, device, f"round {r.round} RM, held-out")
+        vs_labelers, vs_gold = rm_pairwise(comparisons, scores), rm_pairwise(by_gold, scores)
         proxy = gate["policy"]["scores"]
         mean, low, high = mean_ci(gold[r.served_after])
         rows.append(

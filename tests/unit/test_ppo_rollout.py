@@ -63,7 +63,7 @@ def test_engine_logprobs_match_the_training_forward_pass(policy, tokenizer, engi
     batches = engine.fused_batches
     rollouts = engine.generate(prompt_ids, 1.0, [11, 12, 13, 14])
     assert engine.fused_reason is None and engine.fused_batches == batches + 1  # the serving engine's fused step
-    assert not hasattr(engine.decoder, "rlhf_fused")  # its weight copies are not kept between batches
+    assert not hasattr(engine.offline.model, "rlhf_fused")  # its weight copies are not kept between batches
     assert rollouts.response_mask.sum() > len(PROMPTS)
     for row, ids in enumerate(prompt_ids):  # the prompt sits right-aligned before the response
         assert rollouts.ids[row, rollouts.prompt_width - len(ids) : rollouts.prompt_width].tolist() == ids
@@ -154,7 +154,7 @@ def test_bf16_training_decodes_from_a_bf16_copy_that_follows_the_updates(tokeniz
     )
     try:
         assert rollouts.fused_reason is None
-        assert {p.dtype for p in rollouts.decoder.parameters()} == {torch.bfloat16}
+        assert {p.dtype for p in rollouts.offline.model.parameters()} == {torch.bfloat16}
         assert all(p.dtype == torch.float32 for p in policy.parameters())  # the live model is left as it was
         prompt_ids = encode_prompts(tokenizer, PROMPTS[:3], 48)
 

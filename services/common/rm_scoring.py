@@ -1,0 +1,73 @@
+"""Scoring responses with a reward model, and how well the scores order ranked comparisons.
+
+Shared by the gate job (services/controller/gate_eval.py) and the demo's
+reports (services/sim/report.py, services/sim/rounds.py), so that the gate
+and the report measure an RM's accuracy the same way.
+
+- `score_texts` scores (prompt, response) pairs at each response's last real
+  token, in batches of similar length (sorted, so little of a batch is
+  padding), and returns the scores in the caller's order.
+- `comparison_scores` scores every response of every comparison once.
+- `pair_accuracy` counts, over every non-tie pair of a comparison's
+  responses, how often the better-ranked one scored higher (equal scores
+  count half). It takes the scores, not the model, so one scoring pass serves
+  several rankings of the same responses (the labelers' and the gold one).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from services.common.models import RewardModel, encode_prompt_response, pad_batch, render_prompt
+
+MAX_TOKENS = 512
+
+
+@torch.no_grad()
+def score_texts(
+    rm: RewardModel, tok, pairs: Sequence[tuple[str, str]], device: str, batch: int = 16, max_tokens: int = MAX_TOKENS
+) -> list[float]:
+    """The RM's score of each (prompt, response), in the order given."""
+    seqs = [encode_prompt_response(tok, render_prompt(tok, p), r, max_tokens) for p, r in pairs]
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    out = [0.0] * len(seqs)
+    for b in range(0, len(order), batch):
+        chunk = order[b : b + batch]
+        ids, mask = pad_batch([seqs[i] for i in chunk], tok.pad_token_id, side="right")
+        for i, score in zip(chunk, rm.score(ids.to(device), mask.to(device)).float().tolist(), strict=True):
+            out[i] = score
+    return out
+
+
+def comparison_scores(
+    rm: RewardModel, tok, comparisons: Sequence[Mapping[str, Any]], device: str, batch: int = 16
+) -> list[list[float]]:
+    """Every response of every comparison scored once: one list per comparison."""
+    flat = [(c["prompt_text"], r["text"]) for c in comparisons for r in c["responses"]]
+    scores = iter(score_texts(rm, tok, flat, device, batch))
+    return [[next(scores) for _ in c["responses"]] for c in comparisons]
+
+
+def pair_accuracy(comparisons: Sequence[Mapping[str, Any]], scores: Sequence[Sequence[float]]) -> dict[str, Any]:
+    """{"accuracy", "correct", "pairs", "comparisons"} of these scores against the comparisons' ranks."""
+    if len(scores) != len(comparisons):
+        raise ValueError(f"{len(scores)} score lists for {len(comparisons)} comparisons")
+    correct, pairs = 0.0, 0
+    for c, s in zip(comparisons, scores, strict=True):
+        ranks = [r["rank"] for r in c["responses"]]
+        for i in range(len(ranks)):
+            for j in range(i + 1, len(ranks)):
+                if ranks[i] == ranks[j]:
+                    continue
+                better, worse = (s[i], s[j]) if ranks[i] < ranks[j] else (s[j], s[i])
+                correct += 1.0 if better > worse else 0.5 if better == worse else 0.0
+                pairs += 1
+    return {
+        "accuracy": correct / pairs if pairs else float("nan"),
+        "correct": correct,
+        "pairs": pairs,
+        "comparisons": len(comparisons),
+    }

@@ -1,0 +1,43 @@
+"""RM scoring and pairwise accuracy (services/common/rm_scoring.py), shared by the gate
+job and the demo's reports."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from services.common.models import RewardModel, encode_prompt_response, load_tokenizer, render_prompt
+from services.common.rm_scoring import comparison_scores, pair_accuracy, score_texts
+
+
+def _cmp(ranks: list[int]) -> dict:
+    return {"prompt_text": "p", "responses": [{"text": str(i), "rank": r} for i, r in enumerate(ranks)]}
+
+
+def test_pair_accuracy_counts_non_tie_pairs_and_halves_equal_scores():
+    comparisons = [_cmp([1, 2, 3]), _cmp([1, 1, 2])]
+    # first: (0,1) right, (0,2) right, (1,2) wrong; second: (0,1) a tie (dropped), (0,2) equal scores, (1,2) right
+    scores = [[3.0, 1.0, 2.0], [0.5, 0.7, 0.5]]
+    acc = pair_accuracy(comparisons, scores)
+    assert acc["pairs"] == 5 and acc["correct"] == 3.5 and acc["accuracy"] == pytest.approx(0.7)
+    assert acc["comparisons"] == 2
+    assert math.isnan(pair_accuracy([_cmp([1, 1])], [[0.0, 1.0]])["accuracy"])
+    with pytest.raises(ValueError, match="1 score lists for 2 comparisons"):
+        pair_accuracy(comparisons, scores[:1])
+
+
+def test_batched_scores_come_back_in_order_and_equal_one_at_a_time(tiny_model_dir):
+    torch.manual_seed(0)
+    rm, tok = RewardModel.from_causal_lm(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    pairs = [("Say hi.", "hi " * n) for n in (9, 1, 5, 0, 3)] + [("Name a colour.", "blue")]
+    batched = score_texts(rm, tok, pairs, "cpu", batch=4)
+    for (prompt, response), got in zip(pairs, batched, strict=True):
+        ids = torch.tensor([encode_prompt_response(tok, render_prompt(tok, prompt), response, 512)])
+        with torch.no_grad():
+            alone = float(rm.score(ids, torch.ones_like(ids)))
+        assert got == pytest.approx(alone, abs=1e-4)
+    assert len(set(batched)) > 1
+    comparisons = [{"prompt_text": p, "responses": [{"text": r, "rank": 1}]} for p, r in pairs]
+    assert [s[0] for s in comparison_scores(rm, tok, comparisons, "cpu", batch=3)] == pytest.approx(batched, abs=1e-4)
