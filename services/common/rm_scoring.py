@@ -20,6 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from services.common.models import RewardModel, encode_prompt_response, pad_batch, render_prompt
 
@@ -28,13 +29,19 @@ MAX_TOKENS = 512
 
 @torch.no_grad()
 def score_texts(
-    rm: RewardModel, tok, pairs: Sequence[tuple[str, str]], device: str, batch: int = 16, max_tokens: int = MAX_TOKENS
+    rm: RewardModel,
+    tok,
+    pairs: Sequence[tuple[str, str]],
+    device: str,
+    batch: int = 16,
+    max_tokens: int = MAX_TOKENS,
+    desc: str | None = None,
 ) -> list[float]:
-    """The RM's score of each (prompt, response), in the order given."""
+    """The RM's score of each (prompt, response), in the order given (`desc`: a progress bar)."""
     seqs = [encode_prompt_response(tok, render_prompt(tok, p), r, max_tokens) for p, r in pairs]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     out = [0.0] * len(seqs)
-    for b in range(0, len(order), batch):
+    for b in tqdm(range(0, len(order), batch), desc=desc, unit="batch", disable=desc is None):
         chunk = order[b : b + batch]
         ids, mask = pad_batch([seqs[i] for i in chunk], tok.pad_token_id, side="right")
         for i, score in zip(chunk, rm.score(ids.to(device), mask.to(device)).float().tolist(), strict=True):
@@ -43,11 +50,16 @@ def score_texts(
 
 
 def comparison_scores(
-    rm: RewardModel, tok, comparisons: Sequence[Mapping[str, Any]], device: str, batch: int = 16
+    rm: RewardModel,
+    tok,
+    comparisons: Sequence[Mapping[str, Any]],
+    device: str,
+    batch: int = 16,
+    desc: str | None = None,
 ) -> list[list[float]]:
     """Every response of every comparison scored once: one list per comparison."""
     flat = [(c["prompt_text"], r["text"]) for c in comparisons for r in c["responses"]]
-    scores = iter(score_texts(rm, tok, flat, device, batch))
+    scores = iter(score_texts(rm, tok, flat, device, batch, desc=desc))
     return [[next(scores) for _ in c["responses"]] for c in comparisons]
 
 

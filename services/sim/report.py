@@ -26,7 +26,6 @@ It writes report.md, report.json and PNG plots into one folder.
 from __future__ import annotations
 
 import json
-import logging
 import random
 import statistics
 import time
@@ -165,19 +164,9 @@ def rm_comparison_scores(
     per-round report both evaluate the last round's RM)."""
     key = (str(rm_dir), tuple((c["prompt_text"], *(r["text"] for r in c["responses"])) for c in comparisons), device)
     if key not in _RM_SCORES:
-        started = time.time()
         tok = load_tokenizer(rm_dir)
         rm = RewardModel.from_pretrained(rm_dir, device=device)
-        _RM_SCORES[key] = comparison_scores(rm, tok, comparisons, device)
-        log_fields(
-            log,
-            logging.INFO,
-            "eval: RM scores",
-            rm=rm_dir.name,
-            what=label,
-            comparisons=len(comparisons),
-            seconds=round(time.time() - started, 1),
-        )
+        _RM_SCORES[key] = comparison_scores(rm, tok, comparisons, device, desc=f"eval: RM scores ({label})")
     return _RM_SCORES[key]
 
 
