@@ -23,7 +23,7 @@ Two generators produce the same `Rollouts` batch:
   3.2-3.7 s from the fp32 copy. On a GPU it runs under the job's autocast.
 - `generate_rollouts` (`rollout_engine = "hf"`): transformers' `generate`
   in static batches of `generation_batch_size`; kept for comparison and for
-  the gate's evaluation.
+  trainers/evaluate.py.
 
 The engine runs in the trainer's own thread, through services/policy/offline.py
 (shared with the gate job and the demo's evaluation): no second thread runs

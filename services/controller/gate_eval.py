@@ -8,8 +8,9 @@ On the snapshot's validation split (users the trainers never saw):
   - the reward-model gate: pairwise accuracy of the new RM and of the serving
     RM on the same held-out comparisons (ties dropped);
   - the policy gate: one sample per prompt from the candidate and from the
-    serving policy (batch b seeded with seed + b for both, so the two see the
-    same random numbers), each scored by the new RM and by the serving RM;
+    serving policy (prompt i seeded with seed + i for both, so the two see the
+    same random numbers), drawn by the serving engine (services/policy/offline.py),
+    each scored by the new RM and by the serving RM;
     and the candidate's KL to the reference, log pi - log pi_ref summed over
     its response tokens (sampled at temperature 1, so the estimate is unbiased).
 
