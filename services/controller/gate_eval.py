@@ -46,7 +46,7 @@ from services.common.models import (
     resolve_device,
 )
 from services.common.rm_scoring import comparison_scores, pair_accuracy, score_texts
-from services.policy.offline import OfflineEngine
+from services.policy.offline import sample_all
 
 log = get_logger(__name__)
 
@@ -101,26 +101,21 @@ def sample(
     """(prompt ids, response ids up to and including EOS) per prompt, at temperature 1:
     prompt i with seed cfg.seed + i, whichever policy answers it (services/policy/offline.py)."""
     ids = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"][-cfg.max_prompt_tokens :] for p in prompts]
-    engine = OfflineEngine(
+    seeds = [cfg.seed + i for i in range(len(ids))]
+    samples = sample_all(
         model,
         tok,
         settings,
-        rows=min(len(ids), cfg.decode_rows),
-        max_prompt_tokens=max(map(len, ids)),
+        ids,
+        seeds,
+        rows=cfg.decode_rows,
         max_new_tokens=cfg.max_new_tokens,
+        temperature=1.0,
+        return_logprobs=True,
         service="gate",
         version=label,
     )
-    out = []
-    try:
-        for b in range(0, len(ids), cfg.decode_rows):
-            chunk = ids[b : b + cfg.decode_rows]
-            seeds = [cfg.seed + b + i for i in range(len(chunk))]
-            samples = engine.generate(chunk, seeds, temperature=1.0, return_logprobs=True)
-            out += [(prompt_ids, [t.id for t in s.tokens]) for prompt_ids, s in zip(chunk, samples, strict=True)]
-    finally:
-        engine.close()
-    return out
+    return [(prompt_ids, [t.id for t in s.tokens]) for prompt_ids, s in zip(ids, samples, strict=True)]
 
 
 @torch.no_grad()

@@ -1,6 +1,7 @@
 """The serving engine run in the caller's own thread over a fixed list of prompts.
 
-`OfflineEngine` is what the PPO rollouts (trainers/rollout.py), the gate job
+`OfflineEngine` (and `sample_all`, one pass over a list with a model that does
+not change meanwhile) is what the PPO rollouts (trainers/rollout.py), the gate job
 (services/controller/gate_eval.py) and the demo's evaluation
 (services/sim/report.py) sample with: the continuous-batching engine
 (services/policy/engine.py) on a model already in memory, sized so that one
@@ -35,6 +36,7 @@ import dataclasses
 import logging
 
 import torch
+from tqdm import tqdm
 
 from services.common.checkpoints import Manifest
 from services.common.config import Settings
@@ -161,3 +163,52 @@ class OfflineEngine:
             elif isinstance(event, Finished):
                 break
         return [samples[i] for i in sorted(samples)]
+
+
+def sample_all(
+    model: torch.nn.Module,
+    tokenizer,
+    settings: Settings,
+    prompt_ids: list[list[int]],
+    seeds: list[int],
+    *,
+    rows: int,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float = 1.0,
+    return_logprobs: bool = False,
+    service: str,
+    version: str = "offline",
+    desc: str | None = None,
+) -> list[SampleOut]:
+    """One sample per prompt from a model that does not change meanwhile: an engine
+    sized for `rows` at a time (a response does not depend on it), closed at the end;
+    `desc` shows a progress bar over the batches."""
+    if len(seeds) != len(prompt_ids):
+        raise ValueError(f"{len(seeds)} seeds for {len(prompt_ids)} prompts")
+    if not prompt_ids:
+        return []
+    rows = max(1, min(rows, len(prompt_ids)))
+    engine = OfflineEngine(
+        model,
+        tokenizer,
+        settings,
+        rows=rows,
+        max_prompt_tokens=max(map(len, prompt_ids)),
+        max_new_tokens=max_new_tokens,
+        service=service,
+        version=version,
+    )
+    out: list[SampleOut] = []
+    try:
+        for b in tqdm(range(0, len(prompt_ids), rows), desc=desc, unit="batch", disable=desc is None):
+            out += engine.generate(
+                prompt_ids[b : b + rows],
+                seeds[b : b + rows],
+                temperature=temperature,
+                top_p=top_p,
+                return_logprobs=return_logprobs,
+            )
+    finally:
+        engine.close()
+    return out

@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from services.common.checkpoints import CheckpointStore
 from services.common.config import Settings
@@ -49,7 +48,7 @@ from services.common.models import (
     resolve_device,
 )
 from services.common.rm_scoring import comparison_scores, pair_accuracy
-from services.policy.offline import OfflineEngine
+from services.policy.offline import sample_all
 from services.sim.stats import mean_ci, paired_win_rate, wilson
 from services.sim.tasks import check_scores, gold_ranks, gold_score, parse_constraints, words
 
@@ -133,27 +132,21 @@ def _generate(
     model = load_causal_lm(model_dir, device=device, dtype=getattr(torch, cfg.dtype))
     ids = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
     seeds = [(cfg.seed << 20) + i for i in range(len(ids))]
-    engine = OfflineEngine(
+    samples = sample_all(
         model,
         tok,
         settings,
-        rows=min(len(ids), cfg.batch_size),
-        max_prompt_tokens=max(map(len, ids)),
+        ids,
+        seeds,
+        rows=cfg.batch_size,
         max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
         service="eval",
         version=model_dir.name,
+        desc=f"eval: generate {label}",
     )
-    out: list[str] = []
-    try:
-        chunks = range(0, len(ids), cfg.batch_size)
-        for b in tqdm(chunks, desc=f"eval: generate {label}", unit="batch"):
-            samples = engine.generate(
-                ids[b : b + cfg.batch_size], seeds[b : b + cfg.batch_size], temperature=cfg.temperature, top_p=cfg.top_p
-            )
-            out += [s.text.strip() for s in samples]
-    finally:
-        engine.close()
-    return out
+    return [s.text.strip() for s in samples]
 
 
 def rm_comparison_scores(

@@ -9,7 +9,7 @@ import torch
 
 from services.common.config import load_settings
 from services.common.models import load_causal_lm, load_tokenizer, render_prompt
-from services.policy.offline import OfflineEngine
+from services.policy.offline import OfflineEngine, sample_all
 
 PROMPTS = ["Name a colour.", "Write one word about the sea.", "Count to three.", "Name a colour.", "Say hi."]
 
@@ -41,6 +41,11 @@ def test_a_response_depends_on_its_prompt_and_seed_not_on_its_batch(model_and_to
     together = _run(model, tok, rows=5, chunk=5, seeds=seeds)
     apart = _run(model, tok, rows=2, chunk=2, seeds=seeds)
     assert [s.text for s in together] == [s.text for s in apart]
+    ids = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in PROMPTS]
+    in_threes = sample_all(
+        model, tok, load_settings({}), ids, seeds, rows=3, max_new_tokens=10, temperature=1.0, service="test"
+    )
+    assert [s.text for s in in_threes] == [s.text for s in together]
     assert all(s.generated_tokens > 0 for s in together)
     # the same prompt with other seeds samples something else (the seed is used)
     other = _run(model, tok, rows=5, chunk=5, seeds=[900 + i for i in range(len(PROMPTS))])
