@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
         rm_tok = load_tokenizer(store.path(version))
         rm = RewardModel.from_pretrained(store.path(version), device=device, dtype=dtype)
         for name in ("candidate", "incumbent"):
-            scores[name][role] = score_texts(rm, rm_tok, list(zip(prompts, texts[name], strict=True)), device)
-        accuracy = pair_accuracy(comparisons, comparison_scores(rm, rm_tok, comparisons, device))
+            pairs = list(zip(prompts, texts[name], strict=True))
+            scores[name][role] = score_texts(rm, rm_tok, pairs, device, cfg.batch_size)
+        accuracy = pair_accuracy(comparisons, comparison_scores(rm, rm_tok, comparisons, device, cfg.batch_size))
         rm_accuracy[role] = {"version": version, **accuracy}
         del rm
 
