@@ -19,10 +19,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from services.common.models import RewardModel, load_causal_lm, load_tokenizer
+from services.common.models import RewardModel, encode_prompts, load_causal_lm, load_tokenizer
 from trainers.config import JobError, require
 from trainers.job import Job, run_main, step_seed
-from trainers.ppo import encode_prompts, generate_rollouts, prompt_texts, rollout_stats
+from trainers.ppo import generate_rollouts, prompt_texts, rollout_stats
 
 
 @dataclass

@@ -37,11 +37,11 @@ from tqdm import tqdm
 
 from services.common.models import (
     RewardModel,
+    encode_prompts,
     last_token_index,
     load_causal_lm,
     load_tokenizer,
     position_ids_from_mask,
-    render_prompt,
 )
 from trainers.config import JobError, TrainConfig, require
 from trainers.job import Job, epoch_order, global_batch, peak_rss_gb, run_main, step_seed
@@ -283,13 +283,6 @@ class AdaptiveKL:
 
 
 # --- rollouts (shared with trainers/evaluate.py) ----------------------------------------
-
-
-def encode_prompts(tokenizer, prompts: list[str], max_prompt_tokens: int) -> list[list[int]]:
-    """Chat-templated prompt ids, cut from the left to fit."""
-    return [
-        tokenizer(render_prompt(tokenizer, p), add_special_tokens=False).input_ids[-max_prompt_tokens:] for p in prompts
-    ]
 
 
 def response_logprobs(

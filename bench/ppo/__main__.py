@@ -186,8 +186,7 @@ def main() -> int:
         from services.common.config import load_settings
         from services.common.datasets import SnapshotStore
         from services.common.dtypes import cpu_capability, resolve_dtype
-        from services.common.models import REWARD_HEAD_FILE, load_tokenizer
-        from trainers.ppo import encode_prompts
+        from services.common.models import REWARD_HEAD_FILE, encode_prompts, load_tokenizer
         from trainers.synthetic import records
 
         settings = load_settings()

@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -193,6 +194,12 @@ def render_prompt(tokenizer, prompt: str = "", messages: list[dict] | None = Non
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """Positions that count only real tokens, so left padding shifts nothing."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def encode_prompts(tokenizer, prompts: Sequence[str], max_prompt_tokens: int | None = None) -> list[list[int]]:
+    """Chat-templated prompt ids (render_prompt), cut from the left to `max_prompt_tokens` when given."""
+    cut = -max_prompt_tokens if max_prompt_tokens else None
+    return [tokenizer(render_prompt(tokenizer, p), add_special_tokens=False).input_ids[cut:] for p in prompts]
 
 
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:

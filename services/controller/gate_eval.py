@@ -39,10 +39,10 @@ from services.common.dtypes import resolve_dtype
 from services.common.logs import configure_logging, get_logger, log_fields
 from services.common.models import (
     RewardModel,
+    encode_prompts,
     load_causal_lm,
     load_tokenizer,
     pad_batch,
-    render_prompt,
     resolve_device,
 )
 from services.common.rm_scoring import comparison_scores, pair_accuracy, score_texts
@@ -100,7 +100,7 @@ def sample(
 ) -> list[tuple[list[int], list[int]]]:
     """(prompt ids, response ids up to and including EOS) per prompt, at temperature 1:
     prompt i with seed cfg.seed + i, whichever policy answers it (services/policy/offline.py)."""
-    ids = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"][-cfg.max_prompt_tokens :] for p in prompts]
+    ids = encode_prompts(tok, prompts, cfg.max_prompt_tokens)
     seeds = [cfg.seed + i for i in range(len(ids))]
     samples = sample_all(
         model,

@@ -5,15 +5,15 @@ snapshot's test split, topped up from validation when test is small):
 
 1. the reward model's pairwise accuracy on the held-out users' comparisons
    (ties dropped, Wilson intervals), against the gold preference and against
-   the labelers' own rankings (one scoring pass serves both), beside the labelers' agreement with each
-   other as the LabelingService measured it (their agreement bounds what an
-   RM can reach against them); and on a sample of training comparisons for
-   contrast;
+   the labelers' own rankings (one scoring pass serves both), beside the
+   labelers' agreement with each other as the LabelingService measured it
+   (their agreement bounds what an RM can reach against them); and on a
+   sample of training comparisons for contrast;
 2. the gold win rate of PPO against SFT, of PPO against the base model and
    of SFT against the base model: every model answers the same prompts with
-   the same sampling settings, prompt i always with seed i (a response never
-   depends on the batch it was decoded in), and each prompt is one paired
-   comparison (win 1, tie 0.5, loss 0). Intervals are 95% (see
+   the same sampling settings, prompt i always with the same seed (a
+   response never depends on the batch it was decoded in), and each prompt is
+   one paired comparison (win 1, tie 0.5, loss 0). Intervals are 95% (see
    services/sim/stats.py). The answers are sampled by the serving engine
    (services/policy/offline.py) in the evaluation's dtype;
 3. the final KL to the SFT policy (from the PPO trainer's metrics);
@@ -42,9 +42,9 @@ from services.common.datasets import SnapshotStore
 from services.common.logs import get_logger, log_fields
 from services.common.models import (
     RewardModel,
+    encode_prompts,
     load_causal_lm,
     load_tokenizer,
-    render_prompt,
     resolve_device,
 )
 from services.common.rm_scoring import comparison_scores, pair_accuracy
@@ -130,7 +130,7 @@ def _generate(
 ) -> list[str]:
     tok = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir, device=device, dtype=getattr(torch, cfg.dtype))
-    ids = [tok(render_prompt(tok, p), add_special_tokens=False)["input_ids"] for p in prompts]
+    ids = encode_prompts(tok, prompts)
     seeds = [(cfg.seed << 20) + i for i in range(len(ids))]
     samples = sample_all(
         model,

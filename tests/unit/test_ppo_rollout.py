@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from services.common.config import load_settings
-from services.common.models import RewardModel, load_causal_lm, load_tokenizer
+from services.common.models import RewardModel, encode_prompts, load_causal_lm, load_tokenizer
 from trainers.nn import add_lora
-from trainers.ppo import encode_prompts, response_logprobs, rollout_stats
+from trainers.ppo import response_logprobs, rollout_stats
 from trainers.rollout import EngineRollouts, assemble
 
 PROMPTS = ["Hi", "Write a haiku about the sea.", "Tell me a long story about a dragon, a knight and a castle.", "Hi"]
