@@ -163,13 +163,29 @@ def demo_comparisons(results: Results) -> str:
     return "\n".join(out).rstrip() or "No demo result with all three comparisons yet."
 
 
+def _served_at_end(d: Mapping[str, Any]) -> str | None:
+    """ "PPO" or "SFT": what the run served after its last round's gates (None without rounds)."""
+    rounds = d.get("rounds") or []
+    if not rounds:
+        return None
+    return "PPO" if str(rounds[-1]["served"]).strip("`").startswith("ppo") else "SFT"
+
+
+def _final_vs_sft(d: Mapping[str, Any]) -> str:
+    """The served policy's gold win rate against SFT; a rejected PPO candidate's in words."""
+    candidate = _num(d["win_rates"]["ppo_vs_sft"]["win_rate"], 3)
+    if _served_at_end(d) == "SFT":
+        return f"SFT served (rejected PPO candidate {candidate})"
+    return candidate
+
+
 def demo_seeds(results: Results) -> str:
     """One row per demo run: the headline comparison, the RM, KL and wall time."""
     runs = _demos(results)
     lines = [
-        "| preset | seed | PPO vs SFT win rate [95% CI] | mean gold diff [95% CI] | PPO vs base "
+        "| preset | seed | served at the end | PPO vs SFT win rate [95% CI] | mean gold diff [95% CI] | PPO vs base "
         "| RM acc., held-out users | KL to SFT | wall | date |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, d in runs:
         rates = d["win_rates"]
@@ -180,7 +196,8 @@ def demo_seeds(results: Results) -> str:
         kl = "–" if d.get("kl_to_sft") is None else _num(d["kl_to_sft"], 2)
         wall = "–" if d.get("wall_s") is None else f"{d['wall_s']:.0f} s"
         lines.append(
-            f"| {d.get('preset', '?')} | {d.get('seed', '?')} | {_bold(win, win_sig)} | {_bold(diff, diff_sig)} "
+            f"| {d.get('preset', '?')} | {d.get('seed', '?')} | {_served_at_end(d) or '–'} "
+            f"| {_bold(win, win_sig)} | {_bold(diff, diff_sig)} "
             f"| {base} | {rm} | {kl} | {wall} | {d.get('date', '–')} |"
         )
     lines += ["", "Where and when:", ""] + [_provenance(stem, d) for stem, d in runs]
@@ -250,14 +267,17 @@ def summary(results: Results) -> str:
         seeds = ", ".join(
             str(d.get("seed", "?")) + (f" ({d.get('cpu_capability') or '?'})" if len(cpus) > 1 else "") for _, d in runs
         )
-        wins = ", ".join(
-            _num(d["win_rates"]["ppo_vs_sft"]["win_rate"], 3) for _, d in runs if "ppo_vs_sft" in d["win_rates"]
+        wins = ", ".join(_final_vs_sft(d) for _, d in runs if "ppo_vs_sft" in d["win_rates"])
+        sft = ", ".join(
+            _num(d["win_rates"]["sft_vs_base"]["win_rate"], 3) if "sft_vs_base" in d["win_rates"] else "–"
+            for _, d in runs
         )
         rms = ", ".join(_pct(d.get("rm_accuracy", {}).get("held_out", {}).get("accuracy")) for _, d in runs)
         when = " to ".join(dict.fromkeys([dates[0], dates[-1]]))
         lines.append(
-            f"| `make demo` ({'/'.join(presets)}), PPO vs SFT gold win rate, seeds {seeds} | {wins} | {when} |"
+            f"| `make demo` ({'/'.join(presets)}), final policy vs SFT gold win rate, seeds {seeds} | {wins} | {when} |"
         )
+        lines.append(f"| `make demo`, SFT vs base model gold win rate, seeds {seeds} | {sft} | {when} |")
         lines.append(f"| `make demo`, reward model pair accuracy on held-out users, seeds {seeds} | {rms} | {when} |")
     for _name, data in sorted(results.bench.items()):
         for row in data.get("rows", ()):

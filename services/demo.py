@@ -113,7 +113,7 @@ PRESETS = {
             "ppo": {"total_steps": 10, "lr": 5e-4, "ppo_epochs": 2},
         },
         # 2026-12-04, the three seeds with the SFT and RM above and the default budget of 20: both RMs
-        # passed every candidate that degraded on gold (seed 2 round 3 at KL 6.6: gold 0.546 against
+        # passed two candidates that degraded on gold (seed 2 round 3 at KL 6.6: gold 0.546 against
         # SFT's 0.845; seed 1 round 3 at 12.7: 0.672 against 0.794), while the candidates that gained
         # sat at 1.9-4.7 (seed 0 round 1 at 4.7: 0.843 against 0.765). Rerunning seed 2's round-3 PPO
         # at kl_beta 0.1/0.3, lr 2e-4 or with a missing-EOS penalty lost on gold as well: the RM (0.64

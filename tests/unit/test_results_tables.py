@@ -88,7 +88,7 @@ def test_update_copies_a_demo_report_into_its_result_file(tmp_path, monkeypatch)
     assert written == [tmp_path / "results" / "demo" / "tiny-seed3.json"]
     assert (data["preset"], data["seed"], data["wall_s"], data["kl_to_sft"]) == ("tiny", 3, 31, 0.5)
     row = report.demo_seeds(report.load(tmp_path / "results")).splitlines()[2]
-    assert row.startswith("| tiny | 3 | **0.600 [0.510, 0.700]** | – | – | 70.0% | 0.50 | 31 s |")
+    assert row.startswith("| tiny | 3 | – | **0.600 [0.510, 0.700]** | – | – | 70.0% | 0.50 | 31 s |")
 
 
 def test_a_demo_result_names_the_run_that_measured_it_not_the_copy(tmp_path, monkeypatch):
@@ -153,3 +153,18 @@ def test_update_copies_rounds_from_named_demo_reports_and_renders_them(tmp_path,
     assert "cpu preset, seed 7" in table and "AVX2" in table
     assert "| 2 | v1 | ppo-a | 0.660 [0.610, 0.710] | **0.700 [0.580, 0.800]** | 61.0% / 66.0% | 1.25 " in table
     assert table.rstrip().endswith("| reward promoted, policy rejected |")
+    results = report.load(tmp_path / "results")
+    assert "| cpu | 7 | PPO | **0.700 [0.580, 0.800]** |" in report.demo_seeds(results)
+    assert "final policy vs SFT gold win rate, seeds 7 | 0.700 |" in report.summary(results)
+
+
+def test_a_run_whose_gates_kept_sft_says_so_instead_of_the_candidates_win_rate(tmp_path):
+    """The headline is the policy served at the end: where every PPO candidate was rejected
+    that is SFT itself, and the last candidate's (bad) win rate must not read as the result."""
+    (tmp_path / "demo").mkdir()
+    rounds = [{"round": n, "served": "`sft-a`", "mean_gold": 0.8, "gate": []} for n in (0, 1, 2, 3)]
+    run = {"preset": "cpu", "seed": 2, "win_rates": {"ppo_vs_sft": {"win_rate": 0.016}}, "rounds": rounds}
+    (tmp_path / "demo" / "cpu-seed2.json").write_text(json.dumps(run))
+    results = report.load(tmp_path)
+    assert "seeds 2 | SFT served (rejected PPO candidate 0.016) |" in report.summary(results)
+    assert "| cpu | 2 | SFT | 0.016 " in report.demo_seeds(results)
