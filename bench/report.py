@@ -183,7 +183,8 @@ def demo_seeds(results: Results) -> str:
     """One row per demo run: the headline comparison, the RM, KL and wall time."""
     runs = _demos(results)
     lines = [
-        "| preset | seed | served at the end | PPO vs SFT win rate [95% CI] | mean gold diff [95% CI] | PPO vs base "
+        "| preset | seed | served at the end | PPO (where SFT is served: the last candidate) vs SFT win rate [95% CI] "
+        "| mean gold diff [95% CI] | PPO vs base "
         "| RM acc., held-out users | KL to SFT | wall | date |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
