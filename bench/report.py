@@ -163,6 +163,12 @@ def demo_comparisons(results: Results) -> str:
     return "\n".join(out).rstrip() or "No demo result with all three comparisons yet."
 
 
+def _cpu(d: Mapping[str, Any]) -> str | None:
+    """The run's CPU capability, marked where PyTorch was capped below the CPU by hand."""
+    capped = "capped by ATEN_CPU_CAPABILITY" in str(d.get("machine", ""))
+    return f"{d['cpu_capability']}, capped" if capped and d.get("cpu_capability") else d.get("cpu_capability")
+
+
 def _served_at_end(d: Mapping[str, Any]) -> str | None:
     """ "PPO" or "SFT": what the run served after its last round's gates (None without rounds)."""
     rounds = d.get("rounds") or []
@@ -221,7 +227,7 @@ def demo_rounds(results: Results) -> str:
             continue
         out += [
             f"{d.get('preset', '?')} preset, seed {d.get('seed', '?')} ({d.get('date', 'undated')}, `{stem}`, "
-            f"{d.get('cpu_capability') or 'CPU capability not recorded'}):",
+            f"{_cpu(d) or 'CPU capability not recorded'}):",
             "",
             "| round | samples from | served after | gold score [95% CI] | win rate vs SFT [95% CI] "
             "| RM acc. vs gold / labelers | KL to SFT | gates |",
@@ -264,10 +270,8 @@ def summary(results: Results) -> str:
     if runs:
         presets = sorted({d.get("preset", "?") for _, d in runs})
         dates = sorted({d.get("date", "–") for _, d in runs})
-        cpus = {d.get("cpu_capability") for _, d in runs}  # runs on different CPUs say which
-        seeds = ", ".join(
-            str(d.get("seed", "?")) + (f" ({d.get('cpu_capability') or '?'})" if len(cpus) > 1 else "") for _, d in runs
-        )
+        cpus = {_cpu(d) for _, d in runs}  # runs on different CPUs say which
+        seeds = ", ".join(str(d.get("seed", "?")) + (f" ({_cpu(d) or '?'})" if len(cpus) > 1 else "") for _, d in runs)
         wins = ", ".join(_final_vs_sft(d) for _, d in runs if "ppo_vs_sft" in d["win_rates"])
         sft = ", ".join(
             _num(d["win_rates"]["sft_vs_base"]["win_rate"], 3) if "sft_vs_base" in d["win_rates"] else "–"

@@ -168,3 +168,13 @@ def test_a_run_whose_gates_kept_sft_says_so_instead_of_the_candidates_win_rate(t
     results = report.load(tmp_path)
     assert "seeds 2 | SFT served (rejected PPO candidate 0.016) |" in report.summary(results)
     assert "| cpu | 2 | SFT | 0.016 " in report.demo_seeds(results)
+
+
+def test_a_run_on_a_capped_cpu_is_labelled_so_in_the_summary(tmp_path):
+    (tmp_path / "demo").mkdir()
+    capped = "2-core x86_64, CPU capability AVX2 (capped by ATEN_CPU_CAPABILITY=avx2 on a CPU with avx512_bf16)"
+    for stem, cap, machine in (("a", "AVX2", capped), ("b", "AVX512+avx512_bf16", "2-core x86_64")):
+        run = {"preset": "cpu", "seed": 0, "cpu_capability": cap, "machine": machine, "win_rates": {}}
+        (tmp_path / "demo" / f"cpu-seed0-{stem}.json").write_text(json.dumps(run))
+    summary = report.summary(report.load(tmp_path))
+    assert "seeds 0 (AVX2, capped), 0 (AVX512+avx512_bf16) |" in summary
