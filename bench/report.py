@@ -170,7 +170,7 @@ def _cpu(d: Mapping[str, Any]) -> str | None:
 
 
 def _served_at_end(d: Mapping[str, Any]) -> str | None:
-    """ "PPO" or "SFT": what the run served after its last round's gates (None without rounds)."""
+    """What the run served after its last round's gates: PPO or SFT (None without rounds)."""
     rounds = d.get("rounds") or []
     if not rounds:
         return None
