@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common.provenance import commit, machine
+from services.common.provenance import CAPPED, commit, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS_DIR = ROOT / "docs" / "results"
@@ -165,7 +165,7 @@ def demo_comparisons(results: Results) -> str:
 
 def _cpu(d: Mapping[str, Any]) -> str | None:
     """The run's CPU capability, marked where PyTorch was capped below the CPU by hand."""
-    capped = "capped by ATEN_CPU_CAPABILITY" in str(d.get("machine", ""))
+    capped = CAPPED in str(d.get("machine", ""))
     return f"{d['cpu_capability']}, capped" if capped and d.get("cpu_capability") else d.get("cpu_capability")
 
 

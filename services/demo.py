@@ -63,7 +63,8 @@ class DemoPreset:
     RM+PPO rounds after SFT; ppo_init: "best" continues PPO from the policy the
     last round promoted (RLHF_PPO_INIT), which buys more optimisation per CPU
     minute than restarting from SFT each round as the paper does; gate_max_kl:
-    the policy gate's KL budget (RLHF_GATE_MAX_KL, nats per response)."""
+    the policy gate's KL budget (RLHF_GATE_MAX_KL, nats per response; None
+    leaves the platform's setting)."""
 
     model: str
     trainer_preset: str
@@ -78,7 +79,7 @@ class DemoPreset:
     rounds: int = 3
     overlap: float = 0.2
     ppo_init: str = "best"
-    gate_max_kl: float = 20.0
+    gate_max_kl: float | None = None
     trainer_overrides: dict = field(default_factory=dict)
 
 
@@ -204,7 +205,6 @@ def configure_environment(preset: DemoPreset, home: Path, seed: int = 0) -> None
             "RLHF_TOKENS_FILE": str(home / "tokens.json"),
             "RLHF_JOB_RETRIES": os.environ.get("RLHF_JOB_RETRIES", "1"),
             "RLHF_PPO_INIT": preset.ppo_init,
-            "RLHF_GATE_MAX_KL": str(preset.gate_max_kl),
             # The gates measure on validation users: the cpu preset's gate wants 64 of their prompts.
             # At 0.15, seed 0 gave 34 (heavy users are few; where they land decides the count).
             "RLHF_DATASET_VALIDATION_FRACTION": "0.3",
@@ -220,6 +220,8 @@ def configure_environment(preset: DemoPreset, home: Path, seed: int = 0) -> None
             "RLHF_LABELING_POLICY_TARGETS": "",
         }
     )
+    if preset.gate_max_kl is not None:
+        os.environ["RLHF_GATE_MAX_KL"] = str(preset.gate_max_kl)
     for name in ("POLICY", "REWARD", "FEEDBACK", "LABELING", "HTTP", "PLAYGROUND", "CONTROLLER"):
         os.environ[f"RLHF_{name}_PORT"] = str(free_port())
     for name in ("POLICY", "REWARD", "FEEDBACK", "LABELING"):

@@ -13,16 +13,19 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+CAPPED = "capped by ATEN_CPU_CAPABILITY"  # how machine() marks a PyTorch capped below its CPU
+
+
 def machine() -> str:
     """This machine in words: cores, architecture and CPU capability (it decides the auto dtype),
     naming the CPU's own flags when PyTorch was capped below them by hand."""
-    from services.common.dtypes import cpu_capability, cpu_flags
+    from services.common.dtypes import NATIVE_BF16_FLAGS, cpu_capability, cpu_flags
 
     text = f"{os.cpu_count()}-core {platform.machine()}, CPU capability {cpu_capability()}"
     cap = os.environ.get("ATEN_CPU_CAPABILITY")
     if cap:
-        own = ", ".join(sorted({"avx512f", "avx512_bf16", "amx_bf16"} & cpu_flags())) or "no AVX-512"
-        text += f" (capped by ATEN_CPU_CAPABILITY={cap} on a CPU with {own})"
+        own = ", ".join(sorted({"avx512f", *NATIVE_BF16_FLAGS} & cpu_flags())) or "no AVX-512"
+        text += f" ({CAPPED}={cap} on a CPU with {own})"
     return text
 
 
