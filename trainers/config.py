@@ -47,7 +47,8 @@ class TrainConfig:
     """Fields every training algorithm has.
 
     Model:     lora_rank (0 = full fine-tuning), lora_alpha, lora_dropout,
-               lora_targets (comma-separated module names);
+               lora_targets (comma-separated module names), lora_top_layers (> 0:
+               adapters only in the last N blocks, so backward stops there; 0 = all);
                dtype (auto: bf16 autocast only where bf16 is native, else fp32).
     Optimiser: lr, max_grad_norm.
     Job:       save_every (steps between resume points), seed.
@@ -57,6 +58,7 @@ class TrainConfig:
     lora_alpha: float = 16.0
     lora_dropout: float = 0.0
     lora_targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lora_top_layers: int = 0
     dtype: str = "auto"
     lr: float = 1e-5
     max_grad_norm: float = 1.0
@@ -65,6 +67,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         require(self.lr > 0, f"lr={self.lr} must be positive")
+        require(self.lora_top_layers >= 0, f"lora_top_layers={self.lora_top_layers} must be 0 (all) or more")
         require(self.save_every >= 1, f"save_every={self.save_every} must be at least 1")
 
 

@@ -39,12 +39,25 @@ def autocast(device: str, enabled: bool):
 # --- LoRA, trainable state ----------------------------------------------------------
 
 
-def add_lora(model: torch.nn.Module, rank: int, alpha: float, dropout: float, targets: str) -> torch.nn.Module:
-    """Wrap `model` with LoRA adapters (peft); only the adapters train."""
+def add_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters (peft) as a TrainConfig `cfg` says; only the adapters train.
+
+    cfg.lora_top_layers > 0 puts adapters only in the last that many transformer blocks: nothing
+    below them needs a gradient, so the backward pass stops there."""
     from peft import LoraConfig, get_peft_model
 
-    modules = [t.strip() for t in targets.split(",") if t.strip()]
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=modules, bias="none")
+    modules = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()]
+    layers, top = model.config.num_hidden_layers, cfg.lora_top_layers
+    only = list(range(layers - top, layers)) if 0 < top < layers else None
+    config = LoraConfig(
+        r=cfg.lora_rank,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=modules,
+        bias="none",
+        layers_to_transform=only,
+        layers_pattern="layers" if only else None,
+    )
     return get_peft_model(model, config)
 
 

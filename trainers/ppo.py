@@ -407,8 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     policy = load_causal_lm(init_path, device=device)
     value = RewardModel.from_pretrained(reward_path, device=device)
     if cfg.lora_rank > 0:
-        policy = add_lora(policy, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
-        value.backbone = add_lora(value.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        policy = add_lora(policy, cfg)
+        value.backbone = add_lora(value.backbone, cfg)
     reference = load_causal_lm(sft_path, device=device).requires_grad_(False)
     reward_model = RewardModel.from_pretrained(reward_path, device=device).requires_grad_(False)
     policy_params = [p for p in policy.parameters() if p.requires_grad]

@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(cfg.seed)
     model = RewardModel.from_causal_lm(sft_path, device=device).train()
     if cfg.lora_rank > 0:
-        model.backbone = add_lora(model.backbone, cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets)
+        model.backbone = add_lora(model.backbone, cfg)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     model = job.wrap_ddp(model)
