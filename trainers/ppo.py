@@ -145,7 +145,7 @@ class PPOConfig(TrainConfig):
         require(self.kl_beta >= 0, f"kl_beta={self.kl_beta} must be >= 0")
         require(not self.adaptive_kl or self.kl_target > 0, "adaptive_kl needs kl_target > 0")
         require(self.ptx_coef >= 0, f"ptx_coef={self.ptx_coef} must be >= 0")
-        require(self.save_every >= 1, f"save_every={self.save_every} must be at least 1")
+        super().validate()
 
 
 PRESETS = {

@@ -12,18 +12,20 @@ import torch
 
 from services.common.config import load_settings
 from services.common.models import RewardModel, encode_prompts, load_causal_lm, load_tokenizer
+from trainers.config import TrainConfig
 from trainers.nn import add_lora
 from trainers.ppo import response_logprobs, rollout_stats
 from trainers.rollout import EngineRollouts, assemble
 
 PROMPTS = ["Hi", "Write a haiku about the sea.", "Tell me a long story about a dragon, a knight and a castle.", "Hi"]
 MAX_NEW = 10
+LORA = TrainConfig(lora_rank=4, lora_targets="q_proj,v_proj,up_proj")
 
 
 @pytest.fixture(scope="module")
 def policy(tiny_model_dir):
     torch.manual_seed(0)
-    model = add_lora(load_causal_lm(tiny_model_dir), 4, 16.0, 0.0, "q_proj,v_proj,up_proj")
+    model = add_lora(load_causal_lm(tiny_model_dir), LORA)
     with torch.no_grad():  # a non-zero adapter, so the LoRA path changes the output
         for name, p in model.named_parameters():
             if "lora_B" in name:
@@ -139,7 +141,7 @@ def test_bf16_training_decodes_from_a_bf16_copy_that_follows_the_updates(tokeniz
     torch.manual_seed(1)
     policy = load_causal_lm(tiny_model_dir)
     if lora:
-        policy = add_lora(policy, 4, 16.0, 0.0, "q_proj,v_proj,up_proj")
+        policy = add_lora(policy, LORA)
     policy.eval()
     trained = [p for n, p in policy.named_parameters() if ("lora_B" in n if lora else p.requires_grad)]
     rollouts = EngineRollouts(

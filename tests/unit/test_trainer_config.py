@@ -39,6 +39,8 @@ def test_layers_apply_in_order(tmp_path):
         (["mini_batch_size=64"], "mini_batch_size=64 exceeds rollout_batch_size=4"),
         (["nokey"], "expected key=value"),
         (["dtype=fp16"], "config key 'dtype' must be one of auto, float32, bfloat16; got 'fp16'"),
+        (["lr=0"], "lr=0.0 must be positive"),
+        (["lora_top_layers=-1"], "lora_top_layers=-1 must be 0 (all) or more"),
     ],
 )
 def test_bad_values_name_the_key(sets, message):
@@ -105,3 +107,26 @@ def test_shared_fields_are_declared_once():
         assert not {"lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "bf16", "seed"} & set(own), cls
         for name in set(own) & {f for f in vars(TrainConfig)["__annotations__"]}:
             assert getattr(cls(), name) != getattr(TrainConfig(), name), f"{cls.__name__}.{name} repeats the default"
+
+
+@pytest.mark.parametrize("top", [0, 1, 5])
+def test_lora_top_layers_trains_only_the_last_blocks_and_backward_stops_below_them(tiny_model_dir, top):
+    """lora_top_layers=1 on the 2-block tiny model: adapters only in block 1, and block 0's
+    output needs no gradient (so autograd does no work there); 0, or more than the model has,
+    means every block."""
+    import torch
+
+    from services.common.models import load_causal_lm
+    from trainers.config import TrainConfig
+    from trainers.nn import add_lora
+
+    model = add_lora(load_causal_lm(tiny_model_dir), TrainConfig(lora_rank=4, lora_top_layers=top))
+    blocks = model.base_model.model.model.layers
+    adapted = [i for i, b in enumerate(blocks) if any("lora_" in n for n, _ in b.named_parameters())]
+    assert adapted == ([1] if top == 1 else [0, 1])
+    needs_grad = []
+    hooks = [b.register_forward_hook(lambda m, a, out: needs_grad.append(out[0].requires_grad)) for b in blocks]
+    model(input_ids=torch.tensor([[1, 2, 3, 4]])).logits.sum().backward()
+    for h in hooks:
+        h.remove()
+    assert needs_grad == ([False, True] if top == 1 else [True, True])
