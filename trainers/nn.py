@@ -13,7 +13,7 @@ import torch.distributed as dist
 
 from services.common.dtypes import resolve_dtype
 from services.common.logs import get_logger, log_fields
-from trainers.config import JobError
+from trainers.config import JobError, TrainConfig
 
 log = get_logger(__name__)
 
@@ -39,8 +39,8 @@ def autocast(device: str, enabled: bool):
 # --- LoRA, trainable state ----------------------------------------------------------
 
 
-def add_lora(model: torch.nn.Module, cfg) -> torch.nn.Module:
-    """Wrap `model` with LoRA adapters (peft) as a TrainConfig `cfg` says; only the adapters train.
+def add_lora(model: torch.nn.Module, cfg: TrainConfig) -> torch.nn.Module:
+    """Wrap `model` with LoRA adapters (peft) as `cfg` says; only the adapters train.
 
     cfg.lora_top_layers > 0 puts adapters only in the last that many transformer blocks: nothing
     below them needs a gradient, so the backward pass stops there."""
