@@ -28,12 +28,12 @@ def test_every_generated_table_matches_the_checked_in_results():
 def test_a_changed_figure_makes_the_tables_stale(tmp_path):
     results = tmp_path / "results"
     shutil.copytree(ROOT / "docs" / "results", results)
-    seed0 = next(p for p in sorted((results / "demo").glob("*.json")) if "win_rates" in json.loads(p.read_text()))
-    data = json.loads(seed0.read_text())
+    run = next(p for p in sorted((results / "demo").glob("*.json")) if "win_rates" in json.loads(p.read_text()))
+    data = json.loads(run.read_text())
     rate = data["win_rates"]["ppo_vs_sft"]
     before = f"{rate['win_rate']:.3f} [{rate['ci_low']:.3f}, {rate['ci_high']:.3f}]"
     rate["win_rate"] = 0.0123
-    seed0.write_text(json.dumps(data))
+    run.write_text(json.dumps(data))
     blocks = report.render(report.load(results))
     readme = (ROOT / "README.md").read_text()
     assert report.with_blocks(readme, blocks) != readme

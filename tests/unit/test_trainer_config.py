@@ -4,11 +4,13 @@ import json
 import re
 
 import pytest
+import torch
 
 from services.common.dtypes import cpu_has_native_bf16
-from trainers.config import JobError, build_config
+from services.common.models import load_causal_lm
+from trainers.config import JobError, TrainConfig, build_config
 from trainers.job import epoch_order, global_batch, lr_at
-from trainers.nn import resolve_autocast
+from trainers.nn import add_lora, resolve_autocast
 from trainers.ppo import PRESETS as PPO_PRESETS
 from trainers.ppo import PPOConfig
 from trainers.rm import PRESETS as RM_PRESETS
@@ -114,12 +116,6 @@ def test_lora_top_layers_trains_only_the_last_blocks_and_backward_stops_below_th
     """lora_top_layers=1 on the 2-block tiny model: adapters only in block 1, and block 0's
     output needs no gradient (so autograd does no work there); 0, or more than the model has,
     means every block."""
-    import torch
-
-    from services.common.models import load_causal_lm
-    from trainers.config import TrainConfig
-    from trainers.nn import add_lora
-
     model = add_lora(load_causal_lm(tiny_model_dir), TrainConfig(lora_rank=4, lora_top_layers=top))
     blocks = model.base_model.model.model.layers
     adapted = [i for i, b in enumerate(blocks) if any("lora_" in n for n, _ in b.named_parameters())]
