@@ -55,11 +55,13 @@ def start_object_store(
     host: str = "127.0.0.1",
     timeout: float = 30.0,
     fsync: bool = False,
+    module: str = "services.common.objectstore",
 ) -> subprocess.Popen:
     """Start the broker's object server (services.common.objectstore) on host:port, keeping
-    objects under `data_dir`, with the broker's bucket; `fsync`: every write before its answer."""
+    objects under `data_dir`, with the broker's bucket; `fsync`: every write before its answer;
+    `module`: another server with the same command line (bench/broker's baseline)."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "services.common.objectstore", "--dir", str(data_dir), "--host", host]
+    argv = [sys.executable, "-m", module, "--dir", str(data_dir), "--host", host]
     argv += ["--port", str(port), "--bucket", BUCKET] + (["--fsync"] if fsync else [])
     return _spawn_and_wait(argv, dict(os.environ), log_path, host, port, timeout, "objectstore")
 

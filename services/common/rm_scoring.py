@@ -7,7 +7,8 @@ and the report measure an RM's accuracy the same way.
 - `score_texts` scores (prompt, response) pairs at each response's last real
   token, in batches of similar length (sorted, so little of a batch is
   padding), and returns the scores in the caller's order.
-- `comparison_scores` scores every response of every comparison once.
+- `comparison_scores` scores every response of every comparison once (a
+  response that recurs, as in a task two labelers ranked, once in all).
 - `pair_accuracy` counts, over every non-tie pair of a comparison's
   responses, how often the better-ranked one scored higher (equal scores
   count half). It takes the scores, not the model, so one scoring pass serves
@@ -37,16 +38,18 @@ def score_texts(
     max_tokens: int = MAX_TOKENS,
     desc: str | None = None,
 ) -> list[float]:
-    """The RM's score of each (prompt, response), in the order given (`desc`: a progress bar)."""
-    seqs = [encode_prompt_response(tok, render_prompt(tok, p), r, max_tokens) for p, r in pairs]
+    """The RM's score of each (prompt, response), in the order given (`desc`: a progress bar).
+    A pair that occurs more than once (a task two labelers ranked) is scored once."""
+    unique = list(dict.fromkeys(pairs))
+    seqs = [encode_prompt_response(tok, render_prompt(tok, p), r, max_tokens) for p, r in unique]
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-    out = [0.0] * len(seqs)
+    scored: dict[tuple[str, str], float] = {}
     for b in tqdm(range(0, len(order), batch), desc=desc, unit="batch", disable=desc is None):
         chunk = order[b : b + batch]
         ids, mask = pad_batch([seqs[i] for i in chunk], tok.pad_token_id, side="right")
         for i, score in zip(chunk, rm.score(ids.to(device), mask.to(device)).float().tolist(), strict=True):
-            out[i] = score
-    return out
+            scored[unique[i]] = score
+    return [scored[pair] for pair in pairs]
 
 
 def comparison_scores(

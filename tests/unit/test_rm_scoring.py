@@ -41,3 +41,21 @@ def test_batched_scores_come_back_in_order_and_equal_one_at_a_time(tiny_model_di
     assert len(set(batched)) > 1
     comparisons = [{"prompt_text": p, "responses": [{"text": r, "rank": 1}]} for p, r in pairs]
     assert [s[0] for s in comparison_scores(rm, tok, comparisons, "cpu", batch=3)] == pytest.approx(batched, abs=1e-4)
+
+
+def test_a_repeated_pair_is_scored_once_and_every_caller_position_gets_its_score(tiny_model_dir, monkeypatch):
+    torch.manual_seed(0)
+    rm, tok = RewardModel.from_causal_lm(tiny_model_dir).eval(), load_tokenizer(tiny_model_dir)
+    pairs = [("Say hi.", "hi"), ("Say hi.", "hello there"), ("Say hi.", "hi"), ("Name a colour.", "blue")]
+    expected = score_texts(rm, tok, pairs[:2] + pairs[3:], "cpu", batch=8)
+    rows = []
+    real_score = rm.score
+    monkeypatch.setattr(rm, "score", lambda ids, mask: rows.append(len(ids)) or real_score(ids, mask))
+    # a task two labelers ranked: the same comparison twice
+    comparison = {"prompt_text": "Say hi.", "responses": [{"text": "hi", "rank": 1}, {"text": "yo", "rank": 2}]}
+    got = comparison_scores(rm, tok, [comparison, comparison], "cpu", batch=8)
+    assert sum(rows) == 2 and got[0] == got[1]
+    rows.clear()
+    scores = score_texts(rm, tok, pairs, "cpu", batch=8)
+    assert sum(rows) == 3
+    assert scores == pytest.approx([expected[0], expected[1], expected[0], expected[2]], abs=1e-4)
