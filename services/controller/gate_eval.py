@@ -10,7 +10,9 @@ On the snapshot's validation split (users the trainers never saw):
   - the policy gate: one sample per prompt from the candidate and from the
     serving policy (prompt i seeded with seed + i for both, so the two see the
     same random numbers), drawn by the serving engine (services/policy/offline.py),
-    each scored by the new RM and by the serving RM;
+    each scored by the new RM and by the serving RM (a policy's samples are kept
+    under $RLHF_HOME/cache/gate-samples, so the policy a round promotes is not
+    decoded again as the next round's incumbent);
     and the candidate's KL to the reference, log pi - log pi_ref summed over
     its response tokens (sampled at temperature 1, so the estimate is unbiased).
 
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -118,6 +121,28 @@ def sample(
     return [(prompt_ids, [t.id for t in s.tokens]) for prompt_ids, s in zip(ids, samples, strict=True)]
 
 
+def cached_sample(
+    cache_dir: Path, version: str, dtype: torch.dtype, prompts: list[str], cfg: GateEvalConfig, draw
+) -> list[tuple[list[int], list[int]]]:
+    """`draw()`'s samples of `version`, kept under `cache_dir`: a checkpoint is immutable and the
+    samples are seeded, so the same policy on the same prompts gives the same rows. The policy a
+    round promotes is the next round's incumbent, on the same held-out prompts: its samples come
+    from here instead of another decode (and a gate job that runs again after a crash reuses its own)."""
+    key = json.dumps([version, str(dtype), prompts, cfg.seed, cfg.max_new_tokens, cfg.max_prompt_tokens])
+    path = cache_dir / f"{version}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+    try:
+        rows = json.loads(path.read_text())
+        return [(list(p), list(r)) for p, r in rows]
+    except (OSError, ValueError, TypeError):
+        pass  # absent or unreadable (a half-written file): draw again
+    rows = draw()
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(rows))
+    os.replace(tmp, path)
+    return rows
+
+
 @torch.no_grad()
 def response_logprob(
     model, rows: list[tuple[list[int], list[int]]], pad_id: int, batch: int, device: str
@@ -176,9 +201,20 @@ def main(argv: list[str] | None = None) -> int:
     # Policies: sample, then the candidate's KL to the reference.
     tok = load_tokenizer(store.path(args.reference))
     rows = {}
+    cache = settings.home / "cache" / "gate-samples"
     for name, version in (("candidate", args.candidate), ("incumbent", args.incumbent)):
-        model = load_causal_lm(store.path(version), device=device, dtype=dtype)
-        rows[name] = sample(model, tok, settings, prompts, cfg, name)
+        # The candidate's model is needed for its KL anyway; the incumbent's only on a cache miss.
+        model = load_causal_lm(store.path(version), device=device, dtype=dtype) if name == "candidate" else None
+        rows[name] = cached_sample(
+            cache,
+            version,
+            dtype,
+            prompts,
+            cfg,
+            lambda m=model, v=version, n=name: sample(
+                m or load_causal_lm(store.path(v), device=device, dtype=dtype), tok, settings, prompts, cfg, n
+            ),
+        )
         if name == "candidate":
             logp = response_logprob(model, rows[name], tok.pad_token_id, cfg.batch_size, device)
         del model

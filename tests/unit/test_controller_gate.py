@@ -1,10 +1,13 @@
-"""services/controller/gate.py: the RM gate and the paired policy gate, as pure functions."""
+"""services/controller/gate.py: the RM gate and the paired policy gate, as pure functions; and the gate
+job's cache of policy samples (services/controller/gate_eval.py)."""
 
 import math
 
 import pytest
+import torch
 
 from services.controller.gate import decide_policy, decide_reward, paired_test
+from services.controller.gate_eval import GateEvalConfig, cached_sample
 
 
 def test_paired_test_lower_bound_matches_the_normal_approximation():
@@ -56,3 +59,32 @@ def test_reward_gate_compares_on_the_same_pairs_within_tolerance():
         "tolerance": 0.02,
     }
     assert not decide_reward("rm-2", 0.9, 0, "rm-1", 0.6, 0.02).promote
+
+
+def test_gate_samples_of_a_policy_are_drawn_once_per_prompts_and_settings(tmp_path):
+    cfg = GateEvalConfig(prompts=2, max_new_tokens=4)
+    draws = []
+
+    def draw(rows):
+        return lambda: draws.append(rows) or rows
+
+    first = [([1, 2], [3, 4]), ([5], [6])]
+    got = cached_sample(tmp_path, "ppo-a", torch.float32, ["p", "q"], cfg, draw(first))
+    assert got == first and len(draws) == 1
+    # the next round's gate: the same policy (now the incumbent) on the same prompts is not decoded again
+    assert cached_sample(tmp_path, "ppo-a", torch.float32, ["p", "q"], cfg, draw([])) == first and len(draws) == 1
+    # another policy, other prompts, another sampling setting or dtype: drawn
+    other = [([1], [2])]
+    for args in (
+        ("ppo-b", torch.float32, ["p", "q"], cfg),
+        ("ppo-a", torch.float32, ["p", "r"], cfg),
+        ("ppo-a", torch.float32, ["p", "q"], GateEvalConfig(prompts=2, max_new_tokens=5)),
+        ("ppo-a", torch.bfloat16, ["p", "q"], cfg),
+    ):
+        assert cached_sample(tmp_path, *args, draw(other)) == other
+    assert len(draws) == 5
+    # a half-written file is drawn again and replaced
+    for path in tmp_path.glob("ppo-b-*.json"):
+        path.write_text("[[[1], [")
+    assert cached_sample(tmp_path, "ppo-b", torch.float32, ["p", "q"], cfg, draw(first)) == first and len(draws) == 6
+    assert cached_sample(tmp_path, "ppo-b", torch.float32, ["p", "q"], cfg, draw([])) == first and len(draws) == 6
