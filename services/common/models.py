@@ -278,6 +278,35 @@ class RewardModel(nn.Module):
         idx = last_token_index(attention_mask)
         return values.gather(1, idx[:, None]).squeeze(1) + self.output_bias
 
+    @torch.no_grad()
+    def score_after_prefixes(
+        self, prefixes: list[list[int]], suffixes: list[list[int]], owners: list[int], pad_id: int
+    ) -> torch.Tensor:
+        """The score of each prefixes[owners[i]] + suffixes[i], with every prefix run once.
+
+        For K responses to one prompt (a comparison) the prompt, most of each
+        sequence, is computed once and its keys and values serve all K; the
+        scores are those of `score` on the whole sequences. Inference only."""
+        device = self.head.weight.device
+        p_ids, p_mask = pad_batch(prefixes, pad_id, side="left")
+        p_ids, p_mask = p_ids.to(device), p_mask.to(device)
+        cache = self.backbone(
+            input_ids=p_ids, attention_mask=p_mask, position_ids=position_ids_from_mask(p_mask), use_cache=True
+        ).past_key_values
+        rows = torch.tensor(owners, device=device)
+        cache.batch_select_indices(rows)
+        s_ids, s_mask = (t.to(device) for t in pad_batch(suffixes, pad_id, side="right"))
+        positions = p_mask.sum(1)[rows, None] + torch.arange(s_ids.shape[1], device=device)[None]
+        hidden = self.backbone(
+            input_ids=s_ids,
+            attention_mask=torch.cat([p_mask[rows], s_mask], 1),
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=False,
+        ).last_hidden_state
+        values = self.head(hidden).squeeze(-1)
+        return values.gather(1, (s_mask.sum(1) - 1)[:, None]).squeeze(1) + self.output_bias
+
 
 def encode_prompt_response(tokenizer, prompt_text: str, response: str, max_tokens: int) -> list[int]:
     """Token ids of a rendered prompt followed by the response and EOS.

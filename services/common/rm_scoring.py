@@ -17,7 +17,7 @@ and the report measure an RM's accuracy the same way.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -39,16 +39,52 @@ def score_texts(
     desc: str | None = None,
 ) -> list[float]:
     """The RM's score of each (prompt, response), in the order given (`desc`: a progress bar).
-    A pair that occurs more than once (a task two labelers ranked) is scored once."""
+
+    A pair that occurs more than once (a task two labelers ranked) is scored
+    once. A prompt with several responses (a comparison's K) is run once for
+    all of them (RewardModel.score_after_prefixes): the prompt is most of each
+    sequence. Other pairs go in batches of similar length (sorted, so little of
+    a batch is padding)."""
     unique = list(dict.fromkeys(pairs))
-    seqs = [encode_prompt_response(tok, render_prompt(tok, p), r, max_tokens) for p, r in unique]
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    by_prompt: dict[str, list[str]] = {}
+    for prompt, response in unique:
+        by_prompt.setdefault(prompt, []).append(response)
+    whole: list[tuple[tuple[str, str], list[int]]] = []  # (pair, its token ids)
+    shared: list[tuple[list[tuple[str, str]], list[int], list[list[int]]]] = []  # (pairs, prompt ids, suffixes)
+    for prompt, responses in by_prompt.items():
+        rendered = render_prompt(tok, prompt)
+        seqs = [encode_prompt_response(tok, rendered, r, max_tokens) for r in responses]
+        prefix = tok(rendered, add_special_tokens=False).input_ids
+        group = [(prompt, r) for r in responses]
+        # Shared only where no sequence lost the start of its prompt to max_tokens.
+        if len(responses) > 1 and all(len(s) > len(prefix) and s[: len(prefix)] == prefix for s in seqs):
+            shared.append((group, prefix, [s[len(prefix) :] for s in seqs]))
+        else:
+            whole.extend(zip(group, seqs, strict=True))
+    whole.sort(key=lambda item: len(item[1]))
+    shared.sort(key=lambda item: len(item[1]) + max(map(len, item[2])))
+    jobs: list[tuple[list[tuple[str, str]], Callable[[], torch.Tensor]]] = []
+    for b in range(0, len(whole), batch):
+        chunk = whole[b : b + batch]
+        ids, mask = pad_batch([seq for _, seq in chunk], tok.pad_token_id, side="right")
+        jobs.append(([pair for pair, _ in chunk], lambda ids=ids, mask=mask: rm.score(ids.to(device), mask.to(device))))
+    while shared:  # whole prompts, about `batch` responses a pass
+        take = 1
+        while take < len(shared) and sum(len(g[2]) for g in shared[: take + 1]) <= batch:
+            take += 1
+        groups, shared = shared[:take], shared[take:]
+        owners = [i for i, g in enumerate(groups) for _ in g[2]]
+        jobs.append(
+            (
+                [pair for g in groups for pair in g[0]],
+                lambda groups=groups, owners=owners: rm.score_after_prefixes(
+                    [g[1] for g in groups], [s for g in groups for s in g[2]], owners, tok.pad_token_id
+                ),
+            )
+        )
     scored: dict[tuple[str, str], float] = {}
-    for b in tqdm(range(0, len(order), batch), desc=desc, unit="batch", disable=desc is None):
-        chunk = order[b : b + batch]
-        ids, mask = pad_batch([seqs[i] for i in chunk], tok.pad_token_id, side="right")
-        for i, score in zip(chunk, rm.score(ids.to(device), mask.to(device)).float().tolist(), strict=True):
-            scored[unique[i]] = score
+    for chunk_pairs, run in tqdm(jobs, desc=desc, unit="batch", disable=desc is None):
+        scored.update(zip(chunk_pairs, run().float().tolist(), strict=True))
     return [scored[pair] for pair in pairs]
 
 
