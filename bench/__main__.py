@@ -8,7 +8,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-BENCHMARKS = ("ingest", "broker", "serving", "train", "labeling", "ppo")
+BENCHMARKS = ("ingest", "broker", "serving", "train", "rm_scoring", "labeling", "ppo")
 
 
 def main(argv: list[str]) -> int:

@@ -37,6 +37,7 @@ def score_texts(
     batch: int = 16,
     max_tokens: int = MAX_TOKENS,
     desc: str | None = None,
+    share_prompts: bool = True,
 ) -> list[float]:
     """The RM's score of each (prompt, response), in the order given (`desc`: a progress bar).
 
@@ -44,7 +45,8 @@ def score_texts(
     once. A prompt with several responses (a comparison's K) is run once for
     all of them (RewardModel.score_after_prefixes): the prompt is most of each
     sequence. Other pairs go in batches of similar length (sorted, so little of
-    a batch is padding)."""
+    a batch is padding). `share_prompts=False` scores every pair as a whole
+    sequence (bench/rm_scoring's baseline)."""
     unique = list(dict.fromkeys(pairs))
     by_prompt: dict[str, list[str]] = {}
     for prompt, response in unique:
@@ -57,7 +59,7 @@ def score_texts(
         prefix = tok(rendered, add_special_tokens=False).input_ids
         group = [(prompt, r) for r in responses]
         # Shared only where no sequence lost the start of its prompt to max_tokens.
-        if len(responses) > 1 and all(len(s) > len(prefix) and s[: len(prefix)] == prefix for s in seqs):
+        if share_prompts and len(responses) > 1 and all(len(s) > len(prefix) and s[: len(prefix)] == prefix for s in seqs):
             shared.append((group, prefix, [s[len(prefix) :] for s in seqs]))
         else:
             whole.extend(zip(group, seqs, strict=True))
