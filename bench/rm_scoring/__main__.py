@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     path = ensure_preset("base", MODEL_CACHE)
     dtype, why = resolve_dtype("auto", "cpu")
     torch.manual_seed(0)
-    rm, tok = RewardModel.from_causal_lm(path, dtype=dtype).eval(), load_tokenizer(path)
+    rm, tok = RewardModel.from_causal_lm(path).to(dtype=dtype).eval(), load_tokenizer(path)
     pairs = comparisons(n)
     times: dict[str, list[float]] = {"shared": [], "whole": []}
     scores = {}
