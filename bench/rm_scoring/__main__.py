@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                     "baseline": f"every response as a whole sequence (before): "
                     f"{len(pairs) / whole:.0f}/s ({whole:.1f} s)",
                     "ratio": round(whole / shared, 2),
-                    "ratio_unit": "× faster",
+                    "ratio_unit": " faster",
                     "ratio_note": f"; mean error vs fp32 {error['shared']:.1e} (before {error['whole']:.1e})",
                 }
             ],
