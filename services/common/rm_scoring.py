@@ -59,7 +59,8 @@ def score_texts(
         prefix = tok(rendered, add_special_tokens=False).input_ids
         group = [(prompt, r) for r in responses]
         # Shared only where no sequence lost the start of its prompt to max_tokens.
-        if share_prompts and len(responses) > 1 and all(len(s) > len(prefix) and s[: len(prefix)] == prefix for s in seqs):
+        intact = all(len(s) > len(prefix) and s[: len(prefix)] == prefix for s in seqs)
+        if share_prompts and len(responses) > 1 and intact:
             shared.append((group, prefix, [s[len(prefix) :] for s in seqs]))
         else:
             whole.extend(zip(group, seqs, strict=True))
