@@ -6,7 +6,8 @@ and the report measure an RM's accuracy the same way.
 
 - `score_texts` scores (prompt, response) pairs at each response's last real
   token, in batches of similar length (sorted, so little of a batch is
-  padding), and returns the scores in the caller's order.
+  padding; a comparison's K responses share one pass over their prompt), and
+  returns the scores in the caller's order.
 - `comparison_scores` scores every response of every comparison once (a
   response that recurs, as in a task two labelers ranked, once in all).
 - `pair_accuracy` counts, over every non-tie pair of a comparison's
