@@ -52,6 +52,7 @@ from services.common.bootstrap import seed_version
 from services.common.checkpoints import CheckpointError, CheckpointStore, new_version
 from services.common.config import Settings, exit_on_config_error, load_settings
 from services.common.datasets import SnapshotError, SnapshotStore
+from services.common.files import write_text_atomic
 from services.common.logs import configure_logging, get_logger, log_fields
 from services.common.models import ensure_preset, resolve_device
 from trainers.config import JobError, parse_cli
@@ -217,7 +218,7 @@ class Job:
         version = ""
         if self.is_main:
             version = json.loads(path.read_text())["version"] if path.exists() else new_version(kind)
-            _atomic_write(path, json.dumps({"version": version, "kind": kind}))
+            write_text_atomic(path, json.dumps({"version": version, "kind": kind}))
         if self.world > 1:  # every rank uses the name rank 0 chose
             box = [version]
             dist.broadcast_object_list(box, src=0)
@@ -259,7 +260,7 @@ class Job:
         # Metrics logged after the resume point are replayed by the resumed run; drop them.
         if self.is_main:
             kept = [r for r in self.metrics_history() if r["step"] < state["step"]]
-            _atomic_write(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+            write_text_atomic(self.run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
             self.records = kept
         log_fields(log, logging.INFO, "resuming from run dir", step=state["step"], run_dir=str(self.run_dir))
         return state
@@ -323,7 +324,7 @@ class Job:
                 if report:
                     (self.run_dir / "report.md").write_text(report)
             payload = {**result, "run_dir": str(self.run_dir) if self.run_dir else ""}
-            _atomic_write(Path(self.args.result_file), json.dumps(payload, indent=2, default=_plain))
+            write_text_atomic(Path(self.args.result_file), json.dumps(payload, indent=2, default=_plain))
             log_fields(
                 log,
                 logging.INFO,
@@ -344,13 +345,6 @@ def run_main(main: Callable[[list[str] | None], int]) -> None:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     raise SystemExit(code)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _plain(value: Any) -> Any:

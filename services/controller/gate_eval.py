@@ -27,7 +27,6 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ from services.common.checkpoints import CheckpointStore
 from services.common.config import exit_on_config_error, load_settings
 from services.common.datasets import SnapshotStore
 from services.common.dtypes import resolve_dtype
+from services.common.files import write_text_atomic
 from services.common.logs import configure_logging, get_logger, log_fields
 from services.common.models import (
     RewardModel,
@@ -136,10 +136,7 @@ def cached_sample(
     except (OSError, ValueError, TypeError):
         pass  # absent or unreadable (a half-written file): draw again
     rows = draw()
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(rows))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(rows))
     return rows
 
 
@@ -266,10 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             for i, p in enumerate(prompts):
                 fh.write(json.dumps({"prompt": p, **{n: texts[n][i] for n in texts}, "kl": kl[i]}) + "\n")
     out = Path(args.result_file)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, out)
+    write_text_atomic(out, json.dumps(result, indent=2))
     log_fields(log, logging.INFO, "gate evaluation done", result_file=str(out), wall_s=result["wall_s"])
     return 0
 

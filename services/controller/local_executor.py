@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from services.common import openmp
+from services.common.files import write_text_atomic
 from services.common.logs import get_logger, log_fields
 from services.controller.jobs import Executor, JobSpec, JobState, JobStatus
 
@@ -70,9 +71,7 @@ class LocalExecutor(Executor):
                 proc.wait()
                 raise RuntimeError(f"job {spec.name} is already running")
             self._procs[spec.name] = proc
-        tmp = self.log_dir / f".{spec.name}.pid.tmp"
-        tmp.write_text(json.dumps({"pid": proc.pid, "start": _start_time(proc.pid)}))
-        os.replace(tmp, self._pid_file(spec.name))
+        write_text_atomic(self._pid_file(spec.name), json.dumps({"pid": proc.pid, "start": _start_time(proc.pid)}))
         log_fields(log, logging.INFO, "job launched", job=spec.name, pid=proc.pid, argv=argv)
         return spec.name
 
