@@ -189,23 +189,25 @@ def demo_seeds(results: Results) -> str:
     """One row per demo run: the headline comparison, the RM, KL and wall time."""
     runs = _demos(results)
     lines = [
-        "| preset | seed | served at the end | PPO (where SFT is served: the last candidate) vs SFT win rate [95% CI] "
-        "| mean gold diff [95% CI] | PPO vs base "
+        "| preset | seed | CPU | served at the end "
+        "| PPO (where SFT is served: the last candidate) vs SFT win rate [95% CI] "
+        "| mean gold diff [95% CI] | PPO vs base | SFT vs base "
         "| RM acc., held-out users | KL to SFT | wall | date |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for _, d in runs:
         rates = d["win_rates"]
         win, win_sig = _win(rates["ppo_vs_sft"]) if "ppo_vs_sft" in rates else ("–", False)
         diff, diff_sig = _diff(rates.get("ppo_vs_sft", {}))
         base = _num(rates["ppo_vs_base"]["win_rate"], 3) if "ppo_vs_base" in rates else "–"
+        sft = _num(rates["sft_vs_base"]["win_rate"], 3) if "sft_vs_base" in rates else "–"
         rm = _pct(d.get("rm_accuracy", {}).get("held_out", {}).get("accuracy"))
         kl = "–" if d.get("kl_to_sft") is None else _num(d["kl_to_sft"], 2)
         wall = "–" if d.get("wall_s") is None else f"{d['wall_s']:.0f} s"
         lines.append(
-            f"| {d.get('preset', '?')} | {d.get('seed', '?')} | {_served_at_end(d) or '–'} "
+            f"| {d.get('preset', '?')} | {d.get('seed', '?')} | {_cpu(d) or '–'} | {_served_at_end(d) or '–'} "
             f"| {_bold(win, win_sig)} | {_bold(diff, diff_sig)} "
-            f"| {base} | {rm} | {kl} | {wall} | {d.get('date', '–')} |"
+            f"| {base} | {sft} | {rm} | {kl} | {wall} | {d.get('date', '–')} |"
         )
     lines += ["", "Where and when:", ""] + [_provenance(stem, d) for stem, d in runs]
     others = sorted(set(results.demo) - {stem for stem, _ in runs})

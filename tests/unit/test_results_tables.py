@@ -88,7 +88,7 @@ def test_update_copies_a_demo_report_into_its_result_file(tmp_path, monkeypatch)
     assert written == [tmp_path / "results" / "demo" / "tiny-seed3.json"]
     assert (data["preset"], data["seed"], data["wall_s"], data["kl_to_sft"]) == ("tiny", 3, 31, 0.5)
     row = report.demo_seeds(report.load(tmp_path / "results")).splitlines()[2]
-    assert row.startswith("| tiny | 3 | – | **0.600 [0.510, 0.700]** | – | – | 70.0% | 0.50 | 31 s |")
+    assert row.startswith("| tiny | 3 | – | – | **0.600 [0.510, 0.700]** | – | – | – | 70.0% | 0.50 | 31 s |")
 
 
 def test_a_demo_result_names_the_run_that_measured_it_not_the_copy(tmp_path, monkeypatch):
@@ -154,7 +154,7 @@ def test_update_copies_rounds_from_named_demo_reports_and_renders_them(tmp_path,
     assert "| 2 | v1 | ppo-a | 0.660 [0.610, 0.710] | **0.700 [0.580, 0.800]** | 61.0% / 66.0% | 1.25 " in table
     assert table.rstrip().endswith("| reward promoted, policy rejected |")
     results = report.load(tmp_path / "results")
-    assert "| cpu | 7 | PPO | **0.700 [0.580, 0.800]** |" in report.demo_seeds(results)
+    assert "| cpu | 7 | AVX2 | PPO | **0.700 [0.580, 0.800]** |" in report.demo_seeds(results)
     assert "final policy vs SFT gold win rate, seeds 7 | 0.700 |" in report.summary(results)
 
 
@@ -167,7 +167,7 @@ def test_a_run_whose_gates_kept_sft_says_so_instead_of_the_candidates_win_rate(t
     (tmp_path / "demo" / "cpu-seed2.json").write_text(json.dumps(run))
     results = report.load(tmp_path)
     assert "seeds 2 | SFT served (rejected PPO candidate 0.016) |" in report.summary(results)
-    assert "| cpu | 2 | SFT | 0.016 " in report.demo_seeds(results)
+    assert "| cpu | 2 | – | SFT | 0.016 " in report.demo_seeds(results)
 
 
 def test_a_run_on_a_capped_cpu_is_labelled_so_in_the_summary(tmp_path):
@@ -178,3 +178,14 @@ def test_a_run_on_a_capped_cpu_is_labelled_so_in_the_summary(tmp_path):
         (tmp_path / "demo" / f"cpu-seed0-{stem}.json").write_text(json.dumps(run))
     summary = report.summary(report.load(tmp_path))
     assert "seeds 0 (AVX2, capped), 0 (AVX512+avx512_bf16) |" in summary
+
+
+def test_the_seeds_table_names_each_runs_cpu_and_marks_a_capped_one(tmp_path):
+    results = tmp_path / "results"
+    shutil.copytree(ROOT / "docs" / "results", results)
+    run = next(p for p in sorted((results / "demo").glob("*.json")) if "win_rates" in json.loads(p.read_text()))
+    data = json.loads(run.read_text())
+    data.update(seed=7, cpu_capability="AVX2", machine=f"2-core x86_64, {report.CAPPED}")
+    (results / "demo" / "cpu-seed7.json").write_text(json.dumps(data))
+    row = next(line for line in report.render(report.load(results))["DEMO-SEEDS"].splitlines() if "| 7 |" in line)
+    assert row.startswith("| cpu | 7 | AVX2, capped | ")
