@@ -37,6 +37,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -281,6 +282,7 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
     settings = exit_on_config_error(load_settings)
     step = Step(6 + 2 * preset.rounds)
     stack = Stack(settings, skip=("controller",))  # the demo drives the controller itself, in the open
+    executor = LocalExecutor(settings.home / "controller" / "jobs", echo=True)
     try:
         with step("start the local stack"):
             stack.up(timeout=300)
@@ -298,7 +300,7 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
             )
             print(f"  {demos.demonstrations} demonstrations in {demos.seconds:.0f}s")
 
-        controller = Controller(settings, LocalExecutor(settings.home / "controller" / "jobs", echo=True))
+        controller = Controller(settings, executor)
         with step("controller: snapshot -> SFT -> promote"):
             first = controller.step(force=True)
             if not first or "sft" not in first.trained:
@@ -388,7 +390,23 @@ def run(preset_name: str, home: Path, keep_up: bool = False, seed: int = 0) -> P
         return report
     finally:
         if not keep_up:
+            for job in executor.running():  # a run stopped mid-round: its trainer job has nobody to report to
+                executor.cancel(job)
             stack.down()
+
+
+def stop_on_termination() -> None:
+    """SIGTERM and SIGHUP (a `kill`, a closed terminal, a cancelled CI job) end the demo like Ctrl-C does:
+    through `run`'s cleanup, which takes its stack and trainer jobs down. The default action would end
+    the process at once and leave them running, each in its own session, holding ports and memory."""
+
+    def stop(signum, _frame):
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+        raise SystemExit(128 + signum)
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -402,6 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", type=Path, default=Path("var/demo"), help="state folder (wiped at start)")
     parser.add_argument("--keep-up", action="store_true", help="leave the stack running afterwards")
     args = parser.parse_args(argv)
+    stop_on_termination()
     run(args.preset, args.home.resolve(), keep_up=args.keep_up, seed=args.seed)
     return 0
 
