@@ -120,7 +120,14 @@ PRESETS = {
             # PPO against seed 2's round-3 RM of that kind, from its SFT, gold win rate against SFT on
             # the report's 64 prompts: every block 0.477 (KL 2.4, 119 s), the last 15 blocks 0.578
             # [0.456, 0.691] (KL 1.2, 95 s), the last 15 at lr 1e-3 0.172 (it learned to ramble).
-            "ppo": {"total_steps": 10, "lr": 5e-4, "ppo_epochs": 2, "lora_top_layers": 15},
+            # GAE's λ = 1 (every token's advantage is the episode's return minus its value; the trainer's
+            # default 0.95 leans on the value head for the rest). 2026-12-04, seed 2's SFT and round-2 RM
+            # (commit 7dd8f8d), 10 steps, scored on the report's 64 prompts: λ = 0.95 left that RM's mean
+            # score where SFT's was (+0.001; gold win rate 0.469), λ = 1 raised it by 0.635 (gold 0.586
+            # [0.464, 0.698]). The value head starts as the RM, which was trained on whole responses only;
+            # on a response's first tokens its values are noise, and 10 steps do not train them, so at 0.95
+            # that noise outweighs the reward the advantage carries back from the last token.
+            "ppo": {"total_steps": 10, "lr": 5e-4, "ppo_epochs": 2, "lora_top_layers": 15, "lam": 1.0},
         },
         # 2026-12-04, the three seeds with the SFT and RM above and the default budget of 20: both RMs
         # passed two candidates that degraded on gold (seed 2 round 3 at KL 6.6: gold 0.546 against
