@@ -124,9 +124,11 @@ PRESETS = {
             # default 0.95 leans on the value head for the rest). 2026-12-04, seed 2's SFT and round-2 RM
             # (commit 7dd8f8d), 10 steps, scored on the report's 64 prompts: λ = 0.95 left that RM's mean
             # score where SFT's was (+0.001; gold win rate 0.469), λ = 1 raised it by 0.635 (gold 0.586
-            # [0.464, 0.698]). The value head starts as the RM, which was trained on whole responses only;
-            # on a response's first tokens its values are noise, and 10 steps do not train them, so at 0.95
-            # that noise outweighs the reward the advantage carries back from the last token.
+            # [0.464, 0.698]). Most likely cause: the value head starts as the RM, trained on whole
+            # responses only; on a response's first tokens its values are noise, which 10 steps do not
+            # train away, and at 0.95 that noise outweighs the reward carried back from the last token.
+            # With the gold score as the reward instead, neither λ gained beyond noise (0.594 at 0.95, 0.453
+            # at 1): λ = 1 is here so that PPO follows its reward, not for a measured gold gain.
             "ppo": {"total_steps": 10, "lr": 5e-4, "ppo_epochs": 2, "lora_top_layers": 15, "lam": 1.0},
         },
         # 2026-12-04, the three seeds with the SFT and RM above and the default budget of 20: both RMs
